@@ -1,0 +1,32 @@
+# Quick start:  make demo   (set up, then run the whole pipeline on the demo cohort)
+#               make test   (set up, then run the test suite)
+PYTHON ?= python3
+VENV ?= .venv
+# The PyTorch build to install; override on clusters, e.g. TORCH="torch torchvision".
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+CORES ?= 2
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: demo test lint bench clean-demo
+demo: $(VENV)/.installed
+	snakemake --profile profiles/default --cores $(CORES)
+	snakemake --report results/report.html
+
+test: $(VENV)/.installed
+	pytest -q
+
+lint: $(VENV)/.installed
+	snakemake --lint
+
+bench: $(VENV)/.installed
+	for b in benchmarks/*.py; do python $$b || exit 1; done
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q $(TORCH)
+	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	touch $@
+
+clean-demo:
+	rm -rf results .snakemake

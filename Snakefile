@@ -1,0 +1,27 @@
+# bd: bidirectional distillation for lymph-node metastasis prediction from WSIs + clinical data.
+# Usage: snakemake --profile profiles/default            (demo cohort, local)
+#        snakemake --profile slurm --configfile config/bcnb.yaml   (cluster, real cohort)
+# Targets: all (default: Table I, Fig. 1), ablations, wsi_missing, analysis.
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/demo.smk"
+include: "workflow/rules/slides.smk"
+include: "workflow/rules/features.smk"
+include: "workflow/rules/clinical.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        target_files("all"),
+    default_target: True

@@ -1,0 +1,5 @@
+import sys
+
+from bd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,55 @@
+# Sample sheet, patient split and clinical table normalisation (once per cohort).
+
+
+rule samples:
+    output:
+        f"{R}/samples.tsv",
+    params:
+        sheet=SAMPLES.to_json(orient="records"),
+    log:
+        f"{R}/logs/samples.log",
+    benchmark:
+        f"{R}/benchmarks/samples.tsv"
+    shell:
+        "bd samples --sheet {params.sheet:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule split:
+    input:
+        table=config["cohort"]["clinical_table"],
+    output:
+        split=f"{R}/split/split.tsv",
+    params:
+        split=section("split"),
+        clinical=section("clinical"),
+        split_dir=config["cohort"].get("split_dir") or "",
+    log:
+        f"{R}/logs/split.log",
+    benchmark:
+        f"{R}/benchmarks/split.tsv"
+    shell:
+        "bd split --table {input.table:q} --split-dir {params.split_dir:q} --out {output.split:q} "
+        "--params {params.split:q} --clinical {params.clinical:q} > {log:q} 2>&1"
+
+
+rule clinical:
+    input:
+        table=config["cohort"]["clinical_table"],
+        split=rules.split.output.split,
+    output:
+        table=f"{R}/clinical/clinical.tsv",
+        scaler=f"{R}/clinical/scaler.json",
+        summary=report(
+            f"{R}/clinical/summary.csv",
+            caption="../report/clinical.rst",
+            category="Cohort",
+        ),
+    params:
+        clinical=section("clinical"),
+    log:
+        f"{R}/logs/clinical.log",
+    benchmark:
+        f"{R}/benchmarks/clinical.tsv"
+    shell:
+        "bd clinical --table {input.table:q} --split {input.split:q} --out-dir $(dirname {output.table:q}) "
+        "--params {params.clinical:q} > {log:q} 2>&1"

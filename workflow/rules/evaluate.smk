@@ -1,0 +1,23 @@
+# Evaluation of each trained run at clinical-data (and slide) missing rates.
+
+
+rule evaluate:
+    input:
+        checkpoint=rules.train.output.checkpoint,
+        features=expand(f"{R}/features/{{slide}}.zarr", slide=SLIDES),
+        samples=rules.samples.output[0],
+        clinical=rules.clinical.output.table,
+    output:
+        metrics=f"{R}/evaluate/{{experiment}}/seed{{seed}}/metrics.csv",
+        predictions=f"{R}/evaluate/{{experiment}}/seed{{seed}}/predictions.csv",
+    params:
+        evaluation=section("evaluation"),
+        features_dir=f"{R}/features",
+    log:
+        f"{R}/logs/evaluate/{{experiment}}/seed{{seed}}.log",
+    benchmark:
+        f"{R}/benchmarks/evaluate/{{experiment}}/seed{{seed}}.tsv"
+    shell:
+        "bd evaluate --checkpoint {input.checkpoint:q} --features-dir {params.features_dir:q} "
+        "--samples {input.samples:q} --clinical {input.clinical:q} --params {params.evaluation:q} "
+        "--out-dir $(dirname {output.metrics:q}) > {log:q} 2>&1"

@@ -1,0 +1,55 @@
+# Per-slide tissue segmentation and patch tiling (one job per slide, grouped on clusters).
+
+
+rule segment:
+    input:
+        slide=slide_path,
+    output:
+        mask=f"{R}/segment/{{slide}}/mask.png",
+        contours=f"{R}/segment/{{slide}}/contours.geojson",
+        qc=report(
+            f"{R}/segment/{{slide}}/qc.png",
+            caption="../report/segment_qc.rst",
+            category="Quality control",
+            subcategory="Tissue segmentation",
+            labels={"slide": "{slide}"},
+        ),
+    params:
+        seg=section("segmentation"),
+        fallback_mpp=config["cohort"].get("fallback_mpp", 0.5),
+        on_error=config.get("on_slide_error", "fail"),
+    log:
+        f"{R}/logs/segment/{{slide}}.log",
+    benchmark:
+        f"{R}/benchmarks/segment/{{slide}}.tsv"
+    shell:
+        "bd segment --slide {input.slide:q} --out-dir $(dirname {output.mask:q}) "
+        "--params {params.seg:q} --fallback-mpp {params.fallback_mpp} "
+        "--on-error {params.on_error} > {log:q} 2>&1"
+
+
+rule tile:
+    input:
+        slide=slide_path,
+        mask=rules.segment.output.mask,
+    output:
+        grid=f"{R}/tiles/{{slide}}.npz",
+        qc=report(
+            f"{R}/tiles/{{slide}}.qc.png",
+            caption="../report/tile_qc.rst",
+            category="Quality control",
+            subcategory="Patch grid",
+            labels={"slide": "{slide}"},
+        ),
+    params:
+        tiling=section("tiling"),
+        fallback_mpp=config["cohort"].get("fallback_mpp", 0.5),
+        annotations=config["cohort"].get("annotations_dir") or "",
+    log:
+        f"{R}/logs/tile/{{slide}}.log",
+    benchmark:
+        f"{R}/benchmarks/tile/{{slide}}.tsv"
+    shell:
+        "bd tile --slide {input.slide:q} --mask {input.mask:q} --out {output.grid:q} "
+        "--qc {output.qc:q} --params {params.tiling:q} --fallback-mpp {params.fallback_mpp} "
+        "--annotations-dir {params.annotations:q} > {log:q} 2>&1"
