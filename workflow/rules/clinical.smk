@@ -14,9 +14,18 @@ rule samples:
         "bd samples --sheet {params.sheet:q} --out {output:q} > {log:q} 2>&1"
 
 
+# Official mode reads the split files: they are inputs, so editing one reruns the split.
+SPLIT_FILES = (
+    [f"{config['cohort']['split_dir']}/{name}_id.txt" for name in ("train", "val", "test")]
+    if config["split"].get("mode", "official") == "official" and config["cohort"].get("split_dir")
+    else []
+)
+
+
 rule split:
     input:
         table=config["cohort"]["clinical_table"],
+        split_files=SPLIT_FILES,
     output:
         split=f"{R}/split/split.tsv",
     params:
@@ -46,10 +55,11 @@ rule clinical:
         ),
     params:
         clinical=section("clinical"),
+        out_dir=f"{R}/clinical",
     log:
         f"{R}/logs/clinical.log",
     benchmark:
         f"{R}/benchmarks/clinical.tsv"
     shell:
-        "bd clinical --table {input.table:q} --split {input.split:q} --out-dir $(dirname {output.table:q}) "
+        "bd clinical --table {input.table:q} --split {input.split:q} --out-dir {params.out_dir:q} "
         "--params {params.clinical:q} > {log:q} 2>&1"
