@@ -3,12 +3,17 @@ saved transform, and the command's outputs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bd import values as V
 from bd.cli import main
@@ -20,7 +25,8 @@ from bd.clinical import (
     load_transform,
 )
 from bd.errors import ConfigError, TableError
-from bd.split import read_split
+from bd.params import build
+from bd.split import SplitParams, read_split
 
 # --------------------------------------------------------------------------------------------
 # Value parsers
@@ -365,3 +371,22 @@ def test_split_and_clinical_commands_write_their_outputs(tmp_path, capsys):
                 "--out-dir", str(out_dir), "--params", '{"feature_set": "custom", "features": {"Surgical": "binary"}}'])
     assert bad == 2
     assert "label leakage" in capsys.readouterr().err
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 1000), st.integers(0, 1000), st.sampled_from(["-", "–", "~", "～", "－", " - "]))
+def test_percent_ranges_parse_to_the_midpoint_fraction(a, b, dash):
+    lo, hi = a / 10, b / 10
+    assert V.parse_number(f"{lo:g}{dash}{hi:g}%") == pytest.approx((lo + hi) / 200)
+    assert V.parse_number(f"{lo:g}%") == pytest.approx(lo / 100)
+
+
+@pytest.mark.parametrize("section, cls", [("clinical", ClinicalParams), ("split", SplitParams)])
+def test_config_schema_and_dataclass_agree(section, cls):
+    root = Path(__file__).resolve().parents[1]
+    config = yaml.safe_load((root / "config/config.yaml").read_text())
+    schema = yaml.safe_load((root / "workflow/schemas/config.schema.yaml").read_text())
+    fields = {f.name for f in dataclasses.fields(cls)}
+    assert set(schema["properties"][section]["properties"]) == fields
+    assert set(config[section]) == fields
+    assert build(cls, config[section]) == cls()  # the dataclass defaults are the config's
