@@ -318,7 +318,10 @@ class ClinicalTransform:
         out: list[float] = []
         for feat in self.features:
             value = parsed.get(feat["column"])
-            out += ENCODERS[feat["kind"]].encode(value, feat)
+            try:
+                out += ENCODERS[feat["kind"]].encode(value, feat)
+            except V.ValueParseError as exc:
+                raise V.ValueParseError(f"column {feat['column']!r}: {exc}") from exc
             if self.missing_indicator:
                 out.append(1.0 if value is None else 0.0)
         return np.asarray(out, dtype=np.float64)
@@ -378,14 +381,17 @@ def load_transform(path: str | os.PathLike[str]) -> ClinicalTransform:
 # Fitting on a table and a split
 
 
-def parse_features(table: ClinicalTable, spec: Mapping[str, str]) -> dict[str, list[Any]]:
+def parse_features(table: ClinicalTable, kinds: Mapping[str, str]) -> dict[str, list[Any]]:
     """Every row's parsed value per feature column (a bad cell is an error naming its row)."""
-    parsed: dict[str, list[Any]] = {}
-    for name, kind in spec.items():
-        column = find_column(table.frame, name, table.path, "feature column")
-        parse = ENCODERS[kind].parse
-        parsed[column] = [_parse_cell(parse, v, table.path, row, column) for row, v in table.frame[column].items()]
-    return parsed
+    return {
+        column: [_parse_cell(ENCODERS[kind].parse, v, table.path, row, column) for row, v in table.frame[column].items()]
+        for column, kind in kinds.items()
+    }
+
+
+def feature_columns(table: ClinicalTable, params: ClinicalParams) -> dict[str, str]:
+    """The table's feature columns (as the table spells them) -> kind."""
+    return {find_column(table.frame, n, table.path, "feature column"): k for n, k in feature_spec(params).items()}
 
 
 def fit_transform(
@@ -393,48 +399,51 @@ def fit_transform(
 ) -> tuple[ClinicalTransform, pd.DataFrame, dict[str, list[Any]]]:
     """Fit on the split's training patients; return the transform, the output table (one row per
     patient of ``split``, in its order) and the parsed values of those patients."""
-    spec = feature_spec(params)
-    kinds = {find_column(table.frame, n, table.path, "feature column"): k for n, k in spec.items()}
-    parsed_all = parse_features(table, spec)
+    kinds = feature_columns(table, params)
+    parsed_all = parse_features(table, kinds)
     positions = _split_positions(table, split)
-    parsed = {c: [vals[i] for i in positions] for c, vals in parsed_all.items()}
-    raw = {c: [table.frame[c].iloc[i] for i in positions] for c in kinds}
+    parsed = {c: [values[i] for i in positions] for c, values in parsed_all.items()}
     is_train = (split["split"] == "train").to_numpy()
     if not is_train.any():
         raise TableError("the split has no training patients; nothing to fit the scaler on")
+    train = [i for i, t in zip(positions, is_train, strict=True) if t]
+    transform = fit_training(table, kinds, train, {c: [parsed_all[c][i] for i in train] for c in kinds}, params)
+    rows = [_encode_row(transform, {c: parsed[c][j] for c in kinds}, table, pos) for j, pos in enumerate(positions)]
+    out = pd.concat(
+        [split[ID_COLUMNS].reset_index(drop=True), pd.DataFrame(np.vstack(rows), columns=transform.columns)], axis=1
+    )
+    return transform, out, parsed
+
+
+def fit_training(
+    table: ClinicalTable, kinds: Mapping[str, str], train: Sequence[int], parsed: Mapping[str, list[Any]],
+    params: ClinicalParams,
+) -> ClinicalTransform:
+    """Fit every feature's encoder on the training rows only (table positions ``train``)."""
     features = []
     for column, kind in kinds.items():
-        train_values = [v for v, t in zip(parsed[column], is_train, strict=True) if t]
-        if all(v is None for v in train_values):
+        if all(v is None for v in parsed[column]):
             raise TableError(
-                f"{table.path}: column {column!r} is blank for all {int(is_train.sum())} training patients; "
+                f"{table.path}: column {column!r} is blank for all {len(train)} training patients; "
                 "fill it in or remove it from the features"
             )
-        train_raw = [r for r, t in zip(raw[column], is_train, strict=True) if t]
-        state = ENCODERS[kind].fit(column, train_raw, train_values, params.impute)
-        features.append({"column": column, "kind": kind, **state})
+        raw = [table.frame[column].iloc[i] for i in train]
+        features.append({"column": column, "kind": kind, **ENCODERS[kind].fit(column, raw, parsed[column], params.impute)})
     meta = {
         "impute": params.impute,
-        "fitted_on": {"split": "train", "patients": int(is_train.sum())},
+        "fitted_on": {"split": "train", "patients": len(train)},
         "table": str(table.path),
         "id_column": table.id_column,
         "label_column": table.label_column,
     }
-    transform = ClinicalTransform(features, params.missing_indicator, meta)
-    matrix = np.vstack([
-        _encode_row(transform, {c: parsed[c][j] for c in kinds}, table, positions[j]) for j in range(len(split))
-    ]) if len(split) else np.zeros((0, len(transform.columns)))
-    out = pd.concat(
-        [split[ID_COLUMNS].reset_index(drop=True), pd.DataFrame(matrix, columns=transform.columns)], axis=1
-    )
-    return transform, out, parsed
+    return ClinicalTransform(features, params.missing_indicator, meta)
 
 
 def _encode_row(transform: ClinicalTransform, parsed: Mapping[str, Any], table: ClinicalTable, pos: int) -> np.ndarray:
     try:
         return transform.encode_parsed(parsed)
     except V.ValueParseError as exc:
-        raise TableError(f"{table.path}: row {table.frame.index[pos]}: {exc}") from exc
+        raise TableError(f"{table.path}: row {table.frame.index[pos]}, {exc}") from exc
 
 
 def _split_positions(table: ClinicalTable, split: pd.DataFrame) -> list[int]:

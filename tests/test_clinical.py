@@ -212,7 +212,7 @@ def test_unknown_category_outside_training_is_an_error(tmp_path):
     rows = [list(r) for r in ROWS]
     rows[8][3] = "Medullary carcinoma"  # patient 9 (test), row 10
     table = load_table(write_table(tmp_path / "t.xlsx", rows), extended())
-    with pytest.raises(TableError, match=r"row 10: unknown category 'Medullary carcinoma'"):
+    with pytest.raises(TableError, match=r"t\.xlsx: row 10, column 'Tumour Type': unknown category 'Medullary carcinoma'"):
         fit_transform(table, split_frame(table), extended())
 
 
@@ -313,7 +313,7 @@ def test_transform_row_reproduces_the_table_and_rejects_unknowns(tmp_path):
     partial = loaded.transform_row({"age(years)": "50", "Ki67": "＜5%"})  # absent columns are missing
     assert partial[loaded.columns.index("ER_missing")] == 1.0
     assert partial[loaded.columns.index("Age(years)_missing")] == 0.0
-    with pytest.raises(TableError, match="unknown category 'Mucinous'"):
+    with pytest.raises(TableError, match="patient X: column 'Tumour Type': unknown category 'Mucinous'"):
         loaded.transform_row({"Tumour Type": "Mucinous"}, source="patient X")
     with pytest.raises(TableError, match="patient X: column 'HER2 Expression': 'strong' is not an ordinal"):
         loaded.transform_row({"HER2 Expression": "strong"}, source="patient X")
