@@ -124,3 +124,14 @@ def test_mask_rejects_bad_rate_and_duplicates():
         missing_mask(IDS, 120, 0, 0)
     with pytest.raises(ConfigError, match="unique"):
         missing_mask(["a", "a"], 50, 0, 0)
+
+
+def test_bootstrap_auc_equals_sklearn_per_resample():
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 2, 50)
+    probs = np.round(rng.random(50), 1)  # many ties
+    pos, neg = M.stratified_resamples(labels, 25, rng)
+    fast = M.auc_from_classes(probs[pos], probs[neg])
+    idx = np.concatenate([pos, neg])
+    assert np.allclose(fast, M.auc_columns(labels[idx], probs[idx]))
+    assert (labels[pos] == 1).all() and (labels[neg] == 0).all()

@@ -1,0 +1,110 @@
+"""Missing-rate evaluation on a synthetic run: shapes, shared masks, composition, CIs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score, roc_auc_score
+
+from bd.errors import ConfigError
+from bd.evaluate import EvaluationParams, evaluate, run_identity
+from bd.masks import missing_mask
+from bd.params import build
+
+N = 30
+IDS = [f"T{i}" for i in range(N)]
+LABELS = np.array([i % 3 == 0 for i in range(N)], int)
+RNG = np.random.default_rng(0)
+P_FULL = np.clip(0.25 + 0.5 * LABELS + RNG.normal(0, 0.2, N), 0, 1)
+P_IMG = np.clip(0.35 + 0.3 * LABELS + RNG.normal(0, 0.25, N), 0, 1)
+PARAMS = EvaluationParams(missing_rates=[0, 50, 100], curve_rates=[0, 20, 50, 100], repeats=3, seed=5, bootstrap=200)
+INFO = {"experiment": "bd", "method": "bd", "seed": 0}
+
+
+def per_patient(kind, present):
+    """A run whose prediction for a patient depends only on that patient's own modalities."""
+    return np.where(present, P_FULL, P_IMG), np.where(present, "multi", "single")
+
+
+def test_rows_and_metrics_match_sklearn():
+    metrics, preds, summary = evaluate(per_patient, IDS, LABELS, 0.5, ["clinical"], PARAMS, INFO)
+    assert len(metrics) == 4 * 3 and len(preds) == 4 * 3 * N and len(summary) == 4
+    assert set(metrics["rate"]) == {0.0, 20.0, 50.0, 100.0}
+    for row in metrics.itertuples():
+        p = preds[(preds["rate"] == row.rate) & (preds["repeat"] == row.repeat)]
+        assert list(p["patient_id"]) == IDS
+        assert row.n_missing == (p["present"] == 0).sum() == round(N * row.rate / 100)
+        assert row.auc == pytest.approx(roc_auc_score(p["label"], p["prob"]))
+        assert row.f1 == pytest.approx(f1_score(p["label"], p["prob"] >= 0.5, average="macro"))
+        assert set(p.loc[p["present"] == 0, "branch"]) <= {"single"}
+    zero = metrics[metrics["rate"] == 0]
+    assert zero["auc"].nunique() == 1 and zero["auc"].iloc[0] == pytest.approx(roc_auc_score(LABELS, P_FULL))
+
+
+def test_masks_in_predictions_are_the_shared_seeded_masks():
+    _, preds, _ = evaluate(per_patient, IDS, LABELS, 0.5, ["clinical"], PARAMS, INFO)
+    for rep in range(3):
+        p = preds[(preds["rate"] == 50) & (preds["repeat"] == rep)]
+        expected = missing_mask(IDS, 50, rep, seed=5, kind="clinical")
+        assert np.array_equal(p["present"].to_numpy() == 0, expected)
+
+
+def test_same_masks_for_every_method():
+    """Two different 'methods' see the same patients missing at each rate and repeat."""
+    other = lambda kind, present: (np.where(present, 1 - P_FULL, 0.5), np.where(present, "m", "s"))
+    _, a, _ = evaluate(per_patient, IDS, LABELS, 0.5, ["clinical"], PARAMS, INFO)
+    _, b, _ = evaluate(other, IDS, LABELS, 0.5, ["clinical"], PARAMS, {**INFO, "method": "filling"})
+    assert np.array_equal(a["present"].to_numpy(), b["present"].to_numpy())
+
+
+def test_summary_has_ci_at_table_rates_only():
+    _, _, summary = evaluate(per_patient, IDS, LABELS, 0.5, ["clinical"], PARAMS, INFO)
+    table = summary[summary["rate"].isin([0, 50, 100])]
+    assert table["auc_ci_low"].notna().all() and (table["auc_ci_low"] <= table["auc_mean"]).all()
+    assert (table["auc_mean"] <= table["auc_ci_high"]).all()
+    assert summary.loc[summary["rate"] == 20, "auc_ci_low"].isna().all()
+
+
+def test_interacting_predictions_fall_back_to_direct_calls():
+    """If a prediction depends on other patients' presence, every mask is predicted directly."""
+    calls = []
+
+    def batchy(kind, present):
+        calls.append(present.copy())
+        shift = 0.1 * present.mean()
+        return np.where(present, P_FULL, P_IMG) * (1 - shift), np.where(present, "multi", "single")
+
+    metrics, preds, _ = evaluate(batchy, IDS, LABELS, 0.5, ["clinical"], PARAMS, INFO)
+    assert len(calls) == 3 + 12
+    p = preds[(preds["rate"] == 50) & (preds["repeat"] == 1)]
+    present = p["present"].to_numpy().astype(bool)
+    expected, _ = batchy("clinical", present)
+    assert np.allclose(p["prob"], expected)
+
+
+def test_slide_kind_uses_its_own_masks():
+    metrics, preds, _ = evaluate(per_patient, IDS, LABELS, 0.5, ["clinical", "slide"], PARAMS, INFO)
+    c = preds[(preds.kind == "clinical") & (preds.rate == 50) & (preds.repeat == 0)]["present"].to_numpy()
+    s = preds[(preds.kind == "slide") & (preds.rate == 50) & (preds.repeat == 0)]["present"].to_numpy()
+    assert not np.array_equal(c, s) and c.sum() == s.sum()
+    assert set(metrics["kind"]) == {"clinical", "slide"}
+
+
+def test_params_from_config_section_and_errors():
+    p = build(EvaluationParams, '{"missing_rates": [0, 80], "repeats": 2, "missing_kinds": {"bd_wsi": ["slide"]}}')
+    assert p.kinds("bd_wsi") == ["slide"] and p.kinds("bd") == ["clinical"]
+    with pytest.raises(ConfigError, match="outside 0-100"):
+        build(EvaluationParams, {"curve_rates": [0, 110]})
+    with pytest.raises(ConfigError, match="unknown kind 'wsi'"):
+        build(EvaluationParams, {"missing_kinds": {"bd": ["wsi"]}})
+    with pytest.raises(ConfigError, match="unknown key 'rate'"):
+        build(EvaluationParams, {"rate": [0]})
+
+
+def test_run_identity_from_path():
+    assert run_identity(Path("results/train/bd-prompt-50/seed2/checkpoint.pt"), None, None) == ("bd-prompt-50", 2)
+    assert run_identity(Path("x/run/checkpoint.pt"), "bd", 1) == ("bd", 1)
+    with pytest.raises(ConfigError, match="--seed"):
+        run_identity(Path("x/run/checkpoint.pt"), None, None)
