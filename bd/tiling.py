@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MAGNIFICATION_MPP = 10.0  # microns per pixel at 1x: 20x is 0.5 um/px, 40x is 0.25 um/px
 QC_MAX_SIDE = 1024
+LEVEL_TOLERANCE = 0.01  # a level at 4.0002x serves a 4x request (scanners' levels are rarely exact)
 
 
 @dataclass
@@ -87,7 +88,7 @@ def grid_geometry(
     """The grid of a slide of level-0 ``size`` (w, h) at ``mpp``; only whole patches fit."""
     ps0 = params.patch_size * params.mpp / mpp
     wanted = ps0 / params.patch_size  # the downsample at which a patch is patch_size pixels
-    levels = [i for i, ds in enumerate(level_downsamples) if ds <= wanted * (1 + 1e-6)] or [0]
+    levels = [i for i, ds in enumerate(level_downsamples) if ds <= wanted * (1 + LEVEL_TOLERANCE)] or [0]
     level = max(levels, key=lambda i: level_downsamples[i])
     read_ds = float(level_downsamples[level])
     fit = lambda n: int(math.floor(n / ps0 + 1e-9))  # noqa: E731
@@ -123,8 +124,9 @@ def cell_fractions(mask: np.ndarray, scale: tuple[float, float], geom: GridGeome
 
 
 def select_cells(fractions: np.ndarray, threshold: float, geom: GridGeometry) -> np.ndarray:
-    """Level-0 corners (N x 2, row-major order) of cells whose fraction reaches ``threshold``."""
-    keep = fractions >= threshold - 1e-9 if threshold > 0 else fractions > 0
+    """Level-0 corners (N x 2, row-major order) of cells whose fraction reaches ``threshold``
+    (a cell without any tissue is never kept, even at threshold 0)."""
+    keep = (fractions >= threshold - 1e-9) & (fractions > 0)
     rows, cols = np.nonzero(keep)
     return np.stack([geom.origins(geom.columns)[cols], geom.origins(geom.rows)[rows]], axis=1)
 
