@@ -1,0 +1,421 @@
+"""``bd extract``: encoder features of every patch of a slide into one Zarr store (``bd.store``).
+
+The data path is built to keep a GPU busy: DataLoader workers read whole batches of consecutive
+patches (``bd.readers``: stored JPEG tiles decoded once each, or OpenSlide for other formats) as
+uint8; the device resizes them to the encoder's input size (antialiased bilinear), normalises
+with the model's own pretrained mean/std and runs the encoder (bf16 autocast and channels_last on
+CUDA, fp32 on CPU). Stores are written under a temporary name and renamed when complete, so an
+interrupted job never leaves a store that looks finished; several slides per invocation load the
+model once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bd import __version__, params
+from bd.errors import BDError, ConfigError, SlideError, StoreError
+from bd.grid import PatchGrid, load_grid
+from bd.io import atomic_path
+from bd.readers import PatchReader, ReadSpec, open_reader, plan_reader
+from bd.store import create_store, finish_store, read_store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FeatureParams:
+    """The ``features:`` section of the config (see config/README.md)."""
+
+    encoder: str = "resnet50"
+    out_stage: str | None = "layer3"  # truncate after this stage, then global average pooling
+    weights: str | None = None  # local checkpoint file (state_dict or timm checkpoint)
+    random_weights: bool = False  # demo only: random (seeded) weights, with a warning
+    input_size: int = 224  # encoder input pixels per side (patches are resized on the device)
+    batch_size: int = 256
+    num_workers: int = 4
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    slides_per_job: int = 1  # Snakemake group size: slides per job, the model loaded once
+    on_decode_error: Literal["fail", "skip"] = "fail"
+    reader: Literal["auto", "tiff-jpeg", "slide"] = "auto"  # auto: stored JPEG tiles if possible
+
+    def __post_init__(self) -> None:
+        for key in ("input_size", "batch_size", "slides_per_job"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"features.{key}: must be at least 1, got {getattr(self, key)}")
+        if self.num_workers < 0:
+            raise ConfigError(f"features.num_workers: must be >= 0, got {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class SlideJob:
+    slide: str
+    grid: str
+    out: str
+
+
+# --- data path -------------------------------------------------------------------------------
+
+
+class PatchBatches(torch.utils.data.Dataset):
+    """Batch ``i`` = patches ``[i*B, (i+1)*B)`` of one slide as uint8 (b, S, S, 3), read in the
+    process that asks for it (each DataLoader worker opens its own reader)."""
+
+    def __init__(self, spec: ReadSpec, coords: np.ndarray, batch_size: int, skip_errors: bool):
+        self.spec = spec
+        self.coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+        self.batch_size = batch_size
+        self.skip_errors = skip_errors
+        self._reader: PatchReader | None = None
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.coords) / self.batch_size)
+
+    def reader(self) -> PatchReader:
+        if self._reader is None or self._pid != os.getpid():  # never share handles across fork
+            self._reader, self._pid = open_reader(self.spec), os.getpid()
+        return self._reader
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        start = index * self.batch_size
+        coords = self.coords[start : start + self.batch_size]
+        size = self.spec.size
+        pixels = np.full((len(coords), size, size, 3), 255, dtype=np.uint8)
+        ok = np.ones(len(coords), dtype=bool)
+        error = ""
+        try:
+            reader = self.reader()
+        except SlideError as exc:
+            return _batch(start, pixels, ~ok, str(exc))
+        for i, (x, y) in enumerate(coords):
+            try:
+                pixels[i] = reader.read(int(x), int(y))
+            except SlideError as exc:
+                ok[i] = False
+                if not self.skip_errors:
+                    error = str(exc)
+                    break
+                log.warning("skipping patch: %s", exc)
+        return _batch(start, pixels, ok, error)
+
+
+def _batch(start: int, pixels: np.ndarray, ok: np.ndarray, error: str) -> dict[str, Any]:
+    return {
+        "start": start,
+        "pixels": torch.from_numpy(pixels),
+        "ok": torch.from_numpy(ok),
+        "error": error,
+    }
+
+
+def _worker_init(_: int) -> None:
+    """One thread per worker: the workers are the parallelism."""
+    import cv2
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+
+
+def patch_loader(dataset: PatchBatches, num_workers: int, pin_memory: bool) -> Iterator[dict]:
+    """DataLoader over ready-made batches (no per-sample collation)."""
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        worker_init_fn=_worker_init if num_workers else None,
+        prefetch_factor=4 if num_workers else None,
+    )
+    return iter(loader)
+
+
+class Preprocess(nn.Module):
+    """uint8 (B, H, W, 3) on the device -> normalised float (B, 3, S, S), channels_last.
+
+    Resizing here, batched, on the device (antialiased bilinear) replaces a per-patch PIL resize
+    on the CPU; mean and std are the encoder's own pretrained config."""
+
+    def __init__(self, input_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("inv_std", 1.0 / (torch.tensor(std).view(1, 3, 1, 1) * 255.0))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.permute(0, 3, 1, 2).float()
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            size = (self.input_size, self.input_size)
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+        x = (x - self.mean) * self.inv_std
+        return x.contiguous(memory_format=torch.channels_last)
+
+
+class FeatureModel(nn.Module):
+    """Preprocessing + encoder: uint8 patches in, float16 feature rows out."""
+
+    def __init__(self, preprocess: Preprocess, encoder: nn.Module, device: torch.device) -> None:
+        super().__init__()
+        self.preprocess = preprocess
+        self.encoder = encoder
+        self.device = device
+        self.to(device)
+        if device.type == "cuda":
+            self.encoder.to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.preprocess(pixels.to(self.device, non_blocking=True))
+        cuda = self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
+            feats = self.encoder(x)
+        return feats.float().half()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("features.device: cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+# --- store writing ---------------------------------------------------------------------------
+
+
+class RowWriter:
+    """Appends feature rows to a store in whole chunks; skipped patches leave no row."""
+
+    def __init__(self, root: Any, chunk: int) -> None:
+        self.root = root
+        self.chunk = chunk
+        self.rows = 0
+        self.feats: list[np.ndarray] = []
+        self.coords: list[np.ndarray] = []
+        self.pending = 0
+
+    def add(self, feats: np.ndarray, coords: np.ndarray) -> None:
+        self.feats.append(feats)
+        self.coords.append(coords)
+        self.pending += len(feats)
+        if self.pending >= self.chunk:
+            self.flush(whole_chunks=True)
+
+    def flush(self, whole_chunks: bool = False) -> None:
+        """Write pending rows: only whole chunks (no read-modify-write) unless at the end."""
+        feats, coords = np.concatenate(self.feats), np.concatenate(self.coords)
+        n = len(feats) - len(feats) % self.chunk if whole_chunks else len(feats)
+        end = self.rows + n
+        self.root["features"][self.rows : end] = feats[:n]
+        self.root["coords"][self.rows : end] = coords[:n]
+        self.rows = end
+        self.feats, self.coords, self.pending = [feats[n:]], [coords[n:]], len(feats) - n
+
+    def close(self) -> int:
+        """Write what is left and shrink the arrays to the rows written (after skips)."""
+        if self.pending:
+            self.flush()
+        for name in ("features", "coords"):
+            array = self.root[name]
+            if array.shape[0] != self.rows:
+                array.resize((self.rows, array.shape[1]))
+        return self.rows
+
+
+# --- one slide -------------------------------------------------------------------------------
+
+
+class Extractor:
+    """The encoder, loaded once, applied to any number of slides."""
+
+    def __init__(self, p: FeatureParams) -> None:
+        from bd.encoders import create_encoder
+
+        self.params = p
+        self.device = resolve_device(p.device)
+        encoder, data_config = create_encoder(p.encoder, p.out_stage, p.weights, p.random_weights)
+        self.data_config = data_config
+        self.feature_dim = encoder.feature_dim
+        self.weights_id = encoder.weights_id
+        preprocess = Preprocess(p.input_size, data_config["mean"], data_config["std"])
+        self.model = FeatureModel(preprocess, encoder, self.device).eval()
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        log.info(
+            "encoder %s (out_stage %s, %d-d, weights %s) on %s",
+            p.encoder, p.out_stage, self.feature_dim, self.weights_id[:12], self.device,
+        )
+
+    def fingerprint(self, job: SlideJob, grid: PatchGrid) -> str:
+        """What a store's content depends on: a rerun with the same fingerprint may be skipped."""
+        p = self.params
+        key = {
+            "encoder": p.encoder, "out_stage": p.out_stage, "weights": self.weights_id,
+            "input_size": p.input_size, "slide": str(Path(job.slide).resolve()),
+            "grid": {**grid.attrs(), "coords": hashlib.sha256(grid.coords.tobytes()).hexdigest()},
+            "on_decode_error": p.on_decode_error, "version": __version__,
+        }
+        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+    def attrs(self, grid: PatchGrid, spec: ReadSpec, fingerprint: str) -> dict[str, Any]:
+        import timm
+
+        p, dc = self.params, self.data_config
+        return {
+            "slide_id": grid.slide_id, "slide_path": spec.path,
+            "encoder": p.encoder, "out_stage": p.out_stage,
+            "weights": p.weights, "weights_sha256": self.weights_id,
+            "input_size": p.input_size, "mean": list(dc["mean"]), "std": list(dc["std"]),
+            "resize": "bilinear-antialias", "reader": spec.kind,
+            "patch_size": grid.patch_size, "patch_size_level0": grid.patch_size_level0,
+            "target_mpp": grid.target_mpp, "mpp": grid.mpp,
+            "read_level": grid.read_level, "read_downsample": grid.read_downsample,
+            "read_size": grid.read_size, "grid_patches": len(grid),
+            "device": self.device.type,
+            "precision": "bf16-autocast" if self.device.type == "cuda" else "fp32",
+            "on_decode_error": p.on_decode_error, "fingerprint": fingerprint,
+            "versions": {"bd": __version__, "torch": torch.__version__, "timm": timm.__version__},
+        }
+
+    def run(self, job: SlideJob, resume: bool = False) -> Path:
+        """Extract one slide into ``job.out``; with ``resume``, keep an identical complete store."""
+        p = self.params
+        grid = load_grid(job.grid)
+        fingerprint = self.fingerprint(job, grid)
+        out = Path(job.out)
+        if resume and _complete_with(out, fingerprint):
+            log.info("%s: complete store with the same settings exists, skipped", out)
+            return out
+        spec = plan_reader(
+            job.slide, grid.read_level, grid.read_downsample, grid.read_size, grid.mpp, p.reader
+        )
+        open_reader(spec).close()  # fail early, in this process, on a slide that cannot open
+        log.info("%s: %d patches, reader %s", grid.slide_id, len(grid), spec.kind)
+        with atomic_path(out) as tmp:
+            root = create_store(tmp, len(grid), self.feature_dim, self.attrs(grid, spec, fingerprint))
+            rows, skipped = self._fill(root, spec, grid)
+            root.attrs.update(
+                {"n_patches": rows, "skipped_patches": len(skipped), "skipped": skipped}
+            )
+            finish_store(root)
+        return out
+
+    def _fill(self, root: Any, spec: ReadSpec, grid: PatchGrid) -> tuple[int, list[list[int]]]:
+        """Read, encode and write every patch: the rows written and the skipped patches' x, y."""
+        p = self.params
+        dataset = PatchBatches(spec, grid.coords, p.batch_size, p.on_decode_error == "skip")
+        writer = RowWriter(root, chunk=root["features"].chunks[0])
+        skipped: list[list[int]] = []
+        bar = _progress(len(grid), grid.slide_id)
+        started = time.perf_counter()
+        try:
+            for batch in patch_loader(dataset, p.num_workers, self.device.type == "cuda"):
+                if batch["error"]:
+                    raise SlideError(batch["error"])
+                start, ok = int(batch["start"]), batch["ok"].numpy()
+                coords = grid.coords[start : start + len(ok)]
+                skipped += coords[~ok].tolist()
+                if ok.any():
+                    pixels = batch["pixels"] if ok.all() else batch["pixels"][torch.from_numpy(ok)]
+                    writer.add(self.model(pixels).cpu().numpy(), coords[ok])
+                bar.update(len(ok))
+        finally:
+            bar.close()
+        rows = writer.close()
+        seconds = time.perf_counter() - started
+        log.info(
+            "%s: %d patches in %.1f s (%.0f patches/s), %d skipped",
+            grid.slide_id, len(grid), seconds, len(grid) / max(seconds, 1e-9), len(skipped),
+        )
+        return rows, skipped
+
+
+def _progress(total: int, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, desc=desc, unit="patch", dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,
+    )
+
+
+def _complete_with(out: Path, fingerprint: str) -> bool:
+    if not out.exists():
+        return False
+    try:
+        return read_store(out, with_features=False).attrs.get("fingerprint") == fingerprint
+    except StoreError:
+        return False
+
+
+def extract_slides(
+    jobs: Sequence[SlideJob], p: FeatureParams | dict[str, Any] | str, resume: bool = False
+) -> list[Path]:
+    """Extract every job's slide with one encoder (loaded once)."""
+    if not isinstance(p, FeatureParams):
+        p = params.build(FeatureParams, p)
+    extractor = Extractor(p)
+    return [extractor.run(job, resume=resume) for job in jobs]
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--slide", action="append", default=[], help="slide file (repeatable)")
+    parser.add_argument("--grid", action="append", default=[], help="patch grid .npz (repeatable)")
+    parser.add_argument("--out", action="append", default=[], help="output .zarr (repeatable)")
+    parser.add_argument(
+        "--jobs", help="TSV with columns slide, grid, out: several slides, the model loaded once"
+    )
+    parser.add_argument("--params", help="features section: JSON object or YAML/JSON file")
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="skip slides whose store is complete and was made with the same settings",
+    )
+
+
+def read_jobs(path: str) -> list[SlideJob]:
+    """The ``--jobs`` TSV: one slide per row, columns slide, grid, out."""
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh, delimiter="\t"))
+    except OSError as exc:
+        raise BDError(f"--jobs {path}: {exc.strerror or exc}") from exc
+    jobs = []
+    for i, row in enumerate(rows, start=2):
+        missing = [c for c in ("slide", "grid", "out") if not (row.get(c) or "").strip()]
+        if missing:
+            raise BDError(f"--jobs {path}: row {i}: column '{missing[0]}' is missing or empty")
+        jobs.append(SlideJob(row["slide"].strip(), row["grid"].strip(), row["out"].strip()))
+    return jobs
+
+
+def run(args: argparse.Namespace) -> int:
+    if not (len(args.slide) == len(args.grid) == len(args.out)):
+        raise BDError("--slide, --grid and --out must be given the same number of times")
+    jobs = [SlideJob(*t) for t in zip(args.slide, args.grid, args.out)]
+    if args.jobs:
+        jobs += read_jobs(args.jobs)
+    if not jobs:
+        raise BDError("nothing to do: give --slide/--grid/--out or --jobs")
+    extract_slides(jobs, args.params, resume=args.resume)
+    return 0

@@ -1,0 +1,290 @@
+"""Patch readers: the pixels of one patch (``size`` x ``size`` at a pyramid level) as RGB uint8.
+
+Reading, not the encoder, decides extraction speed, and most of OpenSlide's cost is its own
+pixel-format conversion, not the JPEG decode (DESIGN.md). So for TIFF-family slides whose tiles
+are JPEG (SVS, generic tiled TIFF, the demo's slides) :class:`TiffJpegReader` reads the stored
+tile bytes with ``os.pread`` and decodes each tile once with libjpeg-turbo (``cv2.imdecode``),
+keeping decoded tiles in an LRU cache sized for one row of patches. Every other format goes
+through :class:`SlideReader` (``bd.slide``: OpenSlide and flat images). Both give the same pixels
+(white beyond the slide's borders); tests compare them with OpenSlide.
+
+A reader is described by a picklable :class:`ReadSpec` and opened with :func:`open_reader`, so
+that each DataLoader worker opens its own file handles.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from bd.errors import SlideError
+
+# As bd.slide: OpenCV reads its pixel limit once, when it loads; flat BCNB JPEGs exceed the default.
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 40))
+
+log = logging.getLogger(__name__)
+
+JPEG = 7  # TIFF compression code
+PHOTOMETRIC_RGB, PHOTOMETRIC_YCBCR = 2, 6
+FAST_FORMATS = ("aperio", "generic-tiff")  # OpenSlide vendors whose levels are plain TIFF pages
+
+
+class PatchReader(Protocol):
+    """Reads square patches at one pyramid level; ``x, y`` are level-0 top-left coordinates."""
+
+    kind: str
+
+    def read(self, x: int, y: int) -> np.ndarray: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ReadSpec:
+    """Everything a worker needs to open its own reader for one slide (picklable)."""
+
+    path: str
+    level: int
+    downsample: float
+    size: int
+    kind: str = "slide"  # a key of READERS
+    mpp: float | None = None  # fallback MPP for slides without metadata (flat images)
+
+    def region(self, x: int, y: int) -> str:
+        """How errors name a patch: slide, level-0 position and level."""
+        return f"{self.path}: region x={x}, y={y}, level={self.level}, size={self.size}"
+
+
+def _adobe_marker(transform: int) -> bytes:
+    """A JPEG APP14 'Adobe' segment: tells libjpeg the stream's colour space (0 RGB, 1 YCbCr).
+
+    Aperio writes RGB-coded JPEG tiles (photometric RGB, component ids 0, 1, 2) that libjpeg
+    would otherwise take for YCbCr; OpenSlide sets the colour space from the TIFF photometric
+    tag, and so do we, through this marker."""
+    return b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00" + bytes([transform])
+
+
+def _strip_jfif(stream: bytes) -> bytes:
+    """Remove a leading JFIF APP0 segment (JFIF implies YCbCr in libjpeg, overriding APP14)."""
+    if stream[2:4] == b"\xff\xe0":
+        length = int.from_bytes(stream[4:6], "big")
+        return stream[:2] + stream[4 + length :]
+    return stream
+
+
+def _imdecode_rgb(buf: np.ndarray) -> np.ndarray | None:
+    """libjpeg-turbo decode to RGB (None when the stream is corrupt)."""
+    import cv2
+
+    if hasattr(cv2, "IMREAD_COLOR_RGB"):  # OpenCV >= 4.11 converts inside the decoder
+        return cv2.imdecode(buf, cv2.IMREAD_COLOR_RGB)
+    bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _level_page(tif: object, width: int, height: int, downsample: float) -> object | None:
+    """The TIFF page holding the pyramid level of ``downsample`` (matched by its dimensions)."""
+    want_w, want_h = width / downsample, height / downsample
+    for page in tif.pages:  # type: ignore[attr-defined]
+        if abs(page.imagewidth - want_w) <= 1 and abs(page.imagelength - want_h) <= 1:
+            return page if _is_jpeg_tiled(page) else None
+    return None
+
+
+def _is_jpeg_tiled(page: object) -> bool:
+    p = page
+    return bool(
+        p.is_tiled  # type: ignore[attr-defined]
+        and p.compression == JPEG  # type: ignore[attr-defined]
+        and p.photometric in (PHOTOMETRIC_RGB, PHOTOMETRIC_YCBCR)  # type: ignore[attr-defined]
+        and p.samplesperpixel == 3  # type: ignore[attr-defined]
+        and p.bitspersample == 8  # type: ignore[attr-defined]
+        and p.planarconfig == 1  # type: ignore[attr-defined]
+        and p.imagedepth == 1  # type: ignore[attr-defined]
+    )
+
+
+class TiffJpegReader:
+    """Patches from a TIFF's stored JPEG tiles, each tile decoded once (LRU cache of one row)."""
+
+    kind = "tiff-jpeg"
+
+    def __init__(self, spec: ReadSpec) -> None:
+        import tifffile
+
+        self.spec = spec
+        try:
+            with tifffile.TiffFile(spec.path) as tif:
+                base = tif.pages[0]  # level 0 in SVS and generic pyramidal TIFF
+                width, height = base.imagewidth, base.imagelength  # type: ignore[union-attr]
+                page = _level_page(tif, width, height, spec.downsample)
+                if page is None:
+                    raise SlideError(
+                        f"{spec.path}: level {spec.level} (downsample {spec.downsample:g}) is not "
+                        "a JPEG-tiled TIFF page; use the generic reader"
+                    )
+                self.width, self.height = page.imagewidth, page.imagelength
+                self.tile_w, self.tile_h = page.tilewidth, page.tilelength
+                self.offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+                self.counts = np.asarray(page.databytecounts, dtype=np.int64)
+                rgb = page.photometric == PHOTOMETRIC_RGB
+                tables = page.jpegtables or b""
+        except (OSError, ValueError, tifffile.TiffFileError) as exc:
+            raise SlideError(f"{spec.path}: cannot read TIFF structure ({exc})") from exc
+        self.rgb = rgb
+        # SOI + colour-space marker + shared tables (without their SOI/EOI); each tile's own
+        # stream follows without its SOI. Abbreviated SVS streams need the tables spliced in.
+        self.prefix = b"\xff\xd8" + _adobe_marker(0 if rgb else 1) + tables[2:-2]
+        self.tiles_x = math.ceil(self.width / self.tile_w)
+        self.tiles_y = math.ceil(self.height / self.tile_h)
+        rows = math.ceil(spec.size / self.tile_h) + 1
+        self.capacity = max(16, self.tiles_x * rows)
+        self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.decoded = 0  # tiles decoded (each once while cached): for tests and benchmarks
+        self.fd = os.open(spec.path, os.O_RDONLY)
+
+    def _tile(self, index: int) -> np.ndarray | None:
+        """Decoded RGB tile ``index`` (None for a sparse, never-written tile: white)."""
+        tile = self.cache.get(index)
+        if tile is not None:
+            self.cache.move_to_end(index)
+            return tile
+        count = int(self.counts[index])
+        if count == 0:
+            return None
+        data = os.pread(self.fd, count, int(self.offsets[index]))
+        stream = _strip_jfif(data) if self.rgb else data
+        buf = np.frombuffer(self.prefix + stream[2:], dtype=np.uint8)
+        tile = _imdecode_rgb(buf)
+        if tile is None or tile.shape[0] < self.tile_h or tile.shape[1] < self.tile_w:
+            row, col = divmod(index, self.tiles_x)
+            raise SlideError(f"JPEG tile (row {row}, column {col}) failed to decode")
+        self.decoded += 1
+        self.cache[index] = tile
+        if len(self.cache) > self.capacity:
+            self.cache.popitem(last=False)
+        return tile
+
+    def read(self, x: int, y: int) -> np.ndarray:
+        """The patch at level-0 ``(x, y)``: ``size`` x ``size`` level pixels, white outside.
+
+        Level coordinates are ``x / downsample`` rounded to the nearest pixel (OpenSlide blends
+        sub-pixel offsets; at level 0, and on aligned reads, the pixels are identical)."""
+        size = self.spec.size
+        lx = math.floor(x / self.spec.downsample + 0.5)
+        ly = math.floor(y / self.spec.downsample + 0.5)
+        out = np.full((size, size, 3), 255, dtype=np.uint8)
+        x0, y0 = max(lx, 0), max(ly, 0)
+        x1, y1 = min(lx + size, self.width), min(ly + size, self.height)
+        if x0 >= x1 or y0 >= y1:
+            return out
+        tw, th = self.tile_w, self.tile_h
+        try:
+            for ty in range(y0 // th, (y1 - 1) // th + 1):
+                for tx in range(x0 // tw, (x1 - 1) // tw + 1):
+                    tile = self._tile(ty * self.tiles_x + tx)
+                    if tile is None:
+                        continue
+                    sx0, sx1 = max(x0, tx * tw), min(x1, (tx + 1) * tw)
+                    sy0, sy1 = max(y0, ty * th), min(y1, (ty + 1) * th)
+                    out[sy0 - ly : sy1 - ly, sx0 - lx : sx1 - lx] = tile[
+                        sy0 - ty * th : sy1 - ty * th, sx0 - tx * tw : sx1 - tx * tw
+                    ]
+        except SlideError as exc:
+            raise SlideError(f"{self.spec.region(x, y)}: {exc}") from None
+        except OSError as exc:
+            raise SlideError(f"{self.spec.region(x, y)}: {exc.strerror or exc}") from exc
+        return out
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.cache.clear()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class SlideReader:
+    """Patches through ``bd.slide`` (OpenSlide or a flat image): every format, slower."""
+
+    kind = "slide"
+
+    def __init__(self, spec: ReadSpec) -> None:
+        from bd.slide import SlideWarning, open_slide
+
+        self.spec = spec
+        with warnings.catch_warnings():  # MPP assumptions were reported when the grid was made
+            warnings.simplefilter("ignore", SlideWarning)
+            self.slide = open_slide(spec.path, fallback_mpp=spec.mpp)
+
+    def read(self, x: int, y: int) -> np.ndarray:
+        size = self.spec.size
+        try:
+            patch = self.slide.read_region((int(x), int(y)), self.spec.level, (size, size))
+        except SlideError as exc:
+            raise SlideError(f"{self.spec.region(x, y)}: {exc}") from None
+        except Exception as exc:  # OpenSlideError and decoder errors of the flat-image path
+            raise SlideError(f"{self.spec.region(x, y)}: {exc}") from exc
+        return np.ascontiguousarray(patch[..., :3], dtype=np.uint8)
+
+    def close(self) -> None:
+        close = getattr(self.slide, "close", None)
+        if close is not None:
+            close()
+
+
+READERS: dict[str, Callable[[ReadSpec], PatchReader]] = {
+    TiffJpegReader.kind: TiffJpegReader,
+    SlideReader.kind: SlideReader,
+}
+
+
+def fast_path_supported(path: str, level: int, downsample: float) -> bool:
+    """Whether :class:`TiffJpegReader` reads this slide level with OpenSlide's exact pixels."""
+    import openslide
+
+    try:
+        vendor = openslide.OpenSlide.detect_format(path)
+    except Exception:  # noqa: BLE001 - any detection failure means "use the generic reader"
+        return False
+    if vendor not in FAST_FORMATS:
+        return False
+    try:
+        TiffJpegReader(ReadSpec(path, level, downsample, size=1, kind="tiff-jpeg")).close()
+    except SlideError as exc:
+        log.debug("%s: fast reader unavailable (%s)", path, exc)
+        return False
+    return True
+
+
+def plan_reader(
+    path: str,
+    level: int,
+    downsample: float,
+    size: int,
+    mpp: float | None = None,
+    prefer: str = "auto",
+) -> ReadSpec:
+    """The reader for one slide: stored JPEG tiles when exact and possible, else ``bd.slide``."""
+    if prefer not in ("auto", *READERS):
+        raise SlideError(f"unknown reader {prefer!r} (known: auto, {', '.join(READERS)})")
+    kind = prefer
+    if prefer == "auto":
+        fast = fast_path_supported(str(path), level, downsample)
+        kind = TiffJpegReader.kind if fast else SlideReader.kind
+    return ReadSpec(str(path), int(level), float(downsample), int(size), kind, mpp)
+
+
+def open_reader(spec: ReadSpec) -> PatchReader:
+    """Open the reader ``spec`` describes (call it in the process that will read)."""
+    return READERS[spec.kind](spec)
