@@ -67,7 +67,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    logging.captureWarnings(True)
     try:
         return int(args.func(args) or 0)
     except BDError as exc:
