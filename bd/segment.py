@@ -262,11 +262,11 @@ def _caption(image: np.ndarray, lines: list[str]) -> np.ndarray:
 
 
 def qc_image(seg: Segmentation, title: str) -> np.ndarray:
-    """Thumbnail (BGR) with tissue outlines in green, holes in blue, cut-out artefacts in red."""
+    """Thumbnail (BGR) with tissue outlines in orange and holes in blue (ink and debris stay outside)."""
     image, factor = _fit(cv2.cvtColor(seg.image, cv2.COLOR_RGB2BGR))
     sx, sy = seg.scale[0] / factor, seg.scale[1] / factor
     to_px = lambda r: np.round(r / (sx, sy) - 0.5).astype(np.int32).reshape(-1, 1, 2)  # noqa: E731
-    cv2.polylines(image, [to_px(p[0]) for p in seg.polygons], True, (0, 170, 0), 2, cv2.LINE_AA)
+    cv2.polylines(image, [to_px(p[0]) for p in seg.polygons], True, (0, 140, 255), 2, cv2.LINE_AA)
     cv2.polylines(image, [to_px(h) for p in seg.polygons for h in p[1:]], True, (255, 80, 0), 1, cv2.LINE_AA)
     lines = [
         title,

@@ -1,4 +1,7 @@
 # Per-slide tissue segmentation and patch tiling (one job per slide, grouped on clusters).
+# segment: mask.png (0/255 at ~32x), mask.json (its exact scale to level 0, read by tile),
+# contours.geojson (level-0 polygons with holes), qc.png. With on_slide_error: skip, an unreadable
+# slide gets empty outputs and a QC image saying so; tile then writes an empty grid for it.
 
 
 rule segment:
@@ -6,6 +9,7 @@ rule segment:
         slide=slide_path,
     output:
         mask=f"{R}/segment/{{slide}}/mask.png",
+        info=f"{R}/segment/{{slide}}/mask.json",
         contours=f"{R}/segment/{{slide}}/contours.geojson",
         qc=report(
             f"{R}/segment/{{slide}}/qc.png",
@@ -32,6 +36,7 @@ rule tile:
     input:
         slide=slide_path,
         mask=rules.segment.output.mask,
+        info=rules.segment.output.info,
     output:
         grid=f"{R}/tiles/{{slide}}.npz",
         qc=report(
