@@ -390,3 +390,30 @@ def test_config_schema_and_dataclass_agree(section, cls):
     assert set(schema["properties"][section]["properties"]) == fields
     assert set(config[section]) == fields
     assert build(cls, config[section]) == cls()  # the dataclass defaults are the config's
+
+
+def test_demo_table_gives_the_clinical_only_auc_of_demo_auc(tmp_path, capsys):
+    """The foundation's `bd demo-auc` fits StandardScaler + LogisticRegression(max_iter=1000) on
+    age, size, ER, PR, HER2 of the official train ids (blanks: training median). Our normalised
+    columns are that same standardised matrix, so the same regression on them must reproduce its
+    test AUC."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    demo = tmp_path / "demo"
+    assert main(["demo", "--params", '{"patients": 300, "seed": 0}', "--out-dir", str(demo), "--tables-only"]) == 0
+    assert main(["demo-auc", "--out-dir", str(demo), "--json"]) == 0
+    expected = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    table, split_tsv, out_dir = demo / "patient-clinical-data.xlsx", tmp_path / "split.tsv", tmp_path / "clinical"
+    assert main(["split", "--table", str(table), "--split-dir", str(demo / "dataset-splitting"),
+                 "--out", str(split_tsv), "--params", '{"mode": "official"}', "--clinical", "{}"]) == 0
+    assert main(["clinical", "--table", str(table), "--split", str(split_tsv), "--out-dir", str(out_dir),
+                 "--params", "{}"]) == 0
+    data = pd.read_csv(out_dir / "clinical.tsv", sep="\t", dtype={"patient_id": str})
+    x_cols = list(feature_spec(ClinicalParams()))
+    train, test = data[data.split == "train"], data[data.split == "test"]
+    assert (len(train), len(test), int(test.label.sum())) == (
+        expected["n_train"], expected["n_test"], expected["test_positives"])
+    model = LogisticRegression(max_iter=1000).fit(train[x_cols].to_numpy(), train.label.to_numpy())
+    auc = roc_auc_score(test.label, model.predict_proba(test[x_cols].to_numpy())[:, 1])
+    assert auc == pytest.approx(expected["clinical_auc"], abs=1e-6)
