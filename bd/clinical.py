@@ -484,7 +484,7 @@ def summarise(
     for column, values in parsed.items():
         for name, mask in groups.items():
             rows += _column_stats(column, kinds[column], [v for v, m in zip(values, mask, strict=True) if m], name)
-    return pd.DataFrame(rows, columns=["section", "split", "column", "statistic", "value"])
+    return pd.DataFrame(rows, columns=["section", "split", "column", "statistic", "value"], dtype=object)
 
 
 def _column_stats(column: str, kind: str, values: list[Any], split: str) -> list[tuple[str, str, str, str, Any]]:
