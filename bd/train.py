@@ -1,0 +1,357 @@
+"""``bd train``: train BD or a baseline on the training split, early-stopped on validation F1.
+
+Optimiser: SGD (paper defaults: lr 1e-4, momentum 0.3, weight decay 1e-3), one optimiser per
+training stage (two-stage methods such as AE train their parts in turn). A step takes
+``batch_size`` patients' bags, packed (not padded) into one tensor; the default of 1 is the
+classic one-bag-per-step MIL. Training uses the training patients with a slide and clinical data
+(the paper's modality-complete training set); after each epoch the validation patients are
+predicted under the stage's presence conditions (for BD: clinical present -> multi-modal branch,
+absent -> single-modal branch), and the epoch with the best mean macro F1 (ties: mean AUC) is
+kept; training stops after ``patience`` epochs without improvement. The decision threshold is then
+chosen on the validation predictions (all the method's conditions pooled) to maximise macro F1.
+
+Deterministic for a seed on CPU: seeded initialisation and shuffling, deterministic algorithms.
+
+Outputs in ``--out-dir``: ``checkpoint.pt`` (model state, parameters, method, feature/encoder
+identity, clinical columns, scaler path and SHA-256, chosen epoch(s), threshold), ``curve.csv``
+(per stage and epoch: mean training losses, validation F1/AUC) and ``curve.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import hashlib
+import logging
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from bd import __version__
+from bd.bags import Cohort
+from bd.errors import BDError, ConfigError
+from bd.io import atomic_path
+from bd.models import CONDITION_NAMES, DIRECTIONS, PRECISIONS, Condition, MILModel, Stage, create_model, model_class, model_kwargs
+from bd.params import build, to_dict
+from bd.runs import CHECKPOINT_FORMAT, predict_patients, resolve_device
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METHODS = ["image_only", "clinical_only", "filling", "ae", "ensemble", "smil", "bd"]
+
+
+@dataclass
+class TrainParams:
+    """The ``training`` section of the config plus an experiment's overrides (incl. ``method``)."""
+
+    method: str = "bd"
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))  # workflow only
+    seeds: list[int] = field(default_factory=lambda: [0])  # workflow only
+    max_epochs: int = 60
+    patience: int = 15
+    batch_size: int = 1  # patients (bags) per optimiser step
+    lr: float = 1.0e-4
+    momentum: float = 0.3
+    weight_decay: float = 1.0e-3
+    tau: float = 1.2
+    lambda_m: float = 0.6
+    lambda_s: float = 0.5
+    prompt_length: int = 50
+    directions: str = "both"  # none | m2s | s2m | both (Table II)
+    hidden_dim: int = 128  # slide feature size (attention-pooled instance embeddings)
+    clinical_dim: int = 50  # clinical feature f_c (= prompt feature f_p) size
+    smil_priors: int = 8  # SMIL: k-means priors of the clinical vector
+    precision: str = "bf16"  # bf16 | fp32: the patch-feature layer's compute type
+    device: str = "auto"  # auto | cpu | cuda
+
+    def __post_init__(self) -> None:
+        model_class(self.method)
+        positive = ("max_epochs", "patience", "batch_size", "prompt_length", "hidden_dim", "clinical_dim", "smil_priors")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"training.{key}: {getattr(self, key)} must be at least 1")
+        for key in ("lr", "tau"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"training.{key}: {getattr(self, key)} must be positive")
+        for key in ("momentum", "weight_decay", "lambda_m", "lambda_s"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"training.{key}: {getattr(self, key)} must not be negative")
+        choices = {"directions": DIRECTIONS, "precision": PRECISIONS, "device": ("auto", "cpu", "cuda")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"training.{key}: {getattr(self, key)!r} is not one of {list(allowed)}")
+
+
+@dataclass
+class TrainResult:
+    model: MILModel
+    curve: pd.DataFrame
+    stage_epochs: dict[str, int]
+    threshold: float
+    val: dict[str, float]
+
+
+@contextlib.contextmanager
+def deterministic(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch and switch to deterministic algorithms (restored afterwards)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def training_patients(cohort: Cohort, split: str) -> np.ndarray:
+    """Patients of ``split`` with a slide (training and validation use complete patients)."""
+    idx = cohort.indices(split)
+    kept = idx[cohort.has_slide[idx]]
+    if len(kept) < len(idx):
+        log.warning("%s: %d patient(s) without a slide left out", split, len(idx) - len(kept))
+    if not len(kept):
+        raise BDError(f"no {split} patient with a slide: check results/clinical/clinical.tsv and the feature stores")
+    return kept
+
+
+def choose_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
+    """The probability cut maximising macro F1 (ties: the one nearest 0.5); 0.5 if undecidable."""
+    from bd.metrics import f1_macro
+
+    labels = np.asarray(labels, int)
+    if labels.min() == labels.max():
+        return 0.5
+    candidates = np.unique(np.round(probs, 6))
+    scores = np.array([f1_macro(labels, (probs >= t).astype(int)) for t in candidates])
+    best = np.flatnonzero(scores >= scores.max() - 1e-12)
+    return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
+
+
+def validate(model: MILModel, cohort: Cohort, idx: np.ndarray, conditions: tuple[Condition, ...],
+             device: torch.device) -> dict[str, float]:
+    """Macro F1 (at 0.5) and AUC on ``idx`` under each condition, and their means."""
+    from bd.metrics import auc, f1_macro
+
+    labels = cohort.labels[idx]
+    out: dict[str, float] = {}
+    for clin, slide in conditions:
+        n = len(idx)
+        probs, _ = predict_patients(model, cohort, idx, np.full(n, clin), np.full(n, slide), device)
+        name = CONDITION_NAMES[(clin, slide)]
+        out[f"val_f1_{name}"] = f1_macro(labels, (probs >= 0.5).astype(int))
+        out[f"val_auc_{name}"] = auc(labels, probs)
+    out["val_f1"] = float(np.mean([out[f"val_f1_{CONDITION_NAMES[c]}"] for c in conditions]))
+    aucs = [out[f"val_auc_{CONDITION_NAMES[c]}"] for c in conditions]
+    out["val_auc"] = float(np.nanmean(aucs)) if np.isfinite(aucs).any() else float("nan")
+    return out
+
+
+def run_epoch(model: MILModel, cohort: Cohort, idx: np.ndarray, stage: Stage, optimizer: torch.optim.Optimizer,
+              rng: np.random.Generator, batch_size: int, device: torch.device) -> dict[str, float]:
+    """One pass over the training patients in a seeded random order; mean of each loss term."""
+    model.train()
+    order = rng.permutation(idx)
+    sums: dict[str, float] = {}
+    for start in range(0, len(order), batch_size):
+        batch = cohort.batch(order[start : start + batch_size], device=device)
+        losses = model.losses(batch, stage.name)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+        for key, value in losses.items():
+            sums[key] = sums.get(key, 0.0) + float(value.detach()) * batch.size
+    means = {f"train_{k}": v / len(order) for k, v in sums.items()}
+    if not math.isfinite(means["train_loss"]):
+        raise BDError(f"stage {stage.name}: the training loss is not finite (lower training.lr?)")
+    return means
+
+
+def _score(val: dict[str, float]) -> tuple[float, float]:
+    auc = val["val_auc"]
+    return (val["val_f1"], auc if math.isfinite(auc) else -1.0)
+
+
+def train_stage(model: MILModel, cohort: Cohort, stage: Stage, train_idx: np.ndarray, val_idx: np.ndarray,
+                params: TrainParams, rng: np.random.Generator, device: torch.device,
+                progress: bool) -> tuple[int, list[dict[str, Any]]]:
+    """Train one stage with early stopping; the best epoch's weights are loaded at the end."""
+    from tqdm import tqdm
+
+    optimizer = torch.optim.SGD(model.stage_parameters(stage), lr=params.lr, momentum=params.momentum,
+                                weight_decay=params.weight_decay)
+    best, best_epoch, best_state = (-math.inf, -math.inf), 0, copy.deepcopy(model.state_dict())
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(range(1, params.max_epochs + 1), desc=f"{model.method}/{stage.name}", unit="epoch", disable=not progress)
+    for epoch in bar:
+        losses = run_epoch(model, cohort, train_idx, stage, optimizer, rng, params.batch_size, device)
+        val = validate(model, cohort, val_idx, stage.val_conditions, device)
+        rows.append({"stage": stage.name, "epoch": epoch, **losses, **val})
+        bar.set_postfix(loss=f"{losses['train_loss']:.4f}", val_f1=f"{val['val_f1']:.3f}", val_auc=f"{val['val_auc']:.3f}")
+        if _score(val) > best:
+            best, best_epoch, best_state = _score(val), epoch, copy.deepcopy(model.state_dict())
+        elif epoch - best_epoch >= params.patience:
+            log.info("%s: early stop at epoch %d (best %d, val F1 %.3f)", stage.name, epoch, best_epoch, best[0])
+            break
+    model.load_state_dict(best_state)
+    return best_epoch, rows
+
+
+def train_model(cohort: Cohort, params: TrainParams, seed: int, device: torch.device | str = "cpu",
+                progress: bool = True) -> TrainResult:
+    """Train ``params.method`` on ``cohort``'s training split, validated on its validation split."""
+    device = torch.device(device)
+    train_idx, val_idx = training_patients(cohort, "train"), training_patients(cohort, "val")
+    if len(np.unique(cohort.labels[train_idx])) < 2:
+        raise BDError("the training split holds one class only: cannot train a classifier")
+    with deterministic(seed, device):
+        model = create_model(params.method, cohort.feature_dim, cohort.n_clinical, **to_dict(params)).to(device)
+        model.setup(torch.from_numpy(cohort.clinical[train_idx]).to(device))
+        rng = np.random.default_rng(seed)
+        stage_epochs, rows = {}, []
+        for stage in model.stages():
+            stage_epochs[stage.name], stage_rows = train_stage(
+                model, cohort, stage, train_idx, val_idx, params, rng, device, progress)
+            rows += stage_rows
+        val = validate(model, cohort, val_idx, model.conditions, device)
+        probs = np.concatenate([
+            predict_patients(model, cohort, val_idx, np.full(len(val_idx), c), np.full(len(val_idx), s), device)[0]
+            for c, s in model.conditions
+        ])
+        labels = np.tile(cohort.labels[val_idx], len(model.conditions))
+        threshold = choose_threshold(labels, probs)
+    model.eval()
+    log.info("%s seed %d: epochs %s, val F1 %.3f, AUC %.3f, threshold %.3f",
+             params.method, seed, stage_epochs, val["val_f1"], val["val_auc"], threshold)
+    return TrainResult(model, pd.DataFrame(rows), stage_epochs, threshold, val)
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_payload(result: TrainResult, cohort: Cohort, params: TrainParams, seed: int,
+                       scaler: Path | None) -> dict[str, Any]:
+    """Everything a later stage needs to use the model and to check its inputs."""
+    last = list(result.stage_epochs)[-1]
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "method": params.method,
+        "params": to_dict(params),
+        "model_kwargs": model_kwargs(params.method, to_dict(params)),
+        "in_dim": cohort.feature_dim,
+        "clin_dim": cohort.n_clinical,
+        "state_dict": {k: v.detach().cpu() for k, v in result.model.state_dict().items()},
+        "identity": cohort.identity,
+        "clinical_columns": list(cohort.clinical_columns),
+        "scaler": {"path": str(scaler), "sha256": sha256_file(scaler)} if scaler else None,
+        "epoch": int(result.stage_epochs[last]),
+        "stage_epochs": {k: int(v) for k, v in result.stage_epochs.items()},
+        "threshold": float(result.threshold),
+        "val": {k: float(v) for k, v in result.val.items()},
+        "seed": int(seed),
+        "versions": {"bd": __version__, "torch": torch.__version__},
+    }
+
+
+def plot_curve(curve: pd.DataFrame, stage_epochs: dict[str, int], path: Path, title: str) -> None:
+    """Training losses and validation F1/AUC per epoch, one column of panels per stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = list(dict.fromkeys(curve["stage"]))
+    fig, axes = plt.subplots(2, len(stages), figsize=(5 * len(stages), 6), squeeze=False, sharex="col")
+    for col, stage in enumerate(stages):
+        rows = curve[curve["stage"] == stage]
+        top, bottom = axes[0, col], axes[1, col]
+        for key in [c for c in rows.columns if c.startswith("train_") and rows[c].notna().any()]:
+            top.plot(rows["epoch"], rows[key], label=key.removeprefix("train_"), lw=2 if key == "train_loss" else 1)
+        top.set_title(f"{stage}: training losses")
+        top.legend(fontsize=7)
+        for key in [c for c in rows.columns if c.startswith("val_") and rows[c].notna().any()]:
+            bottom.plot(rows["epoch"], rows[key], label=key.removeprefix("val_"), lw=2 if key in ("val_f1", "val_auc") else 1)
+        bottom.axvline(stage_epochs[stage], color="k", ls="--", lw=1, label=f"chosen epoch {stage_epochs[stage]}")
+        bottom.set_ylim(0, 1)
+        bottom.set_xlabel("epoch")
+        bottom.set_title(f"{stage}: validation")
+        bottom.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def write_outputs(result: TrainResult, cohort: Cohort, params: TrainParams, seed: int, out_dir: Path,
+                  scaler: Path | None) -> Path:
+    """curve.csv, curve.png, then checkpoint.pt (last, so a checkpoint means a finished run)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "curve.csv") as tmp:
+        result.curve.to_csv(tmp, index=False)
+    plot_curve(result.curve, result.stage_epochs, out_dir / "curve.png", f"{params.method}, seed {seed}")
+    path = out_dir / "checkpoint.pt"
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint_payload(result, cohort, params, seed, scaler), tmp)
+    return path
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--features-dir", required=True, help="folder of {slide}.zarr feature stores")
+    parser.add_argument("--samples", required=True, help="sample sheet TSV (slide_id, patient_id, path)")
+    parser.add_argument("--clinical", required=True, help="normalised clinical table (clinical.tsv)")
+    parser.add_argument("--scaler", default=None,
+                        help="the clinical scaler (recorded with its SHA-256; default: scaler.json beside --clinical)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (initialisation and shuffling)")
+    parser.add_argument("--params", default=None, help="training section plus experiment overrides (JSON or file)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    parser.add_argument("--out-dir", required=True, help="folder for checkpoint.pt, curve.csv, curve.png")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _scaler_path(args: argparse.Namespace) -> Path | None:
+    path = Path(args.scaler) if args.scaler else Path(args.clinical).with_name("scaler.json")
+    if path.is_file():
+        return path
+    if args.scaler:
+        raise ConfigError(f"--scaler: {path} does not exist")
+    log.warning("no clinical scaler beside %s: the checkpoint records none", args.clinical)
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from bd.bags import load_cohort
+
+    params = build(TrainParams, args.params)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(params.device)
+    scaler = _scaler_path(args)
+    dtype = torch.bfloat16 if params.precision == "bf16" else torch.float16
+    cohort = load_cohort(args.features_dir, args.samples, args.clinical, dtype=dtype, progress=not args.no_progress)
+    if device.type == "cuda":
+        cohort.features = cohort.features.to(device)  # one copy up front: an epoch then reads GPU memory
+    result = train_model(cohort, params, args.seed, device, progress=not args.no_progress)
+    path = write_outputs(result, cohort, params, args.seed, Path(args.out_dir), scaler)
+    print(f"{params.method} seed {args.seed}: epoch {result.stage_epochs}, val F1 {result.val['val_f1']:.3f}, "
+          f"AUC {result.val['val_auc']:.3f}, threshold {result.threshold:.3f} -> {path}")
+    return 0
