@@ -308,3 +308,71 @@ def test_params_match_config_and_schema():
     assert set(config) == fields == set(schema["properties"]["tiling"]["properties"])
     assert build(TileParams, config) == TileParams()
     assert select_cells(np.ones((0, 0)), 0.5, GridGeometry(1.0, 0, 1.0, 1, 0, 0)).shape == (0, 2)
+
+
+# --- the demo cohort: known artefact positions ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def demo_cohort(tmp_path_factory):
+    from bd.demo import DemoParams, generate_cohort
+
+    out = tmp_path_factory.mktemp("demo")
+    generate_cohort(DemoParams(patients=8, slide_size=4096, seed=0, flat_jpeg_fraction=0.25), out, workers=1)
+    return out, json.loads((out / "artefacts.json").read_text())
+
+
+def _truth_tissue(truth: dict, shape: tuple[int, int], scale: tuple[float, float]) -> np.ndarray:
+    canvas = np.zeros(shape, np.uint8)
+    for polygon in truth["tissue"]:
+        cv2.fillPoly(canvas, [np.round(np.asarray(polygon) / np.asarray(scale) - 0.5).astype(np.int32)], 255)
+    return canvas > 0
+
+
+def _covers(coords: np.ndarray, side: float, points: np.ndarray) -> np.ndarray:
+    """(patches x points) whether each patch's footprint contains each point."""
+    inside_x = (points[None, :, 0] >= coords[:, None, 0]) & (points[None, :, 0] < coords[:, None, 0] + side)
+    inside_y = (points[None, :, 1] >= coords[:, None, 1]) & (points[None, :, 1] < coords[:, None, 1] + side)
+    return inside_x & inside_y
+
+
+@pytest.mark.filterwarnings("ignore::bd.slide.SlideWarning")
+def test_demo_cohort_pen_marks_dust_and_background_are_excluded(demo_cohort):
+    out, truths = demo_cohort
+    assert {t["pen"]["colour"] for t in truths.values()} >= {"black"} and len(truths) == 8
+    saturated_ink_in_loose_mask = []
+    for slide_id, truth in truths.items():
+        with open_slide(out / truth["file"], fallback_mpp=truth["mpp"]) as slide:
+            seg = segment_slide(slide, SegmentParams())
+            grid = tile_slide(slide, seg.mask, seg.scale, TileParams(), slide_id)
+            no_area = segment_slide(slide, SegmentParams(min_tissue_area_um2=0)).mask
+            loose = segment_slide(slide, SegmentParams(pen_colors=[], dark_value=0, min_tissue_area_um2=0)).mask
+        scale = np.asarray(seg.scale)
+        to_mask = lambda pts: tuple(np.floor(np.asarray(pts) / scale).astype(int).T[::-1])  # noqa: E731
+        tissue = _truth_tissue(truth, seg.mask.shape, seg.scale)
+        near_tissue = cv2.dilate(tissue.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+        pen = np.asarray(truth["pen"]["path"], dtype=float)
+        dust = np.array([[d["x"], d["y"]] for d in truth["dust"]
+                         if not near_tissue[to_mask([[d["x"], d["y"]]])].any()], dtype=float).reshape(-1, 2)
+        # the mask: no ink, no dust on glass, no glass; the tissue is found
+        assert not seg.mask[to_mask(pen)].any(), f"slide {slide_id}: {truth['pen']['colour']} pen in the mask"
+        assert not no_area[to_mask(pen)].any(), f"slide {slide_id}: pen rejection alone misses the ink"
+        assert len(dust) == 0 or not seg.mask[to_mask(dust)].any(), f"slide {slide_id}: dust in the mask"
+        mask = seg.mask > 0
+        assert (mask & ~near_tissue).sum() <= 0.01 * mask.sum(), f"slide {slide_id}: glass in the mask"
+        assert (mask & tissue).sum() / (mask | tissue).sum() > 0.85, f"slide {slide_id}: tissue missed"
+        # the grid: no patch on the ink or on dust, every patch mostly on true tissue
+        assert len(grid) >= 10
+        side = grid.patch_size_level0
+        assert not _covers(grid.coords, side, pen).any()
+        reach = 2 * int(np.ceil(side / scale.min())) + 1  # a patch away from any tissue
+        far = cv2.dilate(tissue.astype(np.uint8), np.ones((reach, reach), np.uint8)) == 0
+        far_dust = dust[far[to_mask(dust)]] if len(dust) else dust
+        assert not _covers(grid.coords, side, far_dust).any()
+        fine = _truth_tissue(truth, (truth["height"] // 8, truth["width"] // 8), (8.0, 8.0))
+        k = int(round(side / 8))
+        on_tissue = [fine[y // 8:y // 8 + k, x // 8:x // 8 + k].mean() for x, y in grid.coords]
+        assert min(on_tissue) >= 0.35, f"slide {slide_id}: a patch is mostly off the tissue"
+        if truth["pen"]["colour"] in ("green", "blue"):
+            saturated_ink_in_loose_mask.append(loose[to_mask(pen)].mean() > 0.5 * 255)
+    # without pen rejection (and area filter), green and blue ink would have been taken for tissue
+    assert saturated_ink_in_loose_mask and all(saturated_ink_in_loose_mask)
