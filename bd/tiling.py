@@ -250,7 +250,9 @@ def qc_image(thumbnail: np.ndarray, grid: PatchGrid, title: str) -> np.ndarray:
     return _caption(image, lines)
 
 
-def _annotation_polygons(params: TileParams, annotations_dir: str, slide_path: Path, slide_id: str) -> list[np.ndarray] | None:
+def _annotation_polygons(
+    params: TileParams, annotations_dir: str, slide_path: Path, slide_id: str
+) -> list[np.ndarray] | None:
     """The slide's annotation polygons when ``use_annotations``; None means 'whole tissue'."""
     if not params.use_annotations:
         return None

@@ -104,7 +104,8 @@ def clam_style_filter(polygons: list[list[np.ndarray]], ps0: float, size: tuple[
                 if x + ps0 > size[0] + 0.5 or y + ps0 > size[1] + 0.5:
                     continue
                 cx, cy = x + half, y + half
-                corners = ((cx - shift, cy - shift), (cx + shift, cy - shift), (cx - shift, cy + shift), (cx + shift, cy + shift))
+                corners = ((cx - shift, cy - shift), (cx + shift, cy - shift),
+                           (cx - shift, cy + shift), (cx + shift, cy + shift))
                 if not any(cv2.pointPolygonTest(outer, p, False) >= 0 for p in corners):
                     continue
                 if any(cv2.pointPolygonTest(hole, (cx, cy), False) > 0 for hole in holes):

@@ -34,11 +34,12 @@ def cmu_seg():
         return segment_slide(slide, SegmentParams())
 
 
-def test_cmu_mask_covers_the_tissue(cmu_seg, tmp_path):
+def test_cmu_mask_covers_the_tissue(cmu_seg):
     seg = cmu_seg
     assert CMU_TISSUE_FRACTION[0] <= seg.tissue_fraction <= CMU_TISSUE_FRACTION[1]
     ys, xs = np.nonzero(seg.mask)
-    bbox = (xs.min() * seg.scale[0], (xs.max() + 1) * seg.scale[0], ys.min() * seg.scale[1], (ys.max() + 1) * seg.scale[1])
+    sx, sy = seg.scale
+    bbox = (xs.min() * sx, (xs.max() + 1) * sx, ys.min() * sy, (ys.max() + 1) * sy)
     for value, (lo, hi) in zip(bbox, CMU_TISSUE_BBOX):
         assert lo <= value <= hi
     hsv = cv2.cvtColor(seg.image, cv2.COLOR_RGB2HSV)

@@ -196,7 +196,9 @@ def test_patches_avoid_a_hole_in_the_tissue():
     assert any(cv2.pointPolygonTest(r.astype(np.float32), centre, False) > 0 for r in rings)
     # cells well inside the disk were tissue before and are gone now; no patch overlaps the disk much
     ps0 = after.patch_size_level0
-    inside = lambda c: np.hypot(c[:, 0] + ps0 / 2 - centre[0], c[:, 1] + ps0 / 2 - centre[1]) < radius - ps0 * 0.71  # noqa: E731
+    def inside(c: np.ndarray) -> np.ndarray:  # patches wholly inside the disk
+        return np.hypot(c[:, 0] + ps0 / 2 - centre[0], c[:, 1] + ps0 / 2 - centre[1]) < radius - ps0 * 0.71
+
     assert inside(before.coords).any()
     assert not inside(after.coords).any()
     ys, xs = np.mgrid[0:int(ps0), 0:int(ps0)]
