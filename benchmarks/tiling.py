@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=51_200, help="level-0 side in pixels (>= 50,000)")
     parser.add_argument("--mpp", type=float, default=0.5)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--clam-repeats", type=int, default=1)
+    parser.add_argument("--clam-repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
