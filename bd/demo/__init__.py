@@ -29,9 +29,12 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bd.errors import ConfigError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +86,7 @@ class SlideTask:
     jpeg_quality: int
 
 
-def write_tables(out_dir: str | Path, params: DemoParams) -> "Any":
+def write_tables(out_dir: str | Path, params: DemoParams) -> pd.DataFrame:
     """Simulate the patients and write the clinical table, split files and latent risk; return
     the patients (a DataFrame, see :func:`bd.demo.patients.simulate_patients`)."""
     import pandas as pd

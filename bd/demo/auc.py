@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from bd.errors import TableError
@@ -97,7 +96,8 @@ def _rows(data: pd.DataFrame, ids: list[str], source: str, split: str) -> pd.Dat
 
 def _check_both_classes(labels: pd.Series, source: str) -> None:
     if labels.nunique() < 2:
-        raise TableError(f"{source}: the test split has only one class; an AUC needs both N0 and N+")
+        raise TableError(f"{source}: the test split's {len(labels)} patient(s) are all of one class; an AUC "
+                         "needs both N0 and N+ (use a larger cohort)")
 
 
 def read_split(split_dir: Path) -> dict[str, list[str]]:
