@@ -265,7 +265,7 @@ def checkpoint_payload(result: TrainResult, cohort: Cohort, params: TrainParams,
         "threshold": float(result.threshold),
         "val": {k: float(v) for k, v in result.val.items()},
         "seed": int(seed),
-        "versions": {"bd": __version__, "torch": torch.__version__},
+        "versions": {"bd": str(__version__), "torch": str(torch.__version__)},
     }
 
 

@@ -1,0 +1,184 @@
+"""Training: every method can fit a tiny cohort, a seed gives the same checkpoint, and `bd train`
+writes a checkpoint that `bd.runs.load_run` reads back and checks its inputs against."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from bd.bags import load_cohort, synthetic_cohort
+from bd.cli import main
+from bd.errors import ConfigError, StoreError, TableError
+from bd.metrics import auc
+from bd.models import CONDITION_NAMES, MODELS
+from bd.params import build
+from bd.runs import load_run, predict_patients
+from bd.store import write_store
+from bd.train import TrainParams, choose_threshold, train_model
+
+DIM, CLIN = 16, 4
+TINY = {"hidden_dim": 16, "clinical_dim": 8, "prompt_length": 6, "smil_priors": 3, "precision": "fp32"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("method", sorted(MODELS))
+def test_every_method_overfits_a_tiny_cohort(method):
+    """A few dozen SGD steps per stage reach a training AUC of ~1 under each condition it serves."""
+    cohort = synthetic_cohort(16, 8, DIM, CLIN, seed=5, signal=4.0)
+    train = cohort.indices("train")
+    torch.manual_seed(0)
+    params = TrainParams(method=method, **TINY)
+    from bd.models import create_model
+
+    model = create_model(method, DIM, CLIN, **vars(params))
+    model.setup(torch.from_numpy(cohort.clinical[train]))
+    batch = cohort.batch(train)
+    for stage in model.stages():
+        optimizer = torch.optim.SGD(model.stage_parameters(stage), lr=0.05, momentum=0.9)
+        for _ in range(40):
+            optimizer.zero_grad()
+            model.losses(batch, stage.name)["loss"].backward()
+            optimizer.step()
+    for clin, slide in model.conditions:
+        n = len(train)
+        probs, _ = predict_patients(model, cohort, train, np.full(n, clin), np.full(n, slide))
+        assert auc(cohort.labels[train], probs) >= 0.99, (method, CONDITION_NAMES[(clin, slide)])
+
+
+def test_same_seed_same_checkpoint_other_seed_differs():
+    cohort = synthetic_cohort(12, 6, DIM, CLIN, seed=1)
+    params = TrainParams(method="bd", max_epochs=3, patience=3, lr=0.05, batch_size=2, **{**TINY, "precision": "bf16"})
+    runs = [train_model(cohort, params, seed, progress=False) for seed in (7, 7, 8)]
+    first, again, other = (r.model.state_dict() for r in runs)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+    pd.testing.assert_frame_equal(runs[0].curve, runs[1].curve)
+
+
+def test_early_stopping_keeps_the_best_validation_epoch():
+    cohort = synthetic_cohort(16, 6, DIM, CLIN, seed=2, signal=3.0)
+    params = TrainParams(method="image_only", max_epochs=30, patience=2, lr=0.05, batch_size=4, **TINY)
+    result = train_model(cohort, params, 0, progress=False)
+    curve = result.curve
+    best = result.stage_epochs["main"]
+    assert len(curve) <= best + params.patience
+    chosen = curve.loc[curve["epoch"] == best, "val_f1"].item()
+    assert chosen == curve["val_f1"].max()
+    assert result.val["val_f1"] == pytest.approx(chosen)  # the chosen weights were restored
+
+
+def test_choose_threshold_maximises_macro_f1():
+    labels = np.array([0, 0, 0, 1, 1])
+    probs = np.array([0.1, 0.2, 0.35, 0.3, 0.9])
+    assert choose_threshold(labels, probs) == pytest.approx(0.3)  # macro F1 0.8 (0.9 gives 0.76)
+    assert choose_threshold(np.array([0, 1]), np.array([0.2, 0.4])) == pytest.approx(0.4)
+    assert choose_threshold(np.array([1, 1]), np.array([0.2, 0.4])) == 0.5
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"max_epoch": 3}, "unknown key 'max_epoch'"),
+    ({"directions": "up"}, "training.directions"),
+    ({"method": "lnmp"}, "unknown method 'lnmp'"),
+    ({"lr": 0}, "training.lr"),
+    ({"precision": "fp8"}, "training.precision"),
+])
+def test_bad_params_name_the_key(params, message):
+    with pytest.raises(ConfigError, match=message):
+        build(TrainParams, params)
+
+
+# ---------------------------------------------------------------- the command and run loading
+
+
+def write_layout(root: Path, n: int = 16) -> dict[str, Path]:
+    """Feature stores, sample sheet, clinical table and scaler for ``n`` patients (one without a store)."""
+    syn = synthetic_cohort(n, 8, DIM, CLIN, seed=4, signal=3.0)
+    feats = root / "features"
+    for i, sid in enumerate(syn.slide_ids[:-1]):
+        a, b = int(syn.offsets[i]), int(syn.offsets[i + 1])
+        write_store(feats / f"{sid}.zarr", syn.features[a:b].numpy(), syn.coords[a:b],
+                    {"encoder": "toy", "weights_sha256": "0" * 64, "patch_size": 256, "slide_id": sid})
+    pd.DataFrame({"slide_id": syn.slide_ids, "patient_id": syn.patient_ids, "path": "x"}).to_csv(
+        root / "samples.tsv", sep="\t", index=False)
+    table = pd.DataFrame({"patient_id": syn.patient_ids, "split": syn.split, "label": syn.labels})
+    for j, col in enumerate(syn.clinical_columns):
+        table[col] = syn.clinical[:, j]
+    table.to_csv(root / "clinical.tsv", sep="\t", index=False)
+    (root / "scaler.json").write_text(json.dumps({"age": {"mean": 1.0}}))
+    return {"features": feats, "samples": root / "samples.tsv", "clinical": root / "clinical.tsv",
+            "scaler": root / "scaler.json"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    paths = write_layout(root)
+    out = root / "run"
+    params = {**TINY, "method": "bd", "max_epochs": 4, "patience": 4, "lr": 0.05, "batch_size": 4,
+              "methods": ["bd"], "seeds": [0]}
+    rc = main(["train", "--features-dir", str(paths["features"]), "--samples", str(paths["samples"]),
+               "--clinical", str(paths["clinical"]), "--seed", "3", "--params", json.dumps(params),
+               "--out-dir", str(out), "--no-progress", "--threads", "1"])
+    assert rc == 0
+    return paths, out
+
+
+def test_train_command_writes_checkpoint_curve_and_plot(trained):
+    paths, out = trained
+    curve = pd.read_csv(out / "curve.csv")
+    assert {"stage", "epoch", "train_loss", "train_mul_ce", "train_sgl_kl", "val_f1", "val_auc",
+            "val_f1_complete", "val_f1_no_clinical"} <= set(curve.columns)
+    assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["method"] == "bd" and ckpt["seed"] == 3 and ckpt["params"]["lambda_m"] == 0.6
+    assert ckpt["identity"]["encoder"] == "toy" and "slide_id" not in ckpt["identity"]
+    assert ckpt["clinical_columns"] == [f"c{j}" for j in range(CLIN)]
+    assert ckpt["scaler"]["sha256"] == hashlib.sha256(paths["scaler"].read_bytes()).hexdigest()
+    assert 1 <= ckpt["epoch"] <= 4 and ckpt["stage_epochs"] == {"joint": ckpt["epoch"]}
+    assert 0 < ckpt["threshold"] < 1
+    assert not list(out.glob(".*tmp*"))  # atomic writes left no temporary files
+
+
+def test_load_run_predicts_under_any_presence(trained):
+    paths, out = trained
+    run = load_run(out / "checkpoint.pt", device="cpu")
+    cohort = load_cohort(paths["features"], paths["samples"], paths["clinical"], progress=False)
+    n = cohort.n_patients
+    clin = np.arange(n) % 3 != 0
+    df = run.predict(cohort, clinical_present=clin)
+    assert list(df.columns[:4]) == ["patient_id", "prob", "branch", "label"]
+    assert df["patient_id"].tolist() == cohort.patient_ids
+    assert df["branch"].tolist() == ["multi" if c else "single" for c in clin]
+    assert df["prob"].between(0, 1).all() and run.params["method"] == "bd"
+    assert run.threshold == pytest.approx(torch.load(out / "checkpoint.pt", weights_only=True)["threshold"])
+    emb = run.slide_embeddings(cohort, "single")
+    assert emb.shape == (n, TINY["hidden_dim"])
+    assert np.isnan(emb[~cohort.has_slide]).all() and np.isfinite(emb[cohort.has_slide]).all()
+    att = run.attention(cohort, cohort.patient_ids[0])
+    assert list(att.columns) == ["slide_id", "x", "y", "attention"] and att["attention"].sum() == pytest.approx(1)
+
+
+def test_load_run_refuses_other_features_or_clinical_columns(trained):
+    paths, out = trained
+    run = load_run(out / "checkpoint.pt", device="cpu")
+    cohort = load_cohort(paths["features"], paths["samples"], paths["clinical"], progress=False)
+    cohort.identity = {**cohort.identity, "encoder": "resnet50"}
+    with pytest.raises(StoreError, match="encoder='toy'.*encoder='resnet50'"):
+        run.predict(cohort, np.ones(cohort.n_patients, bool))
+    cohort = load_cohort(paths["features"], paths["samples"], paths["clinical"], progress=False)
+    cohort.clinical_columns = ["c0", "c1", "c2", "grade"]
+    with pytest.raises(TableError, match="c3, grade"):
+        run.predict(cohort, np.ones(cohort.n_patients, bool))
