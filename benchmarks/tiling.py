@@ -5,7 +5,7 @@ The slide is an in-memory object with the ``bd.slide.Slide`` interface and level
 16x and 32x (20x scan, 0.5 um/px). Only its 1,600 x 1,600 px 32x level holds pixels, stored as
 JPEG bytes and decoded on every ``read_level`` call (so the decode is timed, as it would be for a
 pyramidal TIFF); reading any other level raises, which shows that segmentation and tiling never
-touch level 0. The tissue is several core-needle-biopsy strips with tears (holes), a pen stroke
+touch level 0. The tissue is several ragged core-needle-biopsy strips with tears (holes), a pen stroke
 and dust, drawn once before timing.
 
 Timed (median of ``--repeats``):
@@ -62,6 +62,11 @@ class GeneratedSlide:
         return cv2.cvtColor(cv2.imdecode(self._jpeg, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
+def _noise(side: int, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    noise = cv2.GaussianBlur(rng.standard_normal((side, side)).astype(np.float32), (0, 0), sigma)
+    return noise / noise.std()
+
+
 def draw_tissue(side: int, seed: int) -> np.ndarray:
     """Biopsy-like strips (pink with purple blotches and texture), tears, a pen stroke and dust."""
     rng = np.random.default_rng(seed)
@@ -76,6 +81,9 @@ def draw_tissue(side: int, seed: int) -> np.ndarray:
         k = rng.integers(len(xs))
         cv2.ellipse(strips, (int(xs[k]), int(ys[k])), (int(rng.uniform(8, 20)), int(rng.uniform(4, 10))),
                     rng.uniform(0, 180), 0, 360, 0, -1)
+    ragged = cv2.GaussianBlur(strips.astype(np.float32) / 255, (0, 0), 2) + 0.25 * _noise(side, 2.5, rng)
+    near = cv2.dilate(strips, np.ones((9, 9), np.uint8)) > 0
+    strips = np.where((ragged > 0.5) & near, 255, 0).astype(np.uint8)  # ragged edges, as real tissue has
     texture = cv2.GaussianBlur(rng.normal(0, 1, (side, side)).astype(np.float32), (0, 0), 3)
     texture /= texture.std()
     purple = cv2.GaussianBlur(rng.random((side, side)).astype(np.float32), (0, 0), 12) > 0.52
