@@ -1,0 +1,259 @@
+"""bd extract: store layout and attributes, reproducibility across batch sizes and workers,
+atomic stores under SIGKILL, decode errors (fail or skip), several slides per job, config sync."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pytest
+import tifffile
+import torch
+import torch.nn.functional as F
+import yaml
+
+from bd import cli
+from bd.encoders import create_encoder
+from bd.errors import ConfigError, SlideError, StoreError
+from bd.extract import FeatureParams, SlideJob, extract_slides
+from bd.grid import PatchGrid, save_grid
+from bd.params import build
+from bd.store import read_store
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {  # a tiny encoder keeps these tests fast; the pipeline is the same as resnet50/layer3
+    "encoder": "resnet18", "out_stage": "layer1", "random_weights": True, "input_size": 64,
+    "batch_size": 16, "num_workers": 0, "device": "cpu",
+}
+SIZE, TILE = 96, 128  # patch pixels at the read level; JPEG tile side
+
+
+def write_jpeg_pyramid(path: Path, rgb: np.ndarray, levels: int = 2) -> Path:
+    with tifffile.TiffWriter(path) as tif:
+        for i in range(levels):
+            tif.write(rgb[:: 2**i, :: 2**i].copy(), tile=(TILE, TILE), photometric="rgb",
+                      compression="jpeg", compressionargs={"level": 90},
+                      subfiletype=1 if i else 0, maxworkers=1)
+    return path
+
+
+def make_grid(path: Path, slide_id: str, coords: np.ndarray, width: int = 640, height: int = 512) -> Path:
+    grid = PatchGrid(
+        coords=coords, slide_id=slide_id, slide_width=width, slide_height=height, mpp=0.5,
+        target_mpp=0.75, patch_size=64, patch_size_level0=float(SIZE), read_level=0,
+        read_downsample=1.0, read_size=SIZE,
+    )
+    return save_grid(grid, path)
+
+
+def grid_coords(width: int = 640, height: int = 512, step: int = 80) -> np.ndarray:
+    """Patches every 80 px (not tile-aligned), the last ones overlapping the borders."""
+    xs, ys = np.meshgrid(np.arange(0, width, step), np.arange(0, height, step))
+    return np.stack([xs.ravel(), ys.ravel()], axis=1)
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory: pytest.TempPathFactory, make_rgb) -> tuple[Path, Path]:
+    """A 640 x 512 two-level JPEG-tiled TIFF and a grid of 56 patches over it."""
+    folder = tmp_path_factory.mktemp("extract")
+    slide = write_jpeg_pyramid(folder / "s1.tif", make_rgb(640, 512, seed=7))
+    return slide, make_grid(folder / "s1.npz", "s1", grid_coords())
+
+
+def extract(slide: Path, grid: Path, out: Path, **overrides) -> Path:
+    (path,) = extract_slides([SlideJob(str(slide), str(grid), str(out))], {**TINY, **overrides})
+    return path
+
+
+def test_store_layout_and_attributes(case, tmp_path: Path) -> None:
+    import zarr
+
+    slide, grid = case
+    fs = read_store(extract(slide, grid, tmp_path / "s1.zarr"))
+    n = len(grid_coords())
+    assert fs.features.shape == (n, 64) and fs.features.dtype == np.float16
+    np.testing.assert_array_equal(fs.coords, grid_coords())
+    assert np.isfinite(fs.features).all() and fs.features.std() > 0
+    root = zarr.open_group(str(tmp_path / "s1.zarr"), mode="r")
+    assert root["features"].chunks == (n, 64) and root["coords"].dtype == np.int64
+    a = fs.attrs
+    assert a["complete"] is True and a["n_patches"] == n and a["feature_dim"] == 64
+    assert (a["encoder"], a["out_stage"], a["weights_sha256"]) == ("resnet18", "layer1", "random")
+    assert (a["patch_size"], a["target_mpp"], a["mpp"], a["read_level"], a["read_size"]) == (
+        64, 0.75, 0.5, 0, SIZE)
+    assert a["input_size"] == 64 and a["reader"] == "tiff-jpeg" and a["precision"] == "fp32"
+    assert a["skipped_patches"] == 0 and a["skipped"] == []
+    assert set(a["versions"]) == {"bd", "torch", "timm"} and a["versions"]["torch"] == torch.__version__
+    assert a["mean"] == pytest.approx([0.485, 0.456, 0.406])
+
+
+def test_features_equal_an_independent_computation(case, tmp_path: Path) -> None:
+    """OpenSlide pixels, resized and normalised by hand, through the same encoder."""
+    slide, grid = case
+    fs = read_store(extract(slide, grid, tmp_path / "s1.zarr"))
+    encoder, config = create_encoder("resnet18", "layer1", random_weights=True)
+    osr = openslide.OpenSlide(str(slide))
+    rows = [0, 9, 55]
+    patches = []
+    for x, y in grid_coords()[rows]:
+        rgba = np.asarray(osr.read_region((int(x), int(y)), 0, (SIZE, SIZE))).astype(np.float32)
+        rgb = rgba[..., :3] * (rgba[..., 3:] / 255) + 255 * (1 - rgba[..., 3:] / 255)
+        patches.append(torch.from_numpy(rgb).permute(2, 0, 1) / 255)
+    x = F.interpolate(torch.stack(patches), size=(64, 64), mode="bilinear", antialias=True)
+    mean, std = torch.tensor(config["mean"]).view(1, 3, 1, 1), torch.tensor(config["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = encoder((x - mean) / std).half().float().numpy()
+    np.testing.assert_allclose(fs.features[rows].astype(np.float32), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_same_features_across_batch_sizes_workers_and_runs(case, tmp_path: Path) -> None:
+    slide, grid = case
+    base = read_store(extract(slide, grid, tmp_path / "a.zarr")).features
+    again = read_store(extract(slide, grid, tmp_path / "b.zarr")).features
+    np.testing.assert_array_equal(base, again)  # same slide twice on CPU: identical
+    workers = read_store(extract(slide, grid, tmp_path / "c.zarr", num_workers=2)).features
+    np.testing.assert_array_equal(base, workers)  # same batches, read in worker processes
+    for batch_size, num_workers in [(7, 2), (56, 0)]:
+        other = extract(slide, grid, tmp_path / f"b{batch_size}.zarr", batch_size=batch_size,
+                        num_workers=num_workers)
+        np.testing.assert_allclose(read_store(other).features.astype(np.float32),
+                                   base.astype(np.float32), rtol=2e-3, atol=2e-3)  # fp16 rounding
+
+
+def test_generic_reader_gives_the_same_features(case, tmp_path: Path) -> None:
+    slide, grid = case
+    fast = read_store(extract(slide, grid, tmp_path / "fast.zarr"))
+    slow = read_store(extract(slide, grid, tmp_path / "slow.zarr", reader="slide"))
+    assert (fast.attrs["reader"], slow.attrs["reader"]) == ("tiff-jpeg", "slide")
+    np.testing.assert_allclose(fast.features.astype(np.float32), slow.features.astype(np.float32),
+                               rtol=2e-3, atol=2e-3)
+
+
+def test_empty_grid_gives_an_empty_complete_store(case, tmp_path: Path) -> None:
+    slide, _ = case
+    grid = make_grid(tmp_path / "empty.npz", "empty", np.zeros((0, 2), np.int64))
+    fs = read_store(extract(slide, grid, tmp_path / "empty.zarr"))
+    assert fs.features.shape == (0, 64) and fs.coords.shape == (0, 2)
+    assert fs.attrs["complete"] and fs.attrs["n_patches"] == 0
+
+
+def test_killed_job_leaves_no_complete_store_and_rerun_completes(case, tmp_path: Path) -> None:
+    slide, _ = case
+    coords = np.tile(grid_coords(), (12, 1))  # 672 patches in batches of 2: a few seconds
+    grid = make_grid(tmp_path / "big.npz", "big", coords)
+    out = tmp_path / "big.zarr"
+    params = {**TINY, "batch_size": 2}
+    cmd = [sys.executable, "-m", "bd", "extract", "--slide", str(slide), "--grid", str(grid),
+           "--out", str(out), "--params", json.dumps(params)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".big.zarr.tmp-*")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.02)
+    time.sleep(0.3)
+    assert proc.poll() is None, "extraction finished before it could be killed mid-slide"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    (partial,) = tmp_path.glob(".big.zarr.tmp-*")
+    with pytest.raises(StoreError, match="incomplete"):
+        read_store(partial)
+    fs = read_store(extract(slide, grid, out, batch_size=64))
+    assert fs.features.shape == (len(coords), 64)
+
+
+def test_unreadable_slide_names_slide_and_region(data_dir: Path, tmp_path: Path) -> None:
+    slide = tmp_path / "unreadable.svs"
+    shutil.copy(data_dir / "unreadable.svs", slide)
+    grid = make_grid(tmp_path / "u.npz", "u", np.array([[0, 0], [8, 8]]), width=16, height=16)
+    out = tmp_path / "u.zarr"
+    for reader in ("auto", "slide"):
+        with pytest.raises(SlideError) as info:
+            extract(slide, grid, out, reader=reader)
+        assert str(slide) in str(info.value) and "x=0, y=0, level=0" in str(info.value)
+        assert not out.exists() and not list(tmp_path.glob(".u.zarr.tmp-*"))
+    skipped = read_store(extract(slide, grid, out, on_decode_error="skip", num_workers=2))
+    assert skipped.features.shape == (0, 64)
+    assert skipped.attrs["skipped_patches"] == 2 and skipped.attrs["skipped"] == [[0, 0], [8, 8]]
+
+
+def test_cli_reports_decode_errors_without_traceback(data_dir: Path, tmp_path: Path, capsys) -> None:
+    grid = make_grid(tmp_path / "u.npz", "u", np.array([[0, 0]]), width=16, height=16)
+    code = cli.main(["extract", "--slide", str(data_dir / "unreadable.svs"), "--grid", str(grid),
+                     "--out", str(tmp_path / "u.zarr"), "--params", json.dumps(TINY)])
+    err = capsys.readouterr().err
+    assert code == 2 and "unreadable.svs: region x=0, y=0, level=0" in err and "Traceback" not in err
+
+
+def test_corrupt_tile_is_skipped_and_counted(case, tmp_path: Path) -> None:
+    slide, grid = case
+    broken = tmp_path / "broken.tif"
+    shutil.copy(slide, broken)
+    with tifffile.TiffFile(broken) as tif:  # tile (row 1, column 2): x 256-383, y 128-255
+        page = tif.pages[0]
+        index = 1 * 5 + 2  # 5 tiles per row
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+    with open(broken, "r+b") as fh:
+        fh.seek(offset + 2)
+        fh.write(b"\x00" * (count - 2))
+    with pytest.raises(SlideError, match=r"broken\.tif: region x=\d+, y=\d+, level=0"):
+        extract(broken, grid, tmp_path / "fail.zarr")
+    fs = read_store(extract(broken, grid, tmp_path / "skip.zarr", on_decode_error="skip"))
+    coords = grid_coords()
+    hit = ((coords[:, 0] < 384) & (coords[:, 0] + SIZE > 256)
+           & (coords[:, 1] < 256) & (coords[:, 1] + SIZE > 128))
+    assert fs.attrs["skipped_patches"] == hit.sum() > 0
+    assert fs.attrs["skipped"] == coords[hit].tolist()
+    np.testing.assert_array_equal(fs.coords, coords[~hit])
+    full = read_store(extract(slide, grid, tmp_path / "full.zarr")).features
+    np.testing.assert_array_equal(fs.features, full[~hit])
+
+
+def test_several_slides_per_job_and_resume(case, tmp_path: Path, make_rgb, caplog) -> None:
+    slide, grid = case
+    slide2 = write_jpeg_pyramid(tmp_path / "s2.tif", make_rgb(640, 512, seed=8))
+    grid2 = make_grid(tmp_path / "s2.npz", "s2", grid_coords()[:10])
+    out1, out2 = tmp_path / "s1.zarr", tmp_path / "s2.zarr"
+    jobs = tmp_path / "jobs.tsv"
+    jobs.write_text(f"slide\tgrid\tout\n{slide2}\t{grid2}\t{out2}\n")
+    args = ["extract", "--slide", str(slide), "--grid", str(grid), "--out", str(out1),
+            "--jobs", str(jobs), "--params", json.dumps(TINY)]
+    assert cli.main(args) == 0
+    assert read_store(out1).features.shape[0] == 56 and read_store(out2).features.shape[0] == 10
+    stamp = (out1 / "zarr.json").stat().st_mtime_ns
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="bd.extract"):
+        assert cli.main([*args, "--resume"]) == 0
+    assert (out1 / "zarr.json").stat().st_mtime_ns == stamp
+    assert caplog.text.count("same settings exists, skipped") == 2
+    assert cli.main([*args[:-1], json.dumps({**TINY, "input_size": 48}), "--resume"]) == 0
+    assert read_store(out1).attrs["input_size"] == 48  # other settings: extracted again
+
+
+def test_mismatched_arguments_and_bad_params_fail(case, tmp_path: Path) -> None:
+    slide, grid = case
+    assert cli.main(["extract", "--slide", str(slide), "--out", str(tmp_path / "x.zarr")]) == 2
+    with pytest.raises(ConfigError, match="unknown key 'batchsize'"):
+        extract_slides([SlideJob(str(slide), str(grid), str(tmp_path / "x.zarr"))],
+                       {**TINY, "batchsize": 4})
+    with pytest.raises(ConfigError, match="features.batch_size"):
+        build(FeatureParams, {**TINY, "batch_size": 0})
+
+
+def test_config_section_schema_and_dataclass_agree() -> None:
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    fields = {f.name for f in dataclasses.fields(FeatureParams)}
+    assert set(config["features"]) == fields
+    assert set(schema["properties"]["features"]["properties"]) == fields
+    params = build(FeatureParams, config["features"])
+    assert params.random_weights and params.weights is None  # the demo runs offline
