@@ -25,3 +25,18 @@ rule all:
     input:
         target_files("all"),
     default_target: True
+
+
+rule ablations:
+    input:
+        target_files("ablations"),
+
+
+rule wsi_missing:
+    input:
+        target_files("wsi_missing"),
+
+
+rule analysis:
+    input:
+        target_files("analysis"),

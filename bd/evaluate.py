@@ -194,36 +194,52 @@ def run_identity(checkpoint: Path, experiment: str | None, seed: int | None) -> 
 def run_info(run: Any, experiment: str, seed: int) -> dict[str, Any]:
     """Columns that identify a run in every output table (method, ablation settings, epoch)."""
     params = dict(getattr(run, "params", {}) or {})
-    info: dict[str, Any] = {"experiment": experiment, "method": params.get("method", experiment), "seed": seed}
+    method = getattr(run, "method", None) or params.get("method", experiment)
+    info: dict[str, Any] = {"experiment": experiment, "method": method, "seed": seed}
     for key in RUN_INFO_KEYS:
         info[key] = params.get(key)
-    epoch = getattr(run, "epoch", None)
-    info["epoch"] = params.get("best_epoch", epoch) if epoch is None else epoch
+    info["epoch"] = getattr(run, "epoch", None)
     info["threshold"] = json.dumps(run.threshold) if isinstance(run.threshold, Mapping) else float(run.threshold)
     return info
 
 
-def run_predictor(run: Any, cohort: Any, test: np.ndarray) -> PredictFn:
-    """Adapt ``TrainedRun.predict`` (whole cohort, per-modality presence) to the test patients."""
-    all_ids = [str(p) for p in cohort.patient_ids]
-    test_ids = [all_ids[i] for i in np.flatnonzero(test)]
-    has_slide = np.asarray(getattr(cohort, "has_slide", np.ones(len(all_ids), bool)), bool)
+def run_predictor(run: Any, cohort: Any) -> PredictFn:
+    """Adapt ``TrainedRun.predict`` (per-modality presence of every patient) to one sweep kind:
+    the other modality stays present (a patient without a stored slide never has one)."""
+    ids = [str(p) for p in cohort.patient_ids]
+    all_on = np.ones(len(ids), bool)
 
     def predict(kind: str, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        full = np.ones(len(all_ids), bool)
-        full[test] = present
         if kind == "clinical":
-            df = run.predict(cohort, clinical_present=full, slide_present=has_slide)
+            df = run.predict(cohort, clinical_present=present, slide_present=all_on)
         else:
-            df = run.predict(cohort, clinical_present=np.ones(len(all_ids), bool), slide_present=full & has_slide)
-        df = df.assign(patient_id=df["patient_id"].astype(str)).set_index("patient_id")
-        missing = [p for p in test_ids if p not in df.index]
-        if missing:
-            raise BDError(f"run predicted no probability for test patient {missing[0]!r}")
-        df = df.loc[test_ids]
+            df = run.predict(cohort, clinical_present=all_on, slide_present=present)
+        got = df["patient_id"].astype(str).tolist()
+        if got != ids:
+            df = df.assign(patient_id=df["patient_id"].astype(str)).set_index("patient_id").reindex(ids)
+            if df["prob"].isna().any():
+                raise BDError(f"run predicted no probability for patient {df.index[df['prob'].isna()][0]!r}")
         return df["prob"].to_numpy(float), df["branch"].astype(str).to_numpy()
 
     return predict
+
+
+def load_split_cohort(features_dir: str, samples: str, clinical: str, split: str, dtype: Any) -> Any:
+    """The cohort restricted to one split: only that split's feature stores are read."""
+    import tempfile
+
+    from bd.bags import load_cohort, read_clinical
+
+    table, _ = read_clinical(clinical)
+    raw = pd.read_csv(clinical, sep="\t", dtype={"patient_id": str})
+    part = raw[table["split"] == split]
+    if part.empty:
+        raise BDError(f"{clinical}: no patient in the {split} split")
+    with tempfile.TemporaryDirectory(prefix="bd-evaluate-") as tmp:
+        path = Path(tmp) / "clinical.tsv"
+        part.to_csv(path, sep="\t", index=False)
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        return load_cohort(features_dir, samples, path, progress=False, **kwargs)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -243,25 +259,24 @@ def write_csv(path: Path, frame: pd.DataFrame) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bd.bags import load_cohort
+    import torch
+
     from bd.runs import load_run
 
     params = build(EvaluationParams, args.params)
     checkpoint = Path(args.checkpoint)
     experiment, seed = run_identity(checkpoint, args.experiment, args.seed)
     trained = load_run(checkpoint)
-    cohort = load_cohort(args.features_dir, args.samples, args.clinical)
-    test = np.asarray(cohort.split) == "test"
-    if not test.any():
-        raise BDError(f"{args.clinical}: no patient in the test split")
-    ids = [str(p) for p, t in zip(cohort.patient_ids, test) if t]
-    labels = np.asarray(cohort.labels)[test].astype(int)
+    dtype = torch.bfloat16 if trained.params.get("precision", "bf16") == "bf16" else torch.float16
+    cohort = load_split_cohort(args.features_dir, args.samples, args.clinical, "test", dtype)
+    ids = [str(p) for p in cohort.patient_ids]
+    labels = np.asarray(cohort.labels).astype(int)
     info = run_info(trained, experiment, seed)
     kinds = params.kinds(info["method"])
     log.info("%s seed %d: %d test patients (%d N+), kinds %s, %d rates x %d repeats",
              experiment, seed, len(ids), labels.sum(), kinds, len(params.rates()), params.repeats)
     metrics, predictions, summary = evaluate(
-        run_predictor(trained, cohort, test), ids, labels, trained.threshold, kinds, params, info
+        run_predictor(trained, cohort), ids, labels, trained.threshold, kinds, params, info
     )
     out = Path(args.out_dir)
     write_csv(out / "predictions.csv", predictions)

@@ -344,50 +344,48 @@ def _cmd_fig5(args: argparse.Namespace) -> Path:
     if len(args.checkpoint) != len(args.titles):
         raise BDError(f"give one --titles entry per --checkpoint ({len(args.checkpoint)} checkpoints)")
     cohort = _load(args)
-    keep = np.flatnonzero(cohort.has_slide & (np.isin(cohort.split, args.splits)))
-    cohort = cohort.select(keep)
-    embeddings = []
-    for path, title in zip(args.checkpoint, args.titles):
-        run = load_run(path)
-        embeddings.append((title, np.asarray(run.slide_embeddings(cohort, slide_branch(run)))))
+    cohort = cohort.select(np.flatnonzero(cohort.has_slide & np.isin(cohort.split, args.splits)))
+    embeddings = [(title, np.asarray(load_run(path).slide_embeddings(cohort)))
+                  for path, title in zip(args.checkpoint, args.titles)]
     return fig5(embeddings, np.asarray(cohort.labels), args.perplexity, Path(args.out))
 
 
-def slide_branch(run: Any) -> str:
-    """The branch whose slide features Fig. 5 shows: the multi-modal one when the run has it."""
-    branches = list(getattr(run, "branches", None) or ["multi"])
-    return "multi" if "multi" in branches else branches[0]
+def write_heatmaps(run: Any, cohort: Any, patient: str, samples: pd.DataFrame, features_dir: Path,
+                   out_dir: Path, fallback_mpp: float | None = None) -> list[Path]:
+    """One attention heatmap PNG per slide of ``patient`` (``<patient>_<slide>.png``)."""
+    from bd.store import read_store
+
+    att = run.attention(cohort, patient)
+    i = cohort.index(patient)
+    label = {0: "N0", 1: "N+"}.get(int(cohort.labels[i]), "?")
+    out = []
+    for sid, part in att.groupby("slide_id", sort=False):
+        attrs = read_store(features_dir / f"{sid}.zarr", with_features=False).attrs
+        out.append(render_slide_heatmap(
+            samples.loc[sid, "path"], part[["x", "y"]].to_numpy(), patch_side_level0(attrs),
+            part["attention"].to_numpy(), f"patient {patient} ({label}), slide {sid}",
+            out_dir / f"{patient}_{sid}.png", fallback_mpp=fallback_mpp))
+    return out
 
 
 def _cmd_heatmaps(args: argparse.Namespace) -> Path:
+    from bd.bags import read_samples
     from bd.runs import load_run
-    from bd.store import read_store
+
+    from bd.evaluate import load_split_cohort
 
     run = load_run(args.checkpoint)
-    cohort = _load(args)
-    test = np.flatnonzero((cohort.split == "test") & cohort.has_slide)
+    cohort = load_split_cohort(args.features_dir, args.samples, args.clinical, "test", None)
+    test = np.flatnonzero(cohort.has_slide)
     if not len(test):
         raise BDError(f"{args.clinical}: no test patient with a slide")
     chosen = choose_patients([cohort.patient_ids[i] for i in test], cohort.labels[test], args.patients)
-    sheet = pd.read_csv(args.samples, sep="\t", dtype=str).set_index("slide_id")
+    samples = read_samples(args.samples).set_index("slide_id")
     out_dir = Path(args.out_dir)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         for pid in chosen:
-            i = cohort.index(pid)
-            a, b = int(cohort.offsets[i]), int(cohort.offsets[i + 1])
-            attention = np.asarray(run.attention(cohort, pid), float).reshape(-1)
-            if attention.size != b - a:
-                raise BDError(f"patient {pid}: {attention.size} attention weights for {b - a} patches")
-            slide_idx = cohort.patch_slide[a:b]
-            for s in np.unique(slide_idx):
-                sid = cohort.slide_ids[int(s)]
-                sel = slide_idx == s
-                side = patch_side_level0(read_store(Path(args.features_dir) / f"{sid}.zarr", with_features=False).attrs)
-                label = "N+" if cohort.labels[i] == 1 else "N0"
-                render_slide_heatmap(sheet.loc[sid, "path"], cohort.coords[a:b][sel], side, attention[sel],
-                                     f"patient {pid} ({label}), slide {sid}", tmp / f"{pid}_{sid}.png",
-                                     fallback_mpp=args.fallback_mpp)
+            write_heatmaps(run, cohort, pid, samples, Path(args.features_dir), tmp, args.fallback_mpp)
     return out_dir
 
 

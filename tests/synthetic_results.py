@@ -70,3 +70,55 @@ MAIN = ["image_only", "clinical_only", "filling", "ae", "ensemble", "smil", "bd"
 DIRECTIONS = ["bd-dir-none", "bd-dir-m2s", "bd-dir-s2m", "bd-dir-both"]
 PROMPTS = ["bd-prompt-10", "bd-prompt-50"]
 LAMBDAS = ["bd-lm-0.2-ls-0.5", "bd-lm-0.6-ls-0.5", "bd-lm-0.6-ls-0.8"]
+
+
+# ---------------------------------------------------------------- a tiny real cohort and runs
+
+SLIDE = Path(__file__).parent / "data" / "cmu-1-small-region.svs"  # 2220 x 2967, MPP 0.499
+STORE_ATTRS = {"encoder": "tiny-test", "weights_sha256": "0" * 64, "patch_size": 256,
+               "target_mpp": 0.5, "mpp": 0.499, "patch_size_level0": 256.5}
+
+
+def make_tiny_cohort(root: Path, n_patients: int = 24, dim: int = 16, seed: int = 0) -> dict[str, Path]:
+    """Feature stores (patches over the real fixture slide), samples.tsv and clinical.tsv: N+
+    patients have a shifted mean in a few feature and clinical columns, so models learn quickly."""
+    import pandas as pd
+
+    from bd.store import write_store
+
+    rng = np.random.default_rng(seed)
+    features_dir = root / "features"
+    labels = ((np.arange(n_patients) // 4) % 2).astype(int)  # both classes in every split
+    splits = np.array(["train", "train", "val", "test"] * (n_patients // 4 + 1))[:n_patients]
+    grid = np.array([[x, y] for y in range(0, 2700, 256) for x in range(0, 1960, 256)], np.int64)
+    for i in range(n_patients):
+        n = int(rng.integers(6, 14))
+        coords = grid[rng.choice(len(grid), n, replace=False)]
+        feats = rng.normal(size=(n, dim)) + 1.5 * labels[i] * (np.arange(dim) < 4)
+        write_store(features_dir / f"S{i}.zarr", feats, coords, dict(STORE_ATTRS))
+    ids = [f"P{i}" for i in range(n_patients)]
+    samples = pd.DataFrame({"slide_id": [f"S{i}" for i in range(n_patients)], "patient_id": ids,
+                            "path": [str(SLIDE)] * n_patients})
+    clin = rng.normal(size=(n_patients, 3)) + 0.8 * labels[:, None]
+    clinical = pd.DataFrame({"patient_id": ids, "split": splits, "label": labels,
+                             "age": clin[:, 0], "size": clin[:, 1], "er": clin[:, 2]})
+    samples.to_csv(root / "samples.tsv", sep="\t", index=False)
+    clinical.to_csv(root / "clinical.tsv", sep="\t", index=False)
+    return {"features": features_dir, "samples": root / "samples.tsv", "clinical": root / "clinical.tsv"}
+
+
+def train_tiny(root: Path, cohort: dict[str, Path], method: str, seed: int = 0, **overrides) -> Path:
+    """``bd train`` for a few epochs; returns the checkpoint path."""
+    import json
+
+    from bd.cli import main
+
+    name = overrides.pop("experiment", method)
+    out = root / "train" / name / f"seed{seed}"
+    params = {"method": method, "max_epochs": 3, "patience": 3, "hidden_dim": 8, "clinical_dim": 6,
+              "prompt_length": 5, "lr": 0.01, "precision": "fp32", "device": "cpu", **overrides}
+    rc = main(["train", "--features-dir", str(cohort["features"]), "--samples", str(cohort["samples"]),
+               "--clinical", str(cohort["clinical"]), "--seed", str(seed), "--params", json.dumps(params),
+               "--out-dir", str(out), "--no-progress"])
+    assert rc == 0
+    return out / "checkpoint.pt"

@@ -108,3 +108,67 @@ def test_run_identity_from_path():
     assert run_identity(Path("x/run/checkpoint.pt"), "bd", 1) == ("bd", 1)
     with pytest.raises(ConfigError, match="--seed"):
         run_identity(Path("x/run/checkpoint.pt"), None, None)
+
+
+# ---------------------------------------------------------------- end to end on tiny trained runs
+
+import pandas as pd  # noqa: E402
+
+from bd.cli import main  # noqa: E402
+
+from synthetic_results import make_tiny_cohort, train_tiny  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    cohort = make_tiny_cohort(root)
+    runs = {m: train_tiny(root, cohort, m) for m in ("bd", "filling")}
+    return root, cohort, runs
+
+
+def _evaluate(root, cohort, checkpoint, params):
+    out = checkpoint.parent.parent.parent.parent / "evaluate" / checkpoint.parent.parent.name / checkpoint.parent.name
+    rc = main(["evaluate", "--checkpoint", str(checkpoint), "--features-dir", str(cohort["features"]),
+               "--samples", str(cohort["samples"]), "--clinical", str(cohort["clinical"]),
+               "--params", params, "--out-dir", str(out)])
+    assert rc == 0
+    return out
+
+
+def test_bd_evaluate_on_trained_runs(tiny):
+    root, cohort, runs = tiny
+    params = '{"missing_rates": [0, 50, 100], "curve_rates": [0, 50, 100], "repeats": 2, "bootstrap": 50}'
+    out = _evaluate(root, cohort, runs["bd"], params)
+    metrics = pd.read_csv(out / "metrics.csv")
+    preds = pd.read_csv(out / "predictions.csv", dtype={"patient_id": str})
+    clinical = pd.read_csv(cohort["clinical"], sep="\t", dtype={"patient_id": str})
+    test_ids = sorted(clinical.loc[clinical.split == "test", "patient_id"])
+    assert sorted(set(preds.patient_id)) == test_ids  # test split only
+    assert set(metrics.kind) == {"clinical"} and len(metrics) == 3 * 2
+    assert (metrics.method == "bd").all() and (metrics.experiment == "bd").all() and (metrics.seed == 0).all()
+    assert set(preds.loc[preds.present == 1, "branch"]) == {"multi"}
+    assert set(preds.loc[preds.present == 0, "branch"]) == {"single"}
+    row = metrics[(metrics.rate == 50) & (metrics.repeat == 1)].iloc[0]
+    p = preds[(preds.rate == 50) & (preds.repeat == 1)]
+    thr = float(metrics.threshold.iloc[0])
+    assert row.auc == pytest.approx(roc_auc_score(p.label, p.prob))
+    assert row.f1 == pytest.approx(f1_score(p.label, p.prob >= thr, average="macro"))
+    # the composed predictions equal a direct prediction under the same mask
+    from bd.evaluate import load_split_cohort
+    from bd.runs import load_run
+
+    run = load_run(runs["bd"])
+    c = load_split_cohort(str(cohort["features"]), str(cohort["samples"]), str(cohort["clinical"]), "test", None)
+    present = p.set_index("patient_id").loc[c.patient_ids, "present"].to_numpy().astype(bool)
+    direct = run.predict(c, clinical_present=present)
+    assert np.allclose(direct.prob, p.set_index("patient_id").loc[c.patient_ids, "prob"], atol=1e-5)
+
+
+def test_filling_is_swept_over_slides_too(tiny):
+    root, cohort, runs = tiny
+    out = _evaluate(root, cohort, runs["filling"], '{"missing_rates": [0, 100], "curve_rates": [], "repeats": 1, "bootstrap": 0}')
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert set(metrics.kind) == {"clinical", "slide"}
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary.auc_ci_low.isna().all()  # bootstrap 0: no CIs

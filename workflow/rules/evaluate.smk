@@ -1,4 +1,10 @@
-# Evaluation of each trained run at clinical-data (and slide) missing rates.
+# Evaluation of each trained run at clinical-data (and slide) missing rates: the same seeded masks
+# for every method and seed (see bd/masks.py), test split only.
+
+
+def evaluation_params():
+    """The evaluation section without its figure settings (those do not change any metric)."""
+    return json.dumps({k: v for k, v in (config.get("evaluation") or {}).items() if k != "figures"}, sort_keys=True)
 
 
 rule evaluate:
@@ -10,8 +16,9 @@ rule evaluate:
     output:
         metrics=f"{R}/evaluate/{{experiment}}/seed{{seed}}/metrics.csv",
         predictions=f"{R}/evaluate/{{experiment}}/seed{{seed}}/predictions.csv",
+        summary=f"{R}/evaluate/{{experiment}}/seed{{seed}}/summary.csv",
     params:
-        evaluation=section("evaluation"),
+        evaluation=evaluation_params(),
         features_dir=f"{R}/features",
     log:
         f"{R}/logs/evaluate/{{experiment}}/seed{{seed}}.log",
@@ -20,4 +27,5 @@ rule evaluate:
     shell:
         "bd evaluate --checkpoint {input.checkpoint:q} --features-dir {params.features_dir:q} "
         "--samples {input.samples:q} --clinical {input.clinical:q} --params {params.evaluation:q} "
+        "--experiment {wildcards.experiment} --seed {wildcards.seed} "
         "--out-dir $(dirname {output.metrics:q}) > {log:q} 2>&1"

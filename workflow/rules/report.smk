@@ -1,8 +1,47 @@
 # The paper's tables and figures from all evaluations, and the report's runtime summary.
+# Targets (rule all in the Snakefile, and rules ablations, wsi_missing, analysis) take their final
+# files from TARGET_OUTPUTS; each target also gets a runtime summary of every job run before it.
+
+EVAL = config.get("evaluation") or {}
+FIGS = EVAL.get("figures") or {}
+
+
+def run_files(names, name="metrics.csv"):
+    return [f"{R}/evaluate/{e}/seed{s}/{name}" for e, s in runs(names)]
 
 
 def metrics_files(names):
-    return [f"{R}/evaluate/{e}/seed{s}/metrics.csv" for e, s in runs(names)]
+    return run_files(names, "metrics.csv")
+
+
+def prediction_files(names):
+    return run_files(names, "predictions.csv")
+
+
+def ablation(prefix):
+    """Ablation experiments of one kind (bd-dir-, bd-prompt-, bd-lm-), in config order."""
+    return [e for e in target_experiments(config, "ablations") if e.startswith(prefix)]
+
+
+def present(names):
+    """The experiments of ``names`` that the config defines."""
+    return [n for n in names if n in EXPERIMENTS and (n in config["training"]["methods"] or n == "bd_wsi")]
+
+
+def checkpoint_of(name):
+    return f"{R}/train/{name}/seed{seeds_for(config, name)[0]}/checkpoint.pt"
+
+
+# Attention heatmaps come from BD, or from the first slide-based method the config trains.
+HEATMAP_METHOD = next((m for m in ["bd", "filling", "image_only", "ensemble", "ae", "smil"]
+                       if m in config["training"]["methods"]), "bd")
+
+
+COHORT_INPUTS = dict(
+    features=expand(f"{R}/features/{{slide}}.zarr", slide=SLIDES),
+    samples=f"{R}/samples.tsv",
+    clinical=f"{R}/clinical/clinical.tsv",
+)
 
 
 rule table1:
@@ -12,7 +51,7 @@ rule table1:
         csv=report(f"{R}/tables/table1.csv", caption="../report/table1.rst", category="Tables"),
         md=f"{R}/tables/table1.md",
     params:
-        rates=json.dumps(config["evaluation"]["missing_rates"]),
+        rates=json.dumps(EVAL["missing_rates"]),
     log:
         f"{R}/logs/table1.log",
     benchmark:
@@ -24,17 +63,171 @@ rule table1:
 
 rule fig1:
     input:
-        metrics_files(["image_only", "filling", "bd"]),
+        metrics_files(present(["image_only", "filling", "bd"])),
     output:
         report(f"{R}/figures/fig1.png", caption="../report/fig1.rst", category="Figures"),
+    params:
+        methods=present(["image_only", "filling", "bd"]),
     log:
         f"{R}/logs/fig1.log",
     benchmark:
         f"{R}/benchmarks/fig1.tsv"
     shell:
-        "bd figures fig1 --metrics {input:q} --out {output:q} > {log:q} 2>&1"
+        "bd figures fig1 --metrics {input:q} --methods {params.methods} --out {output:q} > {log:q} 2>&1"
 
 
-TARGET_OUTPUTS = {
-    "all": lambda: [f"{R}/tables/table1.csv", f"{R}/figures/fig1.png"],
+rule roc:
+    input:
+        prediction_files(target_experiments(config, "all")),
+    output:
+        report(f"{R}/figures/roc.png", caption="../report/roc.rst", category="Figures"),
+    params:
+        rates=json.dumps(FIGS.get("roc_rates", [0, 100])),
+    log:
+        f"{R}/logs/roc.log",
+    benchmark:
+        f"{R}/benchmarks/roc.tsv"
+    shell:
+        "bd figures roc --predictions {input:q} --rates {params.rates:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule table2:
+    input:
+        metrics_files(ablation("bd-dir-")),
+    output:
+        csv=report(f"{R}/tables/table2.csv", caption="../report/table2.rst", category="Tables"),
+        md=f"{R}/tables/table2.md",
+    log:
+        f"{R}/logs/table2.log",
+    benchmark:
+        f"{R}/benchmarks/table2.tsv"
+    shell:
+        "bd aggregate table2 --metrics {input:q} --rates '[0, 80]' --out $(dirname {output.csv:q}) > {log:q} 2>&1"
+
+
+rule table3:
+    input:
+        metrics_files(ablation("bd-lm-")),
+    output:
+        csv=report(f"{R}/tables/table3.csv", caption="../report/table3.rst", category="Tables"),
+        md=f"{R}/tables/table3.md",
+    log:
+        f"{R}/logs/table3.log",
+    benchmark:
+        f"{R}/benchmarks/table3.tsv"
+    shell:
+        "bd aggregate table3 --metrics {input:q} --rates '[100]' --out $(dirname {output.csv:q}) > {log:q} 2>&1"
+
+
+rule fig4c:
+    input:
+        prediction_files(ablation("bd-prompt-")),
+        run_files(ablation("bd-prompt-"), "summary.csv"),
+    output:
+        report(f"{R}/figures/fig4c.png", caption="../report/fig4c.rst", category="Figures"),
+    params:
+        predictions=prediction_files(ablation("bd-prompt-")),
+    log:
+        f"{R}/logs/fig4c.log",
+    benchmark:
+        f"{R}/benchmarks/fig4c.tsv"
+    shell:
+        "bd figures fig4c --predictions {params.predictions:q} --rate 100 --out {output:q} > {log:q} 2>&1"
+
+
+rule fig4ab:
+    input:
+        metrics_files(target_experiments(config, "wsi_missing")),
+    output:
+        report(f"{R}/figures/fig4ab.png", caption="../report/fig4ab.rst", category="Figures"),
+    params:
+        methods=target_experiments(config, "wsi_missing"),
+    log:
+        f"{R}/logs/fig4ab.log",
+    benchmark:
+        f"{R}/benchmarks/fig4ab.tsv"
+    shell:
+        "bd figures fig4ab --metrics {input:q} --methods {params.methods} --out {output:q} > {log:q} 2>&1"
+
+
+rule fig5:
+    input:
+        single=checkpoint_of("image_only"),
+        multi=checkpoint_of("filling"),
+        **COHORT_INPUTS,
+    output:
+        report(f"{R}/figures/fig5.png", caption="../report/fig5.rst", category="Figures"),
+    params:
+        features_dir=f"{R}/features",
+        perplexity=FIGS.get("tsne_perplexity", 30),
+    log:
+        f"{R}/logs/fig5.log",
+    benchmark:
+        f"{R}/benchmarks/fig5.tsv"
+    shell:
+        "bd figures fig5 --checkpoint {input.single:q} {input.multi:q} --features-dir {params.features_dir:q} "
+        "--samples {input.samples:q} --clinical {input.clinical:q} --perplexity {params.perplexity} "
+        "--out {output:q} > {log:q} 2>&1"
+
+
+rule heatmaps:
+    input:
+        checkpoint=checkpoint_of(HEATMAP_METHOD),
+        **COHORT_INPUTS,
+    output:
+        report(
+            directory(f"{R}/figures/heatmaps"),
+            patterns=["{name}.png"],
+            caption="../report/heatmaps.rst",
+            category="Attention heatmaps",
+        ),
+    params:
+        features_dir=f"{R}/features",
+        patients=FIGS.get("heatmap_patients", 4),
+        fallback_mpp=config["cohort"].get("fallback_mpp", 0.5),
+    log:
+        f"{R}/logs/heatmaps.log",
+    benchmark:
+        f"{R}/benchmarks/heatmaps.tsv"
+    shell:
+        "bd figures heatmaps --checkpoint {input.checkpoint:q} --features-dir {params.features_dir:q} "
+        "--samples {input.samples:q} --clinical {input.clinical:q} --patients {params.patients} "
+        "--fallback-mpp {params.fallback_mpp} --out-dir {output:q} > {log:q} 2>&1"
+
+
+FINAL_OUTPUTS = {
+    "all": lambda: [f"{R}/tables/table1.csv", f"{R}/tables/table1.md", f"{R}/figures/fig1.png",
+                    f"{R}/figures/roc.png"],
+    "ablations": lambda: [f"{R}/tables/table2.csv", f"{R}/tables/table2.md", f"{R}/tables/table3.csv",
+                          f"{R}/tables/table3.md", f"{R}/figures/fig4c.png"],
+    "wsi_missing": lambda: [f"{R}/figures/fig4ab.png"],
+    "analysis": lambda: [f"{R}/figures/fig5.png", f"{R}/figures/heatmaps"],
 }
+# What `target_files` (common.smk) gives each target rule: its final files and its runtime summary.
+TARGET_OUTPUTS = {
+    t: (lambda t=t: [*FINAL_OUTPUTS[t](), f"{R}/runtime/{t}.csv", f"{R}/runtime/{t}.png"]) for t in FINAL_OUTPUTS
+}
+
+
+rule runtime_summary:
+    """Per-rule runtime and memory of every job finished before this target's last outputs."""
+    input:
+        lambda wc: FINAL_OUTPUTS[wc.target](),
+    output:
+        csv=report(f"{R}/runtime/{{target}}.csv", caption="../report/runtime.rst", category="Runtime",
+                   labels={"target": "{target}", "what": "table"}),
+        png=report(f"{R}/runtime/{{target}}.png", caption="../report/runtime.rst", category="Runtime",
+                   labels={"target": "{target}", "what": "figure"}),
+        jobs=f"{R}/runtime/{{target}}.jobs.csv",
+    params:
+        benchmarks=f"{R}/benchmarks",
+    wildcard_constraints:
+        target="|".join(FINAL_OUTPUTS),
+    log:
+        f"{R}/logs/runtime_summary/{{target}}.log",
+    benchmark:
+        f"{R}/benchmarks/runtime_summary/{{target}}.tsv"
+    shell:
+        "bd runtime-summary --benchmarks {params.benchmarks:q} --out-csv {output.csv:q} "
+        "--out-png {output.png:q} --jobs-csv {output.jobs:q} > {log:q} 2>&1"
+
