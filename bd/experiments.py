@@ -1,12 +1,24 @@
 """Named experiments: a method plus parameter overrides, expanded from the config.
 
-The workflow trains and evaluates one job per experiment and seed; the targets (``all``,
-``ablations``, ``wsi_missing``, ``analysis``) are sets of experiments. Light imports only.
+The workflow trains and evaluates one job per experiment and seed; ``bd train`` gets the
+``training`` section merged with the experiment's overrides (:func:`training_params`). Names:
+
+* a method name (``bd``, ``filling``, ... from ``training.methods``, and ``bd_wsi`` for
+  Section III-E): the method with the training section as it is, run for ``training.seeds``;
+* ``bd-dir-{none|m2s|s2m|both}`` (Table II), ``bd-prompt-{length}`` (Fig. 4c) and
+  ``bd-lm-{lambda_m}-ls-{lambda_s}`` (Table III): BD variants, run for ``ablations.seeds``.
+
+The targets (``all``, ``ablations``, ``wsi_missing``, ``analysis``) are sets of experiments.
+Light imports only: the Snakefile imports this module.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+ABLATION_PREFIXES = ("bd-dir-", "bd-prompt-", "bd-lm-")
+WSI_MISSING = ["bd_wsi", "filling", "clinical_only"]  # Fig. 4 a/b: BD vs the base model and clinical only
+ANALYSIS = ["image_only", "filling"]  # Fig. 5: slide features of a single- and a multi-modal model
 
 
 def _fmt(x: float) -> str:
@@ -21,11 +33,16 @@ def experiments(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for d in ab.get("directions", []):
         out[f"bd-dir-{d}"] = {"method": "bd", "directions": d}
     for length in ab.get("prompt_lengths", []):
-        out[f"bd-prompt-{length}"] = {"method": "bd", "prompt_length": int(length)}
+        out[f"bd-prompt-{int(length)}"] = {"method": "bd", "prompt_length": int(length)}
     for lm, ls in ab.get("lambda_grid", []):
         out[f"bd-lm-{_fmt(lm)}-ls-{_fmt(ls)}"] = {"method": "bd", "lambda_m": float(lm), "lambda_s": float(ls)}
-    out["bd_wsi"] = {"method": "bd_wsi"}
+    out.setdefault("bd_wsi", {"method": "bd_wsi"})
     return out
+
+
+def training_params(config: dict[str, Any], experiment: str) -> dict[str, Any]:
+    """What ``bd train --params`` gets: the training section with the experiment's overrides."""
+    return {**config["training"], **experiments(config)[experiment]}
 
 
 def target_experiments(config: dict[str, Any], target: str) -> list[str]:
@@ -34,16 +51,16 @@ def target_experiments(config: dict[str, Any], target: str) -> list[str]:
     if target == "all":
         return list(config["training"]["methods"])
     if target == "ablations":
-        return [n for n in names if n.startswith(("bd-dir-", "bd-prompt-", "bd-lm-"))]
+        return [n for n in names if n.startswith(ABLATION_PREFIXES)]
     if target == "wsi_missing":
-        return ["bd_wsi", "filling", "clinical_only"]
+        return list(WSI_MISSING)
     if target == "analysis":
-        return ["image_only", "filling"]
+        return list(ANALYSIS)
     raise KeyError(target)
 
 
 def seeds_for(config: dict[str, Any], experiment: str) -> list[int]:
-    """Main methods use ``training.seeds``; ablation variants use ``ablations.seeds``."""
-    if experiment in config["training"]["methods"]:
+    """Methods (including ``bd_wsi``) use ``training.seeds``; ablation variants ``ablations.seeds``."""
+    if not experiment.startswith(ABLATION_PREFIXES):
         return list(config["training"]["seeds"])
     return list((config.get("ablations") or {}).get("seeds", [0]))

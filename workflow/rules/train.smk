@@ -1,4 +1,8 @@
-# Training: one job per experiment (method + overrides) and seed.
+# Training: one job per experiment (method + overrides, see bd/experiments.py) and seed. The job
+# gets the training section merged with the experiment's overrides as --params; every patient's
+# features are loaded into memory once (the BCNB cohort: about 4.3 GB as bf16), so an epoch does
+# no file I/O. Outputs: checkpoint.pt (model + everything evaluation checks its inputs against),
+# curve.csv and curve.png (a report item).
 
 
 rule train:
@@ -24,7 +28,11 @@ rule train:
     benchmark:
         f"{R}/benchmarks/train/{{experiment}}/seed{{seed}}.tsv"
     threads: 2
+    resources:
+        # all features in memory: ~4 MB a slide at 2,000 patches x 1,024-d bf16, twice for headroom
+        mem_mb=2048 + 8 * len(SLIDES),
     shell:
         "bd train --features-dir {params.features_dir:q} --samples {input.samples:q} "
-        "--clinical {input.clinical:q} --seed {wildcards.seed} --params {params.training:q} "
+        "--clinical {input.clinical:q} --scaler {input.scaler:q} --seed {wildcards.seed} "
+        "--params {params.training:q} --threads {threads} --no-progress "
         "--out-dir $(dirname {output.checkpoint:q}) > {log:q} 2>&1"
