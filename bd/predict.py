@@ -1,0 +1,258 @@
+"""``bd predict``: the probability of N+ for a new slide, with or without clinical data.
+
+The slide is segmented, tiled and encoded with the settings the run was trained on (encoder,
+weights, input size, patch size and microns per pixel come from the run's feature identity;
+``--params`` may change only what does not alter the features, such as the tissue threshold or
+the batch size). A slide or feature store whose encoder or patch settings differ from the run's is
+refused with the reason. Clinical values (raw, as in the clinical table) go through the run's
+saved scaler; without them the model answers from its single-modal path. Writes
+``prediction.json``, an attention heatmap and the intermediate segmentation, grid and features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bd.errors import BDError, ConfigError, SlideError, StoreError, TableError
+from bd.io import write_json
+from bd.params import build, read_mapping
+
+log = logging.getLogger(__name__)
+
+# Store attributes that decide what a feature vector means; all must match the run's.
+IDENTITY_KEYS = ("encoder", "out_stage", "weights_sha256", "input_size", "mean", "std", "resize",
+                 "patch_size", "target_mpp", "feature_dim")
+PATIENT = "new"
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def identity_mismatches(run_identity: Mapping[str, Any], attrs: Mapping[str, Any]) -> list[str]:
+    """Why features with ``attrs`` cannot go into a run trained on ``run_identity`` (empty: they can)."""
+    return [f"{key} is {attrs.get(key)!r}, the run's is {run_identity[key]!r}"
+            for key in IDENTITY_KEYS if key in run_identity and key in attrs
+            and not _same(run_identity[key], attrs.get(key))]
+
+
+def check_identity(run_identity: Mapping[str, Any], attrs: Mapping[str, Any], what: str) -> None:
+    problems = identity_mismatches(run_identity, attrs)
+    if problems:
+        raise StoreError(f"{what} does not match the run: " + "; ".join(problems)
+                         + " (features must come from the same encoder and patch settings)")
+
+
+# ---------------------------------------------------------------- settings from the run
+
+
+def stage_params(identity: Mapping[str, Any], overrides: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+    """Segmentation, tiling and feature parameters: the run's feature identity, then overrides."""
+    from bd.extract import FeatureParams
+    from bd.segment import SegmentParams
+    from bd.tiling import TileParams
+
+    unknown = sorted(set(overrides) - {"segmentation", "tiling", "features"})
+    if unknown:
+        raise ConfigError(f"--params: unknown section '{unknown[0]}' (known: segmentation, tiling, features)")
+    for key in ("encoder", "patch_size", "target_mpp"):
+        if key not in identity:
+            raise StoreError(f"the run records no '{key}' of its features; retrain it with this bd version")
+    features = {"encoder": identity["encoder"], "out_stage": identity.get("out_stage"),
+                "weights": identity.get("weights"), "random_weights": identity.get("weights_sha256") == "random",
+                "input_size": int(identity.get("input_size", 224)), "num_workers": 0,
+                **(overrides.get("features") or {})}
+    if features.get("random_weights"):
+        features["weights"] = None
+    tiling = {"target_mpp": float(identity["target_mpp"]), "patch_size": int(identity["patch_size"]),
+              **(overrides.get("tiling") or {})}
+    return (build(SegmentParams, overrides.get("segmentation") or {}), build(TileParams, tiling),
+            build(FeatureParams, features))
+
+
+def planned_attrs(tile: Any, feat: Any) -> dict[str, Any]:
+    """The identity attributes the planned extraction will give its store."""
+    return {"encoder": feat.encoder, "out_stage": feat.out_stage, "input_size": feat.input_size,
+            "patch_size": tile.patch_size, "target_mpp": tile.mpp}
+
+
+# ---------------------------------------------------------------- clinical values
+
+
+def parse_clinical(items: Sequence[str] | None) -> dict[str, Any] | None:
+    """``--clinical``: one JSON object (or .json/.yaml file), or ``column=value`` pairs; None if absent."""
+    if not items:
+        return None
+    if len(items) == 1 and "=" not in items[0] or items[0].lstrip().startswith("{"):
+        return dict(read_mapping(" ".join(items), "--clinical"))
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--clinical: {item!r} is not column=value (e.g. 'Age(years)=54')")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def clinical_vector(run: Any, raw: Mapping[str, Any], scaler: str | None) -> np.ndarray:
+    """Raw clinical values -> the run's model-input vector, through the scaler it was trained with."""
+    from bd.clinical import load_transform
+    from bd.values import category_key
+
+    recorded = run.scaler or {}
+    path = Path(scaler or recorded.get("path") or "")
+    if not str(path) or str(path) == ".":
+        raise ConfigError("the run records no clinical scaler: give --scaler (scaler.json of bd clinical)")
+    if not path.is_file():
+        raise ConfigError(f"clinical scaler {path} does not exist (give --scaler)")
+    if recorded.get("sha256") and sha256_file(path) != recorded["sha256"]:
+        raise TableError(f"{path}: not the scaler the run was trained with (SHA-256 differs from "
+                         f"{recorded['sha256'][:12]}...); give the run's own scaler.json with --scaler")
+    transform = load_transform(path)
+    if list(transform.columns) != list(run.clinical_columns):
+        raise TableError(f"{path}: its columns {transform.columns} are not the run's {run.clinical_columns}")
+    known = {category_key(f["column"]): f["column"] for f in transform.features}
+    unknown = [k for k in raw if category_key(str(k)) not in known]
+    if unknown:
+        raise ConfigError(f"--clinical: unknown column {unknown[0]!r}; the run uses {list(known.values())}")
+    absent = [c for k, c in known.items() if k not in {category_key(str(x)) for x in raw}]
+    if absent:
+        log.warning("clinical values missing for %s: imputed as in training", absent)
+    return transform.transform_row(raw, source="--clinical").astype(np.float32)
+
+
+# ---------------------------------------------------------------- the slide
+
+
+def slide_id_of(path: Path) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", path.stem) or "slide"
+
+
+def features_for_slide(slide_path: Path, out_dir: Path, slide_id: str, run: Any, overrides: Mapping[str, Any],
+                       fallback_mpp: float | None) -> Path:
+    """Segment, tile and encode ``slide_path`` with the run's settings; the feature store's path."""
+    from bd.extract import Extractor, SlideJob
+    from bd.grid import save_grid
+    from bd.segment import segment_slide, write_segmentation
+    from bd.slide import open_slide
+    from bd.tiling import tile_slide
+
+    seg_params, tile_params, feat_params = stage_params(run.identity, overrides)
+    check_identity(run.identity, planned_attrs(tile_params, feat_params), "--params")
+    extractor = Extractor(feat_params)
+    check_identity(run.identity, {"weights_sha256": extractor.weights_id, "feature_dim": extractor.feature_dim},
+                   f"encoder {feat_params.encoder} (weights {feat_params.weights or 'random'})")
+    with open_slide(slide_path, fallback_mpp=fallback_mpp) as slide:
+        seg = segment_slide(slide, seg_params)
+        write_segmentation(seg, seg_params, out_dir / "segment", f"{slide_id} ({slide_path.name})")
+        grid = tile_slide(slide, seg.mask, seg.scale, tile_params, slide_id)
+    if len(grid) == 0:
+        raise SlideError(f"{slide_path}: no patch reaches tiling.tissue_threshold "
+                         f"({tile_params.tissue_threshold}); see {out_dir / 'segment' / 'qc.png'}")
+    grid_path = save_grid(grid, out_dir / "grid.npz")
+    log.info("%s: %d patches of %d px at %.3g um/px", slide_id, len(grid), grid.patch_size, grid.target_mpp)
+    return extractor.run(SlideJob(str(slide_path), str(grid_path), str(out_dir / "features" / f"{slide_id}.zarr")))
+
+
+def one_patient_cohort(run: Any, store: Path, slide_path: Path, clinical: np.ndarray | None) -> Any:
+    """A :class:`bd.bags.Cohort` of the new patient: the store's patches and the clinical vector."""
+    from bd.bags import load_cohort
+    from bd.store import read_store
+
+    attrs = read_store(store, with_features=False).attrs
+    check_identity(run.identity, attrs, f"feature store {store}")
+    if int(attrs.get("n_patches", 0)) == 0:
+        raise StoreError(f"{store}: holds no patch (no tissue): nothing to predict from")
+    slide_id = store.name.removesuffix(".zarr")
+    values = clinical if clinical is not None else np.zeros(len(run.clinical_columns), np.float32)
+    with tempfile.TemporaryDirectory(prefix="bd-predict-") as tmp:
+        samples, table = Path(tmp) / "samples.tsv", Path(tmp) / "clinical.tsv"
+        pd.DataFrame({"slide_id": [slide_id], "patient_id": [PATIENT], "path": [str(slide_path)]}).to_csv(
+            samples, sep="\t", index=False)
+        row = {"patient_id": PATIENT, "split": "test", "label": 0, **dict(zip(run.clinical_columns, values))}
+        pd.DataFrame([row]).to_csv(table, sep="\t", index=False)
+        cohort = load_cohort(store.parent, samples, table, progress=False)
+    cohort.identity = dict(run.identity)  # checked above on the keys that define the features
+    return cohort
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, help="trained run (checkpoint.pt of bd train)")
+    parser.add_argument("--slide", required=True, type=Path, help="the new slide (any format bd reads)")
+    parser.add_argument("--clinical", nargs="*", default=None,
+                        help="raw clinical values: column=value pairs (e.g. 'Age(years)=54' ER=Positive), "
+                             "or one JSON object or file; leave out when there is none")
+    parser.add_argument("--scaler", default=None, help="the run's scaler.json (default: the path it records)")
+    parser.add_argument("--features", type=Path, default=None,
+                        help="an existing feature store of this slide (skips segmentation, tiling, extraction)")
+    parser.add_argument("--params", default=None,
+                        help="overrides: {'segmentation': {...}, 'tiling': {...}, 'features': {...}} (JSON or file)")
+    parser.add_argument("--fallback-mpp", type=float, default=None, help="microns per pixel if the slide has none")
+    parser.add_argument("--out-dir", required=True, type=Path, help="folder for prediction.json, heatmap.png, ...")
+
+
+def run(args: argparse.Namespace) -> int:
+    from bd.figures import patch_side_level0, render_slide_heatmap
+    from bd.runs import load_run
+    from bd.store import read_store
+
+    trained = load_run(args.run)
+    raw = parse_clinical(args.clinical)
+    clinical = clinical_vector(trained, raw, args.scaler) if raw is not None else None
+    slide_id = slide_id_of(args.slide)
+    out = Path(args.out_dir)
+    if args.features:
+        store = args.features
+        if not store.exists():
+            raise StoreError(f"--features {store} does not exist")
+    else:
+        store = features_for_slide(args.slide, out, slide_id, trained, read_mapping(args.params), args.fallback_mpp)
+    cohort = one_patient_cohort(trained, store, args.slide, clinical)
+    result = trained.predict(cohort, clinical_present=np.array([clinical is not None]), slide_present=np.array([True]))
+    prob, branch = float(result["prob"].iloc[0]), str(result["branch"].iloc[0])
+    att = trained.attention(cohort, PATIENT)
+    heatmap = render_slide_heatmap(
+        args.slide, att[["x", "y"]].to_numpy(), patch_side_level0(read_store(store, with_features=False).attrs),
+        att["attention"].to_numpy(), f"{args.slide.name}: P(N+) = {prob:.3f} ({branch} branch)",
+        out / "heatmap.png", fallback_mpp=args.fallback_mpp)
+    threshold = float(trained.threshold)
+    record = {
+        "slide": str(args.slide), "run": str(args.run), "method": trained.method,
+        "prob_n_plus": prob, "threshold": threshold, "prediction": "N+" if prob >= threshold else "N0",
+        "branch": branch, "clinical_present": clinical is not None, "clinical_raw": raw,
+        "clinical_input": None if clinical is None else dict(zip(trained.clinical_columns, clinical.tolist())),
+        "patches": int(len(att)), "features": str(store), "heatmap": str(heatmap),
+    }
+    write_json(out / "prediction.json", record)
+    print(f"{args.slide.name}: P(N+) = {prob:.3f} -> {record['prediction']} (validation threshold {threshold:.3f}); "
+          f"answered by the '{branch}' branch of {trained.method} "
+          f"({'with' if clinical is not None else 'without'} clinical data); "
+          f"{len(att)} patches; heatmap {heatmap}")
+    return 0
