@@ -27,7 +27,9 @@ rule train:
         f"{R}/logs/train/{{experiment}}/seed{{seed}}.log",
     benchmark:
         f"{R}/benchmarks/train/{{experiment}}/seed{{seed}}.tsv"
-    threads: 2
+    # One thread: the demo's bags are small (two jobs side by side beat one job with two threads);
+    # give BCNB-sized runs more with --set-threads train=N (see benchmarks/train.py).
+    threads: 1
     resources:
         # all features in memory: ~4 MB a slide at 2,000 patches x 1,024-d bf16, twice for headroom
         mem_mb=2048 + 8 * len(SLIDES),
