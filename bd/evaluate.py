@@ -228,18 +228,20 @@ def load_split_cohort(features_dir: str, samples: str, clinical: str, split: str
     """The cohort restricted to one split: only that split's feature stores are read."""
     import tempfile
 
-    from bd.bags import load_cohort, read_clinical
+    from bd.bags import load_cohort, read_clinical, read_samples
 
     table, _ = read_clinical(clinical)
     raw = pd.read_csv(clinical, sep="\t", dtype={"patient_id": str})
     part = raw[table["split"] == split]
     if part.empty:
         raise BDError(f"{clinical}: no patient in the {split} split")
+    sheet = read_samples(samples)
     with tempfile.TemporaryDirectory(prefix="bd-evaluate-") as tmp:
-        path = Path(tmp) / "clinical.tsv"
-        part.to_csv(path, sep="\t", index=False)
+        table_path, sheet_path = Path(tmp) / "clinical.tsv", Path(tmp) / "samples.tsv"
+        part.to_csv(table_path, sep="\t", index=False)
+        sheet[sheet["patient_id"].isin(set(part["patient_id"]))].to_csv(sheet_path, sep="\t", index=False)
         kwargs = {"dtype": dtype} if dtype is not None else {}
-        return load_cohort(features_dir, samples, path, progress=False, **kwargs)
+        return load_cohort(features_dir, sheet_path, table_path, progress=False, **kwargs)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -106,3 +106,24 @@ def test_render_heatmap_on_a_real_slide(tmp_path):
     att = np.linspace(0, 1, len(coords))
     out = render_slide_heatmap(slide, coords, 256.0, att, "test", tmp_path / "h.png", max_thumbnail=256)
     _png(out)
+
+
+def test_fig5_and_heatmaps_from_trained_runs(tmp_path):
+    from synthetic_results import make_tiny_cohort, train_tiny
+
+    cohort = make_tiny_cohort(tmp_path)
+    single = train_tiny(tmp_path, cohort, "image_only")
+    multi = train_tiny(tmp_path, cohort, "filling")
+    common = ["--features-dir", str(cohort["features"]), "--samples", str(cohort["samples"]),
+              "--clinical", str(cohort["clinical"])]
+    out = tmp_path / "fig5.png"
+    assert main(["figures", "fig5", "--checkpoint", str(single), str(multi), *common, "--out", str(out)]) == 0
+    w, h = _png(out)
+    assert w > 1.5 * h
+    heat = tmp_path / "heatmaps"
+    assert main(["figures", "heatmaps", "--checkpoint", str(multi), *common, "--patients", "3", "--out-dir", str(heat)]) == 0
+    names = sorted(p.name for p in heat.glob("*.png"))
+    # test patients: P3, P7, ..., P23 (every 4th), N+ where (i // 4) is odd: P7, P15, P23;
+    # chosen by sorted id, two N+ then one N0
+    assert names == ["P11_S11.png", "P15_S15.png", "P23_S23.png"]
+    assert main(["figures", "fig5", "--checkpoint", str(single), *common, "--out", str(out)]) == 2  # titles mismatch
