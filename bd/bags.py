@@ -28,19 +28,16 @@ log = logging.getLogger(__name__)
 CLINICAL_KEYS = ("patient_id", "split", "label")
 NON_FEATURE_COLUMNS = frozenset({*CLINICAL_KEYS, "fold"})
 SPLITS = ("train", "val", "test")
-# Store attributes that describe one slide, not the encoder: left out of the feature identity.
-PER_SLIDE_ATTRS = frozenset({
-    "complete", "n_patches", "slide", "slide_id", "slide_path", "path", "source", "mpp",
-    "slide_mpp", "level0_mpp", "read_level", "read_downsample", "read_size", "patch_size_level0",
-    "meta", "grid", "n_skipped", "skipped", "skipped_patches", "skipped_regions", "decode_errors",
-    "created", "created_at", "timestamp", "elapsed_s", "wall_s", "seconds", "hostname",
-    "patches_per_s", "warnings", "tissue_threshold", "max_patches",
-})
+# Store attributes that say how features were made, and must agree across every store of a cohort
+# and with a trained run: encoder, weights, preprocessing, patch size and magnification. Per-slide
+# attributes (slide path, reader, read level, patch counts, extraction device, versions) are not.
+IDENTITY_KEYS = ("encoder", "out_stage", "weights_sha256", "input_size", "mean", "std", "resize",
+                 "patch_size", "target_mpp", "feature_dim")
 
 
 def feature_identity(attrs: dict[str, Any]) -> dict[str, Any]:
-    """The attributes that must agree across stores: encoder, weights, patch size, MPP, versions."""
-    return {k: v for k, v in sorted(attrs.items()) if k not in PER_SLIDE_ATTRS}
+    """The attributes of a store that identify its features (see ``IDENTITY_KEYS``)."""
+    return {k: attrs[k] for k in IDENTITY_KEYS if k in attrs}
 
 
 @dataclass

@@ -70,7 +70,7 @@ def test_identity_leaves_out_per_slide_attributes(layout):
     cohort = load(layout)
     assert cohort.identity["encoder"] == "resnet18" and cohort.identity["feature_dim"] == DIM
     assert "slide_id" not in cohort.identity and "read_level" not in cohort.identity
-    assert "n_patches" not in feature_identity({"n_patches": 3, "encoder": "x"})
+    assert feature_identity({"n_patches": 3, "encoder": "x", "reader": "tiles", "versions": {}}) == {"encoder": "x"}
 
 
 def test_dtype_is_chosen_at_load(layout):
