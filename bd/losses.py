@@ -9,7 +9,8 @@ Bidirectional distillation trains two branches at once:
   [f_wm, f_c]) + KL(G_mul || G_sgl at temperature tau))`` -- M->S: the multi-modal branch is frozen
   (detached), and the distillation part reaches *only the prompt path*: ``f_ws`` is detached inside
   it and ``G_sgl`` is applied with detached parameters, so the gradient passes through the
-  classifier to ``f_p`` without changing the classifier.
+  classifier to ``f_p`` without changing the classifier. The classification part ``CE`` trains
+  the whole single-modal branch (``H_sgl``, ``G_sgl`` and the prompt path).
 
 Because neither loss has a path into the other branch, one backward pass of ``L_mul + L_sgl``
 gives each branch exactly the gradient of its own loss (the same as two optimisers stepping in
