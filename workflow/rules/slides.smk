@@ -57,4 +57,4 @@ rule tile:
     shell:
         "bd tile --slide {input.slide:q} --mask {input.mask:q} --out {output.grid:q} "
         "--qc {output.qc:q} --params {params.tiling:q} --fallback-mpp {params.fallback_mpp} "
-        "--annotations-dir {params.annotations:q} > {log:q} 2>&1"
+        "--annotations-dir={params.annotations:q} > {log:q} 2>&1"
