@@ -37,7 +37,9 @@ def feature_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 def kl_distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
     """KL(teacher || student) between softmax(logits / tau), times tau^2 (Hinton et al.), so that
-    the gradient scale does not shrink as tau grows; averaged over the batch."""
+    the gradient scale does not shrink as tau grows; averaged over the batch. The paper's
+    ``KL(G_sgl, G_mul)`` is read in PyTorch's ``kl_div(input, target)`` order: the multi-modal
+    teacher's distribution is the target."""
     log_student = F.log_softmax(student_logits / tau, dim=1)
     log_teacher = F.log_softmax(teacher_logits / tau, dim=1)
     return F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True) * tau**2
