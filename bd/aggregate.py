@@ -349,6 +349,7 @@ def plot_runtime(summary: pd.DataFrame, path: Path) -> None:
     axes[0].set_xlabel("total wall time (s)")
     for y, (t, n) in enumerate(zip(s["total_s"], s["jobs"])):
         axes[0].text(t, y, f" {t:.0f} s / {n} job{'s' if n != 1 else ''}", va="center", fontsize=7)
+    axes[0].set_xlim(0, max(float(s["total_s"].max()), 1e-9) * 1.4)
     axes[1].barh(s["rule"], s["max_rss_mb"].fillna(0), color="tab:orange")
     axes[1].set_xlabel("peak resident memory (MB)")
     axes[0].set_title("Runtime per rule")

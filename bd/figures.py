@@ -95,7 +95,8 @@ def plot_rate_curves(ax: plt.Axes, metrics: pd.DataFrame, kind: str, methods: Se
             continue
         color = color_of(method, i)
         ax.plot(c["rate"], c["mean"], "o-", color=color, label=label_of(method), ms=3.5, lw=1.6)
-        ax.fill_between(c["rate"], c["mean"] - c["sd"], c["mean"] + c["sd"], color=color, alpha=0.18, lw=0)
+        ax.fill_between(c["rate"], np.clip(c["mean"] - c["sd"], 0, 1), np.clip(c["mean"] + c["sd"], 0, 1),
+                        color=color, alpha=0.18, lw=0)
     what = "clinical data" if kind == "clinical" else "slides"
     ax.set_xlabel(f"missing rate of {what} (%)")
     ax.set_ylabel(metric.upper() if metric == "auc" else "F1 (macro)")
