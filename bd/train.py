@@ -196,6 +196,9 @@ def train_stage(model: MILModel, cohort: Cohort, stage: Stage, train_idx: np.nda
         val = validate(model, cohort, val_idx, stage.val_conditions, device)
         rows.append({"stage": stage.name, "epoch": epoch, **losses, **val})
         bar.set_postfix(loss=f"{losses['train_loss']:.4f}", val_f1=f"{val['val_f1']:.3f}", val_auc=f"{val['val_auc']:.3f}")
+        if not progress:
+            log.info("%s epoch %d: loss %.4f, val F1 %.3f, AUC %.3f", stage.name, epoch, losses["train_loss"],
+                     val["val_f1"], val["val_auc"])
         if _score(val) > best:
             best, best_epoch, best_state = _score(val), epoch, copy.deepcopy(model.state_dict())
         elif epoch - best_epoch >= params.patience:
