@@ -13,9 +13,15 @@ check_config_paths(config)
 
 R = config["results"]
 SAMPLES = build_sample_sheet(config)
-for _row in SAMPLES.to_dict("records"):
-    validate(_row, schema="../schemas/samples.schema.yaml")
+# One validator for the whole sheet (validating row by row reloads the schema each time: seconds
+# at BCNB size).
+validate(SAMPLES, schema="../schemas/samples.schema.yaml", set_default=False)
 SLIDES = list(SAMPLES["slide_id"])
+STORES = [f"{R}/features/{slide}.zarr" for slide in SLIDES]
+# The rules that read every store (train, evaluate, figures) take this one file as input instead
+# of thousands each: the DAG of a 5,000-slide cohort then builds about as fast as a bare
+# Snakefile's (benchmarks/dag.py). Written by rule feature_index (features.smk).
+FEATURE_INDEX = f"{R}/features/index.tsv"
 EXPERIMENTS = experiments(config)
 
 
@@ -30,8 +36,11 @@ def section(name):
     return json.dumps(config.get(name) or {}, sort_keys=True)
 
 
+SLIDE_PATHS = dict(zip(SAMPLES["slide_id"], SAMPLES["path"]))
+
+
 def slide_path(wildcards):
-    return SAMPLES.loc[wildcards.slide, "path"]
+    return SLIDE_PATHS[wildcards.slide]
 
 
 def runs(names):

@@ -10,7 +10,7 @@ def evaluation_params():
 rule evaluate:
     input:
         checkpoint=rules.train.output.checkpoint,
-        features=expand(f"{R}/features/{{slide}}.zarr", slide=SLIDES),
+        features=FEATURE_INDEX,
         samples=rules.samples.output[0],
         clinical=rules.clinical.output.table,
     output:

@@ -17,3 +17,17 @@ rule extract:
     shell:
         "bd extract --slide {input.slide:q} --grid {input.grid:q} --out {output.store:q} "
         "--params {params.features:q} > {log:q} 2>&1"
+
+
+# One file listing every slide's store (slide_id, store), the input of the rules that read all
+# stores (see FEATURE_INDEX in common.smk). Runs on the submit host; no job of its own on clusters.
+rule feature_index:
+    input:
+        STORES,
+    output:
+        FEATURE_INDEX,
+    localrule: True
+    run:
+        from bd.io import write_text
+
+        write_text(output[0], "slide_id\tstore\n" + "".join(f"{s}\t{p}\n" for s, p in zip(SLIDES, input)))

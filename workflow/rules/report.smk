@@ -38,7 +38,7 @@ HEATMAP_METHOD = next((m for m in ["bd", "filling", "image_only", "ensemble", "a
 
 
 COHORT_INPUTS = dict(
-    features=expand(f"{R}/features/{{slide}}.zarr", slide=SLIDES),
+    features=FEATURE_INDEX,
     samples=f"{R}/samples.tsv",
     clinical=f"{R}/clinical/clinical.tsv",
 )

@@ -7,7 +7,7 @@
 
 rule train:
     input:
-        features=expand(f"{R}/features/{{slide}}.zarr", slide=SLIDES),
+        features=FEATURE_INDEX,
         samples=rules.samples.output[0],
         clinical=rules.clinical.output.table,
         scaler=rules.clinical.output.scaler,
