@@ -98,7 +98,7 @@ class PatchBatches(torch.utils.data.Dataset):
         start = index * self.batch_size
         coords = self.coords[start : start + self.batch_size]
         size = self.spec.size
-        pixels = np.full((len(coords), size, size, 3), 255, dtype=np.uint8)
+        pixels = np.empty((len(coords), size, size, 3), dtype=np.uint8)
         ok = np.ones(len(coords), dtype=bool)
         error = ""
         try:
@@ -107,7 +107,7 @@ class PatchBatches(torch.utils.data.Dataset):
             return _batch(start, pixels, ~ok, str(exc))
         for i, (x, y) in enumerate(coords):
             try:
-                pixels[i] = reader.read(int(x), int(y))
+                reader.read(int(x), int(y), out=pixels[i])
             except SlideError as exc:
                 ok[i] = False
                 if not self.skip_errors:
@@ -126,23 +126,16 @@ def _batch(start: int, pixels: np.ndarray, ok: np.ndarray, error: str) -> dict[s
     }
 
 
-def _worker_init(_: int) -> None:
-    """One thread per worker: the workers are the parallelism."""
-    import cv2
-
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
-
-
 def patch_loader(dataset: PatchBatches, num_workers: int, pin_memory: bool) -> Iterator[dict]:
-    """DataLoader over ready-made batches (no per-sample collation)."""
+    """DataLoader over ready-made batches (no per-sample collation). Workers run one torch
+    thread each (DataLoader's own setting); OpenCV's thread pool is left alone: resizing it in a
+    forked child can deadlock on the parent's pool state."""
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=None,
         shuffle=False,
         num_workers=num_workers,
         pin_memory=pin_memory,
-        worker_init_fn=_worker_init if num_workers else None,
         prefetch_factor=4 if num_workers else None,
     )
     return iter(loader)
@@ -152,21 +145,35 @@ class Preprocess(nn.Module):
     """uint8 (B, H, W, 3) on the device -> normalised float (B, 3, S, S), channels_last.
 
     Resizing here, batched, on the device (antialiased bilinear) replaces a per-patch PIL resize
-    on the CPU; mean and std are the encoder's own pretrained config."""
+    on the CPU; mean and std are the encoder's own pretrained config. On CPU the resize runs on
+    uint8 (torch's SIMD kernel) and the output buffer is reused from call to call (fresh 40 MB
+    tensors cost more in page faults than the arithmetic): consume it before the next call."""
 
     def __init__(self, input_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.input_size = input_size
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0)
-        self.register_buffer("inv_std", 1.0 / (torch.tensor(std).view(1, 3, 1, 1) * 255.0))
+        shape = (1, 3, input_size, input_size)  # full planes: the inner loops stay contiguous
+        mean_t = (torch.tensor(mean, dtype=torch.float32) * 255).view(1, 3, 1, 1).expand(shape)
+        scale = (1 / (torch.tensor(std, dtype=torch.float32) * 255)).view(1, 3, 1, 1).expand(shape)
+        self.register_buffer("mean", mean_t.contiguous(memory_format=torch.channels_last))
+        self.register_buffer("scale", scale.contiguous(memory_format=torch.channels_last))
+        self._out: torch.Tensor | None = None
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels.permute(0, 3, 1, 2).float()
-        if x.shape[-2:] != (self.input_size, self.input_size):
-            size = (self.input_size, self.input_size)
+        x = pixels.permute(0, 3, 1, 2)  # NCHW view of NHWC memory: channels_last
+        size = (self.input_size, self.input_size)
+        if x.device.type != "cpu":
+            x = x.float()
+        if tuple(x.shape[-2:]) != size:
             x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-        x = (x - self.mean) * self.inv_std
-        return x.contiguous(memory_format=torch.channels_last)
+        if x.device.type != "cpu":
+            return ((x - self.mean) * self.scale).contiguous(memory_format=torch.channels_last)
+        out = self._out
+        if out is None or out.shape[0] < x.shape[0]:
+            out = torch.empty(x.shape, dtype=torch.float32, memory_format=torch.channels_last)
+            self._out = out
+        out = out[: x.shape[0]]
+        return out.copy_(x).sub_(self.mean).mul_(self.scale)
 
 
 class FeatureModel(nn.Module):

@@ -42,7 +42,7 @@ class PatchReader(Protocol):
 
     kind: str
 
-    def read(self, x: int, y: int) -> np.ndarray: ...
+    def read(self, x: int, y: int, out: np.ndarray | None = None) -> np.ndarray: ...
 
     def close(self) -> None: ...
 
@@ -173,31 +173,36 @@ class TiffJpegReader:
             self.cache.popitem(last=False)
         return tile
 
-    def read(self, x: int, y: int) -> np.ndarray:
-        """The patch at level-0 ``(x, y)``: ``size`` x ``size`` level pixels, white outside.
+    def read(self, x: int, y: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The patch at level-0 ``(x, y)``: ``size`` x ``size`` level pixels, white outside;
+        written into ``out`` when given (a slot of a batch: no extra copy).
 
         Level coordinates are ``x / downsample`` rounded to the nearest pixel (OpenSlide blends
         sub-pixel offsets; at level 0, and on aligned reads, the pixels are identical)."""
         size = self.spec.size
+        if out is None:
+            out = np.empty((size, size, 3), dtype=np.uint8)
         lx = math.floor(x / self.spec.downsample + 0.5)
         ly = math.floor(y / self.spec.downsample + 0.5)
-        out = np.full((size, size, 3), 255, dtype=np.uint8)
         x0, y0 = max(lx, 0), max(ly, 0)
         x1, y1 = min(lx + size, self.width), min(ly + size, self.height)
         if x0 >= x1 or y0 >= y1:
+            out[:] = 255
             return out
+        if (x0, y0, x1, y1) != (lx, ly, lx + size, ly + size):
+            out[:] = 255  # partly outside the slide
         tw, th = self.tile_w, self.tile_h
         try:
             for ty in range(y0 // th, (y1 - 1) // th + 1):
                 for tx in range(x0 // tw, (x1 - 1) // tw + 1):
                     tile = self._tile(ty * self.tiles_x + tx)
-                    if tile is None:
-                        continue
                     sx0, sx1 = max(x0, tx * tw), min(x1, (tx + 1) * tw)
                     sy0, sy1 = max(y0, ty * th), min(y1, (ty + 1) * th)
-                    out[sy0 - ly : sy1 - ly, sx0 - lx : sx1 - lx] = tile[
-                        sy0 - ty * th : sy1 - ty * th, sx0 - tx * tw : sx1 - tx * tw
-                    ]
+                    target = out[sy0 - ly : sy1 - ly, sx0 - lx : sx1 - lx]
+                    if tile is None:
+                        target[:] = 255  # sparse tile: never written, white as in OpenSlide
+                    else:
+                        target[:] = tile[sy0 - ty * th : sy1 - ty * th, sx0 - tx * tw : sx1 - tx * tw]
         except SlideError as exc:
             raise SlideError(f"{self.spec.region(x, y)}: {exc}") from None
         except OSError as exc:
@@ -227,7 +232,7 @@ class SlideReader:
             warnings.simplefilter("ignore", SlideWarning)
             self.slide = open_slide(spec.path, fallback_mpp=spec.mpp)
 
-    def read(self, x: int, y: int) -> np.ndarray:
+    def read(self, x: int, y: int, out: np.ndarray | None = None) -> np.ndarray:
         size = self.spec.size
         try:
             patch = self.slide.read_region((int(x), int(y)), self.spec.level, (size, size))
@@ -235,7 +240,10 @@ class SlideReader:
             raise SlideError(f"{self.spec.region(x, y)}: {exc}") from None
         except Exception as exc:  # OpenSlideError and decoder errors of the flat-image path
             raise SlideError(f"{self.spec.region(x, y)}: {exc}") from exc
-        return np.ascontiguousarray(patch[..., :3], dtype=np.uint8)
+        if out is None:
+            return np.ascontiguousarray(patch[..., :3], dtype=np.uint8)
+        out[:] = patch[..., :3]
+        return out
 
     def close(self) -> None:
         close = getattr(self.slide, "close", None)

@@ -1,0 +1,220 @@
+"""Feature-extraction speed: a CLAM-style loop against ``bd extract``'s data path, same slide and
+coordinates, in one run (the machine is noisy: compare the ratios).
+
+CLAM-style: per patch ``openslide.read_region`` -> RGB -> PIL resize -> torchvision ToTensor +
+Normalize on the CPU, fp32 NCHW batches (then the encoder, fp32). bd: stored JPEG tiles decoded
+once each (``bd.readers``), uint8 batches, resize + normalise on the device, encoder with bf16
+autocast + channels_last on CUDA (``bd.extract``).
+
+The slide is generated: a JPEG-tiled (256 px) pyramidal TIFF with H&E-like texture. Patches are
+tile-aligned 256 px squares at level 0, resized to 224. Prints one JSON object per figure.
+
+    python benchmarks/extract.py                 # CPU: data path + small end-to-end (~1-3 min)
+    python benchmarks/extract.py --size 16384    # GPU node: more patches for the end-to-end line
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import tifffile
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bd.encoders import create_encoder  # noqa: E402
+from bd.extract import Extractor, FeatureParams, PatchBatches, Preprocess  # noqa: E402
+from bd.extract import SlideJob, patch_loader  # noqa: E402
+from bd.grid import PatchGrid, save_grid  # noqa: E402
+from bd.readers import open_reader, plan_reader  # noqa: E402
+
+PATCH, INPUT, TILE, MPP = 256, 224, 256, 0.5
+
+
+def emit(metric: str, value: float | None, unit: str, target: float | None = None,
+         better: str = "higher", **extra: object) -> None:
+    row = {"metric": metric, "value": None if value is None else round(value, 3), "unit": unit,
+           "target": target, "better": better, **extra}
+    print(json.dumps(row), flush=True)
+
+
+def write_slide(path: Path, size: int, seed: int = 0) -> Path:
+    """H&E-like texture (pink stroma, purple nuclei, noise) as a JPEG-tiled pyramidal TIFF."""
+    rng = np.random.default_rng(seed)
+    low = rng.random((size // 32, size // 32, 1), dtype=np.float32)
+    low = cv2.resize(cv2.GaussianBlur(low, (0, 0), 1.5), (size, size), interpolation=cv2.INTER_LINEAR)
+    pink, purple = np.array([230, 160, 200], np.float32), np.array([120, 70, 160], np.float32)
+    rgb = np.empty((size, size, 3), np.uint8)
+    for y in range(0, size, 2048):  # in bands: keeps the float temporaries small
+        t = low[y : y + 2048, :, None]
+        band = pink * (1 - t) + purple * t + rng.normal(0, 12, (t.shape[0], size, 3)).astype(np.float32)
+        rgb[y : y + 2048] = np.clip(band, 0, 255)
+    with tifffile.TiffWriter(path, bigtiff=size > 16384) as tif:
+        level = rgb
+        for i in range(3):
+            tif.write(level, tile=(TILE, TILE), photometric="rgb", compression="jpeg",
+                      compressionargs={"level": 80}, subfiletype=1 if i else 0,
+                      resolution=(1e4 / MPP / 4**i,) * 2, resolutionunit="CENTIMETER")
+            level = cv2.resize(level, (level.shape[1] // 4, level.shape[0] // 4),
+                               interpolation=cv2.INTER_AREA)
+    return path
+
+
+# --- CLAM-style ----------------------------------------------------------------------------
+
+
+class ClamBag(torch.utils.data.Dataset):
+    """CLAM's Whole_Slide_Bag_FP: one read_region per patch, PIL resize, CPU normalisation."""
+
+    def __init__(self, path: Path, coords: np.ndarray, mean, std) -> None:
+        from torchvision import transforms
+
+        self.path, self.coords, self.wsi = str(path), coords, None
+        self.transform = transforms.Compose([
+            transforms.Resize((INPUT, INPUT)), transforms.ToTensor(), transforms.Normalize(mean, std),
+        ])
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        import openslide
+
+        if self.wsi is None:
+            self.wsi = openslide.OpenSlide(self.path)
+        x, y = self.coords[i]
+        img = self.wsi.read_region((int(x), int(y)), 0, (PATCH, PATCH)).convert("RGB")
+        return self.transform(img)
+
+
+def clam_batches(path: Path, coords: np.ndarray, cfg: dict, batch: int, workers: int):
+    ds = ClamBag(path, coords, cfg["mean"], cfg["std"])
+    return torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers,
+                                       pin_memory=torch.cuda.is_available())
+
+
+def clam_reader(path: Path, coords: np.ndarray) -> None:
+    import openslide
+
+    wsi = openslide.OpenSlide(str(path))
+    for x, y in coords:
+        np.asarray(wsi.read_region((int(x), int(y)), 0, (PATCH, PATCH)).convert("RGB"))
+
+
+def clam_end_to_end(path, coords, cfg, model, device, batch, workers) -> None:
+    model = model.to(device).eval()
+    with torch.inference_mode():
+        for x in clam_batches(path, coords, cfg, batch, workers):
+            model(x.to(device)).cpu()
+
+
+# --- bd --------------------------------------------------------------------------------------
+
+
+def bd_reader(path: Path, coords: np.ndarray) -> None:
+    reader = open_reader(plan_reader(str(path), 0, 1.0, PATCH, prefer="tiff-jpeg"))
+    for x, y in coords:
+        reader.read(int(x), int(y))
+    reader.close()
+
+
+def bd_data_path(path: Path, coords: np.ndarray, cfg: dict, device: torch.device, batch: int,
+                 workers: int) -> None:
+    spec = plan_reader(str(path), 0, 1.0, PATCH, prefer="tiff-jpeg")
+    pre = Preprocess(INPUT, cfg["mean"], cfg["std"]).to(device)
+    with torch.inference_mode():
+        for b in patch_loader(PatchBatches(spec, coords, batch, False), workers, device.type == "cuda"):
+            pre(b["pixels"].to(device, non_blocking=True))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_rate(fn: Callable[[], None], n: int, repeats: int) -> float:
+    """Patches per second of the fastest of ``repeats`` runs (the least disturbed one)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return n / best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=8192, help="level-0 side of the generated slide")
+    ap.add_argument("--patches", type=int, default=1024, help="patches for the data-path figures")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="DataLoader workers for both loops (default: 0 on CPU, all cores on GPU)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default 64 on CPU, 256 on GPU")
+    ap.add_argument("--encoder", default="resnet50")
+    ap.add_argument("--out-stage", default="layer3")
+    ap.add_argument("--cpu-e2e-patches", type=int, default=64,
+                    help="patches for the CPU end-to-end figures (the encoder dominates on CPU)")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    cuda = torch.cuda.is_available()
+    workers = args.workers if args.workers is not None else ((os.cpu_count() or 1) if cuda else 0)
+    batch = args.batch_size or (256 if cuda else 64)
+    device = torch.device("cuda" if cuda else "cpu")
+    env = {"device": torch.cuda.get_device_name() if cuda else "cpu", "workers": workers,
+           "threads": torch.get_num_threads()}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        slide = write_slide(Path(tmp) / "bench.tif", args.size)
+        side = args.size // PATCH
+        xs, ys = np.meshgrid(np.arange(side) * PATCH, np.arange(side) * PATCH)
+        every = np.stack([xs.ravel(), ys.ravel()], axis=1)
+        coords = every[: args.patches]
+        n = len(coords)
+        encoder, cfg = create_encoder(args.encoder, args.out_stage, random_weights=True)
+
+        clam = best_rate(lambda: clam_reader(slide, coords), n, args.repeats)
+        ours = best_rate(lambda: bd_reader(slide, coords), n, args.repeats)
+        emit("clam_reader", clam, "patches/s", better="higher", **env)
+        emit("bd_reader", ours, "patches/s", better="higher", **env)
+        emit("reader_speedup", ours / clam, "x", **env)
+
+        clam = best_rate(lambda: [None for _ in clam_batches(slide, coords, cfg, batch, workers)],
+                         n, args.repeats)
+        ours = best_rate(lambda: bd_data_path(slide, coords, cfg, device, batch, workers), n,
+                         args.repeats)
+        emit("clam_data_path", clam, "patches/s", **env)
+        emit("bd_data_path", ours, "patches/s", **env)
+        emit("data_path_speedup", ours / clam, "x", target=4.0, **env)
+
+        # End to end: the CLAM loop (fp32, NCHW) against bd extract (store writes included).
+        e2e = every if cuda else every[: args.cpu_e2e_patches]
+        grid = PatchGrid(coords=e2e, slide_id="bench", slide_width=args.size,
+                         slide_height=args.size, mpp=MPP, target_mpp=MPP, patch_size=INPUT,
+                         patch_size_level0=float(PATCH), read_level=0, read_downsample=1.0,
+                         read_size=PATCH)
+        grid_path = save_grid(grid, Path(tmp) / "bench.npz")
+        extractor = Extractor(FeatureParams(
+            encoder=args.encoder, out_stage=args.out_stage, random_weights=True,
+            input_size=INPUT, batch_size=batch, num_workers=workers, reader="tiff-jpeg"))
+        job = SlideJob(str(slide), str(grid_path), str(Path(tmp) / "bench.zarr"))
+        extractor.run(job)  # warm-up (cudnn autotuning, page cache)
+        clam = best_rate(lambda: clam_end_to_end(slide, e2e, cfg, encoder, device, batch, workers),
+                         len(e2e), 1 if not cuda else 2)
+        ours = best_rate(lambda: extractor.run(job), len(e2e), 1 if not cuda else 2)
+        kind = "gpu" if cuda else "cpu"
+        emit(f"clam_end_to_end_{kind}", clam, "patches/s", **env)
+        emit(f"bd_end_to_end_{kind}", ours, "patches/s", **env)
+        emit(f"end_to_end_speedup_{kind}", ours / clam, "x", target=5.0 if cuda else None, **env)
+        if not cuda:
+            emit("end_to_end_speedup_gpu", None, "x", target=5.0, note="no CUDA device here")
+
+
+if __name__ == "__main__":
+    main()
