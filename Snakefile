@@ -40,3 +40,6 @@ rule wsi_missing:
 rule analysis:
     input:
         target_files("analysis"),
+
+
+drop_benchmarks_of_cached_rules()  # only in --cache runs (see common.smk)

@@ -30,6 +30,7 @@ rule split:
         split=f"{R}/split/split.tsv",
     params:
         split=section("split"),
+        version=stage_version("split"),
         clinical=section("clinical"),
         split_dir=config["cohort"].get("split_dir") or "",
     log:
@@ -55,6 +56,7 @@ rule clinical:
         ),
     params:
         clinical=section("clinical"),
+        version=stage_version("clinical"),
         out_dir=f"{R}/clinical",
     log:
         f"{R}/logs/clinical.log",

@@ -36,6 +36,30 @@ def section(name):
     return json.dumps(config.get(name) or {}, sort_keys=True)
 
 
+# Between-workflow output cache: with `snakemake --cache` (and $SNAKEMAKE_OUTPUT_CACHE set), the
+# rules marked `cache: CACHE_MODE` (segment, tile, extract) take their outputs from a cache shared
+# by workflows on the same cohort and settings, keyed by a hash of the rule's command, params and
+# inputs back to the slides. Without --cache they are ordinary rules (and Snakemake prints no
+# caching notice).
+CACHING = workflow.workflow_settings.cache is not None
+CACHE_MODE = "omit-software" if CACHING else False
+
+
+def drop_benchmarks_of_cached_rules():
+    """Snakemake refuses benchmark files on cached rules (a job taken from the cache has no
+    runtime): in --cache runs those rules go without. Called after every rule is defined."""
+    if CACHING:
+        for cached in workflow.rules:
+            if cached.cache and cached.cache.output:
+                cached._benchmark = None
+
+
+def stage_version(stage):
+    """The stage's version (config `versions`, default 1): a params entry of the stage's rules, so
+    raising it reruns them (and whatever uses their outputs) deliberately."""
+    return int((config.get("versions") or {}).get(stage, 1))
+
+
 SLIDE_PATHS = dict(zip(SAMPLES["slide_id"], SAMPLES["path"]))
 
 

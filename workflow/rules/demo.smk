@@ -25,6 +25,7 @@ if DEMO.get("enabled"):
             **({"annotations": directory(f"{DEMO['out_dir']}/annotations")} if DEMO.get("annotations") else {}),
         params:
             demo=section("demo"),
+            version=stage_version("demo"),
             out_dir=DEMO["out_dir"],
         log:
             f"{R}/logs/demo.log",

@@ -19,6 +19,7 @@ rule evaluate:
         summary=f"{R}/evaluate/{{experiment}}/seed{{seed}}/summary.csv",
     params:
         evaluation=evaluation_params(),
+        version=stage_version("evaluate"),
         features_dir=f"{R}/features",
     log:
         f"{R}/logs/evaluate/{{experiment}}/seed{{seed}}.log",

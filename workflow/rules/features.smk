@@ -2,6 +2,7 @@
 
 
 rule extract:
+    cache: CACHE_MODE  # between-workflow output cache with --cache (common.smk)
     input:
         slide=slide_path,
         grid=rules.tile.output.grid,
@@ -9,6 +10,7 @@ rule extract:
         store=directory(f"{R}/features/{{slide}}.zarr"),
     params:
         features=section("features"),
+        version=stage_version("extract"),
     log:
         f"{R}/logs/extract/{{slide}}.log",
     benchmark:

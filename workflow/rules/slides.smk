@@ -5,6 +5,7 @@
 
 
 rule segment:
+    cache: CACHE_MODE  # between-workflow output cache with --cache (common.smk)
     input:
         slide=slide_path,
     output:
@@ -20,6 +21,7 @@ rule segment:
         ),
     params:
         seg=section("segmentation"),
+        version=stage_version("segment"),
         fallback_mpp=config["cohort"].get("fallback_mpp", 0.5),
         on_error=config.get("on_slide_error", "fail"),
     log:
@@ -33,6 +35,7 @@ rule segment:
 
 
 rule tile:
+    cache: CACHE_MODE  # between-workflow output cache with --cache (common.smk)
     input:
         slide=slide_path,
         mask=rules.segment.output.mask,
@@ -48,6 +51,7 @@ rule tile:
         ),
     params:
         tiling=section("tiling"),
+        version=stage_version("tile"),
         fallback_mpp=config["cohort"].get("fallback_mpp", 0.5),
         annotations=config["cohort"].get("annotations_dir") or "",
     log:

@@ -22,6 +22,7 @@ rule train:
         ),
     params:
         training=experiment_params,
+        version=stage_version("train"),
         features_dir=f"{R}/features",
     log:
         f"{R}/logs/train/{{experiment}}/seed{{seed}}.log",
