@@ -31,9 +31,6 @@ from bd.params import build, read_mapping
 
 log = logging.getLogger(__name__)
 
-# Store attributes that decide what a feature vector means; all must match the run's.
-IDENTITY_KEYS = ("encoder", "out_stage", "weights_sha256", "input_size", "mean", "std", "resize",
-                 "patch_size", "target_mpp", "feature_dim")
 PATIENT = "new"
 
 
@@ -46,7 +43,10 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def identity_mismatches(run_identity: Mapping[str, Any], attrs: Mapping[str, Any]) -> list[str]:
-    """Why features with ``attrs`` cannot go into a run trained on ``run_identity`` (empty: they can)."""
+    """Why features with ``attrs`` cannot go into a run trained on ``run_identity`` (empty: they
+    can): every attribute of :data:`bd.bags.IDENTITY_KEYS` that both record must agree."""
+    from bd.bags import IDENTITY_KEYS
+
     return [f"{key} is {attrs.get(key)!r}, the run's is {run_identity[key]!r}"
             for key in IDENTITY_KEYS if key in run_identity and key in attrs
             and not _same(run_identity[key], attrs.get(key))]
@@ -195,9 +195,7 @@ def one_patient_cohort(run: Any, store: Path, slide_path: Path, clinical: np.nda
             samples, sep="\t", index=False)
         row = {"patient_id": PATIENT, "split": "test", "label": 0, **dict(zip(run.clinical_columns, values))}
         pd.DataFrame([row]).to_csv(table, sep="\t", index=False)
-        cohort = load_cohort(store.parent, samples, table, progress=False)
-    cohort.identity = dict(run.identity)  # checked above on the keys that define the features
-    return cohort
+        return load_cohort(store.parent, samples, table, progress=False)
 
 
 # ---------------------------------------------------------------- command line
