@@ -1,0 +1,178 @@
+"""DAG scale: `snakemake -n` time of the project's workflow on 1,058 and 5,000 slides vs a bare Snakefile.
+
+For each cohort size, in a temporary folder: a TSV sample sheet of that many (empty) slide files,
+an (empty) clinical table and split folder, and the project's config with the demo off and that
+sheet. Timed, one after the other on the same machine:
+
+1. ``snakemake -n`` of the project's workflow (default target: every method and seed, Table I,
+   figures), output discarded;
+2. the reference: ``snakemake -n`` of a bare Snakefile with three trivial rules per slide (a chain
+   slide -> a -> b -> c) and one aggregate rule over all slides;
+3. the number of cluster jobs after grouping: a dry run with profiles/slurm, counting group jobs
+   and the jobs outside any group (target rules excluded: they run on the submit host).
+
+Prints one JSON object per line: {"metric", "value", "unit", "target", "better"}; the target of
+the project is at most twice the reference (the ratio metric). Run: python benchmarks/dag.py
+[--sizes 1058 5000] [--repeats 1].
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BARE_SNAKEFILE = """\
+import csv
+with open(config["sheet"]) as fh:
+    SLIDES = {r["slide_id"]: r["path"] for r in csv.DictReader(fh, delimiter="\\t")}
+
+rule aggregate:
+    input: expand("c/{slide}.txt", slide=SLIDES)
+    output: "aggregate.txt"
+    shell: "cat {input} > {output}"
+
+rule a:
+    input: lambda wc: SLIDES[wc.slide]
+    output: "a/{slide}.txt"
+    shell: "touch {output}"
+
+rule b:
+    input: "a/{slide}.txt"
+    output: "b/{slide}.txt"
+    shell: "touch {output}"
+
+rule c:
+    input: "b/{slide}.txt"
+    output: "c/{slide}.txt"
+    shell: "touch {output}"
+"""
+
+
+def emit(metric: str, value: float, unit: str, target: object = None, better: str | None = None) -> None:
+    print(json.dumps({"metric": metric, "value": round(float(value), 4), "unit": unit,
+                      "target": target, "better": better}), flush=True)
+
+
+def make_cohort(folder: Path, n_slides: int) -> dict:
+    """Empty slide files, a sample sheet, clinical table and split folder; the project config for them."""
+    slides = folder / "slides"
+    slides.mkdir(parents=True)
+    rows = ["slide_id\tpatient_id\tpath"]
+    for i in range(1, n_slides + 1):
+        path = slides / f"{i}.jpg"
+        path.touch()
+        rows.append(f"{i}\t{i}\t{path}")
+    sheet = folder / "samples.tsv"
+    sheet.write_text("\n".join(rows) + "\n")
+    (folder / "clinical.xlsx").touch()
+    split_dir = folder / "split"
+    split_dir.mkdir()
+    for name in ("train", "val", "test"):
+        (split_dir / f"{name}_id.txt").touch()
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    config["results"] = str(folder / "results")
+    config["demo"]["enabled"] = False
+    config["cohort"].update(sample_sheet=str(sheet), clinical_table=str(folder / "clinical.xlsx"),
+                            split_dir=str(split_dir), slide_pattern=str(slides / "{slide}"))
+    (folder / "config").mkdir()
+    (folder / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return config
+
+
+def snakemake(args: list[str], cwd: Path, capture: bool = False) -> tuple[float, str]:
+    """Run ``python -m snakemake`` in ``cwd``; wall seconds and (when captured) its output."""
+    cmd = [sys.executable, "-m", "snakemake", *args]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, text=True, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
+                          stderr=subprocess.STDOUT if capture else subprocess.PIPE)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"snakemake {' '.join(args)} failed in {cwd}:\n"
+                         f"{(proc.stdout if capture else proc.stderr)[-3000:]}")
+    return seconds, proc.stdout or ""
+
+
+def project_dry_run(folder: Path) -> float:
+    seconds, _ = snakemake(["-n", "--snakefile", str(ROOT / "Snakefile"), "--cores", "2"], folder)
+    return seconds
+
+
+def bare_dry_run(folder: Path) -> float:
+    bare = folder / "bare"
+    bare.mkdir(exist_ok=True)
+    (bare / "Snakefile").write_text(BARE_SNAKEFILE)
+    seconds, _ = snakemake(["-n", "--cores", "2", "--config", f"sheet={folder / 'samples.tsv'}"], bare)
+    return seconds
+
+
+_TIMESTAMP = re.compile(r"^\[[^\]]*\] ")
+
+
+def count_cluster_jobs(dry_run_output: str, local_rules: set[str]) -> tuple[int, int]:
+    """(cluster jobs, jobs before grouping) from a dry run's output. A group job is a line
+    "Group job NAME" followed by its member jobs, indented; a job outside any group is a
+    non-indented "rule NAME:" line and is a cluster job unless it is a target rule (no command,
+    run on the submit host)."""
+    groups = members = plain = local = 0
+    for line in dry_run_output.splitlines():
+        indented = line.startswith("    ")
+        text = _TIMESTAMP.sub("", line.strip())
+        if text.startswith("Group job "):
+            groups += 1
+        elif text.startswith(("rule ", "localrule ")) and text.endswith(":"):
+            if indented:
+                members += 1
+            else:
+                plain += 1
+                local += text.startswith("localrule ") or text.split()[1].rstrip(":") in local_rules
+    return groups + plain - local, members + plain
+
+
+def grouped_jobs(folder: Path) -> tuple[int, int]:
+    """Cluster jobs and plain jobs of a dry run with the SLURM profile."""
+    _, out = snakemake(["-n", "--snakefile", str(ROOT / "Snakefile"), "--profile", str(ROOT / "profiles" / "slurm")],
+                       folder, capture=True)
+    return count_cluster_jobs(out, local_rules={"all", "ablations", "wsi_missing", "analysis"})
+
+
+def bench(n_slides: int, repeats: int) -> None:
+    with tempfile.TemporaryDirectory(prefix=f"bd-dag-{n_slides}-") as tmp:
+        folder = Path(tmp)
+        make_cohort(folder, n_slides)
+        project, bare = [], []
+        for _ in range(repeats):  # interleaved, so machine load hits both alike
+            project.append(project_dry_run(folder))
+            bare.append(bare_dry_run(folder))
+        p, b = min(project), min(bare)
+        emit(f"dry_run_project_{n_slides}", p, "s", target=round(2 * b, 2), better="lower")
+        emit(f"dry_run_bare_snakefile_{n_slides}", b, "s")
+        emit(f"dry_run_ratio_{n_slides}", p / b, "x", target=2.0, better="lower")
+        cluster, jobs = grouped_jobs(folder)
+        emit(f"jobs_{n_slides}", jobs, "jobs")
+        emit(f"cluster_jobs_after_grouping_{n_slides}", cluster, "jobs", target=jobs, better="lower")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1058, 5000], help="slides per cohort")
+    parser.add_argument("--repeats", type=int, default=1, help="timed dry runs of each workflow (min is kept)")
+    args = parser.parse_args()
+    for n in args.sizes:
+        bench(n, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
