@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FeatureParams:
-    """The ``features:`` section of the config (see config/README.md)."""
+    """The ``features:`` section of config/config.yaml (checked against the config schema)."""
 
     encoder: str = "resnet50"
     out_stage: str | None = "layer3"  # truncate after this stage, then global average pooling
@@ -76,20 +76,36 @@ class SlideJob:
 
 class PatchBatches(torch.utils.data.Dataset):
     """Batch ``i`` = patches ``[i*B, (i+1)*B)`` of one slide as uint8 (b, S, S, 3), read in the
-    process that asks for it (each DataLoader worker opens its own reader)."""
+    process that asks for it. A ``shared`` reader (fork-safe: pread-based tiles, or a flat image
+    decoded once in the parent) is inherited by forked workers; otherwise each process opens its
+    own (OpenSlide handles must not cross a fork)."""
 
-    def __init__(self, spec: ReadSpec, coords: np.ndarray, batch_size: int, skip_errors: bool):
+    def __init__(
+        self,
+        spec: ReadSpec,
+        coords: np.ndarray,
+        batch_size: int,
+        skip_errors: bool,
+        shared: PatchReader | None = None,
+    ) -> None:
         self.spec = spec
         self.coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
         self.batch_size = batch_size
         self.skip_errors = skip_errors
+        self._shared = shared
         self._reader: PatchReader | None = None
         self._pid = -1
 
     def __len__(self) -> int:
         return math.ceil(len(self.coords) / self.batch_size)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (spawn/forkserver workers): readers are reopened on the other side."""
+        return {**self.__dict__, "_shared": None, "_reader": None, "_pid": -1}
+
     def reader(self) -> PatchReader:
+        if self._shared is not None:
+            return self._shared
         if self._reader is None or self._pid != os.getpid():  # never share handles across fork
             self._reader, self._pid = open_reader(self.spec), os.getpid()
         return self._reader
@@ -314,23 +330,43 @@ class Extractor:
         spec = plan_reader(
             job.slide, grid.read_level, grid.read_downsample, grid.read_size, grid.mpp, p.reader
         )
-        open_reader(spec).close()  # fail early, in this process, on a slide that cannot open
+        reader = open_reader(spec)  # fails early, in this process, on a slide that cannot open
+        shared = reader if reader.share() else None
+        if shared is None:
+            reader.close()
         log.info("%s: %d patches, reader %s", grid.slide_id, len(grid), spec.kind)
+        stale = sorted(out.parent.glob(f".{out.name}.tmp-*"))
+        if stale:
+            log.warning(
+                "%s: %d temporary store(s) left by interrupted runs (delete them once no "
+                "extraction of this slide is running): %s", out, len(stale), stale[0],
+            )
         with atomic_path(out) as tmp:
             root = create_store(tmp, len(grid), self.feature_dim, self.attrs(grid, spec, fingerprint))
-            rows, skipped = self._fill(root, spec, grid)
+            try:
+                rows, skipped = self._fill(root, spec, grid, shared)
+            finally:
+                if shared is not None:
+                    shared.close()
             root.attrs.update(
                 {"n_patches": rows, "skipped_patches": len(skipped), "skipped": skipped}
             )
             finish_store(root)
         return out
 
-    def _fill(self, root: Any, spec: ReadSpec, grid: PatchGrid) -> tuple[int, list[list[int]]]:
-        """Read, encode and write every patch: the rows written and the skipped patches' x, y."""
+    def _fill(
+        self, root: Any, spec: ReadSpec, grid: PatchGrid, shared: PatchReader | None
+    ) -> tuple[int, list[list[int]]]:
+        """Read, encode and write every patch: the rows written and the skipped patches' x, y.
+
+        One batch stays in flight: its features come back to the host asynchronously while the
+        next batch is queued, so the GPU does not wait for store writes or the loader."""
         p = self.params
-        dataset = PatchBatches(spec, grid.coords, p.batch_size, p.on_decode_error == "skip")
+        skip = p.on_decode_error == "skip"
+        dataset = PatchBatches(spec, grid.coords, p.batch_size, skip, shared)
         writer = RowWriter(root, chunk=root["features"].chunks[0])
         skipped: list[list[int]] = []
+        in_flight: tuple[torch.Tensor, Any, np.ndarray] | None = None
         bar = _progress(len(grid), grid.slide_id)
         started = time.perf_counter()
         try:
@@ -342,8 +378,13 @@ class Extractor:
                 skipped += coords[~ok].tolist()
                 if ok.any():
                     pixels = batch["pixels"] if ok.all() else batch["pixels"][torch.from_numpy(ok)]
-                    writer.add(self.model(pixels).cpu().numpy(), coords[ok])
+                    queued = (*self._to_host(self.model(pixels)), coords[ok])
+                    if in_flight is not None:
+                        _land(in_flight, writer)
+                    in_flight = queued
                 bar.update(len(ok))
+            if in_flight is not None:
+                _land(in_flight, writer)
         finally:
             bar.close()
         rows = writer.close()
@@ -353,6 +394,23 @@ class Extractor:
             grid.slide_id, len(grid), seconds, len(grid) / max(seconds, 1e-9), len(skipped),
         )
         return rows, skipped
+
+    def _to_host(self, feats: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Start copying device features to the host; returns the tensor and a ready event."""
+        if self.device.type != "cuda":
+            return feats, None
+        host = feats.to("cpu", non_blocking=True)  # lands in pinned memory, asynchronously
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+
+def _land(in_flight: tuple[torch.Tensor, Any, np.ndarray], writer: RowWriter) -> None:
+    """Wait for a batch's features to reach the host, then append them to the store."""
+    host, event, coords = in_flight
+    if event is not None:
+        event.synchronize()
+    writer.add(host.numpy(), coords)
 
 
 def _progress(total: int, desc: str) -> Any:

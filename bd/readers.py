@@ -44,6 +44,10 @@ class PatchReader(Protocol):
 
     def read(self, x: int, y: int, out: np.ndarray | None = None) -> np.ndarray: ...
 
+    def share(self) -> bool:
+        """Get ready for forked workers to use this same reader; False when it must not be."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -209,6 +213,10 @@ class TiffJpegReader:
             raise SlideError(f"{self.spec.region(x, y)}: {exc.strerror or exc}") from exc
         return out
 
+    def share(self) -> bool:
+        """pread on one descriptor has no shared file offset; the tile cache is per process."""
+        return True
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -244,6 +252,21 @@ class SlideReader:
             return np.ascontiguousarray(patch[..., :3], dtype=np.uint8)
         out[:] = patch[..., :3]
         return out
+
+    def share(self) -> bool:
+        """A flat image is decoded once here and inherited by forked workers (copy-on-write),
+        instead of once per worker; OpenSlide handles are not fork-safe."""
+        from bd.slide import FlatSlide
+
+        if not isinstance(self.slide, FlatSlide):
+            return False
+        try:
+            self.slide.level_pixels(self.spec.level)
+        except SlideError:
+            raise
+        except Exception as exc:  # decoder errors of a damaged image
+            raise SlideError(f"{self.spec.path}: cannot decode the image ({exc})") from exc
+        return True
 
     def close(self) -> None:
         close = getattr(self.slide, "close", None)

@@ -138,6 +138,16 @@ def test_generic_reader_gives_the_same_features(case, tmp_path: Path) -> None:
                                rtol=2e-3, atol=2e-3)
 
 
+def test_flat_jpeg_is_read_through_bd_slide_and_shared_by_workers(flat_jpeg: Path, tmp_path: Path) -> None:
+    """BCNB-style flat JPEGs: decoded once in the parent, inherited by forked workers."""
+    grid = make_grid(tmp_path / "flat.npz", "flat", grid_coords(3000, 2000, step=700), 3000, 2000)
+    one = read_store(extract(flat_jpeg, grid, tmp_path / "w0.zarr"))
+    two = read_store(extract(flat_jpeg, grid, tmp_path / "w2.zarr", num_workers=2, batch_size=4))
+    assert one.attrs["reader"] == "slide" and one.features.shape == (15, 64)
+    np.testing.assert_allclose(one.features.astype(np.float32), two.features.astype(np.float32),
+                               rtol=2e-3, atol=2e-3)
+
+
 def test_empty_grid_gives_an_empty_complete_store(case, tmp_path: Path) -> None:
     slide, _ = case
     grid = make_grid(tmp_path / "empty.npz", "empty", np.zeros((0, 2), np.int64))

@@ -15,7 +15,7 @@ rule extract:
         f"{R}/logs/extract/{{slide}}.log",
     benchmark:
         f"{R}/benchmarks/extract/{{slide}}.tsv"
-    threads: 2
+    threads: max(1, (config.get("features") or {}).get("num_workers", 2))  # DataLoader workers
     shell:
         "bd extract --slide {input.slide:q} --grid {input.grid:q} --out {output.store:q} "
         "--params {params.features:q} > {log:q} 2>&1"
