@@ -40,6 +40,7 @@ Condition = tuple[bool, bool]  # (clinical present, slide present)
 COMPLETE: Condition = (True, True)
 NO_CLINICAL: Condition = (False, True)
 NO_SLIDE: Condition = (True, False)
+ALL_CONDITIONS: tuple[Condition, ...] = (COMPLETE, NO_CLINICAL, NO_SLIDE, (False, False))
 CONDITION_NAMES = {COMPLETE: "complete", NO_CLINICAL: "no_clinical", NO_SLIDE: "no_slide", (False, False): "none"}
 DIRECTIONS = {"none": (False, False), "m2s": (True, False), "s2m": (False, True), "both": (True, True)}
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": None}

@@ -89,9 +89,10 @@ class TrainedRun:
     params: dict[str, Any]
     identity: dict[str, Any]
     clinical_columns: list[str]
-    threshold: float
+    threshold: float  # pooled over the method's presence conditions
     epoch: int
     in_dim: int = 0
+    thresholds: dict[str, float] = field(default_factory=dict)  # per answering branch
     stage_epochs: dict[str, int] = field(default_factory=dict)
     scaler: dict[str, Any] | None = None
     seed: int | None = None
@@ -121,13 +122,15 @@ class TrainedRun:
     def predict(
         self, cohort: Cohort, clinical_present: np.ndarray, slide_present: np.ndarray | None = None
     ) -> pd.DataFrame:
-        """One row per patient of ``cohort``: patient_id, prob (of N+), branch, label, split."""
+        """One row per patient of ``cohort``: patient_id, prob (of N+), branch, label, split, and
+        threshold (the validation threshold of the branch that answered)."""
         self.check(cohort)
         idx = np.arange(cohort.n_patients)
         probs, branches = predict_patients(self.model, cohort, idx, clinical_present, slide_present, self.device)
         return pd.DataFrame({
             "patient_id": cohort.patient_ids, "prob": probs, "branch": branches,
             "label": cohort.labels.astype(int), "split": cohort.split,
+            "threshold": [self.thresholds.get(b, self.threshold) for b in branches],
         })
 
     @torch.no_grad()
@@ -190,6 +193,7 @@ def load_run(checkpoint_path: str | os.PathLike[str], device: str = "auto") -> T
         identity=dict(ckpt["identity"]),
         clinical_columns=list(ckpt["clinical_columns"]),
         threshold=float(ckpt["threshold"]),
+        thresholds={str(k): float(v) for k, v in ckpt["thresholds"].items()},
         epoch=int(ckpt["epoch"]),
         in_dim=int(ckpt["in_dim"]),
         stage_epochs=dict(ckpt["stage_epochs"]),

@@ -7,13 +7,16 @@ classic one-bag-per-step MIL. Training uses the training patients with a slide a
 (the paper's modality-complete training set); after each epoch the validation patients are
 predicted under the stage's presence conditions (for BD: clinical present -> multi-modal branch,
 absent -> single-modal branch), and the epoch with the best mean macro F1 (ties: mean AUC) is
-kept; training stops after ``patience`` epochs without improvement. The decision threshold is then
-chosen on the validation predictions (all the method's conditions pooled) to maximise macro F1.
+kept; training stops after ``patience`` epochs without improvement. Decision thresholds are then
+chosen on the validation predictions to maximise macro F1: one per branch (each of a method's
+predictors, e.g. BD's multi- and single-modal branches, is calibrated on its own), and one pooled
+over all the method's conditions. A branch that only answers outside the method's design (Filling's
+zero-filled input) takes the threshold of the method's first branch.
 
 Deterministic for a seed on CPU: seeded initialisation and shuffling, deterministic algorithms.
 
 Outputs in ``--out-dir``: ``checkpoint.pt`` (model state, parameters, method, feature/encoder
-identity, clinical columns, scaler path and SHA-256, chosen epoch(s), threshold), ``curve.csv``
+identity, clinical columns, scaler path and SHA-256, chosen epoch(s), thresholds), ``curve.csv``
 (per stage and epoch: mean training losses, validation F1/AUC) and ``curve.png``.
 """
 
@@ -39,7 +42,18 @@ from bd import __version__
 from bd.bags import Cohort
 from bd.errors import BDError, ConfigError
 from bd.io import atomic_path
-from bd.models import CONDITION_NAMES, DIRECTIONS, PRECISIONS, Condition, MILModel, Stage, create_model, model_class, model_kwargs
+from bd.models import (
+    ALL_CONDITIONS,
+    CONDITION_NAMES,
+    DIRECTIONS,
+    PRECISIONS,
+    Condition,
+    MILModel,
+    Stage,
+    create_model,
+    model_class,
+    model_kwargs,
+)
 from bd.params import build, to_dict
 from bd.runs import CHECKPOINT_FORMAT, predict_patients, resolve_device
 
@@ -95,7 +109,8 @@ class TrainResult:
     model: MILModel
     curve: pd.DataFrame
     stage_epochs: dict[str, int]
-    threshold: float
+    threshold: float  # pooled over the method's conditions
+    thresholds: dict[str, float]  # per answering branch
     val: dict[str, float]
 
 
@@ -134,6 +149,29 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
     scores = np.array([f1_macro(labels, (probs >= t).astype(int)) for t in candidates])
     best = np.flatnonzero(scores >= scores.max() - 1e-12)
     return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
+
+
+def choose_thresholds(model: MILModel, cohort: Cohort, idx: np.ndarray,
+                      device: torch.device) -> tuple[float, dict[str, float]]:
+    """(pooled threshold, threshold per branch) from validation predictions (see the docstring)."""
+    labels = cohort.labels[idx]
+    design: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+    others: set[str] = set()
+    for clin, slide in ALL_CONDITIONS:
+        probs, branches = predict_patients(model, cohort, idx, np.full(len(idx), clin), np.full(len(idx), slide), device)
+        for branch in np.unique(branches):
+            if (clin, slide) not in model.conditions:
+                others.add(str(branch))
+                continue
+            sel = branches == branch
+            design.setdefault(str(branch), ([], []))[0].append(probs[sel])
+            design[str(branch)][1].append(labels[sel])
+    thresholds = {b: choose_threshold(np.concatenate(ys), np.concatenate(ps)) for b, (ps, ys) in design.items()}
+    first = next(iter(design))
+    thresholds.update({b: thresholds[first] for b in sorted(others - set(design))})
+    pooled = choose_threshold(np.concatenate([y for _, ys in design.values() for y in ys]),
+                              np.concatenate([p for ps, _ in design.values() for p in ps]))
+    return pooled, thresholds
 
 
 def validate(model: MILModel, cohort: Cohort, idx: np.ndarray, conditions: tuple[Condition, ...],
@@ -225,16 +263,12 @@ def train_model(cohort: Cohort, params: TrainParams, seed: int, device: torch.de
                 model, cohort, stage, train_idx, val_idx, params, rng, device, progress)
             rows += stage_rows
         val = validate(model, cohort, val_idx, model.conditions, device)
-        probs = np.concatenate([
-            predict_patients(model, cohort, val_idx, np.full(len(val_idx), c), np.full(len(val_idx), s), device)[0]
-            for c, s in model.conditions
-        ])
-        labels = np.tile(cohort.labels[val_idx], len(model.conditions))
-        threshold = choose_threshold(labels, probs)
+        threshold, thresholds = choose_thresholds(model, cohort, val_idx, device)
     model.eval()
-    log.info("%s seed %d: epochs %s, val F1 %.3f, AUC %.3f, threshold %.3f",
-             params.method, seed, stage_epochs, val["val_f1"], val["val_auc"], threshold)
-    return TrainResult(model, pd.DataFrame(rows), stage_epochs, threshold, val)
+    log.info("%s seed %d: epochs %s, val F1 %.3f, AUC %.3f, thresholds %s",
+             params.method, seed, stage_epochs, val["val_f1"], val["val_auc"],
+             {b: round(t, 3) for b, t in thresholds.items()})
+    return TrainResult(model, pd.DataFrame(rows), stage_epochs, threshold, thresholds, val)
 
 
 # ---------------------------------------------------------------- outputs
@@ -266,6 +300,7 @@ def checkpoint_payload(result: TrainResult, cohort: Cohort, params: TrainParams,
         "epoch": int(result.stage_epochs[last]),
         "stage_epochs": {k: int(v) for k, v in result.stage_epochs.items()},
         "threshold": float(result.threshold),
+        "thresholds": {str(k): float(v) for k, v in result.thresholds.items()},
         "val": {k: float(v) for k, v in result.val.items()},
         "seed": int(seed),
         "versions": {"bd": str(__version__), "torch": str(torch.__version__)},

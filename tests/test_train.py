@@ -80,6 +80,16 @@ def test_early_stopping_keeps_the_best_validation_epoch():
     assert result.val["val_f1"] == pytest.approx(chosen)  # the chosen weights were restored
 
 
+@pytest.mark.parametrize(("method", "branches"), [("filling", {"fusion", "filled"}), ("bd", {"multi", "single"}),
+                                                  ("ensemble", {"ensemble", "image"})])
+def test_one_threshold_per_branch(method, branches):
+    cohort = synthetic_cohort(16, 6, DIM, CLIN, seed=2, signal=3.0)
+    result = train_model(cohort, TrainParams(method=method, max_epochs=2, lr=0.05, batch_size=4, **TINY), 0, progress=False)
+    assert set(result.thresholds) == branches
+    if method == "filling":  # zero-filled input is outside Filling's design: it keeps the fusion threshold
+        assert result.thresholds["filled"] == result.thresholds["fusion"] == result.threshold
+
+
 def test_choose_threshold_maximises_macro_f1():
     labels = np.array([0, 0, 0, 1, 1])
     probs = np.array([0.1, 0.2, 0.35, 0.3, 0.9])
@@ -148,7 +158,7 @@ def test_train_command_writes_checkpoint_curve_and_plot(trained):
     assert ckpt["clinical_columns"] == [f"c{j}" for j in range(CLIN)]
     assert ckpt["scaler"]["sha256"] == hashlib.sha256(paths["scaler"].read_bytes()).hexdigest()
     assert 1 <= ckpt["epoch"] <= 4 and ckpt["stage_epochs"] == {"joint": ckpt["epoch"]}
-    assert 0 < ckpt["threshold"] < 1
+    assert 0 < ckpt["threshold"] < 1 and set(ckpt["thresholds"]) == {"multi", "single"}
     assert not list(out.glob(".*tmp*"))  # atomic writes left no temporary files
 
 
@@ -163,6 +173,7 @@ def test_load_run_predicts_under_any_presence(trained):
     assert df["patient_id"].tolist() == cohort.patient_ids
     assert df["branch"].tolist() == ["multi" if c else "single" for c in clin]
     assert df["prob"].between(0, 1).all() and run.params["method"] == "bd"
+    assert (df["threshold"] == df["branch"].map(run.thresholds)).all()
     assert run.threshold == pytest.approx(torch.load(out / "checkpoint.pt", weights_only=True)["threshold"])
     emb = run.slide_embeddings(cohort, "single")
     assert emb.shape == (n, TINY["hidden_dim"])
