@@ -139,14 +139,16 @@ def bd_data_path(path: Path, coords: np.ndarray, cfg: dict, device: torch.device
         torch.cuda.synchronize()
 
 
-def best_rate(fn: Callable[[], None], n: int, repeats: int) -> float:
-    """Patches per second of the fastest of ``repeats`` runs (the least disturbed one)."""
-    best = float("inf")
+def race(clam: Callable[[], None], ours: Callable[[], None], n: int, repeats: int) -> tuple[float, float]:
+    """Patches per second of each loop: runs alternate (the machine's load drifts) and the
+    fastest run of each counts (the least disturbed one)."""
+    best = [float("inf"), float("inf")]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return n / best
+        for i, fn in enumerate((clam, ours)):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return n / best[0], n / best[1]
 
 
 def main() -> None:
@@ -160,7 +162,7 @@ def main() -> None:
     ap.add_argument("--out-stage", default="layer3")
     ap.add_argument("--cpu-e2e-patches", type=int, default=32,
                     help="patches for the CPU end-to-end figures (the encoder dominates on CPU)")
-    ap.add_argument("--repeats", type=int, default=2, help="data-path runs; the best counts")
+    ap.add_argument("--repeats", type=int, default=3, help="data-path runs; the best counts")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     cuda = torch.cuda.is_available()
@@ -181,16 +183,15 @@ def main() -> None:
         # Data path: one torch thread, as inside a DataLoader worker, for both loops.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        clam = best_rate(lambda: clam_reader(slide, coords), n, args.repeats)
-        ours = best_rate(lambda: bd_reader(slide, coords), n, args.repeats)
+        clam, ours = race(lambda: clam_reader(slide, coords), lambda: bd_reader(slide, coords),
+                          n, args.repeats)
         emit("clam_reader", clam, "patches/s", better="higher", **env)
         emit("bd_reader", ours, "patches/s", better="higher", **env)
         emit("reader_speedup", ours / clam, "x", **env)
 
-        clam = best_rate(lambda: [None for _ in clam_batches(slide, coords, cfg, batch, workers)],
-                         n, args.repeats)
-        ours = best_rate(lambda: bd_data_path(slide, coords, cfg, device, batch, workers), n,
-                         args.repeats)
+        clam, ours = race(
+            lambda: [None for _ in clam_batches(slide, coords, cfg, batch, workers)],
+            lambda: bd_data_path(slide, coords, cfg, device, batch, workers), n, args.repeats)
         emit("clam_data_path", clam, "patches/s", **env)
         emit("bd_data_path", ours, "patches/s", **env)
         emit("data_path_speedup", ours / clam, "x", target=4.0, **env)
@@ -209,9 +210,9 @@ def main() -> None:
         job = SlideJob(str(slide), str(grid_path), str(Path(tmp) / "bench.zarr"))
         if cuda:
             extractor.run(job)  # warm-up (cudnn autotuning)
-        clam = best_rate(lambda: clam_end_to_end(slide, e2e, cfg, encoder, device, batch, workers),
-                         len(e2e), 1 if not cuda else 2)
-        ours = best_rate(lambda: extractor.run(job), len(e2e), 1 if not cuda else 2)
+        clam, ours = race(
+            lambda: clam_end_to_end(slide, e2e, cfg, encoder, device, batch, workers),
+            lambda: extractor.run(job), len(e2e), 2 if cuda else 1)
         kind = "gpu" if cuda else "cpu"
         emit(f"clam_end_to_end_{kind}", clam, "patches/s", **env)
         emit(f"bd_end_to_end_{kind}", ours, "patches/s", **env)
