@@ -193,7 +193,8 @@ class MILModel(nn.Module):
             raise ConfigError(f"method '{self.method}' has no slide branch")
         name = branch or next(iter(self.slide_pools))
         if name not in self.slide_pools:
-            raise ConfigError(f"method '{self.method}' has no slide branch '{name}' (has: {', '.join(self.slide_pools)})")
+            have = ", ".join(self.slide_pools)
+            raise ConfigError(f"method '{self.method}' has no slide branch '{name}' (has: {have})")
         return getattr(self, self.slide_pools[name])
 
 
@@ -337,7 +338,8 @@ class AutoEncoder(Fusion):
                  precision: str = "bf16"):
         super().__init__(in_dim, clin_dim, hidden_dim, clinical_dim, precision)
         code = max(clinical_dim // 2, 4)
-        self.autoencoder = nn.Sequential(*mlp([hidden_dim, 2 * code, code, 2 * code]), nn.Linear(2 * code, clinical_dim))
+        self.autoencoder = nn.Sequential(*mlp([hidden_dim, 2 * code, code, 2 * code]),
+                                         nn.Linear(2 * code, clinical_dim))
 
     def stages(self) -> list[Stage]:
         return [Stage("fusion", ("pool", "clin", "head"), (COMPLETE,)),

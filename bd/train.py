@@ -88,7 +88,8 @@ class TrainParams:
 
     def __post_init__(self) -> None:
         model_class(self.method)
-        positive = ("max_epochs", "patience", "batch_size", "prompt_length", "hidden_dim", "clinical_dim", "smil_priors")
+        positive = ("max_epochs", "patience", "batch_size", "prompt_length", "hidden_dim", "clinical_dim",
+                    "smil_priors")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"training.{key}: {getattr(self, key)} must be at least 1")
@@ -158,7 +159,8 @@ def choose_thresholds(model: MILModel, cohort: Cohort, idx: np.ndarray,
     design: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
     others: set[str] = set()
     for clin, slide in ALL_CONDITIONS:
-        probs, branches = predict_patients(model, cohort, idx, np.full(len(idx), clin), np.full(len(idx), slide), device)
+        n = len(idx)
+        probs, branches = predict_patients(model, cohort, idx, np.full(n, clin), np.full(n, slide), device)
         for branch in np.unique(branches):
             if (clin, slide) not in model.conditions:
                 others.add(str(branch))
@@ -233,7 +235,8 @@ def train_stage(model: MILModel, cohort: Cohort, stage: Stage, train_idx: np.nda
         losses = run_epoch(model, cohort, train_idx, stage, optimizer, rng, params.batch_size, device)
         val = validate(model, cohort, val_idx, stage.val_conditions, device)
         rows.append({"stage": stage.name, "epoch": epoch, **losses, **val})
-        bar.set_postfix(loss=f"{losses['train_loss']:.4f}", val_f1=f"{val['val_f1']:.3f}", val_auc=f"{val['val_auc']:.3f}")
+        bar.set_postfix(loss=f"{losses['train_loss']:.4f}", val_f1=f"{val['val_f1']:.3f}",
+                        val_auc=f"{val['val_auc']:.3f}")
         if not progress:
             log.info("%s epoch %d: loss %.4f, val F1 %.3f, AUC %.3f", stage.name, epoch, losses["train_loss"],
                      val["val_f1"], val["val_auc"])
@@ -324,7 +327,8 @@ def plot_curve(curve: pd.DataFrame, stage_epochs: dict[str, int], path: Path, ti
         top.set_title(f"{stage}: training losses")
         top.legend(fontsize=7)
         for key in [c for c in rows.columns if c.startswith("val_") and rows[c].notna().any()]:
-            bottom.plot(rows["epoch"], rows[key], label=key.removeprefix("val_"), lw=2 if key in ("val_f1", "val_auc") else 1)
+            width = 2 if key in ("val_f1", "val_auc") else 1
+            bottom.plot(rows["epoch"], rows[key], label=key.removeprefix("val_"), lw=width)
         bottom.axvline(stage_epochs[stage], color="k", ls="--", lw=1, label=f"chosen epoch {stage_epochs[stage]}")
         bottom.set_ylim(0, 1)
         bottom.set_xlabel("epoch")

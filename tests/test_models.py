@@ -189,7 +189,8 @@ def test_one_backward_equals_two_separate_ones(cohort):
     model, batch, out = bd_losses(cohort)
     out["loss"].backward()
     joint = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    for key, prefix in (("mul", ("pool_mul", "clin_mul", "head_mul", "proj_mul")), ("sgl", ("pool_sgl", "prompt", "head_sgl"))):
+    branches = {"mul": ("pool_mul", "clin_mul", "head_mul", "proj_mul"), "sgl": ("pool_sgl", "prompt", "head_sgl")}
+    for key, prefix in branches.items():
         model.zero_grad(set_to_none=True)
         model.losses(batch, "joint")[key].backward()
         for n, p in model.named_parameters():
@@ -210,7 +211,8 @@ def test_direction_switches(cohort, directions, mul_distill, sgl_distill):
 def test_prompt_length_and_feature_sizes(cohort):
     model = build("bd", prompt_length=7)
     assert model.prompt.x.shape == (7,)
-    assert [m.out_features for m in model.prompt.mapping if hasattr(m, "out_features")] == [100, 50, SMALL["clinical_dim"]]
+    sizes = [m.out_features for m in model.prompt.mapping if hasattr(m, "out_features")]
+    assert sizes == [100, 50, SMALL["clinical_dim"]]
     assert model.proj_mul.out_features == model.proj_sgl.out_features == 64
     wsi = build("bd_wsi")
     assert wsi.prompt(2).shape == (2, SMALL["hidden_dim"])  # the prompt stands in for the slide feature

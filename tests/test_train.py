@@ -84,7 +84,8 @@ def test_early_stopping_keeps_the_best_validation_epoch():
                                                   ("ensemble", {"ensemble", "image"})])
 def test_one_threshold_per_branch(method, branches):
     cohort = synthetic_cohort(16, 6, DIM, CLIN, seed=2, signal=3.0)
-    result = train_model(cohort, TrainParams(method=method, max_epochs=2, lr=0.05, batch_size=4, **TINY), 0, progress=False)
+    params = TrainParams(method=method, max_epochs=2, lr=0.05, batch_size=4, **TINY)
+    result = train_model(cohort, params, 0, progress=False)
     assert set(result.thresholds) == branches
     if method == "filling":  # zero-filled input is outside Filling's design: it keeps the fusion threshold
         assert result.thresholds["filled"] == result.thresholds["fusion"] == result.threshold
