@@ -203,6 +203,13 @@ def run_info(run: Any, experiment: str, seed: int) -> dict[str, Any]:
     return info
 
 
+def branch_thresholds(run: Any) -> float | dict[str, float]:
+    """Each answering branch's own validation threshold (BD's two branches differ), else the
+    run's pooled one."""
+    per_branch = dict(getattr(run, "thresholds", {}) or {})
+    return {**per_branch, "*": float(run.threshold)} if per_branch else float(run.threshold)
+
+
 def run_predictor(run: Any, cohort: Any) -> PredictFn:
     """Adapt ``TrainedRun.predict`` (per-modality presence of every patient) to one sweep kind:
     the other modality stays present (a patient without a stored slide never has one)."""
@@ -278,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
     log.info("%s seed %d: %d test patients (%d N+), kinds %s, %d rates x %d repeats",
              experiment, seed, len(ids), labels.sum(), kinds, len(params.rates()), params.repeats)
     metrics, predictions, summary = evaluate(
-        run_predictor(trained, cohort), ids, labels, trained.threshold, kinds, params, info
+        run_predictor(trained, cohort), ids, labels, branch_thresholds(trained), kinds, params, info
     )
     out = Path(args.out_dir)
     write_csv(out / "predictions.csv", predictions)

@@ -38,7 +38,8 @@ def f1_macro(labels: Sequence[int], predicted: Sequence[int]) -> float:
 def threshold_predictions(
     probs: np.ndarray, threshold: float | Mapping[str, float], branches: np.ndarray | None = None
 ) -> np.ndarray:
-    """0/1 predictions: N+ where ``prob >= threshold``; a mapping gives one threshold per branch."""
+    """0/1 predictions: N+ where ``prob >= threshold``; a mapping gives one threshold per branch
+    (key ``"*"``: the threshold of any branch the mapping does not name)."""
     probs = np.asarray(probs, float)
     if not isinstance(threshold, Mapping):
         return (probs >= float(threshold)).astype(int)
@@ -46,7 +47,9 @@ def threshold_predictions(
         raise BDError("per-branch thresholds need the branch of every prediction")
     branches = np.asarray(branches)
     unknown = sorted(set(np.unique(branches)) - set(threshold))
-    if unknown:
+    if unknown and "*" in threshold:
+        threshold = {**{b: threshold["*"] for b in unknown}, **threshold}
+    elif unknown:
         raise BDError(f"no validation threshold for branch {unknown[0]!r} (have {sorted(threshold)})")
     cut = np.vectorize(lambda b: float(threshold[b]), otypes=[float])(branches)
     return (probs >= cut).astype(int)

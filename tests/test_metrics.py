@@ -135,3 +135,12 @@ def test_bootstrap_auc_equals_sklearn_per_resample():
     idx = np.concatenate([pos, neg])
     assert np.allclose(fast, M.auc_columns(labels[idx], probs[idx]))
     assert (labels[pos] == 1).all() and (labels[neg] == 0).all()
+
+
+def test_per_branch_thresholds_fall_back_to_the_pooled_one():
+    from bd.metrics import threshold_predictions
+
+    probs = np.array([0.3, 0.3, 0.6, 0.6])
+    branches = np.array(["multi", "single", "multi", "other"])
+    got = threshold_predictions(probs, {"multi": 0.5, "single": 0.2, "*": 0.7}, branches)
+    assert got.tolist() == [0, 1, 1, 0]
