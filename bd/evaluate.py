@@ -199,7 +199,8 @@ def run_info(run: Any, experiment: str, seed: int) -> dict[str, Any]:
     for key in RUN_INFO_KEYS:
         info[key] = params.get(key)
     info["epoch"] = getattr(run, "epoch", None)
-    info["threshold"] = json.dumps(run.threshold) if isinstance(run.threshold, Mapping) else float(run.threshold)
+    threshold = branch_thresholds(run)
+    info["threshold"] = json.dumps(threshold, sort_keys=True) if isinstance(threshold, Mapping) else threshold
     return info
 
 
