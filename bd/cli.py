@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "figures": ("bd.figures", "the paper's figures from all evaluations"),
     "runtime-summary": ("bd.aggregate", "per-rule runtime and memory from Snakemake benchmark files"),
     "predict": ("bd.predict", "probability of N+ for a new slide, with or without clinical data"),
+    "check": ("bd.check", "check a workflow config and its cohort before running (ids, files, clinical rows)"),
+    "qc": ("bd.qc", "gather the slides that could not be read and the cohort checks into QC tables"),
 }
 
 

@@ -35,7 +35,7 @@ from bd.errors import BDError, ConfigError, SlideError, StoreError
 from bd.grid import PatchGrid, load_grid
 from bd.io import atomic_path
 from bd.readers import PatchReader, ReadSpec, open_reader, plan_reader
-from bd.store import create_store, finish_store, read_store
+from bd.store import create_store, finish_store, read_store, write_store
 
 log = logging.getLogger(__name__)
 
@@ -318,15 +318,45 @@ class Extractor:
             "versions": {"bd": __version__, "torch": torch.__version__, "timm": timm.__version__},
         }
 
-    def run(self, job: SlideJob, resume: bool = False) -> Path:
-        """Extract one slide into ``job.out``; with ``resume``, keep an identical complete store."""
-        p = self.params
+    def run(self, job: SlideJob, resume: bool = False, on_slide_error: str = "fail") -> Path:
+        """Extract one slide into ``job.out``; with ``resume``, keep an identical complete store.
+
+        A grid without patches (no tissue, or a slide an earlier stage could not read) gives an
+        empty complete store without opening the slide. With ``on_slide_error`` skip, a slide that
+        fails here also gives an empty store, recording why (``error``, ``error_stage``)."""
         grid = load_grid(job.grid)
         fingerprint = self.fingerprint(job, grid)
         out = Path(job.out)
         if resume and _complete_with(out, fingerprint):
             log.info("%s: complete store with the same settings exists, skipped", out)
             return out
+        if len(grid) == 0:
+            error = grid.meta.get("error")
+            stage = grid.meta.get("error_stage", "segment")
+            return self.write_empty(job, grid, fingerprint, (stage, str(error)) if error else None)
+        try:
+            return self._extract(job, grid, fingerprint)
+        except SlideError as exc:
+            if on_slide_error == "fail":
+                raise
+            log.warning("%s: slide could not be read (%s); writing an empty store that records it", out, exc)
+            return self.write_empty(job, grid, "", ("extract", str(exc)))  # no fingerprint: --resume retries
+
+    def write_empty(self, job: SlideJob, grid: PatchGrid, fingerprint: str,
+                    error: tuple[str, str] | None) -> Path:
+        """An empty complete store for a slide without patches; ``error`` = (stage, reason)."""
+        attrs = self.attrs(grid, ReadSpec(job.slide, 0, 1.0, grid.read_size, kind="none"), fingerprint)
+        attrs.update(mpp=_finite(grid.mpp), patch_size_level0=_finite(grid.patch_size_level0))
+        if error is not None:
+            attrs.update(error_stage=error[0], error=error[1])
+        write_store(job.out, np.zeros((0, self.feature_dim), np.float16), np.zeros((0, 2), np.int64),
+                    {**attrs, "skipped_patches": 0, "skipped": []})
+        return Path(job.out)
+
+    def _extract(self, job: SlideJob, grid: PatchGrid, fingerprint: str) -> Path:
+        """Read, encode and store every patch of a grid with patches."""
+        p = self.params
+        out = Path(job.out)
         spec = plan_reader(
             job.slide, grid.read_level, grid.read_downsample, grid.read_size, grid.mpp, p.reader
         )
@@ -422,6 +452,11 @@ def _progress(total: int, desc: str) -> Any:
     )
 
 
+def _finite(value: float) -> float | None:
+    """JSON attributes hold no NaN: an unknown size or MPP is null."""
+    return float(value) if math.isfinite(value) else None
+
+
 def _complete_with(out: Path, fingerprint: str) -> bool:
     if not out.exists():
         return False
@@ -432,13 +467,17 @@ def _complete_with(out: Path, fingerprint: str) -> bool:
 
 
 def extract_slides(
-    jobs: Sequence[SlideJob], p: FeatureParams | dict[str, Any] | str, resume: bool = False
+    jobs: Sequence[SlideJob],
+    p: FeatureParams | dict[str, Any] | str,
+    resume: bool = False,
+    on_slide_error: Literal["fail", "skip"] = "fail",
 ) -> list[Path]:
-    """Extract every job's slide with one encoder (loaded once)."""
+    """Extract every job's slide with one encoder (loaded once); ``on_slide_error`` as in
+    :meth:`Extractor.run`."""
     if not isinstance(p, FeatureParams):
         p = params.build(FeatureParams, p)
     extractor = Extractor(p)
-    return [extractor.run(job, resume=resume) for job in jobs]
+    return [extractor.run(job, resume=resume, on_slide_error=on_slide_error) for job in jobs]
 
 
 # --- command line ----------------------------------------------------------------------------
@@ -455,6 +494,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume", action="store_true",
         help="skip slides whose store is complete and was made with the same settings",
+    )
+    parser.add_argument(
+        "--on-error", choices=["fail", "skip"], default="fail",
+        help="skip: a slide that cannot be read gets an empty store recording why (exit 0)",
     )
 
 
@@ -482,5 +525,5 @@ def run(args: argparse.Namespace) -> int:
         jobs += read_jobs(args.jobs)
     if not jobs:
         raise BDError("nothing to do: give --slide/--grid/--out or --jobs")
-    extract_slides(jobs, args.params, resume=args.resume)
+    extract_slides(jobs, args.params, resume=args.resume, on_slide_error=args.on_error)
     return 0

@@ -303,7 +303,7 @@ def write_segmentation(seg: Segmentation, params: SegmentParams, out_dir: Path, 
 
 def write_failure(out_dir: Path, title: str, reason: str) -> None:
     """Outputs of a slide that could not be read: an empty mask and contours, a QC image saying so."""
-    info = {"error": reason, "tissue_fraction": 0.0, "scale_x": None, "scale_y": None}
+    info = {"error": reason, "error_stage": "segment", "tissue_fraction": 0.0, "scale_x": None, "scale_y": None}
     write_png(out_dir / "mask.png", np.zeros((1, 1), np.uint8))
     write_json(out_dir / "mask.json", info)
     write_json(out_dir / "contours.geojson", to_geojson(None, info))

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from bd import params as params_mod
-from bd.errors import ConfigError, StoreError
+from bd.errors import ConfigError, SlideError, StoreError
 from bd.grid import PatchGrid, save_grid
 
 log = logging.getLogger(__name__)
@@ -266,17 +266,19 @@ def _annotation_polygons(
     return None
 
 
-def _write_unread(args: argparse.Namespace, params: TileParams, slide_id: str, reason: str) -> int:
-    """A slide that segmentation could not read (``--on-error skip``) gets an empty grid that
-    says why, so later stages count its patient as missing the slide."""
+def _write_unread(args: argparse.Namespace, params: TileParams, slide_id: str, reason: str,
+                  stage: str = "segment") -> int:
+    """A slide that ``stage`` could not read (``--on-error skip``) gets an empty grid that says
+    why, so extraction writes an empty store recording it and its patient counts as missing the
+    slide."""
     from bd.segment import error_image, write_png
 
-    log.warning("%s: slide was not read by segmentation (%s); writing an empty grid", slide_id, reason)
+    log.warning("%s: slide was not read by %s (%s); writing an empty grid", slide_id, stage, reason)
     grid = PatchGrid(
         coords=np.zeros((0, 2), np.int64), slide_id=slide_id, slide_width=0, slide_height=0,
         mpp=float("nan"), target_mpp=params.mpp, patch_size=params.patch_size,
         patch_size_level0=float("nan"), read_level=0, read_downsample=1.0, read_size=params.patch_size,
-        meta={"error": reason, "warnings": [f"slide not read: {reason}"]},
+        meta={"error": reason, "error_stage": stage, "warnings": [f"slide not read: {reason}"]},
     )
     save_grid(grid, args.out)
     if args.qc is not None:
@@ -293,17 +295,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fallback-mpp", type=float, default=None, help="um/px for slides without MPP metadata")
     parser.add_argument("--annotations-dir", default="", help="folder of annotation JSON files ('' for none)")
     parser.add_argument("--slide-id", default=None, help="slide id stored in the grid (default: the --out file stem)")
+    parser.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                        help="skip: a slide that cannot be read gets an empty grid recording why (exit 0)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from bd.segment import read_mask, write_png
-    from bd.slide import open_slide
+    from bd.segment import read_mask
 
     params = params_mod.build(TileParams, args.params)
     slide_id = args.slide_id or args.out.name.removesuffix(".npz")
     mask, info = read_mask(args.mask)
     if info.get("error"):
-        return _write_unread(args, params, slide_id, str(info["error"]))
+        return _write_unread(args, params, slide_id, str(info["error"]), info.get("error_stage", "segment"))
+    try:
+        return _tile(args, params, slide_id, mask, info)
+    except SlideError as exc:
+        if args.on_error == "fail":
+            raise
+        return _write_unread(args, params, slide_id, str(exc), "tile")
+
+
+def _tile(args: argparse.Namespace, params: TileParams, slide_id: str, mask: np.ndarray,
+          info: dict[str, Any]) -> int:
+    """Tile a readable slide: the grid and its QC image."""
+    from bd.segment import write_png
+    from bd.slide import open_slide
+
     with open_slide(args.slide, fallback_mpp=args.fallback_mpp) as slide:
         size = tuple(int(v) for v in slide.dimensions)
         scale = mask_scale(mask, info, size, args.mask)

@@ -2,13 +2,16 @@
 import json
 
 import pandas as pd
+from snakemake.logging import logger
 from snakemake.utils import validate
 
+from bd.check import missing_files, prerun, validate_config
 from bd.cohort import build_sample_sheet, check_config_paths
 from bd.experiments import experiments, seeds_for, target_experiments
 
 
-validate(config, schema="../schemas/config.schema.yaml")
+validate_config(config)  # one line naming each unknown key or wrong value (bd/check.py)
+validate(config, schema="../schemas/config.schema.yaml")  # Snakemake's own check; fills defaults
 check_config_paths(config)
 
 R = config["results"]
@@ -16,7 +19,18 @@ SAMPLES = build_sample_sheet(config)
 # One validator for the whole sheet (validating row by row reloads the schema each time: seconds
 # at BCNB size).
 validate(SAMPLES, schema="../schemas/samples.schema.yaml", set_default=False)
-SLIDES = list(SAMPLES["slide_id"])
+# Pre-run cohort checks, before any job (bd/check.py): missing slide files stop the run naming them
+# (on_slide_error: fail) or get no job and are recorded by rule slide_qc (skip); slides without a
+# clinical row, patients without a slide or a label are counted and warned about. Only in the main
+# process: cluster jobs re-parse this file and need only the list of slides.
+ON_SLIDE_ERROR = config.get("on_slide_error", "fail")
+if workflow.is_main_process:
+    MISSING_SLIDES = set(prerun(config, SAMPLES, logger.warning).missing_slides)
+elif ON_SLIDE_ERROR == "skip" and not (config.get("demo") or {}).get("enabled"):
+    MISSING_SLIDES = set(missing_files(SAMPLES))
+else:
+    MISSING_SLIDES = set()
+SLIDES = [s for s in SAMPLES["slide_id"] if s not in MISSING_SLIDES]
 STORES = [f"{R}/features/{slide}.zarr" for slide in SLIDES]
 # The rules that read every store (train, evaluate, figures) take this one file as input instead
 # of thousands each: the DAG of a 5,000-slide cohort then builds about as fast as a bare

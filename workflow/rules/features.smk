@@ -1,4 +1,6 @@
-# Encoder features of every patch into one Zarr store per slide (GPU rule on clusters).
+# Encoder features of every patch into one Zarr store per slide (GPU rule on clusters). A slide
+# without patches, or (on_slide_error: skip) one that cannot be read, gets an empty store that
+# records why; its patient counts as missing the slide.
 
 
 rule extract:
@@ -18,7 +20,7 @@ rule extract:
     threads: max(1, (config.get("features") or {}).get("num_workers", 2))  # DataLoader workers
     shell:
         "bd extract --slide {input.slide:q} --grid {input.grid:q} --out {output.store:q} "
-        "--params {params.features:q} > {log:q} 2>&1"
+        "--params {params.features:q} --on-error {ON_SLIDE_ERROR} > {log:q} 2>&1"
 
 
 # One file listing every slide's store (slide_id, store), the input of the rules that read all

@@ -1,7 +1,9 @@
 # Per-slide tissue segmentation and patch tiling (one job per slide, grouped on clusters).
 # segment: mask.png (0/255 at ~32x), mask.json (its exact scale to level 0, read by tile),
 # contours.geojson (level-0 polygons with holes), qc.png. With on_slide_error: skip, an unreadable
-# slide gets empty outputs and a QC image saying so; tile then writes an empty grid for it.
+# slide gets empty outputs and a QC image saying so; tile then writes an empty grid for it (as it
+# does for a slide that fails while tiling), recording the error for rule slide_qc (qc.smk). The
+# policy is in the command, not in params: switching it does not rerun slides that were read.
 
 
 rule segment:
@@ -23,7 +25,6 @@ rule segment:
         seg=section("segmentation"),
         version=stage_version("segment"),
         fallback_mpp=config["cohort"].get("fallback_mpp", 0.5),
-        on_error=config.get("on_slide_error", "fail"),
     log:
         f"{R}/logs/segment/{{slide}}.log",
     benchmark:
@@ -31,7 +32,7 @@ rule segment:
     shell:
         "bd segment --slide {input.slide:q} --out-dir $(dirname {output.mask:q}) "
         "--params {params.seg:q} --fallback-mpp {params.fallback_mpp} "
-        "--on-error {params.on_error} > {log:q} 2>&1"
+        "--on-error {ON_SLIDE_ERROR} > {log:q} 2>&1"
 
 
 rule tile:
@@ -61,4 +62,4 @@ rule tile:
     shell:
         "bd tile --slide {input.slide:q} --mask {input.mask:q} --out {output.grid:q} "
         "--qc {output.qc:q} --params {params.tiling:q} --fallback-mpp {params.fallback_mpp} "
-        "--annotations-dir={params.annotations:q} > {log:q} 2>&1"
+        "--annotations-dir={params.annotations:q} --on-error {ON_SLIDE_ERROR} > {log:q} 2>&1"

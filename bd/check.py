@@ -1,0 +1,263 @@
+"""Pre-run checks of a workflow config and its cohort: the config against its schema, the sample
+sheet against the disk, and the sample sheet against the clinical table.
+
+The workflow runs them once when it is parsed (``workflow/rules/common.smk``), before any job;
+``bd check --config CONFIG`` runs the same checks for a user. Errors stop the run and name every
+key, id or file at fault: an unknown config key or a value of the wrong type, a duplicate slide or
+patient id, a slide file that does not exist (unless ``on_slide_error: skip``, which records it
+and goes on). Everything else is counted and warned about, and ``bd qc`` puts the same counts in
+the report: slides whose patient has no clinical row (left out), patients of the table without a
+slide (they count as missing the slide), patients without a label (excluded from the split).
+Cheap enough for a 5,000-slide cohort at parse time: one ``os.path.exists`` per slide and one
+read of the clinical table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bd.errors import ConfigError, SlideError
+
+log = logging.getLogger(__name__)
+
+SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+EXAMPLES = 5  # ids or files named per finding in messages and in the report
+
+
+@dataclass(frozen=True)
+class CheckKind:
+    """One kind of finding: how serious it is and what it means for the run."""
+
+    level: str  # "error" stops the run; "warning" and "info" are counted
+    meaning: str
+
+
+# Every finding a check can report, in report order.
+CHECKS: dict[str, CheckKind] = {
+    "missing_slide_file": CheckKind("error", "slide files that do not exist (on_slide_error: skip records "
+                                             "them and counts their patient as missing the slide)"),
+    "slide_not_read": CheckKind("warning", "slides that could not be read (on_slide_error: skip); their "
+                                           "patient counts as missing the slide"),
+    "duplicate_path": CheckKind("warning", "one file listed under several slide ids (its patches count twice)"),
+    "slide_without_clinical_row": CheckKind("warning", "slides whose patient has no row in the clinical "
+                                                       "table: left out of training and evaluation"),
+    "patient_without_slide": CheckKind("warning", "patients of the clinical table with no slide in the "
+                                                  "sample sheet: they count as missing the slide"),
+    "patient_without_usable_slide": CheckKind("warning", "patients whose every slide is missing or was not "
+                                                         "read: they count as missing the slide"),
+    "patient_without_label": CheckKind("info", "patients without a label: excluded from the split, "
+                                               "training and evaluation"),
+}
+
+
+@dataclass
+class Finding:
+    check: str  # a key of CHECKS
+    items: list[str]  # the slide ids, patient ids or files concerned
+    level: str = ""  # the kind's level unless a policy changes it (missing files under skip)
+
+    def __post_init__(self) -> None:
+        self.level = self.level or self.kind.level
+
+    @property
+    def kind(self) -> CheckKind:
+        return CHECKS[self.check]
+
+    def message(self) -> str:
+        shown = ", ".join(self.items[:EXAMPLES]) + (", ..." if len(self.items) > EXAMPLES else "")
+        return f"{len(self.items)} {self.kind.meaning}: {shown}"
+
+
+@dataclass
+class CohortCheck:
+    """What the checks found in one cohort (sample sheet + clinical table)."""
+
+    slides: int
+    patients: int  # distinct patients of the sample sheet
+    table_patients: int | None = None  # rows of the clinical table (None: not read)
+    findings: dict[str, Finding] = field(default_factory=dict)
+    levels: dict[str, str] = field(default_factory=dict)  # levels a policy changed
+    missing_slides: list[str] = field(default_factory=list)  # slide ids whose file does not exist
+
+    def add(self, check: str, items: Iterable[str], level: str | None = None) -> None:
+        if level:
+            self.levels[check] = level
+        items = sorted(set(map(str, items)), key=_natural)
+        if items:
+            self.findings[check] = Finding(check, items, self.levels.get(check, ""))
+
+    def items(self, check: str) -> list[str]:
+        return self.findings[check].items if check in self.findings else []
+
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings.values() if f.level == "error"]
+
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings.values() if f.level != "error"]
+
+    def table(self) -> pd.DataFrame:
+        """One row per check (found or not): check, level, count, examples, meaning."""
+        rows = [("slides", "info", self.slides, "", "slides in the sample sheet"),
+                ("patients_with_slides", "info", self.patients, "", "patients with a slide in the sample sheet")]
+        if self.table_patients is not None:
+            rows.append(("patients_in_clinical_table", "info", self.table_patients, "",
+                         "rows of the clinical table"))
+        for name, kind in CHECKS.items():
+            found = self.findings.get(name)
+            items = found.items if found else []
+            level = self.levels.get(name, kind.level)
+            rows.append((name, level, len(items), " ".join(items[:EXAMPLES]), kind.meaning))
+        return pd.DataFrame(rows, columns=["check", "level", "count", "examples", "meaning"])
+
+
+def _natural(value: str) -> tuple[int, int | str]:
+    """Sort key: numeric ids in numeric order, then the rest alphabetically."""
+    return (0, int(value)) if value.isdigit() else (1, value)
+
+
+# ---------------------------------------------------------------- the config
+
+
+def validate_config(config: dict[str, Any], schema: Path = SCHEMA) -> None:
+    """Check ``config`` against the workflow's JSON schema; the error names the key (``a.b.c``)."""
+    import jsonschema
+    import yaml
+
+    if not schema.is_file():
+        log.debug("no config schema at %s: schema checks skipped", schema)
+        return
+    validator = jsonschema.Draft202012Validator(yaml.safe_load(schema.read_text()))
+    problems = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.path))))
+    if problems:
+        raise ConfigError("config: " + "; ".join(_describe(e) for e in problems[:EXAMPLES]))
+
+
+def _describe(error: Any) -> str:
+    """One schema violation as ``key: what is wrong``."""
+    where = ".".join(str(p) for p in error.absolute_path)
+    if error.validator == "additionalProperties":
+        known = sorted((error.schema.get("properties") or {}))
+        unknown = sorted(set(error.instance) - set(known))
+        key = ".".join(filter(None, [where, unknown[0] if unknown else "?"]))
+        return f"unknown key '{key}' (known keys{' of ' + where if where else ''}: {', '.join(known)})"
+    if error.validator == "required":
+        return f"{where or 'top level'}: {error.message}"
+    return f"key '{where}': {error.message}"
+
+
+# ---------------------------------------------------------------- the cohort
+
+
+def missing_files(sheet: pd.DataFrame) -> list[str]:
+    """Slide ids whose file does not exist (one ``os.path.exists`` each)."""
+    return [sid for sid, path in zip(sheet["slide_id"], sheet["path"]) if not os.path.exists(path)]
+
+
+def check_sheet(sheet: pd.DataFrame, on_slide_error: str = "fail", paths: bool = True) -> CohortCheck:
+    """Checks of the sample sheet alone (ids are already unique: :func:`bd.cohort.check_sample_sheet`)."""
+    result = CohortCheck(slides=len(sheet), patients=int(sheet["patient_id"].nunique()))
+    if paths:
+        result.missing_slides = missing_files(sheet)
+        missing = sheet["path"][sheet["slide_id"].isin(set(result.missing_slides))]
+        result.add("missing_slide_file", missing, "warning" if on_slide_error == "skip" else None)
+    dup = sheet["path"].duplicated(keep=False)
+    result.add("duplicate_path", sheet["slide_id"][dup])
+    return result
+
+
+def check_against_table(result: CohortCheck, sheet: pd.DataFrame, ids: list[str],
+                        labels: list[int | None]) -> CohortCheck:
+    """Add the checks that need the clinical table: patient ids and labels."""
+    known = set(ids)
+    result.table_patients = len(ids)
+    result.add("slide_without_clinical_row", sheet["slide_id"][~sheet["patient_id"].isin(known)])
+    result.add("patient_without_slide", known - set(sheet["patient_id"]))
+    result.add("patient_without_label", [pid for pid, y in zip(ids, labels) if y is None])
+    return result
+
+
+def add_unusable(result: CohortCheck, sheet: pd.DataFrame, unusable: Iterable[str]) -> CohortCheck:
+    """Patients whose every slide is in ``unusable`` (missing on disk or not read)."""
+    bad = set(unusable)
+    if bad:
+        usable = sheet[~sheet["slide_id"].isin(bad)]["patient_id"]
+        result.add("patient_without_usable_slide", set(sheet["patient_id"]) - set(usable))
+    return result
+
+
+def read_clinical_ids(config: dict[str, Any]) -> tuple[list[str], list[int | None]]:
+    """Patient ids and labels (None: blank) of the config's clinical table."""
+    from bd.clinical import ClinicalParams, load_table
+    from bd.params import build
+
+    table = load_table(config["cohort"]["clinical_table"], build(ClinicalParams, config.get("clinical") or {}))
+    return table.ids, table.labels
+
+
+def check_cohort(config: dict[str, Any], sheet: pd.DataFrame | None = None) -> CohortCheck:
+    """Every cohort check the config allows: paths unless the demo writes the slides, the clinical
+    table when it exists (the demo's is written by a job)."""
+    from bd.cohort import build_sample_sheet
+
+    sheet = build_sample_sheet(config) if sheet is None else sheet
+    demo = bool((config.get("demo") or {}).get("enabled"))
+    result = check_sheet(sheet, config.get("on_slide_error", "fail"), paths=not demo)
+    table = config["cohort"].get("clinical_table")
+    if table and (not demo or Path(table).is_file()):
+        check_against_table(result, sheet, *read_clinical_ids(config))
+    add_unusable(result, sheet, result.missing_slides)
+    return result
+
+
+def raise_errors(result: CohortCheck) -> None:
+    """Stop with every error found (missing files under on_slide_error: fail), named."""
+    errors = result.errors()
+    if errors:
+        hint = " (set on_slide_error: skip to record them and go on)" if "missing_slide_file" in result.findings else ""
+        raise SlideError("; ".join(f.message() for f in errors) + hint)
+
+
+def prerun(config: dict[str, Any], sheet: pd.DataFrame, warn: Callable[[str], None] = log.warning) -> CohortCheck:
+    """The workflow's checks before any job: raise on errors, ``warn`` one line per other finding."""
+    result = check_cohort(config, sheet)
+    raise_errors(result)
+    for finding in result.warnings():
+        warn(f"cohort check: {finding.message()}")
+    return result
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="workflow config (YAML/JSON), as given to snakemake")
+    parser.add_argument("--out", default=None, help="also write the findings as a TSV (check, level, count, ...)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from bd.cohort import check_config_paths
+    from bd.io import write_text
+    from bd.params import read_mapping
+
+    config = read_mapping(args.config, "--config")
+    validate_config(config)
+    check_config_paths(config)
+    result = check_cohort(config)
+    for finding in result.warnings():
+        print(f"{finding.level}: {finding.message()}")
+    if args.out:
+        write_text(args.out, result.table().to_csv(sep="\t", index=False))
+    raise_errors(result)
+    table = "" if result.table_patients is None else f", {result.table_patients} clinical rows"
+    print(f"{args.config}: {result.slides} slides, {result.patients} patients{table}: "
+          f"{len(result.warnings())} warning(s), no error")
+    return 0
+

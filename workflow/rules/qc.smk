@@ -1,0 +1,45 @@
+# Quality control of the cohort, as report tables: the slides that could not be read
+# (on_slide_error: skip; recorded by segment, tile and extract in their outputs, and slide files
+# missing on disk) and the pre-run cohort checks with their counts (bd/check.py). Every workflow
+# target builds them: included after report.smk, this file adds them to TARGET_OUTPUTS.
+
+QC_OUTPUTS = [f"{R}/qc/slide_errors.tsv", f"{R}/qc/cohort_checks.tsv"]
+
+
+rule slide_qc:
+    input:
+        samples=rules.samples.output[0],
+        features=FEATURE_INDEX,  # every store exists: each slide's outcome is known
+        table=config["cohort"]["clinical_table"],
+    output:
+        errors=report(
+            QC_OUTPUTS[0],
+            caption="../report/slide_errors.rst",
+            category="Quality control",
+            subcategory="Slides not read",
+        ),
+        checks=report(
+            QC_OUTPUTS[1],
+            caption="../report/cohort_checks.rst",
+            category="Quality control",
+            subcategory="Cohort checks",
+        ),
+    params:
+        results=R,
+        config=json.dumps(
+            {"on_slide_error": ON_SLIDE_ERROR, "cohort": {"clinical_table": config["cohort"]["clinical_table"]},
+             "clinical": config.get("clinical") or {}},
+            sort_keys=True,
+        ),
+    localrule: True  # reads one record per slide: seconds, on the submit host
+    log:
+        f"{R}/logs/slide_qc.log",
+    benchmark:
+        f"{R}/benchmarks/slide_qc.tsv"
+    shell:
+        "bd qc --samples {input.samples:q} --results {params.results:q} --config {params.config:q} "
+        "--out {output.errors:q} --checks-out {output.checks:q} > {log:q} 2>&1"
+
+
+for _target, _outputs in list(TARGET_OUTPUTS.items()):
+    TARGET_OUTPUTS[_target] = lambda _outputs=_outputs: [*_outputs(), *QC_OUTPUTS]
