@@ -65,7 +65,7 @@ def emit(metric: str, value: float, unit: str, target: object = None, better: st
 
 
 def make_cohort(folder: Path, n_slides: int) -> dict:
-    """Empty slide files, a sample sheet, clinical table and split folder; the project config for them."""
+    """Empty slide files, a sample sheet, a clinical table (id and label) and split folder; the project config."""
     slides = folder / "slides"
     slides.mkdir(parents=True)
     rows = ["slide_id\tpatient_id\tpath"]
@@ -75,7 +75,11 @@ def make_cohort(folder: Path, n_slides: int) -> dict:
         rows.append(f"{i}\t{i}\t{path}")
     sheet = folder / "samples.tsv"
     sheet.write_text("\n".join(rows) + "\n")
-    (folder / "clinical.xlsx").touch()
+    # a real (minimal) clinical table: the workflow reads it once at parse time (bd/check.py)
+    import pandas as pd
+
+    pd.DataFrame({"Patient ID": range(1, n_slides + 1), "ALN status": "N0"}).to_excel(
+        folder / "clinical.xlsx", index=False)
     split_dir = folder / "split"
     split_dir.mkdir()
     for name in ("train", "val", "test"):
