@@ -43,9 +43,27 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except OSError as exc:
         _remove(tmp)
         raise BDError(f"could not write {final}: {exc.strerror or exc}") from exc
+    except BDError:
+        _remove(tmp)
+        raise
+    except Exception as exc:
+        full = _disk_full(final.parent)  # before the partial output is removed and frees space
+        _remove(tmp)
+        if full:  # some writers (torch.save) report a full disk as a generic RuntimeError
+            raise BDError(f"could not write {final}: no space left on device ({exc})") from exc
+        raise
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _disk_full(folder: Path, margin: int = 1 << 20) -> bool:
+    """Whether the file system of ``folder`` has less than ``margin`` bytes left for users."""
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return False
+    return stat.f_bavail * stat.f_frsize < margin
 
 
 def _remove(path: Path) -> None:
