@@ -77,6 +77,14 @@ def stage_version(stage):
 SLIDE_PATHS = dict(zip(SAMPLES["slide_id"], SAMPLES["path"]))
 
 
+def write_feature_index(stores, out, log):
+    """Rule feature_index: the table (slide_id, store) of every slide's feature store."""
+    from bd.io import write_text
+
+    write_text(out, "slide_id\tstore\n" + "".join(f"{s}\t{p}\n" for s, p in zip(SLIDES, stores)))
+    write_text(log, f"{len(stores)} feature stores listed in {out}\n")
+
+
 def slide_path(wildcards):
     return SLIDE_PATHS[wildcards.slide]
 

@@ -30,8 +30,8 @@ rule feature_index:
         STORES,
     output:
         FEATURE_INDEX,
+    log:
+        f"{R}/logs/feature_index.log",
     localrule: True
     run:
-        from bd.io import write_text
-
-        write_text(output[0], "slide_id\tstore\n" + "".join(f"{s}\t{p}\n" for s, p in zip(SLIDES, input)))
+        write_feature_index(list(input), output[0], log[0])
