@@ -39,8 +39,8 @@ def cluster_problem() -> str | None:
     if proc.returncode != 0:
         return f"sinfo failed: {proc.stderr.strip()}"
     nodes = [line.split() for line in proc.stdout.splitlines() if line.strip()]
-    if not any(state.rstrip("*") in ("idle", "mixed") for state, *_ in nodes):
-        return f"no idle SLURM node (sinfo: {proc.stdout.strip() or 'no nodes'})"
+    if not any(state.rstrip("*~#") in ("idle", "mixed", "allocated", "completing") for state, *_ in nodes):
+        return f"no SLURM node is up (sinfo: {proc.stdout.strip() or 'no nodes'})"
     if not any("gpu" in " ".join(gres) for _, *gres in nodes):
         return f"no SLURM node offers a GPU (gres) for the extract and train jobs (sinfo: {proc.stdout.strip()})"
     return None
