@@ -254,7 +254,11 @@ def _scan_stores(
             fs = read_store(path, with_features=False)
             n = int(fs.attrs.get("n_patches", len(fs.coords)))
             if n == 0:
-                log.info("slide %s: empty feature store (no tissue); counted as missing", sid)
+                if fs.attrs.get("error"):  # on_slide_error: skip (see bd/qc.py)
+                    log.warning("slide %s: not read (%s: %s); counted as missing", sid,
+                                fs.attrs.get("error_stage", "?"), fs.attrs["error"])
+                else:
+                    log.info("slide %s: empty feature store (no tissue); counted as missing", sid)
                 continue
             if first is None:
                 first = (path, fs.attrs)

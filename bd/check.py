@@ -42,8 +42,7 @@ class CheckKind:
 
 # Every finding a check can report, in report order.
 CHECKS: dict[str, CheckKind] = {
-    "missing_slide_file": CheckKind("error", "slide files that do not exist (on_slide_error: skip records "
-                                             "them and counts their patient as missing the slide)"),
+    "missing_slide_file": CheckKind("error", "slide files that do not exist"),
     "slide_not_read": CheckKind("warning", "slides that could not be read (on_slide_error: skip); their "
                                            "patient counts as missing the slide"),
     "duplicate_path": CheckKind("warning", "one file listed under several slide ids (its patches count twice)"),
@@ -221,7 +220,8 @@ def raise_errors(result: CohortCheck) -> None:
     """Stop with every error found (missing files under on_slide_error: fail), named."""
     errors = result.errors()
     if errors:
-        hint = " (set on_slide_error: skip to record them and go on)" if "missing_slide_file" in result.findings else ""
+        hint = ("; fix the paths, or set on_slide_error: skip to record these slides, count their patients as "
+                "missing the slide and go on")
         raise SlideError("; ".join(f.message() for f in errors) + hint)
 
 

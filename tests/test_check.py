@@ -1,0 +1,168 @@
+"""Pre-run checks (bd/check.py): the config against its schema, the sample sheet against the disk
+and the clinical table, through ``bd check --config`` and through the workflow's parse step
+(``snakemake -n``), which must stop before any job on an error and only warn otherwise."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from bd import cli
+from bd.check import CHECKS, check_cohort, prerun, validate_config
+from bd.errors import ConfigError, SlideError, TableError
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+
+
+def make_cohort(root: Path, slides: dict[str, str], table: dict[str, str | None],
+                missing: tuple[str, ...] = (), policy: str = "fail") -> Path:
+    """A user's cohort in ``root``: slide files (except ``missing``), sample sheet (slide -> patient),
+    clinical table (patient -> label, None for blank), split folder, and a config file for it."""
+    (root / "slides").mkdir(parents=True)
+    rows = []
+    for sid, pid in slides.items():
+        path = root / "slides" / f"{sid}.svs"
+        if sid not in missing:
+            path.write_bytes(b"slide")
+        rows.append((sid, pid, str(path)))
+    pd.DataFrame(rows, columns=["slide_id", "patient_id", "path"]).to_csv(root / "samples.tsv", sep="\t", index=False)
+    pd.DataFrame({"Patient ID": list(table), "Age(years)": 50, "ALN status": [v or "" for v in table.values()]}).to_csv(
+        root / "clinical.csv", index=False)
+    (root / "split").mkdir()
+    for name in ("train", "val", "test"):
+        (root / "split" / f"{name}_id.txt").write_text("")
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    config.update(results=str(root / "results"), on_slide_error=policy)
+    config["demo"]["enabled"] = False
+    config["cohort"].update(sample_sheet=str(root / "samples.tsv"), clinical_table=str(root / "clinical.csv"),
+                            split_dir=str(root / "split"), annotations_dir=None)
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+# A cohort with one of each finding: S3's patient P9 has no clinical row, P4 has no slide, P5 has
+# no label; P2 owns two slides.
+SLIDES = {"S1": "P1", "S2": "P2", "S2b": "P2", "S3": "P9", "S5": "P5"}
+TABLE = {"P1": "N0", "P2": "N+(>2)", "P4": "N0", "P5": None}
+
+
+def test_counts_every_finding(tmp_path):
+    result = check_cohort(load(make_cohort(tmp_path, SLIDES, TABLE)))
+    assert (result.slides, result.patients, result.table_patients) == (5, 4, 4)
+    assert result.items("slide_without_clinical_row") == ["S3"]
+    assert result.items("patient_without_slide") == ["P4"]
+    assert result.items("patient_without_label") == ["P5"]
+    assert not result.errors() and "missing_slide_file" not in result.findings
+    table = result.table().set_index("check")
+    assert list(table.index[3:]) == list(CHECKS)  # every check has a row, found or not
+    assert table.loc["patient_without_slide", "count"] == 1 and table.loc["patient_without_slide", "examples"] == "P4"
+    assert table.loc["duplicate_path", "count"] == 0
+
+
+def test_missing_file_is_an_error_naming_it_under_fail(tmp_path):
+    config = load(make_cohort(tmp_path, SLIDES, TABLE, missing=("S2b",)))
+    warnings: list[str] = []
+    with pytest.raises(SlideError, match="1 slide files that do not exist") as info:
+        prerun(config, pd.read_csv(tmp_path / "samples.tsv", sep="\t", dtype=str), warnings.append)
+    assert str(tmp_path / "slides" / "S2b.svs") in str(info.value) and "set on_slide_error: skip" in str(info.value)
+
+
+def test_missing_file_is_recorded_under_skip(tmp_path):
+    config = load(make_cohort(tmp_path, SLIDES, TABLE, missing=("S1", "S2b"), policy="skip"))
+    warnings: list[str] = []
+    result = prerun(config, pd.read_csv(tmp_path / "samples.tsv", sep="\t", dtype=str), warnings.append)
+    assert result.missing_slides == ["S1", "S2b"]
+    assert result.findings["missing_slide_file"].level == "warning"
+    assert result.items("patient_without_usable_slide") == ["P1"]  # P2 still has S2
+    assert any(str(tmp_path / "slides" / "S1.svs") in w for w in warnings)
+    assert result.table().set_index("check").loc["missing_slide_file", "level"] == "warning"
+
+
+def test_duplicate_ids_and_paths(tmp_path):
+    config = load(make_cohort(tmp_path, SLIDES, TABLE))
+    sheet = pd.read_csv(tmp_path / "samples.tsv", sep="\t", dtype=str)
+    sheet.loc[len(sheet)] = ["S1", "P1", sheet.path[0]]
+    sheet.to_csv(tmp_path / "samples.tsv", sep="\t", index=False)
+    with pytest.raises(TableError, match=r"duplicate slide_id 'S1' in rows \[2, 7\]"):
+        check_cohort(config)
+
+    sheet.loc[5, "slide_id"] = "S1-again"  # the same file under another id: a warning
+    sheet.to_csv(tmp_path / "samples.tsv", sep="\t", index=False)
+    assert check_cohort(config).items("duplicate_path") == ["S1", "S1-again"]
+
+    table = pd.read_csv(tmp_path / "clinical.csv", dtype=str, keep_default_na=False)
+    pd.concat([table, table.iloc[[1]]]).to_csv(tmp_path / "clinical.csv", index=False)
+    with pytest.raises(TableError, match=r"rows 3 and 6, column 'Patient ID': duplicate patient id 'P2'"):
+        check_cohort(config)
+
+
+def test_validate_config_names_the_key():
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    validate_config(config)
+    with pytest.raises(ConfigError, match=r"unknown key 'tiling.patchsize' \(known keys of tiling: .*patch_size"):
+        validate_config({**config, "tiling": {**config["tiling"], "patchsize": 64}})
+    with pytest.raises(ConfigError, match="key 'split.seed': 'one' is not of type 'integer'"):
+        validate_config({**config, "split": {**config["split"], "seed": "one"}})
+    with pytest.raises(ConfigError, match="'cohort' is a required property"):
+        validate_config({k: v for k, v in config.items() if k != "cohort"})
+
+
+def test_demo_config_skips_path_checks(tmp_path, monkeypatch):
+    """At parse time the demo's slides and table do not exist yet: nothing is read or missing."""
+    monkeypatch.chdir(tmp_path)
+    result = check_cohort(yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))
+    assert result.slides == 60 and result.table_patients is None and not result.findings
+
+
+def test_bd_check_command(tmp_path, capsys):
+    config = make_cohort(tmp_path, SLIDES, TABLE)
+    assert cli.main(["check", "--config", str(config), "--out", str(tmp_path / "checks.tsv")]) == 0
+    out = capsys.readouterr().out
+    assert "5 slides, 4 patients, 4 clinical rows: 3 warning(s), no error" in out
+    assert "1 patients without a label" in out and "P5" in out
+    assert pd.read_csv(tmp_path / "checks.tsv", sep="\t").set_index("check").loc["patient_without_label", "count"] == 1
+
+    (tmp_path / "slides" / "S1.svs").unlink()
+    assert cli.main(["check", "--config", str(config)]) == 2
+    assert f"{tmp_path / 'slides' / 'S1.svs'}" in capsys.readouterr().err
+
+    bad = load(config)
+    bad["training"]["epochs"] = 3
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    assert cli.main(["check", "--config", str(tmp_path / "bad.yaml")]) == 2
+    assert "unknown key 'training.epochs'" in capsys.readouterr().err
+
+
+def dry_run(config: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "-n", "--snakefile", str(ROOT / "Snakefile"),
+           "--directory", str(config.parent), "--configfile", str(config)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=config.parent, timeout=300)
+
+
+def test_workflow_stops_on_a_missing_slide_before_any_job(tmp_path):
+    proc = dry_run(make_cohort(tmp_path, SLIDES, TABLE, missing=("S5",)))
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and str(tmp_path / "slides" / "S5.svs") in text, text[-3000:]
+    assert "Job stats" not in text
+
+
+def test_workflow_warns_and_leaves_missing_slides_out_under_skip(tmp_path):
+    proc = dry_run(make_cohort(tmp_path, SLIDES, TABLE, missing=("S5",), policy="skip"))
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-3000:]
+    for line in ("cohort check: 1 slide files that do not exist", "cohort check: 1 patients of the clinical table "
+                 "with no slide", "cohort check: 1 patients without a label"):
+        assert line in text
+    assert "results/segment/S1/mask.png" in text and "results/segment/S5/" not in text  # no job for S5
+    assert "slide_qc" in text
