@@ -495,6 +495,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--resume", action="store_true",
         help="skip slides whose store is complete and was made with the same settings",
     )
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     parser.add_argument(
         "--on-error", choices=["fail", "skip"], default="fail",
         help="skip: a slide that cannot be read gets an empty store recording why (exit 0)",
@@ -525,5 +526,7 @@ def run(args: argparse.Namespace) -> int:
         jobs += read_jobs(args.jobs)
     if not jobs:
         raise BDError("nothing to do: give --slide/--grid/--out or --jobs")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     extract_slides(jobs, args.params, resume=args.resume, on_slide_error=args.on_error)
     return 0

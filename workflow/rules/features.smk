@@ -20,7 +20,7 @@ rule extract:
     threads: max(1, (config.get("features") or {}).get("num_workers", 2))  # DataLoader workers
     shell:
         "bd extract --slide {input.slide:q} --grid {input.grid:q} --out {output.store:q} "
-        "--params {params.features:q} --on-error {ON_SLIDE_ERROR} > {log:q} 2>&1"
+        "--params {params.features:q} --on-error {ON_SLIDE_ERROR} --threads {threads} > {log:q} 2>&1"
 
 
 # One file listing every slide's store (slide_id, store), the input of the rules that read all
