@@ -202,15 +202,15 @@ def read_clinical_ids(config: dict[str, Any]) -> tuple[list[str], list[int | Non
 
 
 def check_cohort(config: dict[str, Any], sheet: pd.DataFrame | None = None) -> CohortCheck:
-    """Every cohort check the config allows: paths unless the demo writes the slides, the clinical
-    table when it exists (the demo's is written by a job)."""
+    """Every cohort check the config allows: the demo's slides and table are written by a job, so
+    for the demo only the sample sheet is checked here (``bd qc`` checks the table afterwards)."""
     from bd.cohort import build_sample_sheet
 
     sheet = build_sample_sheet(config) if sheet is None else sheet
     demo = bool((config.get("demo") or {}).get("enabled"))
     result = check_sheet(sheet, config.get("on_slide_error", "fail"), paths=not demo)
     table = config["cohort"].get("clinical_table")
-    if table and (not demo or Path(table).is_file()):
+    if table and not demo:
         check_against_table(result, sheet, *read_clinical_ids(config))
     add_unusable(result, sheet, result.missing_slides)
     return result
