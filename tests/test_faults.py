@@ -394,14 +394,15 @@ def dry_run(work: Path, override: dict) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=PLAIN_ENV, cwd=work, timeout=300)
 
 
-def user_cohort(work: Path, **features: str) -> dict:
-    """A non-demo override whose clinical table and split folder exist (slides are not needed)."""
+def user_cohort(work: Path, features: dict | None = None, **cohort: str) -> dict:
+    """A non-demo override whose clinical table, sample sheet and split folder exist, then ``cohort``
+    and ``features`` changes (slides are not needed: the run stops before)."""
     (work / "table.csv").write_text("Patient ID,ALN status\n")
     (work / "split").mkdir(exist_ok=True)
     (work / "samples.tsv").write_text("slide_id\tpatient_id\tpath\n")
-    return {"demo": {"enabled": False}, "features": features,
-            "cohort": {"clinical_table": str(work / "table.csv"), "split_dir": str(work / "split"),
-                       "sample_sheet": str(work / "samples.tsv")}}
+    paths = {"clinical_table": str(work / "table.csv"), "split_dir": str(work / "split"),
+             "sample_sheet": str(work / "samples.tsv")}
+    return {"demo": {"enabled": False}, "features": features or {}, "cohort": {**paths, **cohort}}
 
 
 @pytest.mark.parametrize(("override", "named"), [
@@ -411,8 +412,11 @@ def user_cohort(work: Path, **features: str) -> dict:
     (lambda w: {"on_slide_error": "ignore"}, "key 'on_slide_error': 'ignore' is not one of ['fail', 'skip']"),
     (lambda w: {"demo": {"enabled": False}, "cohort": {"clinical_table": "no/such/table.xlsx"}},
      "cohort.clinical_table: no/such/table.xlsx does not exist"),
-    (lambda w: user_cohort(w, weights="no/such/weights.pth"), "features.weights: no/such/weights.pth does not exist"),
-], ids=["unknown-key", "unknown-top-level-key", "wrong-type", "wrong-value", "missing-table", "missing-weights"])
+    (lambda w: user_cohort(w, sample_sheet="no/such/samples.tsv"), "cohort.sample_sheet: no/such/samples.tsv does not exist"),
+    (lambda w: user_cohort(w, split_dir="no/such/split"), "cohort.split_dir: no/such/split is not a folder"),
+    (lambda w: user_cohort(w, {"weights": "no/such/weights.pth"}), "features.weights: no/such/weights.pth does not exist"),
+], ids=["unknown-key", "unknown-top-level-key", "wrong-type", "wrong-value", "missing-table", "missing-sheet",
+        "missing-split-folder", "missing-weights"])
 def test_bad_config_fails_before_any_job_naming_the_key(override, named, tmp_path):
     proc = dry_run(tmp_path, override(tmp_path))
     text = proc.stdout + proc.stderr
