@@ -114,7 +114,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", required=True, type=Path, help="results/samples.tsv")
     parser.add_argument("--results", required=True, type=Path, help="the results folder (segment/, tiles/, features/)")
     parser.add_argument("--config", default=None,
-                        help="config as JSON/YAML (on_slide_error, cohort.clinical_table, clinical): adds the cohort checks")
+                        help="config as JSON/YAML (on_slide_error, cohort.clinical_table, clinical): "
+                             "adds the cohort checks")
     parser.add_argument("--out", required=True, type=Path, help="slide_errors.tsv to write")
     parser.add_argument("--checks-out", type=Path, default=None, help="cohort_checks.tsv to write (needs --config)")
 
