@@ -63,9 +63,8 @@ STAGE_RECORDS: list[tuple[Callable[[Path, str], Path], Callable[[Path], Record]]
 
 
 def slide_record(results: Path, slide_id: str, path: str) -> Record:
-    """(stage, reason) if the slide was not read (``input`` when its file is missing), else None."""
-    if not os.path.exists(path):
-        return "input", f"{path}: file not found"
+    """(stage, reason) if the slide was not read (``input`` when its file is missing and no stage
+    has a record of it), else None."""
     for where, read in STAGE_RECORDS:
         record_path = where(results, slide_id)
         if record_path.exists():
@@ -73,6 +72,8 @@ def slide_record(results: Path, slide_id: str, path: str) -> Record:
                 return read(record_path)
             except (StoreError, OSError, ValueError, KeyError) as exc:
                 raise BDError(f"{record_path}: cannot read the slide's record ({exc}); rerun its stage") from exc
+    if not os.path.exists(path):
+        return "input", f"{path}: file not found"
     return None
 
 
@@ -93,8 +94,7 @@ def cohort_checks(samples: pd.DataFrame, errors: pd.DataFrame, config: dict) -> 
     result = check.check_sheet(samples, config.get("on_slide_error", "fail"))
     if config["cohort"].get("clinical_table"):
         check.check_against_table(result, samples, *check.read_clinical_ids(config))
-    not_read = errors[errors["stage"] != "input"]
-    result.add("slide_not_read", not_read["slide_id"])
+    result.add("slide_not_read", set(errors["slide_id"]) - set(result.missing_slides))  # missing: counted above
     check.add_unusable(result, samples, errors["slide_id"])
     return result.table()
 
