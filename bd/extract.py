@@ -52,12 +52,11 @@ class FeatureParams:
     batch_size: int = 256
     num_workers: int = 4
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    slides_per_job: int = 1  # Snakemake group size: slides per job, the model loaded once
     on_decode_error: Literal["fail", "skip"] = "fail"
     reader: Literal["auto", "tiff-jpeg", "slide"] = "auto"  # auto: stored JPEG tiles if possible
 
     def __post_init__(self) -> None:
-        for key in ("input_size", "batch_size", "slides_per_job"):
+        for key in ("input_size", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"features.{key}: must be at least 1, got {getattr(self, key)}")
         if self.num_workers < 0:

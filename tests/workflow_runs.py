@@ -59,7 +59,7 @@ def write_config(work: Path, config: dict[str, Any], name: str = "config.yaml") 
 def snakemake(work: Path, *args: str, env: dict[str, str] | None = None,
               timeout: int = 600) -> subprocess.CompletedProcess:
     """``snakemake --directory work`` with the project's Snakefile; the workflow profile
-    profiles/default (rerun triggers, cores) applies as in a user's run."""
+    profiles/default (rerun triggers) applies as in a user's run."""
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
            "--directory", str(work), *args]
     full_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **(env or {})}
