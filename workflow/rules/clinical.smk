@@ -10,6 +10,8 @@ rule samples:
         f"{R}/logs/samples.log",
     benchmark:
         f"{R}/benchmarks/samples.tsv"
+    conda:
+        "../../envs/bd.yaml"
     shell:
         "bd samples --sheet {params.sheet:q} --out {output:q} > {log:q} 2>&1"
 
@@ -32,13 +34,15 @@ rule split:
         split=section("split"),
         version=stage_version("split"),
         clinical=section("clinical"),
-        split_dir=config["cohort"].get("split_dir") or "",
+        split_dir=lambda w, input: os.path.dirname(input.split_files[0]) if input.split_files else "",
     log:
         f"{R}/logs/split.log",
     benchmark:
         f"{R}/benchmarks/split.tsv"
+    conda:
+        "../../envs/bd.yaml"
     shell:
-        "bd split --table {input.table:q} --split-dir {params.split_dir:q} --out {output.split:q} "
+        "bd split --table {input.table:q} --split-dir={params.split_dir:q} --out {output.split:q} "
         "--params {params.split:q} --clinical {params.clinical:q} > {log:q} 2>&1"
 
 
@@ -57,11 +61,13 @@ rule clinical:
     params:
         clinical=section("clinical"),
         version=stage_version("clinical"),
-        out_dir=f"{R}/clinical",
+        out_dir=lambda w, output: os.path.dirname(output.table),
     log:
         f"{R}/logs/clinical.log",
     benchmark:
         f"{R}/benchmarks/clinical.tsv"
+    conda:
+        "../../envs/bd.yaml"
     shell:
         "bd clinical --table {input.table:q} --split {input.split:q} --out-dir {params.out_dir:q} "
         "--params {params.clinical:q} > {log:q} 2>&1"

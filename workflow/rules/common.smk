@@ -1,5 +1,6 @@
 # Shared setup: config validation, the sample sheet, and helpers for the rule files.
 import json
+import os
 
 import pandas as pd
 from snakemake.logging import logger
@@ -103,3 +104,37 @@ def target_files(target):
     from bd.experiments import target_experiments
 
     return TARGET_OUTPUTS[target]()
+
+
+# Inputs and params of the evaluation and report rules.
+
+
+def evaluation_params():
+    """The evaluation section without its figure settings (those do not change any metric)."""
+    return json.dumps({k: v for k, v in (config.get("evaluation") or {}).items() if k != "figures"}, sort_keys=True)
+
+
+def run_files(names, name="metrics.csv"):
+    return [f"{R}/evaluate/{e}/seed{s}/{name}" for e, s in runs(names)]
+
+
+def metrics_files(names):
+    return run_files(names, "metrics.csv")
+
+
+def prediction_files(names):
+    return run_files(names, "predictions.csv")
+
+
+def ablation(prefix):
+    """Ablation experiments of one kind (bd-dir-, bd-prompt-, bd-lm-), in config order."""
+    return [e for e in target_experiments(config, "ablations") if e.startswith(prefix)]
+
+
+def present(names):
+    """The experiments of ``names`` that the config defines."""
+    return [n for n in names if n in EXPERIMENTS and (n in config["training"]["methods"] or n == "bd_wsi")]
+
+
+def checkpoint_of(name):
+    return f"{R}/train/{name}/seed{seeds_for(config, name)[0]}/checkpoint.pt"

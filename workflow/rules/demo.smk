@@ -26,11 +26,13 @@ if DEMO.get("enabled"):
         params:
             demo=section("demo"),
             version=stage_version("demo"),
-            out_dir=DEMO["out_dir"],
+            out_dir=lambda w, output: os.path.dirname(output.latent),
         log:
             f"{R}/logs/demo.log",
         benchmark:
             f"{R}/benchmarks/demo.tsv"
         threads: 2
+        conda:
+            "../../envs/bd.yaml"
         shell:
             "bd demo --params {params.demo:q} --out-dir {params.out_dir:q} --workers {threads} > {log:q} 2>&1"

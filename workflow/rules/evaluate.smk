@@ -2,11 +2,6 @@
 # for every method and seed (see bd/masks.py), test split only.
 
 
-def evaluation_params():
-    """The evaluation section without its figure settings (those do not change any metric)."""
-    return json.dumps({k: v for k, v in (config.get("evaluation") or {}).items() if k != "figures"}, sort_keys=True)
-
-
 rule evaluate:
     input:
         checkpoint=rules.train.output.checkpoint,
@@ -20,11 +15,13 @@ rule evaluate:
     params:
         evaluation=evaluation_params(),
         version=stage_version("evaluate"),
-        features_dir=f"{R}/features",
+        features_dir=lambda w, input: os.path.dirname(input.features),
     log:
         f"{R}/logs/evaluate/{{experiment}}/seed{{seed}}.log",
     benchmark:
         f"{R}/benchmarks/evaluate/{{experiment}}/seed{{seed}}.tsv"
+    conda:
+        "../../envs/bd.yaml"
     shell:
         "bd evaluate --checkpoint {input.checkpoint:q} --features-dir {params.features_dir:q} "
         "--samples {input.samples:q} --clinical {input.clinical:q} --params {params.evaluation:q} "

@@ -11,6 +11,7 @@ rule extract:
     output:
         store=directory(f"{R}/features/{{slide}}.zarr"),
     params:
+        on_error=ON_SLIDE_ERROR,
         features=section("features"),
         version=stage_version("extract"),
     log:
@@ -18,9 +19,11 @@ rule extract:
     benchmark:
         f"{R}/benchmarks/extract/{{slide}}.tsv"
     threads: max(1, (config.get("features") or {}).get("num_workers", 2))  # DataLoader workers
+    conda:
+        "../../envs/bd.yaml"
     shell:
         "bd extract --slide {input.slide:q} --grid {input.grid:q} --out {output.store:q} "
-        "--params {params.features:q} --on-error {ON_SLIDE_ERROR} --threads {threads} > {log:q} 2>&1"
+        "--params {params.features:q} --on-error {params.on_error} --threads {threads} > {log:q} 2>&1"
 
 
 # One file listing every slide's store (slide_id, store), the input of the rules that read all

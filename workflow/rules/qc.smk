@@ -25,7 +25,7 @@ rule slide_qc:
             subcategory="Cohort checks",
         ),
     params:
-        results=R,
+        results=lambda w, input: os.path.dirname(os.path.dirname(input.features)),  # the results folder
         config=json.dumps(
             {"on_slide_error": ON_SLIDE_ERROR, "cohort": {"clinical_table": config["cohort"]["clinical_table"]},
              "clinical": config.get("clinical") or {}},
@@ -36,6 +36,8 @@ rule slide_qc:
         f"{R}/logs/slide_qc.log",
     benchmark:
         f"{R}/benchmarks/slide_qc.tsv"
+    conda:
+        "../../envs/bd.yaml"
     shell:
         "bd qc --samples {input.samples:q} --results {params.results:q} --config {params.config:q} "
         "--out {output.errors:q} --checks-out {output.checks:q} > {log:q} 2>&1"

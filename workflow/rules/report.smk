@@ -6,32 +6,6 @@ EVAL = config.get("evaluation") or {}
 FIGS = EVAL.get("figures") or {}
 
 
-def run_files(names, name="metrics.csv"):
-    return [f"{R}/evaluate/{e}/seed{s}/{name}" for e, s in runs(names)]
-
-
-def metrics_files(names):
-    return run_files(names, "metrics.csv")
-
-
-def prediction_files(names):
-    return run_files(names, "predictions.csv")
-
-
-def ablation(prefix):
-    """Ablation experiments of one kind (bd-dir-, bd-prompt-, bd-lm-), in config order."""
-    return [e for e in target_experiments(config, "ablations") if e.startswith(prefix)]
-
-
-def present(names):
-    """The experiments of ``names`` that the config defines."""
-    return [n for n in names if n in EXPERIMENTS and (n in config["training"]["methods"] or n == "bd_wsi")]
-
-
-def checkpoint_of(name):
-    return f"{R}/train/{name}/seed{seeds_for(config, name)[0]}/checkpoint.pt"
-
-
 # Attention heatmaps come from BD, or from the first slide-based method the config trains.
 HEATMAP_METHOD = next((m for m in ["bd", "filling", "image_only", "ensemble", "ae", "smil"]
                        if m in config["training"]["methods"]), "bd")
@@ -56,6 +30,8 @@ rule table1:
         f"{R}/logs/table1.log",
     benchmark:
         f"{R}/benchmarks/table1.tsv"
+    conda:
+        "../../envs/bd.yaml"
     shell:
         "bd aggregate table1 --metrics {input:q} --rates {params.rates:q} "
         "--out $(dirname {output.csv:q}) > {log:q} 2>&1"
@@ -72,6 +48,8 @@ rule fig1:
         f"{R}/logs/fig1.log",
     benchmark:
         f"{R}/benchmarks/fig1.tsv"
+    conda:
+        "../../envs/bd.yaml"
     shell:
         "bd figures fig1 --metrics {input:q} --methods {params.methods} --out {output:q} > {log:q} 2>&1"
 
@@ -87,6 +65,8 @@ rule roc:
         f"{R}/logs/roc.log",
     benchmark:
         f"{R}/benchmarks/roc.tsv"
+    conda:
+        "../../envs/bd.yaml"
     shell:
         "bd figures roc --predictions {input:q} --rates {params.rates:q} --out {output:q} > {log:q} 2>&1"
 
@@ -101,6 +81,8 @@ rule table2:
         f"{R}/logs/table2.log",
     benchmark:
         f"{R}/benchmarks/table2.tsv"
+    conda:
+        "../../envs/bd.yaml"
     shell:
         "bd aggregate table2 --metrics {input:q} --rates '[0, 80]' --out $(dirname {output.csv:q}) > {log:q} 2>&1"
 
@@ -115,6 +97,8 @@ rule table3:
         f"{R}/logs/table3.log",
     benchmark:
         f"{R}/benchmarks/table3.tsv"
+    conda:
+        "../../envs/bd.yaml"
     shell:
         "bd aggregate table3 --metrics {input:q} --rates '[100]' --out $(dirname {output.csv:q}) > {log:q} 2>&1"
 
@@ -131,6 +115,8 @@ rule fig4c:
         f"{R}/logs/fig4c.log",
     benchmark:
         f"{R}/benchmarks/fig4c.tsv"
+    conda:
+        "../../envs/bd.yaml"
     shell:
         "bd figures fig4c --predictions {params.predictions:q} --rate 100 --out {output:q} > {log:q} 2>&1"
 
@@ -146,6 +132,8 @@ rule fig4ab:
         f"{R}/logs/fig4ab.log",
     benchmark:
         f"{R}/benchmarks/fig4ab.tsv"
+    conda:
+        "../../envs/bd.yaml"
     shell:
         "bd figures fig4ab --metrics {input:q} --methods {params.methods} --out {output:q} > {log:q} 2>&1"
 
@@ -158,12 +146,14 @@ rule fig5:
     output:
         report(f"{R}/figures/fig5.png", caption="../report/fig5.rst", category="Figures"),
     params:
-        features_dir=f"{R}/features",
+        features_dir=lambda w, input: os.path.dirname(input.features),
         perplexity=FIGS.get("tsne_perplexity", 30),
     log:
         f"{R}/logs/fig5.log",
     benchmark:
         f"{R}/benchmarks/fig5.tsv"
+    conda:
+        "../../envs/bd.yaml"
     shell:
         "bd figures fig5 --checkpoint {input.single:q} {input.multi:q} --features-dir {params.features_dir:q} "
         "--samples {input.samples:q} --clinical {input.clinical:q} --perplexity {params.perplexity} "
@@ -182,13 +172,15 @@ rule heatmaps:
             category="Attention heatmaps",
         ),
     params:
-        features_dir=f"{R}/features",
+        features_dir=lambda w, input: os.path.dirname(input.features),
         patients=FIGS.get("heatmap_patients", 4),
         fallback_mpp=config["cohort"].get("fallback_mpp", 0.5),
     log:
         f"{R}/logs/heatmaps.log",
     benchmark:
         f"{R}/benchmarks/heatmaps.tsv"
+    conda:
+        "../../envs/bd.yaml"
     shell:
         "bd figures heatmaps --checkpoint {input.checkpoint:q} --features-dir {params.features_dir:q} "
         "--samples {input.samples:q} --clinical {input.clinical:q} --patients {params.patients} "
@@ -227,6 +219,8 @@ rule runtime_summary:
         f"{R}/logs/runtime_summary/{{target}}.log",
     benchmark:
         f"{R}/benchmarks/runtime_summary/{{target}}.tsv"
+    conda:
+        "../../envs/bd.yaml"
     shell:
         "bd runtime-summary --benchmarks {params.benchmarks:q} --out-csv {output.csv:q} "
         "--out-png {output.png:q} --jobs-csv {output.jobs:q} > {log:q} 2>&1"

@@ -22,6 +22,7 @@ rule segment:
             labels={"slide": "{slide}"},
         ),
     params:
+        on_error=ON_SLIDE_ERROR,
         seg=section("segmentation"),
         version=stage_version("segment"),
         fallback_mpp=config["cohort"].get("fallback_mpp", 0.5),
@@ -29,10 +30,12 @@ rule segment:
         f"{R}/logs/segment/{{slide}}.log",
     benchmark:
         f"{R}/benchmarks/segment/{{slide}}.tsv"
+    conda:
+        "../../envs/bd.yaml"
     shell:
         "bd segment --slide {input.slide:q} --out-dir $(dirname {output.mask:q}) "
         "--params {params.seg:q} --fallback-mpp {params.fallback_mpp} "
-        "--on-error {ON_SLIDE_ERROR} > {log:q} 2>&1"
+        "--on-error {params.on_error} > {log:q} 2>&1"
 
 
 rule tile:
@@ -51,6 +54,7 @@ rule tile:
             labels={"slide": "{slide}"},
         ),
     params:
+        on_error=ON_SLIDE_ERROR,
         tiling=section("tiling"),
         version=stage_version("tile"),
         fallback_mpp=config["cohort"].get("fallback_mpp", 0.5),
@@ -59,7 +63,9 @@ rule tile:
         f"{R}/logs/tile/{{slide}}.log",
     benchmark:
         f"{R}/benchmarks/tile/{{slide}}.tsv"
+    conda:
+        "../../envs/bd.yaml"
     shell:
         "bd tile --slide {input.slide:q} --mask {input.mask:q} --out {output.grid:q} "
         "--qc {output.qc:q} --params {params.tiling:q} --fallback-mpp {params.fallback_mpp} "
-        "--annotations-dir={params.annotations:q} --on-error {ON_SLIDE_ERROR} > {log:q} 2>&1"
+        "--annotations-dir={params.annotations:q} --on-error {params.on_error} > {log:q} 2>&1"

@@ -23,7 +23,7 @@ rule train:
     params:
         training=experiment_params,
         version=stage_version("train"),
-        features_dir=f"{R}/features",
+        features_dir=lambda w, input: os.path.dirname(input.features),
     log:
         f"{R}/logs/train/{{experiment}}/seed{{seed}}.log",
     benchmark:
@@ -34,6 +34,8 @@ rule train:
     resources:
         # all features in memory: ~4 MB a slide at 2,000 patches x 1,024-d bf16, twice for headroom
         mem_mb=2048 + 8 * len(SLIDES),
+    conda:
+        "../../envs/bd.yaml"
     shell:
         "bd train --features-dir {params.features_dir:q} --samples {input.samples:q} "
         "--clinical {input.clinical:q} --scaler {input.scaler:q} --seed {wildcards.seed} "
