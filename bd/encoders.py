@@ -9,7 +9,6 @@ the classifier are pruned, so their weights are neither needed nor computed.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from bd.errors import ConfigError
+from bd.io import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +44,6 @@ class Encoder(nn.Module):
             x, indices=[self.stage_index], intermediates_only=True
         )
         return fmap.mean(dim=(2, 3))  # global average pooling
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file, read in blocks (weights files are large)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _stage_index(model: nn.Module, name: str, out_stage: str) -> int:

@@ -12,8 +12,6 @@ saved scaler; without them the model answers from its single-modal path. Writes
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import math
 import re
@@ -25,8 +23,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bd.errors import BDError, ConfigError, SlideError, StoreError, TableError
-from bd.io import write_json
+from bd.errors import ConfigError, SlideError, StoreError, TableError
+from bd.io import file_sha256, write_json
 from bd.params import build, read_mapping
 
 log = logging.getLogger(__name__)
@@ -110,14 +108,6 @@ def parse_clinical(items: Sequence[str] | None) -> dict[str, Any] | None:
     return out
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def clinical_vector(run: Any, raw: Mapping[str, Any], scaler: str | None) -> np.ndarray:
     """Raw clinical values -> the run's model-input vector, through the scaler it was trained with."""
     from bd.clinical import load_transform
@@ -129,7 +119,7 @@ def clinical_vector(run: Any, raw: Mapping[str, Any], scaler: str | None) -> np.
         raise ConfigError("the run records no clinical scaler: give --scaler (scaler.json of bd clinical)")
     if not path.is_file():
         raise ConfigError(f"clinical scaler {path} does not exist (give --scaler)")
-    if recorded.get("sha256") and sha256_file(path) != recorded["sha256"]:
+    if recorded.get("sha256") and file_sha256(path) != recorded["sha256"]:
         raise TableError(f"{path}: not the scaler the run was trained with (SHA-256 differs from "
                          f"{recorded['sha256'][:12]}...); give the run's own scaler.json with --scaler")
     transform = load_transform(path)

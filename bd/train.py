@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import hashlib
 import logging
 import math
 import os
@@ -41,7 +40,7 @@ import torch
 from bd import __version__
 from bd.bags import Cohort
 from bd.errors import BDError, ConfigError
-from bd.io import atomic_path
+from bd.io import atomic_path, file_sha256
 from bd.models import (
     ALL_CONDITIONS,
     CONDITION_NAMES,
@@ -277,14 +276,6 @@ def train_model(cohort: Cohort, params: TrainParams, seed: int, device: torch.de
 # ---------------------------------------------------------------- outputs
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def checkpoint_payload(result: TrainResult, cohort: Cohort, params: TrainParams, seed: int,
                        scaler: Path | None) -> dict[str, Any]:
     """Everything a later stage needs to use the model and to check its inputs."""
@@ -299,7 +290,7 @@ def checkpoint_payload(result: TrainResult, cohort: Cohort, params: TrainParams,
         "state_dict": {k: v.detach().cpu() for k, v in result.model.state_dict().items()},
         "identity": cohort.identity,
         "clinical_columns": list(cohort.clinical_columns),
-        "scaler": {"path": str(scaler), "sha256": sha256_file(scaler)} if scaler else None,
+        "scaler": {"path": str(scaler), "sha256": file_sha256(scaler)} if scaler else None,
         "epoch": int(result.stage_epochs[last]),
         "stage_epochs": {k: int(v) for k, v in result.stage_epochs.items()},
         "threshold": float(result.threshold),

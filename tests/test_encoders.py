@@ -9,7 +9,8 @@ import pytest
 import timm
 import torch
 
-from bd.encoders import create_encoder, file_sha256
+from bd.encoders import create_encoder
+from bd.io import file_sha256
 from bd.errors import ConfigError
 
 
