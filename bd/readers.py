@@ -218,10 +218,11 @@ class TiffJpegReader:
         return True
 
     def close(self) -> None:
-        if self.fd >= 0:
+        if getattr(self, "fd", -1) >= 0:  # __init__ may have failed before opening the file
             os.close(self.fd)
             self.fd = -1
-        self.cache.clear()
+        if hasattr(self, "cache"):
+            self.cache.clear()
 
     def __del__(self) -> None:
         self.close()
