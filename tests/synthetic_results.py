@@ -7,11 +7,15 @@ built from files of exactly the shape ``bd evaluate`` writes.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
+from bd.bags import synthetic_cohort
 from bd.evaluate import EvaluationParams, evaluate, write_csv
+from bd.store import write_store
 
 N_TEST = 40
 IDS = [f"P{i:03d}" for i in range(N_TEST)]
@@ -122,3 +126,24 @@ def train_tiny(root: Path, cohort: dict[str, Path], method: str, seed: int = 0, 
                "--out-dir", str(out), "--no-progress"])
     assert rc == 0
     return out / "checkpoint.pt"
+
+
+def write_cohort_layout(root: Path, n: int = 16, patches: int = 8, dim: int = 16, clin: int = 4,
+                        seed: int = 4, signal: float = 3.0, last_without_store: bool = True) -> dict[str, Path]:
+    """What ``bd train`` reads, for a synthetic cohort of ``n`` patients: feature stores (the last
+    patient's left out when ``last_without_store``), sample sheet, clinical table and scaler."""
+    syn = synthetic_cohort(n, patches, dim, clin, seed=seed, signal=signal)
+    feats = root / "features"
+    for i, sid in enumerate(syn.slide_ids[:-1] if last_without_store else syn.slide_ids):
+        a, b = int(syn.offsets[i]), int(syn.offsets[i + 1])
+        write_store(feats / f"{sid}.zarr", syn.features[a:b].numpy(), syn.coords[a:b],
+                    {"encoder": "toy", "weights_sha256": "0" * 64, "patch_size": 256, "slide_id": sid})
+    pd.DataFrame({"slide_id": syn.slide_ids, "patient_id": syn.patient_ids, "path": "x"}).to_csv(
+        root / "samples.tsv", sep="\t", index=False)
+    table = pd.DataFrame({"patient_id": syn.patient_ids, "split": syn.split, "label": syn.labels})
+    for j, col in enumerate(syn.clinical_columns):
+        table[col] = syn.clinical[:, j]
+    table.to_csv(root / "clinical.tsv", sep="\t", index=False)
+    (root / "scaler.json").write_text(json.dumps({"age": {"mean": 1.0}}))
+    return {"features": feats, "samples": root / "samples.tsv", "clinical": root / "clinical.tsv",
+            "scaler": root / "scaler.json"}

@@ -271,19 +271,9 @@ def test_extraction_killed_then_rerun_equals_an_uninterrupted_run(skipped, slide
 
 def write_training_layout(root: Path, n: int = 16) -> list[str]:
     """Feature stores, sample sheet and clinical table of a small cohort; the ``bd train`` arguments."""
-    from bd.bags import synthetic_cohort
+    from synthetic_results import write_cohort_layout
 
-    syn = synthetic_cohort(n, 12, 16, 4, seed=2, signal=2.0)
-    for i, sid in enumerate(syn.slide_ids):
-        a, b = int(syn.offsets[i]), int(syn.offsets[i + 1])
-        write_store(root / "features" / f"{sid}.zarr", syn.features[a:b].numpy(), syn.coords[a:b],
-                    {"encoder": "toy", "weights_sha256": "0" * 64, "patch_size": 256})
-    pd.DataFrame({"slide_id": syn.slide_ids, "patient_id": syn.patient_ids, "path": "x"}).to_csv(
-        root / "samples.tsv", sep="\t", index=False)
-    table = pd.DataFrame({"patient_id": syn.patient_ids, "split": syn.split, "label": syn.labels})
-    for j, col in enumerate(syn.clinical_columns):
-        table[col] = syn.clinical[:, j]
-    table.to_csv(root / "clinical.tsv", sep="\t", index=False)
+    write_cohort_layout(root, n, patches=12, dim=16, clin=4, seed=2, signal=2.0, last_without_store=False)
     params = {"method": "bd", "hidden_dim": 16, "clinical_dim": 8, "prompt_length": 6, "precision": "fp32",
               "max_epochs": 15, "patience": 15, "lr": 0.02, "batch_size": 1, "device": "cpu"}
     return ["train", "--features-dir", str(root / "features"), "--samples", str(root / "samples.tsv"),

@@ -19,8 +19,8 @@ from bd.metrics import auc
 from bd.models import CONDITION_NAMES, MODELS
 from bd.params import build
 from bd.runs import load_run, predict_patients
-from bd.store import write_store
 from bd.train import TrainParams, choose_threshold, train_model
+from synthetic_results import write_cohort_layout
 
 DIM, CLIN = 16, 4
 TINY = {"hidden_dim": 16, "clinical_dim": 8, "prompt_length": 6, "smil_priors": 3, "precision": "fp32"}
@@ -116,21 +116,7 @@ def test_bad_params_name_the_key(params, message):
 
 def write_layout(root: Path, n: int = 16) -> dict[str, Path]:
     """Feature stores, sample sheet, clinical table and scaler for ``n`` patients (one without a store)."""
-    syn = synthetic_cohort(n, 8, DIM, CLIN, seed=4, signal=3.0)
-    feats = root / "features"
-    for i, sid in enumerate(syn.slide_ids[:-1]):
-        a, b = int(syn.offsets[i]), int(syn.offsets[i + 1])
-        write_store(feats / f"{sid}.zarr", syn.features[a:b].numpy(), syn.coords[a:b],
-                    {"encoder": "toy", "weights_sha256": "0" * 64, "patch_size": 256, "slide_id": sid})
-    pd.DataFrame({"slide_id": syn.slide_ids, "patient_id": syn.patient_ids, "path": "x"}).to_csv(
-        root / "samples.tsv", sep="\t", index=False)
-    table = pd.DataFrame({"patient_id": syn.patient_ids, "split": syn.split, "label": syn.labels})
-    for j, col in enumerate(syn.clinical_columns):
-        table[col] = syn.clinical[:, j]
-    table.to_csv(root / "clinical.tsv", sep="\t", index=False)
-    (root / "scaler.json").write_text(json.dumps({"age": {"mean": 1.0}}))
-    return {"features": feats, "samples": root / "samples.tsv", "clinical": root / "clinical.tsv",
-            "scaler": root / "scaler.json"}
+    return write_cohort_layout(root, n, patches=8, dim=DIM, clin=CLIN, seed=4, signal=3.0)
 
 
 @pytest.fixture(scope="module")
