@@ -237,8 +237,21 @@ def prerun(config: dict[str, Any], sheet: pd.DataFrame, warn: Callable[[str], No
 # ---------------------------------------------------------------- command line
 
 
+def merge_configs(base: dict, overlay: dict) -> dict:
+    """``overlay`` over ``base``, section by section (nested mappings merged, other values replaced)."""
+    out = dict(base)
+    for key, value in overlay.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge_configs(out[key], value) if both else value
+    return out
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="workflow config (YAML/JSON), as given to snakemake")
+    parser.add_argument(
+        "--config", required=True, nargs="+",
+        help="workflow config file(s), merged in order as snakemake merges its configfiles "
+             "(e.g. config/config.yaml config/bcnb.yaml)",
+    )
     parser.add_argument("--out", default=None, help="also write the findings as a TSV (check, level, count, ...)")
 
 
@@ -247,7 +260,9 @@ def run(args: argparse.Namespace) -> int:
     from bd.io import write_text
     from bd.params import read_mapping
 
-    config = read_mapping(args.config, "--config")
+    config: dict = {}
+    for path in args.config:
+        config = merge_configs(config, read_mapping(path, "--config"))
     validate_config(config)
     check_config_paths(config)
     result = check_cohort(config)
@@ -257,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
         write_text(args.out, result.table().to_csv(sep="\t", index=False))
     raise_errors(result)
     table = "" if result.table_patients is None else f", {result.table_patients} clinical rows"
-    print(f"{args.config}: {result.slides} slides, {result.patients} patients{table}: "
+    print(f"{' + '.join(args.config)}: {result.slides} slides, {result.patients} patients{table}: "
           f"{len(result.warnings())} warning(s), no error")
     return 0
 
