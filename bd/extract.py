@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bd import __version__, params
+from bd.device import resolve_device
 from bd.errors import BDError, ConfigError, SlideError, StoreError
 from bd.grid import PatchGrid, load_grid
 from bd.io import atomic_path
@@ -212,14 +213,6 @@ class FeatureModel(nn.Module):
         return feats.float().half()
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("features.device: cuda requested but no CUDA device is available")
-    return torch.device(name)
-
-
 # --- store writing ---------------------------------------------------------------------------
 
 
@@ -272,7 +265,7 @@ class Extractor:
         from bd.encoders import create_encoder
 
         self.params = p
-        self.device = resolve_device(p.device)
+        self.device = resolve_device(p.device, "features.device")
         encoder, data_config = create_encoder(p.encoder, p.out_stage, p.weights, p.random_weights)
         self.data_config = data_config
         self.feature_dim = encoder.feature_dim

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from bd.bags import Cohort
+from bd.device import resolve_device
 from bd.errors import ConfigError, StoreError, TableError
 from bd.models import MILModel, create_model
 
@@ -164,15 +165,6 @@ class TrainedRun:
         })
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("training.device: 'cuda' asked for, but no CUDA device is available")
-    return torch.device(name)
-
-
 def load_run(checkpoint_path: str | os.PathLike[str], device: str = "auto") -> TrainedRun:
     """Rebuild the model of a ``bd train`` checkpoint, ready for inference."""
     path = Path(checkpoint_path)
@@ -184,7 +176,7 @@ def load_run(checkpoint_path: str | os.PathLike[str], device: str = "auto") -> T
         raise StoreError(f"{path}: not a bd checkpoint (format {CHECKPOINT_FORMAT}); retrain with `bd train`")
     model = create_model(ckpt["method"], ckpt["in_dim"], ckpt["clin_dim"], **ckpt["model_kwargs"])
     model.load_state_dict(ckpt["state_dict"])
-    dev = resolve_device(device)
+    dev = resolve_device(device, "training.device")
     model.to(dev).eval()
     return TrainedRun(
         model=model,

@@ -39,6 +39,7 @@ import torch
 
 from bd import __version__
 from bd.bags import Cohort
+from bd.device import resolve_device
 from bd.errors import BDError, ConfigError
 from bd.io import atomic_path, file_sha256
 from bd.models import (
@@ -54,7 +55,7 @@ from bd.models import (
     model_kwargs,
 )
 from bd.params import build, to_dict
-from bd.runs import CHECKPOINT_FORMAT, predict_patients, resolve_device
+from bd.runs import CHECKPOINT_FORMAT, predict_patients
 
 log = logging.getLogger(__name__)
 
@@ -377,7 +378,7 @@ def run(args: argparse.Namespace) -> int:
     params = build(TrainParams, args.params)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(params.device)
+    device = resolve_device(params.device, "training.device")
     scaler = _scaler_path(args)
     dtype = torch.bfloat16 if params.precision == "bf16" else torch.float16
     cohort = load_cohort(args.features_dir, args.samples, args.clinical, dtype=dtype, progress=not args.no_progress)
