@@ -3,15 +3,12 @@ saved transform, and the command's outputs."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,8 +22,7 @@ from bd.clinical import (
     load_transform,
 )
 from bd.errors import ConfigError, TableError
-from bd.params import build
-from bd.split import SplitParams, read_split
+from bd.split import read_split
 
 # --------------------------------------------------------------------------------------------
 # Value parsers
@@ -379,17 +375,6 @@ def test_percent_ranges_parse_to_the_midpoint_fraction(a, b, dash):
     lo, hi = a / 10, b / 10
     assert V.parse_number(f"{lo:g}{dash}{hi:g}%") == pytest.approx((lo + hi) / 200)
     assert V.parse_number(f"{lo:g}%") == pytest.approx(lo / 100)
-
-
-@pytest.mark.parametrize("section, cls", [("clinical", ClinicalParams), ("split", SplitParams)])
-def test_config_schema_and_dataclass_agree(section, cls):
-    root = Path(__file__).resolve().parents[1]
-    config = yaml.safe_load((root / "config/config.yaml").read_text())
-    schema = yaml.safe_load((root / "workflow/schemas/config.schema.yaml").read_text())
-    fields = {f.name for f in dataclasses.fields(cls)}
-    assert set(schema["properties"][section]["properties"]) == fields
-    assert set(config[section]) == fields
-    assert build(cls, config[section]) == cls()  # the dataclass defaults are the config's
 
 
 def test_demo_table_gives_the_clinical_only_auc_of_demo_auc(tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -123,3 +124,37 @@ def test_output_folder_that_cannot_be_created_is_a_clear_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(BDError, match="cannot create output folder"):
         write_json(blocker / "sub" / "x.json", {})
+
+
+def _section_params():
+    from bd.clinical import ClinicalParams
+    from bd.demo import DemoParams
+    from bd.extract import FeatureParams
+    from bd.segment import SegmentParams
+    from bd.split import SplitParams
+    from bd.tiling import TileParams
+
+    return {"demo": DemoParams, "segmentation": SegmentParams, "tiling": TileParams,
+            "features": FeatureParams, "clinical": ClinicalParams, "split": SplitParams}
+
+
+# The demo config's features differ from FeatureParams' defaults on purpose (small random encoder).
+DEFAULTS_ARE_THE_CONFIG = {"demo", "segmentation", "tiling", "clinical", "split"}
+
+
+@pytest.mark.parametrize("section", sorted(_section_params()))
+def test_config_schema_and_params_dataclass_agree(section):
+    """Each stage's config section, its schema section and its params dataclass name the same keys."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    config = yaml.safe_load((root / "config" / "config.yaml").read_text())[section]
+    schema = yaml.safe_load((root / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    cls = _section_params()[section]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    assert set(config) == fields == set(schema["properties"][section]["properties"])
+    params = build(cls, config)
+    if section in DEFAULTS_ARE_THE_CONFIG:
+        assert params == cls()
+    if section == "features":
+        assert params.random_weights and params.weights is None  # the demo runs offline

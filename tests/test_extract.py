@@ -3,7 +3,6 @@ atomic stores under SIGKILL, decode errors (fail or skip), several slides per jo
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shutil
@@ -19,7 +18,6 @@ import pytest
 import tifffile
 import torch
 import torch.nn.functional as F
-import yaml
 
 from bd import cli
 from bd.encoders import create_encoder
@@ -257,13 +255,3 @@ def test_mismatched_arguments_and_bad_params_fail(case, tmp_path: Path) -> None:
                        {**TINY, "batchsize": 4})
     with pytest.raises(ConfigError, match="features.batch_size"):
         build(FeatureParams, {**TINY, "batch_size": 0})
-
-
-def test_config_section_schema_and_dataclass_agree() -> None:
-    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
-    fields = {f.name for f in dataclasses.fields(FeatureParams)}
-    assert set(config["features"]) == fields
-    assert set(schema["properties"]["features"]["properties"]) == fields
-    params = build(FeatureParams, config["features"])
-    assert params.random_weights and params.weights is None  # the demo runs offline
