@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from bd.cohort import read_samples
 from bd.errors import StoreError, TableError
 
 log = logging.getLogger(__name__)
@@ -194,19 +195,6 @@ def read_clinical(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, list[str]
         table[col] = values.astype(np.float32)
     table["label"] = labels.astype(np.int64)
     return table, columns
-
-
-def read_samples(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """The sample sheet (slide_id, patient_id, path)."""
-    path = Path(path)
-    try:
-        sheet = pd.read_csv(path, sep="\t", dtype=str)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise TableError(f"{path}: cannot read the sample sheet ({exc})") from exc
-    for col in ("slide_id", "patient_id"):
-        if col not in sheet.columns:
-            raise TableError(f"{path}: column '{col}' is missing (have: {', '.join(sheet.columns)})")
-    return sheet
 
 
 # ---------------------------------------------------------------- loading the cohort

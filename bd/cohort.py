@@ -55,19 +55,26 @@ def slides_from_pattern(pattern: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=SAMPLE_COLUMNS)
 
 
+def read_samples(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """A sample sheet TSV as written (ids as text, "NA" kept); a missing column or an unreadable
+    file is a TableError naming the file."""
+    path = Path(path)
+    try:
+        sheet = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise TableError(f"{path}: cannot read the sample sheet as a tab-separated table ({exc})") from exc
+    missing = [c for c in SAMPLE_COLUMNS if c not in sheet.columns]
+    if missing:
+        raise TableError(f"{path}: missing column(s) {missing}; expected {SAMPLE_COLUMNS}")
+    return sheet
+
+
 def read_sample_sheet(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read and check a TSV sample sheet; errors name the file, row and column."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"cohort.sample_sheet: file {path} does not exist")
-    try:
-        sheet = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise TableError(f"{path}: cannot parse as a tab-separated table ({exc})") from exc
-    missing = [c for c in SAMPLE_COLUMNS if c not in sheet.columns]
-    if missing:
-        raise TableError(f"{path}: missing column(s) {missing}; expected {SAMPLE_COLUMNS}")
-    sheet = sheet[SAMPLE_COLUMNS].apply(lambda col: col.str.strip())
+    sheet = read_samples(path)[SAMPLE_COLUMNS].apply(lambda col: col.str.strip())
     base = path.parent
     sheet["path"] = [p if os.path.isabs(p) else str(base / p) for p in sheet["path"]]
     return sheet

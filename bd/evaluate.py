@@ -236,7 +236,8 @@ def load_split_cohort(features_dir: str, samples: str, clinical: str, split: str
     """The cohort restricted to one split: only that split's feature stores are read."""
     import tempfile
 
-    from bd.bags import load_cohort, read_clinical, read_samples
+    from bd.bags import load_cohort, read_clinical
+    from bd.cohort import read_samples
 
     table, _ = read_clinical(clinical)
     raw = pd.read_csv(clinical, sep="\t", dtype={"patient_id": str})

@@ -370,7 +370,7 @@ def write_heatmaps(run: Any, cohort: Any, patient: str, samples: pd.DataFrame, f
 
 
 def _cmd_heatmaps(args: argparse.Namespace) -> Path:
-    from bd.bags import read_samples
+    from bd.cohort import read_samples
     from bd.runs import load_run
 
     from bd.evaluate import load_split_cohort

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bd.cohort import read_samples
 from bd.errors import BDError, StoreError
 
 log = logging.getLogger(__name__)
@@ -97,17 +98,6 @@ def cohort_checks(samples: pd.DataFrame, errors: pd.DataFrame, config: dict) -> 
     result.add("slide_not_read", set(errors["slide_id"]) - set(result.missing_slides))  # missing: counted above
     check.add_unusable(result, samples, errors["slide_id"])
     return result.table()
-
-
-def read_samples(path: Path) -> pd.DataFrame:
-    try:
-        sheet = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise BDError(f"{path}: cannot read the sample sheet ({exc})") from exc
-    missing = [c for c in ("slide_id", "patient_id", "path") if c not in sheet.columns]
-    if missing:
-        raise BDError(f"{path}: missing column(s) {missing}")
-    return sheet
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
