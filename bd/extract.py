@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,6 +49,10 @@ class FeatureParams:
     out_stage: str | None = "layer3"  # truncate after this stage, then global average pooling
     weights: str | None = None  # local checkpoint file (state_dict or timm checkpoint)
     random_weights: bool = False  # demo only: random (seeded) weights, with a warning
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
+    mean: list[float] | None = None  # input normalisation (R, G, B); None: the encoder's own
+    std: list[float] | None = None
+    pool: Literal["model", "cls+mean"] | None = None  # None: the preset's, else the model's own
     input_size: int = 224  # encoder input pixels per side (patches are resized on the device)
     batch_size: int = 256
     num_workers: int = 4
@@ -266,7 +270,11 @@ class Extractor:
 
         self.params = p
         self.device = resolve_device(p.device, "features.device")
-        encoder, data_config = create_encoder(p.encoder, p.out_stage, p.weights, p.random_weights)
+        encoder, data_config = create_encoder(
+            p.encoder, p.out_stage, p.weights, p.random_weights, model_kwargs=p.model_kwargs,
+            mean=p.mean, std=p.std, pool=p.pool, input_size=p.input_size,
+        )
+        self.pool = encoder.pool
         self.data_config = data_config
         self.feature_dim = encoder.feature_dim
         self.weights_id = encoder.weights_id
@@ -284,6 +292,8 @@ class Extractor:
         p = self.params
         key = {
             "encoder": p.encoder, "out_stage": p.out_stage, "weights": self.weights_id,
+            "model_kwargs": p.model_kwargs, "pool": self.pool, "mean": list(self.data_config["mean"]),
+            "std": list(self.data_config["std"]),
             "input_size": p.input_size, "slide": str(Path(job.slide).resolve()),
             "grid": {**grid.attrs(), "coords": hashlib.sha256(grid.coords.tobytes()).hexdigest()},
             "on_decode_error": p.on_decode_error, "version": __version__,
@@ -297,11 +307,12 @@ class Extractor:
         return {
             "slide_id": grid.slide_id, "slide_path": spec.path,
             "encoder": p.encoder, "out_stage": p.out_stage,
+            "model_kwargs": dict(p.model_kwargs), "pool": self.pool, "encoder_args": dc["encoder_args"],
             "weights": p.weights, "weights_sha256": self.weights_id,
             "input_size": p.input_size, "mean": list(dc["mean"]), "std": list(dc["std"]),
             "resize": "bilinear-antialias", "reader": spec.kind,
             "patch_size": grid.patch_size, "patch_size_level0": grid.patch_size_level0,
-            "target_mpp": grid.target_mpp, "mpp": grid.mpp,
+            "target_mpp": grid.target_mpp, "mpp": grid.mpp, **slide_facts(grid, spec.path),
             "read_level": grid.read_level, "read_downsample": grid.read_downsample,
             "read_size": grid.read_size, "grid_patches": len(grid),
             "device": self.device.type,
@@ -442,6 +453,17 @@ def _progress(total: int, desc: str) -> Any:
         total=total, desc=desc, unit="patch", dynamic_ncols=True,
         mininterval=0.5 if sys.stderr.isatty() else 30.0,
     )
+
+
+def slide_facts(grid: PatchGrid, path: str) -> dict[str, Any]:
+    """What identifies the slide a store was made from (checked by ``bd predict --features``):
+    level-0 size, the MPP's source and the file's size in bytes."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        size = None
+    return {"slide_width": int(grid.slide_width), "slide_height": int(grid.slide_height),
+            "mpp_source": grid.meta.get("mpp_source"), "slide_bytes": size}
 
 
 def _finite(value: float) -> float | None:

@@ -5,7 +5,10 @@ weights, input size, patch size and microns per pixel come from the run's featur
 ``--params`` may change only what does not alter the features, such as the tissue threshold or
 the batch size). A slide or feature store whose encoder or patch settings differ from the run's is
 refused with the reason. Clinical values (raw, as in the clinical table) go through the run's
-saved scaler; without them the model answers from its single-modal path. Writes
+saved scaler; without them the model answers from its single-modal path, and the patient is
+called N+ or N0 at the validation threshold of the branch that answered (as ``bd evaluate``).
+``--features`` must come from this slide (level-0 size and MPP recorded by ``bd extract``); the
+slide's MPP is then taken from the store when the file has none. Writes
 ``prediction.json``, an attention heatmap and the intermediate segmentation, grid and features.
 """
 
@@ -73,6 +76,8 @@ def stage_params(identity: Mapping[str, Any], overrides: Mapping[str, Any]) -> t
         if key not in identity:
             raise StoreError(f"the run records no '{key}' of its features; retrain it with this bd version")
     features = {"encoder": identity["encoder"], "out_stage": identity.get("out_stage"),
+                "model_kwargs": dict(identity.get("model_kwargs") or {}), "pool": identity.get("pool"),
+                "mean": identity.get("mean"), "std": identity.get("std"),
                 "weights": identity.get("weights"), "random_weights": identity.get("weights_sha256") == "random",
                 "input_size": int(identity.get("input_size", 224)), "num_workers": 0,
                 **(overrides.get("features") or {})}
@@ -86,8 +91,8 @@ def stage_params(identity: Mapping[str, Any], overrides: Mapping[str, Any]) -> t
 
 def planned_attrs(tile: Any, feat: Any) -> dict[str, Any]:
     """The identity attributes the planned extraction will give its store."""
-    return {"encoder": feat.encoder, "out_stage": feat.out_stage, "input_size": feat.input_size,
-            "patch_size": tile.patch_size, "target_mpp": tile.mpp}
+    return {"encoder": feat.encoder, "out_stage": feat.out_stage, "model_kwargs": feat.model_kwargs,
+            "input_size": feat.input_size, "patch_size": tile.patch_size, "target_mpp": tile.mpp}
 
 
 # ---------------------------------------------------------------- clinical values
@@ -140,6 +145,41 @@ def clinical_vector(run: Any, raw: Mapping[str, Any], scaler: str | None) -> np.
 
 def slide_id_of(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", path.stem) or "slide"
+
+
+def store_slide_problems(attrs: Mapping[str, Any], slide: Any) -> list[str]:
+    """Why a store with ``attrs`` was not made from the open ``slide`` (empty: it was): its level-0
+    size and MPP must agree; a fallback MPP given for a slide without one must be the store's."""
+    problems = []
+    width, height = attrs.get("slide_width"), attrs.get("slide_height")
+    if width is not None and (int(width), int(height)) != tuple(slide.dimensions):
+        problems.append(f"level-0 size {width} x {height}, the slide's is {slide.dimensions[0]} x {slide.dimensions[1]}")
+    mpp = attrs.get("mpp")
+    if mpp and not math.isclose(float(mpp), slide.mpp, rel_tol=1e-3):
+        given = "its metadata gives" if slide.mpp_source == "metadata" else "--fallback-mpp gives"
+        problems.append(f"{mpp:g} um/px, {given} {slide.mpp:g}")
+    return problems
+
+
+def check_store_slide(store: Path, attrs: Mapping[str, Any], slide_path: Path, fallback_mpp: float | None) -> float | None:
+    """Refuse ``--features`` made from another slide, naming both; the MPP to open the slide with
+    (the store's when the slide has none in its metadata and no --fallback-mpp was given)."""
+    from bd.slide import open_slide
+
+    fallback = fallback_mpp if fallback_mpp is not None else attrs.get("mpp")
+    with open_slide(slide_path, fallback_mpp=fallback) as slide:
+        problems = store_slide_problems(attrs, slide)
+    stored_id, slide_id = attrs.get("slide_id"), slide_id_of(slide_path)
+    same_id = stored_id is None or str(stored_id) == slide_id
+    has_facts = attrs.get("slide_width") is not None
+    if problems or not same_id and not has_facts:
+        what = f"slide '{stored_id}' ({attrs.get('slide_path', '?')})"
+        raise StoreError(f"--features {store} was made from {what}, not from --slide {slide_path} "
+                         f"(slide '{slide_id}'): " + ("; ".join(problems) or "other slide id"))
+    if not same_id:
+        log.warning("--features %s records slide id '%s', --slide %s is '%s'; same size and MPP: taken as "
+                    "the same slide", store, stored_id, slide_path, slide_id)
+    return fallback
 
 
 def features_for_slide(slide_path: Path, out_dir: Path, slide_id: str, run: Any, overrides: Mapping[str, Any],
@@ -216,10 +256,12 @@ def run(args: argparse.Namespace) -> int:
     clinical = clinical_vector(trained, raw, args.scaler) if raw is not None else None
     slide_id = slide_id_of(args.slide)
     out = Path(args.out_dir)
+    fallback_mpp = args.fallback_mpp
     if args.features:
         store = args.features
         if not store.exists():
             raise StoreError(f"--features {store} does not exist")
+        fallback_mpp = check_store_slide(store, read_store(store, with_features=False).attrs, args.slide, fallback_mpp)
     else:
         store = features_for_slide(args.slide, out, slide_id, trained, read_mapping(args.params), args.fallback_mpp)
     cohort = one_patient_cohort(trained, store, args.slide, clinical)
@@ -229,18 +271,18 @@ def run(args: argparse.Namespace) -> int:
     heatmap = render_slide_heatmap(
         args.slide, att[["x", "y"]].to_numpy(), patch_side_level0(read_store(store, with_features=False).attrs),
         att["attention"].to_numpy(), f"{args.slide.name}: P(N+) = {prob:.3f} ({branch} branch)",
-        out / "heatmap.png", fallback_mpp=args.fallback_mpp)
-    threshold = float(trained.threshold)
+        out / "heatmap.png", fallback_mpp=fallback_mpp)
+    threshold = float(result["threshold"].iloc[0])  # the answering branch's own, as in bd evaluate
     record = {
         "slide": str(args.slide), "run": str(args.run), "method": trained.method,
         "prob_n_plus": prob, "threshold": threshold, "prediction": "N+" if prob >= threshold else "N0",
-        "branch": branch, "clinical_present": clinical is not None, "clinical_raw": raw,
+        "pooled_threshold": float(trained.threshold), "branch": branch, "clinical_present": clinical is not None, "clinical_raw": raw,
         "clinical_input": None if clinical is None else dict(zip(trained.clinical_columns, clinical.tolist())),
         "patches": int(len(att)), "features": str(store), "heatmap": str(heatmap),
     }
     write_json(out / "prediction.json", record)
-    print(f"{args.slide.name}: P(N+) = {prob:.3f} -> {record['prediction']} (validation threshold {threshold:.3f}); "
-          f"answered by the '{branch}' branch of {trained.method} "
+    print(f"{args.slide.name}: P(N+) = {prob:.3f} -> {record['prediction']} (validation threshold {threshold:.3f} "
+          f"of the '{branch}' branch of {trained.method}, which answered) "
           f"({'with' if clinical is not None else 'without'} clinical data); "
           f"{len(att)} patches; heatmap {heatmap}")
     return 0
