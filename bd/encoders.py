@@ -390,8 +390,9 @@ def _build(spec: Spec) -> nn.Module:
             return timm.create_model(spec.architecture, pretrained=False, **kwargs)
     except RuntimeError as exc:  # timm: "Unknown model"
         raise ConfigError(f"features.encoder: {exc}") from exc
-    except TypeError as exc:  # an argument the architecture does not take
-        raise ConfigError(f"features.model_kwargs: {spec.architecture} does not accept them ({exc})") from exc
+    except (TypeError, ValueError, AssertionError) as exc:  # an argument it does not take, or a bad value
+        raise ConfigError(f"features.model_kwargs: {spec.architecture} does not accept "
+                          f"{json_kwargs(spec.kwargs)} ({type(exc).__name__}: {exc})") from exc
 
 
 def _check_input_size(model: nn.Module, name: str, input_size: int | None) -> None:

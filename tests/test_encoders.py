@@ -103,3 +103,242 @@ def test_bad_names_list_the_choices() -> None:
         create_encoder("resnet18", "layer9", random_weights=True)
     with pytest.raises(ConfigError, match=r"features\.encoder.*resnet_nope"):
         create_encoder("resnet_nope", None, random_weights=True)
+
+
+# --- foundation encoders: presets, model_kwargs, normalisation, checkpoint layouts, offline hub ---
+
+from bd.encoders import PRESETS, layer_kwargs  # noqa: E402
+
+DATA = Path(__file__).parent / "data"
+# Each preset's checkpoint is written in one of the published forms: file type and wrapping.
+LAYOUTS = {"uni": ("pytorch_model.bin", "bare"), "uni2-h": ("uni2.pth", "state_dict"),
+           "virchow2": ("model.safetensors", "bare"), "h-optimus-0": ("checkpoint.pth", "module"),
+           "phikon-v2": ("model.safetensors", "transformers")}
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to open a connection fails the test (HF_HUB_OFFLINE set as on a compute node)."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[:2]}")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+def perturbed(model: torch.nn.Module, seed: int = 5) -> torch.nn.Module:
+    """``model`` with every parameter moved off its init (LayerScale 1e-5 would hide the blocks)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+def timm_to_dinov2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of bd's mapping, written out independently: timm ViT keys -> transformers DINOv2."""
+    out = {"embeddings.mask_token": torch.zeros_like(state["cls_token"][0])}
+    names = {"cls_token": "embeddings.cls_token", "pos_embed": "embeddings.position_embeddings",
+             "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+             "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
+             "norm.weight": "layernorm.weight", "norm.bias": "layernorm.bias"}
+    for key, value in state.items():
+        if key in names:
+            out[names[key]] = value
+            continue
+        _, i, rest = key.split(".", 2)
+        base = f"encoder.layer.{i}."
+        if rest.startswith("attn.qkv."):
+            kind = rest.rsplit(".", 1)[1]
+            for part, chunk in zip(("query", "key", "value"), value.chunk(3)):
+                out[f"{base}attention.attention.{part}.{kind}"] = chunk.clone()
+        elif rest.startswith("attn.proj."):
+            out[base + "attention.output.dense." + rest.rsplit(".", 1)[1]] = value
+        elif rest.startswith(("ls1.", "ls2.")):
+            out[f"{base}layer_scale{rest[2]}.lambda1"] = value
+        else:
+            out[base + rest] = value
+    return out
+
+
+def write_checkpoint(state: dict[str, torch.Tensor], folder: Path, name: str, wrap: str) -> Path:
+    from safetensors.torch import save_file
+
+    path = folder / name
+    if wrap == "transformers":
+        state = timm_to_dinov2(state)
+    if wrap == "module":
+        state = {f"module.{k}": v for k, v in state.items()}
+    state = {k: v.contiguous() for k, v in state.items()}
+    if name.endswith(".safetensors"):
+        save_file(state, str(path))
+    else:
+        torch.save({"state_dict": state, "epoch": 1} if wrap == "state_dict" else state, path)
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_builds_and_loads_a_checkpoint_written_from_it(name: str, tmp_path: Path, no_network) -> None:
+    """Published arguments at reduced depth: the feature size, normalisation and pooling of the
+    preset, and its weights loaded from the published checkpoint form (features equal the source's)."""
+    preset = PRESETS[name]
+    small = {"depth": 1}
+    random_enc, config = create_encoder(name, None, random_weights=True, model_kwargs=small, input_size=224)
+    assert random_enc.feature_dim == preset.feature_dim and random_enc.weights_id == "random"
+    assert tuple(config["mean"]) == preset.mean and tuple(config["std"]) == preset.std
+    torch.manual_seed(11)
+    source = perturbed(timm.create_model(preset.architecture, pretrained=False, num_classes=0,
+                                         **layer_kwargs({**preset.model_kwargs, **small})))
+    file, wrap = LAYOUTS[name]
+    path = write_checkpoint(source.state_dict(), tmp_path, file, wrap)
+    loaded, _ = create_encoder(name, None, tmp_path if wrap == "transformers" else path, model_kwargs=small)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        out = source(x)
+        if name == "virchow2":  # the published recipe: class token + mean of the patch tokens (1-4: registers)
+            expected = torch.cat([out[:, 0], out[:, 5:].mean(1)], dim=-1)
+        else:
+            expected = out
+        got = loaded(x)
+    assert got.shape == (2, preset.feature_dim)
+    torch.testing.assert_close(got, expected)
+    assert loaded.weights_id == file_sha256(path)
+
+
+@pytest.mark.parametrize("name, millions", [("uni", 303), ("uni2-h", 681), ("virchow2", 631),
+                                            ("h-optimus-0", 1135), ("phikon-v2", 303)])
+def test_preset_arguments_give_the_published_model_size(name: str, millions: int) -> None:
+    """Full depth, on the meta device (no memory): the parameter count of the published model."""
+    preset = PRESETS[name]
+    with torch.device("meta"):
+        model = timm.create_model(preset.architecture, pretrained=False, num_classes=0,
+                                  **layer_kwargs(preset.model_kwargs))
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6) == millions
+
+
+def test_transformers_dinov2_checkpoint_matches_transformers_output() -> None:
+    """tests/data/dinov2-tiny was written by transformers' Dinov2Model (the Phikon-v2 layout) with
+    its class-token output: bd maps the keys onto timm's ViT and gets the same numbers."""
+    folder = DATA / "dinov2-tiny"
+    expected = __import__("numpy").load(folder / "expected.npz")
+    enc, _ = create_encoder("vit_base_patch16_224", None, folder / "model.safetensors", model_kwargs={
+        "embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 64, "init_values": 1.0})
+    with torch.no_grad():
+        got = enc(torch.from_numpy(expected["x"]))
+    torch.testing.assert_close(got, torch.from_numpy(expected["cls"]), atol=1e-5, rtol=1e-5)
+
+
+def test_layerscale_checkpoint_needs_init_values_and_says_so(tmp_path: Path) -> None:
+    """The issue's case: a UNI-style ViT checkpoint is refused without init_values, naming the key."""
+    torch.manual_seed(3)
+    path = tmp_path / "vit.pth"
+    torch.save(timm.create_model("vit_small_patch16_224", init_values=1e-5, depth=1).state_dict(), path)
+    with pytest.raises(ConfigError, match=r"unexpected.*ls1\.gamma.*init_values"):
+        create_encoder("vit_small_patch16_224", None, path, model_kwargs={"depth": 1})
+    enc, _ = create_encoder("vit_small_patch16_224", None, path, model_kwargs={"depth": 1, "init_values": 1e-5})
+    assert enc.feature_dim == 384
+
+
+def test_mean_std_overrides_and_their_checks() -> None:
+    _, config = create_encoder("resnet18", "layer1", random_weights=True, mean=[0.7, 0.6, 0.7], std=[0.2, 0.2, 0.2])
+    assert config["mean"] == (0.7, 0.6, 0.7) and config["std"] == (0.2, 0.2, 0.2)
+    with pytest.raises(ConfigError, match=r"features\.std.*3 numbers"):
+        create_encoder("resnet18", "layer1", random_weights=True, std=[0.2, 0.2])
+    with pytest.raises(ConfigError, match=r"features\.std"):
+        create_encoder("resnet18", "layer1", random_weights=True, std=[0.2, 0.0, 0.2])
+
+
+def test_bad_foundation_settings_are_named() -> None:
+    with pytest.raises(ConfigError, match=r"features\.out_stage.*uni.*null"):
+        create_encoder("uni", "layer3", random_weights=True, model_kwargs={"depth": 1})
+    with pytest.raises(ConfigError, match=r"features\.input_size.*224.*dynamic_img_size"):
+        create_encoder("h-optimus-0", None, random_weights=True, model_kwargs={"depth": 1}, input_size=112)
+    with pytest.raises(ConfigError, match=r"features\.model_kwargs\.mlp_layer.*Nope"):
+        create_encoder("vit_small_patch16_224", None, random_weights=True, model_kwargs={"mlp_layer": "Nope"})
+    with pytest.raises(ConfigError, match=r"features\.model_kwargs.*bogus"):
+        create_encoder("resnet18", None, random_weights=True, model_kwargs={"bogus": 1})
+    with pytest.raises(ConfigError, match=r"features\.pool.*cls\+mean.*resnet18"):
+        create_encoder("resnet18", None, random_weights=True, pool="cls+mean")
+    with pytest.raises(ConfigError, match=r"features\.model_kwargs.*2560"):
+        create_encoder("virchow2", None, random_weights=True, model_kwargs={"depth": 1, "embed_dim": 160, "num_heads": 2})
+    with pytest.raises(ConfigError, match=r"features\.model_kwargs.*AssertionError"):
+        create_encoder("virchow2", None, random_weights=True, model_kwargs={"depth": 1, "embed_dim": 64, "num_heads": 2})
+
+
+def test_dynamic_img_size_takes_another_input_size() -> None:
+    enc, _ = create_encoder("uni", None, random_weights=True, model_kwargs={"depth": 1}, input_size=112)
+    with torch.no_grad():
+        assert enc(torch.randn(1, 3, 112, 112)).shape == (1, 1024)
+
+
+def hub_folder_of(folder: Path, arch: str, args: dict, mean: list[float], seed: int = 2) -> torch.nn.Module:
+    """A timm hub model folder (config.json + model.safetensors), as `hf download` leaves it."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({
+        "architecture": arch, "model_args": {**args, "num_classes": 0},
+        "pretrained_cfg": {"mean": mean, "std": [0.25, 0.25, 0.25], "num_classes": 0}}))
+    torch.manual_seed(seed)
+    model = perturbed(timm.create_model(arch, pretrained=False, num_classes=0, **args))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    return model
+
+
+def test_hf_hub_name_from_a_local_folder(tmp_path: Path, no_network) -> None:
+    args = {"depth": 1, "init_values": 1e-5}
+    source = hub_folder_of(tmp_path / "lab-vit", "vit_small_patch16_224", args, [0.6, 0.5, 0.6])
+    enc, config = create_encoder("hf-hub:lab/vit", None, tmp_path / "lab-vit")
+    assert config["mean"] == (0.6, 0.5, 0.6) and config["std"] == (0.25, 0.25, 0.25)
+    assert enc.weights_id == file_sha256(tmp_path / "lab-vit" / "model.safetensors")
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x), source(x))
+
+
+def hub_cache(monkeypatch: pytest.MonkeyPatch, root: Path) -> Path:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+    return root
+
+
+def test_hf_hub_name_from_the_local_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network) -> None:
+    """A preset without features.weights is found in Hugging Face's cache, offline."""
+    cache = hub_cache(monkeypatch, tmp_path / "hub")
+    repo = cache / "models--MahmoodLab--UNI"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    snapshot = repo / "snapshots" / "0123abcd"
+    preset = PRESETS["uni"]
+    source = hub_folder_of(snapshot, preset.architecture, {**preset.model_kwargs, "depth": 1}, list(preset.mean))
+    for name in ("uni", "hf-hub:MahmoodLab/UNI"):
+        enc, _ = create_encoder(name, None, model_kwargs={"depth": 1})
+        assert enc.weights_id == file_sha256(snapshot / "model.safetensors")
+        x = torch.randn(1, 3, 224, 224)
+        with torch.no_grad():
+            torch.testing.assert_close(enc(x), source(x))
+
+
+def test_absent_hub_model_is_a_clear_error_naming_the_folder(tmp_path: Path, monkeypatch, no_network) -> None:
+    hub_cache(monkeypatch, tmp_path / "hub")
+    with pytest.raises(ConfigError, match=r"paige-ai/Virchow2 is not in the local.*models--paige-ai--Virchow2.*features\.weights"):
+        create_encoder("virchow2", None)
+    with pytest.raises(ConfigError, match=r"lab/none.*not in the local"):
+        create_encoder("hf-hub:lab/none", None)
+    with pytest.raises(ConfigError, match=r"folder .*nowhere does not exist"):
+        create_encoder("hf-hub:lab/none", None, tmp_path / "nowhere" / "model.safetensors")
+
+
+def test_transformers_folder_under_a_hub_name_is_refused_clearly(tmp_path: Path) -> None:
+    folder = tmp_path / "phikon"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "dinov2", "architectures": ["Dinov2Model"]}')
+    with pytest.raises(ConfigError, match=r"not a timm model config.*transformers dinov2.*phikon-v2"):
+        create_encoder("hf-hub:someone/phikon-copy", None, folder)
