@@ -226,7 +226,7 @@ def layer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     known = {"SwiGLUPacked": timm.layers.SwiGLUPacked, "SwiGLU": timm.layers.SwiGLU,
              "GluMlp": timm.layers.GluMlp, "Mlp": timm.layers.Mlp, "SiLU": nn.SiLU, "GELU": nn.GELU,
              "LayerNorm": nn.LayerNorm}
-    out = dict(kwargs)
+    out = {k: _number(v) for k, v in kwargs.items()}
     for key in LAYER_KEYS:
         value = out.get(key)
         if not isinstance(value, str):
@@ -237,6 +237,13 @@ def layer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
         elif key == "mlp_layer":
             raise ConfigError(f"features.model_kwargs.mlp_layer: {value!r} is not one of {sorted(known)}")
     return out
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 (PyYAML, Snakemake) reads ``1e-5`` as text: such a string is taken as the number."""
+    if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
+        return float(value)
+    return value
 
 
 def json_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:

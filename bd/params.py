@@ -29,8 +29,12 @@ def read_mapping(value: str | dict[str, Any] | None, what: str = "--params") -> 
         if not path.is_file():
             raise ConfigError(f"{what}: {value!r} is neither a JSON object nor an existing file")
         text = path.read_text()
+    try:  # JSON first: YAML 1.1 reads JSON's 1e-05 as a string
+        data = json.loads(text) if text.lstrip().startswith("{") else yaml.safe_load(text)
+    except ValueError:
+        data = None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.safe_load(text) if data is None else data
     except yaml.YAMLError as exc:
         raise ConfigError(f"{what}: cannot parse: {exc}") from exc
     if data is None:

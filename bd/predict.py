@@ -15,11 +15,13 @@ slide's MPP is then taken from the store when the file has none. Writes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import re
 import tempfile
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -161,14 +163,27 @@ def store_slide_problems(attrs: Mapping[str, Any], slide: Any) -> list[str]:
     return problems
 
 
+@contextlib.contextmanager
+def store_mpp_quiet(quiet: bool) -> Iterator[None]:
+    """Silence bd.slide's fallback-MPP warning when the MPP comes from the feature store (logged instead)."""
+    from bd.slide import SlideWarning
+
+    with warnings.catch_warnings():
+        if quiet:
+            warnings.simplefilter("ignore", SlideWarning)
+        yield
+
+
 def check_store_slide(store: Path, attrs: Mapping[str, Any], slide_path: Path, fallback_mpp: float | None) -> float | None:
     """Refuse ``--features`` made from another slide, naming both; the MPP to open the slide with
     (the store's when the slide has none in its metadata and no --fallback-mpp was given)."""
     from bd.slide import open_slide
 
     fallback = fallback_mpp if fallback_mpp is not None else attrs.get("mpp")
-    with open_slide(slide_path, fallback_mpp=fallback) as slide:
+    with store_mpp_quiet(fallback_mpp is None), open_slide(slide_path, fallback_mpp=fallback) as slide:
         problems = store_slide_problems(attrs, slide)
+        if slide.mpp_source != "metadata" and fallback_mpp is None:
+            log.info("%s: no MPP in the file; %g um/px from the feature store %s", slide_path, slide.mpp, store)
     stored_id, slide_id = attrs.get("slide_id"), slide_id_of(slide_path)
     same_id = stored_id is None or str(stored_id) == slide_id
     has_facts = attrs.get("slide_width") is not None
@@ -268,10 +283,11 @@ def run(args: argparse.Namespace) -> int:
     result = trained.predict(cohort, clinical_present=np.array([clinical is not None]), slide_present=np.array([True]))
     prob, branch = float(result["prob"].iloc[0]), str(result["branch"].iloc[0])
     att = trained.attention(cohort, PATIENT)
-    heatmap = render_slide_heatmap(
-        args.slide, att[["x", "y"]].to_numpy(), patch_side_level0(read_store(store, with_features=False).attrs),
-        att["attention"].to_numpy(), f"{args.slide.name}: P(N+) = {prob:.3f} ({branch} branch)",
-        out / "heatmap.png", fallback_mpp=fallback_mpp)
+    with store_mpp_quiet(bool(args.features) and args.fallback_mpp is None):
+        heatmap = render_slide_heatmap(
+            args.slide, att[["x", "y"]].to_numpy(), patch_side_level0(read_store(store, with_features=False).attrs),
+            att["attention"].to_numpy(), f"{args.slide.name}: P(N+) = {prob:.3f} ({branch} branch)",
+            out / "heatmap.png", fallback_mpp=fallback_mpp)
     threshold = float(result["threshold"].iloc[0])  # the answering branch's own, as in bd evaluate
     record = {
         "slide": str(args.slide), "run": str(args.run), "method": trained.method,

@@ -241,6 +241,8 @@ def test_layerscale_checkpoint_needs_init_values_and_says_so(tmp_path: Path) -> 
         create_encoder("vit_small_patch16_224", None, path, model_kwargs={"depth": 1})
     enc, _ = create_encoder("vit_small_patch16_224", None, path, model_kwargs={"depth": 1, "init_values": 1e-5})
     assert enc.feature_dim == 384
+    # YAML 1.1 (PyYAML, Snakemake's config) reads 1e-5 as text: taken as the number
+    create_encoder("vit_small_patch16_224", None, path, model_kwargs={"depth": 1, "init_values": "1e-5"})
 
 
 def test_mean_std_overrides_and_their_checks() -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import openslide
 import pytest
 import tifffile
+import timm
 import torch
 import torch.nn.functional as F
 
@@ -92,6 +93,8 @@ def test_store_layout_and_attributes(case, tmp_path: Path) -> None:
     assert a["skipped_patches"] == 0 and a["skipped"] == []
     assert set(a["versions"]) == {"bd", "torch", "timm"} and a["versions"]["torch"] == torch.__version__
     assert a["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert (a["model_kwargs"], a["pool"], a["encoder_args"]["architecture"]) == ({}, "model", "resnet18")
+    assert (a["slide_id"], a["slide_width"], a["slide_height"]) == ("s1", 640, 512)  # checked by bd predict
 
 
 def test_features_equal_an_independent_computation(case, tmp_path: Path) -> None:
@@ -255,3 +258,56 @@ def test_mismatched_arguments_and_bad_params_fail(case, tmp_path: Path) -> None:
                        {**TINY, "batchsize": 4})
     with pytest.raises(ConfigError, match="features.batch_size"):
         build(FeatureParams, {**TINY, "batch_size": 0})
+
+
+def test_issue_example_vit_checkpoint_offline_through_bd_extract(svs_path: Path, tmp_path: Path, monkeypatch) -> None:
+    """A LayerScale ViT-S/16 checkpoint with model_kwargs, its own mean/std and no out_stage: 384-d
+    features of a real SVS through `bd extract`, with the network off; they equal the ViT applied by
+    hand to OpenSlide's pixels normalised with the configured mean/std."""
+    import socket
+
+    from bd.segment import SegmentParams, segment_slide
+    from bd.slide import open_slide
+    from bd.tiling import TileParams, tile_slide
+
+    with open_slide(svs_path) as slide:
+        seg = segment_slide(slide, SegmentParams())
+        grid = tile_slide(slide, seg.mask, seg.scale, TileParams(target_mpp=0.5, patch_size=224, max_patches=4),
+                          "cmu1")
+    assert len(grid) == 4
+    grid_path = save_grid(grid, tmp_path / "grid.npz")
+    torch.manual_seed(7)
+    vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, init_values=1e-5)
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.add_(0.02 * torch.randn_like(p))  # off the init, so the LayerScale blocks matter
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    mean, std = [0.70, 0.58, 0.70], [0.21, 0.23, 0.18]
+    params = {"encoder": "vit_small_patch16_224", "out_stage": None, "model_kwargs": {"init_values": 1e-5},
+              "weights": str(tmp_path / "vit.pth"), "mean": mean, "std": std, "input_size": 224,
+              "batch_size": 4, "num_workers": 0, "device": "cpu"}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    out = tmp_path / "cmu1.zarr"
+    assert cli.main(["extract", "--slide", str(svs_path), "--grid", str(grid_path), "--out", str(out),
+                     "--params", json.dumps(params)]) == 0
+    fs = read_store(out)
+    assert fs.features.shape == (4, 384)
+    assert fs.attrs["mean"] == pytest.approx(mean) and fs.attrs["std"] == pytest.approx(std)
+    assert fs.attrs["model_kwargs"] == {"init_values": 1e-5} and fs.attrs["out_stage"] is None
+    osr = openslide.OpenSlide(str(svs_path))
+    patches = []
+    for x, y in fs.coords:
+        rgba = np.asarray(osr.read_region((int(x), int(y)), 0, (grid.read_size, grid.read_size)))
+        patches.append(torch.from_numpy(rgba[..., :3].astype(np.float32)).permute(2, 0, 1) / 255)
+    x = F.interpolate(torch.stack(patches), size=(224, 224), mode="bilinear", antialias=True)
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = vit.eval()(x).numpy()
+    np.testing.assert_allclose(fs.features.astype(np.float32), expected, rtol=2e-2, atol=2e-2)

@@ -21,7 +21,8 @@ TILING = {"target_mpp": 2.0, "patch_size": 64}
 CLINICAL = ["Age(years)=55", "Tumour Size(cm)=2.4", "ER=Positive", "PR=Negative", "HER2=Negative"]
 
 
-def extract_fixture(out: Path) -> Path:
+def extract_fixture(out: Path, slide_path: Path = SLIDE, fallback_mpp: float | None = None,
+                    slide_id: str = "fixture") -> Path:
     """The fixture slide segmented, tiled and encoded by the pipeline's own functions."""
     from bd.extract import Extractor, FeatureParams, SlideJob
     from bd.grid import save_grid
@@ -29,12 +30,13 @@ def extract_fixture(out: Path) -> Path:
     from bd.slide import open_slide
     from bd.tiling import TileParams, tile_slide
 
-    with open_slide(SLIDE) as slide:
+    with open_slide(slide_path, fallback_mpp=fallback_mpp) as slide:
         seg = segment_slide(slide, SegmentParams())
-        grid = tile_slide(slide, seg.mask, seg.scale, TileParams(**TILING), "fixture")
+        grid = tile_slide(slide, seg.mask, seg.scale, TileParams(**TILING), slide_id)
     assert len(grid) >= 10
-    save_grid(grid, out / "grid.npz")
-    return Extractor(FeatureParams(**FEATURES)).run(SlideJob(str(SLIDE), str(out / "grid.npz"), str(out / "fixture.zarr")))
+    save_grid(grid, out / f"{slide_id}.npz")
+    return Extractor(FeatureParams(**FEATURES)).run(
+        SlideJob(str(slide_path), str(out / f"{slide_id}.npz"), str(out / f"{slide_id}.zarr")))
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +145,65 @@ def test_parse_clinical_forms(tmp_path):
     f.write_text('{"PR": "Positive"}')
     assert parse_clinical([str(f)]) == {"PR": "Positive"}
     assert identity_mismatches({"target_mpp": 0.5, "mean": [0.1, 0.2]}, {"target_mpp": 0.5000000001, "mean": (0.1, 0.2)}) == []
+
+
+def test_the_answering_branch_threshold_decides(trained, tmp_path):
+    """A patient between the pooled threshold and its branch's own is called by the branch's, as
+    bd evaluate does (the pooled threshold would call it N0)."""
+    import torch
+
+    root, ckpt, _ = trained
+    store = root / "fixture.zarr"
+    assert _predict(trained, tmp_path / "a", "--features", str(store)) == 0
+    first = json.loads((tmp_path / "a" / "prediction.json").read_text())
+    prob, branch = first["prob_n_plus"], first["branch"]
+    from bd.runs import load_run
+
+    run = load_run(ckpt)
+    assert first["threshold"] == pytest.approx(run.thresholds.get(branch, run.threshold))
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state["threshold"] = prob + 0.05  # pooled: N0
+    state["thresholds"] = {"multi": prob + 0.1, "single": prob + 0.1, branch: prob - 0.05}  # branch: N+
+    torch.save(state, tmp_path / "edited.pt")
+    assert main(["predict", "--run", str(tmp_path / "edited.pt"), "--slide", str(SLIDE), "--out-dir",
+                 str(tmp_path / "b"), "--features", str(store)]) == 0
+    rec = json.loads((tmp_path / "b" / "prediction.json").read_text())
+    assert rec["prob_n_plus"] == pytest.approx(prob) and rec["branch"] == branch
+    assert rec["threshold"] == pytest.approx(prob - 0.05) and rec["pooled_threshold"] == pytest.approx(prob + 0.05)
+    assert rec["prediction"] == "N+"
+
+
+def test_refuses_another_slides_store_naming_both(trained, tmp_path, capsys):
+    _, _, fixture = trained
+    other = tmp_path / "other.zarr"
+    write_store(other, fixture.features, fixture.coords,
+                {**fixture.attrs, "slide_id": "S42", "slide_path": "/data/S42.svs", "slide_width": 4000})
+    assert _predict(trained, tmp_path / "out", "--features", str(other)) == 2
+    err = capsys.readouterr().err
+    assert "slide 'S42' (/data/S42.svs)" in err and "cmu-1-small-region.svs" in err
+    assert "level-0 size 4000 x 2967, the slide's is 2220 x 2967" in err
+    # a store that records no size (older bd) is refused on its slide id alone
+    legacy = tmp_path / "legacy.zarr"
+    attrs = {k: v for k, v in fixture.attrs.items() if k not in ("slide_width", "slide_height")}
+    write_store(legacy, fixture.features, fixture.coords, {**attrs, "slide_id": "S42"})
+    assert _predict(trained, tmp_path / "out", "--features", str(legacy)) == 2
+    assert "slide 'S42'" in capsys.readouterr().err
+
+
+def test_flat_jpeg_store_gives_the_mpp(trained, tmp_path, capsys):
+    """A flat JPEG has no MPP: with --features, the store's (recorded by bd extract) is used, no
+    --fallback-mpp needed; a --fallback-mpp that contradicts the store is refused."""
+    import cv2
+    import openslide
+
+    rgba = np.asarray(openslide.OpenSlide(str(SLIDE)).read_region((0, 0), 0, (2220, 2967)))
+    jpeg = tmp_path / "cmu1.jpg"
+    assert cv2.imwrite(str(jpeg), cv2.cvtColor(rgba[..., :3], cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    store = extract_fixture(tmp_path, jpeg, fallback_mpp=0.499, slide_id="cmu1")
+    assert read_store(store, with_features=False).attrs["mpp"] == pytest.approx(0.499)
+    root, ckpt, _ = trained
+    args = ["predict", "--run", str(ckpt), "--slide", str(jpeg), "--features", str(store)]
+    assert main([*args, "--out-dir", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "heatmap.png").exists()
+    assert main([*args, "--out-dir", str(tmp_path / "b"), "--fallback-mpp", "0.25"]) == 2
+    assert "0.499 um/px, --fallback-mpp gives 0.25" in capsys.readouterr().err
