@@ -203,7 +203,12 @@ def test_flat_jpeg_store_gives_the_mpp(trained, tmp_path, capsys):
     assert read_store(store, with_features=False).attrs["mpp"] == pytest.approx(0.499)
     root, ckpt, _ = trained
     args = ["predict", "--run", str(ckpt), "--slide", str(jpeg), "--features", str(store)]
-    assert main([*args, "--out-dir", str(tmp_path / "a")]) == 0
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main([*args, "--out-dir", str(tmp_path / "a")]) == 0
+    assert not [w for w in caught if "fallback" in str(w.message)]  # the store's MPP, not a guess
     assert (tmp_path / "a" / "heatmap.png").exists()
     assert main([*args, "--out-dir", str(tmp_path / "b"), "--fallback-mpp", "0.25"]) == 2
     assert "0.499 um/px, --fallback-mpp gives 0.25" in capsys.readouterr().err
