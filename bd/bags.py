@@ -32,8 +32,8 @@ SPLITS = ("train", "val", "test")
 # Store attributes that say how features were made, and must agree across every store of a cohort
 # and with a trained run: encoder, weights, preprocessing, patch size and magnification. Per-slide
 # attributes (slide path, reader, read level, patch counts, extraction device, versions) are not.
-IDENTITY_KEYS = ("encoder", "out_stage", "model_kwargs", "pool", "weights_sha256", "input_size", "mean", "std", "resize",
-                 "patch_size", "target_mpp", "feature_dim")
+IDENTITY_KEYS = ("encoder", "out_stage", "model_kwargs", "pool", "weights_sha256", "input_size", "mean", "std",
+                 "resize", "patch_size", "target_mpp", "feature_dim")
 
 
 def feature_identity(attrs: dict[str, Any]) -> dict[str, Any]:

@@ -216,7 +216,7 @@ def resolve_spec(
         if not random_weights:
             spec.weights = path if path is not None and path.is_file() else weights_in_folder(folder)
         return spec
-    return Spec(name, name, user, weights=path)
+    return Spec(name, name, user, weights=weights_in_folder(path) if path is not None and path.is_dir() else path)
 
 
 def layer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:

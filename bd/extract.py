@@ -456,8 +456,8 @@ def _progress(total: int, desc: str) -> Any:
 
 
 def slide_facts(grid: PatchGrid, path: str) -> dict[str, Any]:
-    """What identifies the slide a store was made from (checked by ``bd predict --features``):
-    level-0 size, the MPP's source and the file's size in bytes."""
+    """What identifies the slide a store was made from: level-0 size (checked by ``bd predict
+    --features`` with ``mpp``), the MPP's source and the file's size in bytes."""
     try:
         size = os.path.getsize(path)
     except OSError:

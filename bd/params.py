@@ -29,11 +29,8 @@ def read_mapping(value: str | dict[str, Any] | None, what: str = "--params") -> 
         if not path.is_file():
             raise ConfigError(f"{what}: {value!r} is neither a JSON object nor an existing file")
         text = path.read_text()
-    try:  # JSON first: YAML 1.1 reads JSON's 1e-05 as a string
-        data = json.loads(text) if text.lstrip().startswith("{") else yaml.safe_load(text)
-    except ValueError:
-        data = None
     try:
+        data = _json_object(text)
         data = yaml.safe_load(text) if data is None else data
     except yaml.YAMLError as exc:
         raise ConfigError(f"{what}: cannot parse: {exc}") from exc
@@ -42,6 +39,17 @@ def read_mapping(value: str | dict[str, Any] | None, what: str = "--params") -> 
     if not isinstance(data, dict):
         raise ConfigError(f"{what}: expected a mapping of keys to values, got {type(data).__name__}")
     return data
+
+
+def _json_object(text: str) -> Any:
+    """``text`` parsed as JSON when it is a JSON object (YAML 1.1 reads JSON's ``1e-05`` as a
+    string), else None."""
+    if not text.lstrip().startswith("{"):
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def _check_type(key: str, value: Any, hint: Any) -> Any:

@@ -297,6 +297,8 @@ def test_hf_hub_name_from_a_local_folder(tmp_path: Path, no_network) -> None:
     args = {"depth": 1, "init_values": 1e-5}
     source = hub_folder_of(tmp_path / "lab-vit", "vit_small_patch16_224", args, [0.6, 0.5, 0.6])
     enc, config = create_encoder("hf-hub:lab/vit", None, tmp_path / "lab-vit")
+    by_name, _ = create_encoder("vit_small_patch16_224", None, tmp_path / "lab-vit", model_kwargs=args)
+    assert by_name.weights_id == enc.weights_id  # a timm name takes the folder's checkpoint too
     assert config["mean"] == (0.6, 0.5, 0.6) and config["std"] == (0.25, 0.25, 0.25)
     assert enc.weights_id == file_sha256(tmp_path / "lab-vit" / "model.safetensors")
     x = torch.randn(1, 3, 224, 224)
