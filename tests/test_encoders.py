@@ -230,6 +230,13 @@ def test_transformers_dinov2_checkpoint_matches_transformers_output() -> None:
     with torch.no_grad():
         got = enc(torch.from_numpy(expected["x"]))
     torch.testing.assert_close(got, torch.from_numpy(expected["cls"]), atol=1e-5, rtol=1e-5)
+    # a model with another patch grid: the position embedding is resampled at load as transformers
+    # interpolates it at run time (here 4 x 4 -> 2 x 2 for 32-px inputs)
+    small, _ = create_encoder("vit_base_patch16_224", None, folder / "model.safetensors", model_kwargs={
+        "embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 32, "init_values": 1.0})
+    with torch.no_grad():
+        got = small(torch.from_numpy(expected["x32"]))
+    torch.testing.assert_close(got, torch.from_numpy(expected["cls32"]), atol=1e-4, rtol=1e-4)
 
 
 def test_layerscale_checkpoint_needs_init_values_and_says_so(tmp_path: Path) -> None:

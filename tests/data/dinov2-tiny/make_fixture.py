@@ -15,8 +15,10 @@ with torch.no_grad():
     for name, p in model.named_parameters():  # non-trivial values everywhere (biases, norms, scales)
         p.add_(0.05 * torch.randn_like(p))
 x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+x32 = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
 with torch.no_grad():
     cls = model(pixel_values=x).last_hidden_state[:, 0]
+    cls32 = model(pixel_values=x32).last_hidden_state[:, 0]  # position embedding interpolated 4x4 -> 2x2
 model.save_pretrained(out, safe_serialization=True)
-np.savez(f"{out}/expected.npz", x=x.numpy(), cls=cls.numpy())
+np.savez(f"{out}/expected.npz", x=x.numpy(), cls=cls.numpy(), x32=x32.numpy(), cls32=cls32.numpy())
 print(transformers.__version__, sorted(model.state_dict())[:8], cls.shape)
