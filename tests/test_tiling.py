@@ -210,9 +210,10 @@ def test_boxes_uses_the_fallback_mpp_with_a_warning():
         slide = open_slide(DATA / "boxes.tiff", fallback_mpp=8.0)
     with slide:
         seg = segment_slide(slide, SegmentParams())
-        grid = tile_slide(slide, seg.mask, seg.scale, TileParams(), "boxes")
+        grid = tile_slide(slide, seg.mask, seg.scale, TileParams(max_upsample=None), "boxes")
         pixels = slide.read_level(0)
     assert slide.mpp_source == "fallback" and grid.mpp == 8.0 and grid.meta["mpp_source"] == "fallback"
+    assert grid.meta["upsample"] == 16.0 and "upsampled 16.00x" in grid.meta["warnings"][0]
     assert grid.patch_size_level0 == pytest.approx(16.0)  # 256 px at 0.5 um/px over 8 um/px
     assert (grid.read_level, grid.read_size) == (0, 16)
     # the red box is tissue-coloured; the pure blue and green boxes are taken for ink
@@ -228,7 +229,8 @@ def test_cli_boxes_records_the_fallback(tmp_path):
         assert cli.main(["segment", "--slide", str(DATA / "boxes.tiff"), "--out-dir", str(seg_dir),
                          "--fallback-mpp", "8"]) == 0
         assert cli.main(["tile", "--slide", str(DATA / "boxes.tiff"), "--mask", str(seg_dir / "mask.png"),
-                         "--out", str(tmp_path / "boxes.npz"), "--fallback-mpp", "8"]) == 0
+                         "--out", str(tmp_path / "boxes.npz"), "--fallback-mpp", "8",
+                         "--params", '{"max_upsample": 16}']) == 0
     assert len([w for w in caught if issubclass(w.category, SlideWarning)]) == 2  # segment and tile
     grid = load_grid(tmp_path / "boxes.npz")
     assert grid.mpp == 8.0 and grid.meta["mpp_source"] == "fallback" and len(grid) > 0
@@ -371,3 +373,24 @@ def test_demo_cohort_pen_marks_dust_and_background_are_excluded(demo_cohort):
             saturated_ink_in_loose_mask.append(loose[to_mask(pen)].mean() > 0.5 * 255)
     # without pen rejection (and area filter), green and blue ink would have been taken for tissue
     assert saturated_ink_in_loose_mask and all(saturated_ink_in_loose_mask)
+
+
+@pytest.mark.filterwarnings("ignore::bd.slide.SlideWarning")
+def test_coarse_slide_is_warned_then_follows_on_slide_error_beyond_max_upsample(tmp_path, caplog):
+    seg_dir = tmp_path / "seg"
+    assert cli.main(["segment", "--slide", str(CMU), "--out-dir", str(seg_dir), "--mpp", "0.75"]) == 0
+    tile = lambda out, *extra: cli.main(["tile", "--slide", str(CMU), "--mask", str(seg_dir / "mask.png"),  # noqa: E731
+                                         "--out", str(tmp_path / out), *extra])
+    with caplog.at_level(logging.WARNING):  # 0.75 um/px: 1.5x upsampling, warned, tiled
+        assert tile("warned.npz", "--mpp", "0.75") == 0
+    grid = load_grid(tmp_path / "warned.npz")
+    assert grid.mpp == 0.75 and grid.meta["mpp_source"] == "sample sheet" and len(grid) > 0
+    assert grid.meta["upsample"] == pytest.approx(1.5) and "upsampled 1.50x" in caplog.text
+    assert tile("fine.npz") == 0 and load_grid(tmp_path / "fine.npz").meta["warnings"] == []  # 0.499: none
+    # 4 um/px (BCNB's preview JPEGs) is 8x: beyond max_upsample 2, a slide error
+    assert tile("coarse.npz", "--mpp", "4") == 2 and not (tmp_path / "coarse.npz").exists()
+    assert tile("coarse.npz", "--mpp", "4", "--on-error", "skip") == 0
+    meta = load_grid(tmp_path / "coarse.npz").meta
+    assert meta["error_stage"] == "tile" and "max_upsample" in meta["error"]
+    assert tile("allowed.npz", "--mpp", "4", "--params", '{"max_upsample": 8}') == 0
+    assert len(load_grid(tmp_path / "allowed.npz")) > 0
