@@ -431,7 +431,7 @@ def _vips_open(path: Path, shrink: int = 1) -> Any:
     import pyvips
 
     options: dict[str, Any] = {"access": "sequential", "fail_on": "error"}
-    if shrink > 1 and _flat_format(path) == "flat-jpeg":
+    if shrink > 1 and flat_format(path) == "flat-jpeg":
         load = min(8, shrink)
         image = pyvips.Image.new_from_file(str(path), shrink=load, **options)
         shrink //= load
@@ -510,7 +510,7 @@ def write_pyramid(src: Path, dst: Path, mpp: float, top: float = 255.0) -> None:
         raise
 
 
-def _flat_format(path: Path) -> str | None:
+def flat_format(path: str | os.PathLike[str]) -> str | None:
     with open(path, "rb") as fh:
         head = fh.read(8)
     return next((name for name, spec in FLAT_FORMATS.items() if head.startswith(spec.magics)), None)
@@ -541,7 +541,7 @@ def _open(path: Path, fallback_mpp: float | None, mpp: float | None) -> Slide:
         raise SlideError(f"{path}: file not found")
     if path.is_file() and path.stat().st_size == 0:
         raise SlideError(f"{path}: file is empty (0 bytes)")
-    flat = _flat_format(path) if path.is_file() else None
+    flat = flat_format(path) if path.is_file() else None
     reason = ""
     try:
         vendor = openslide.OpenSlide.detect_format(str(path))
