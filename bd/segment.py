@@ -98,11 +98,12 @@ class Segmentation:
         return float(np.count_nonzero(self.mask)) / max(self.mask.size, 1)
 
 
-def artefact_mask(hsv: np.ndarray, params: SegmentParams) -> np.ndarray:
-    """Pixels of pen ink and dark debris (bool), cleaned of isolated pixels and grown a little."""
+def artefact_mask(hsv: np.ndarray, params: SegmentParams, colour: bool = True) -> np.ndarray:
+    """Pixels of pen ink and dark debris (bool), cleaned of isolated pixels and grown a little;
+    on a slide without colour only the darkness rule applies (ink hues cannot be told apart)."""
     h, s, v = (hsv[..., i].astype(np.int16) for i in range(3))
     marks = v < params.dark_value
-    for name in params.pen_colors:
+    for name in params.pen_colors if colour else ():
         marks |= PEN_COLORS[name](h, s, v)
     marks = cv2.medianBlur(marks.astype(np.uint8) * 255, 3)
     if params.artefact_dilate > 0:
@@ -158,7 +159,7 @@ def tissue_mask(rgb: np.ndarray, um_per_px: float, params: SegmentParams,
     saturation = cv2.medianBlur(channel, params.median_blur)
     threshold = saturation_threshold(saturation, params)
     tissue = saturation > threshold
-    artefacts = artefact_mask(hsv, params)
+    artefacts = artefact_mask(hsv, params, colour=channel_name == "saturation")
     tissue &= ~artefacts
     mask = tissue.astype(np.uint8) * 255
     if params.close_kernel > 0:

@@ -394,3 +394,110 @@ def test_coarse_slide_is_warned_then_follows_on_slide_error_beyond_max_upsample(
     assert meta["error_stage"] == "tile" and "max_upsample" in meta["error"]
     assert tile("allowed.npz", "--mpp", "4", "--params", '{"max_upsample": 8}') == 0
     assert len(load_grid(tmp_path / "allowed.npz")) > 0
+
+
+LARGE_JPEG_CHILD = r"""
+import json, os, sys
+from pathlib import Path
+import cv2, numpy as np
+import bd.slide
+from bd import cli
+from bd.grid import load_grid
+from bd.readers import open_reader, plan_reader
+
+bd.slide.STREAM_PIXELS, bd.slide.BASE_PIXELS = 1 << 20, 1 << 18  # 'large' = above 1 MP here
+jpg, work = Path(sys.argv[1]), Path(sys.argv[2])
+try:  # OpenCV's pixel guard (set low by the parent) refuses the image whole
+    guard = cv2.imread(str(jpg)) is None
+except cv2.error:
+    guard = True
+assert cli.main(["segment", "--slide", str(jpg), "--out-dir", str(work / "seg"), "--fallback-mpp", "0.5"]) == 0
+assert cli.main(["tile", "--slide", str(jpg), "--mask", str(work / "seg" / "mask.png"), "--out",
+                 str(work / "g.npz"), "--qc", str(work / "g.png"), "--fallback-mpp", "0.5",
+                 "--params", json.dumps({"max_patches": 24})]) == 0
+grid = load_grid(work / "g.npz")
+spec = plan_reader(str(jpg), grid.read_level, grid.read_downsample, grid.read_size, grid.mpp)
+reader = open_reader(spec)
+x, y = (int(v) for v in grid.coords[0])
+patch = reader.read(x, y)
+reader.close()
+print(json.dumps({"guard": guard, "patches": len(grid), "kind": spec.kind, "copy": spec.read_path,
+                  "x": x, "y": y, "patch": patch.astype(float).mean(axis=(0, 1)).tolist()}))
+"""
+
+
+def test_large_flat_jpeg_through_segment_tile_and_reader_in_a_clean_environment(tmp_path, make_rgb, monkeypatch):
+    """The child process starts from a clean environment, with OpenCV's pixel guard set *below*
+    the JPEG's size: no stage may decode the image whole (the bug conftest's variable hid).
+    Then `bd extract` takes the same JPEG directly (here, in this process)."""
+    import os
+    import subprocess
+    import sys
+
+    import bd.slide
+    from bd.store import read_store
+
+    rgb = make_rgb(3000, 2000, seed=7)
+    jpg = tmp_path / "big.jpg"
+    assert cv2.imwrite(str(jpg), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENCV_", "BD_"))}
+    env["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(2_000_000)  # 6 MP image: a whole decode would be refused
+    out = subprocess.run([sys.executable, "-c", LARGE_JPEG_CHILD, str(jpg), str(tmp_path)], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["guard"] and result["kind"] == "tiff-jpeg" and result["patches"] == 24
+    assert not Path(result["copy"]).exists()  # the pyramidal copy is gone with the process
+    x, y = result["x"], result["y"]
+    want = rgb[y:y + 256, x:x + 256].astype(float).mean(axis=(0, 1))
+    np.testing.assert_allclose(result["patch"], want, atol=3)
+    monkeypatch.setattr(bd.slide, "STREAM_PIXELS", 1 << 20)
+    monkeypatch.setattr(bd.slide, "BASE_PIXELS", 1 << 18)
+    params = {"encoder": "resnet18", "out_stage": "layer1", "random_weights": True, "input_size": 32,
+              "batch_size": 8, "num_workers": 0, "device": "cpu"}
+    assert cli.main(["extract", "--slide", str(jpg), "--grid", str(tmp_path / "g.npz"), "--out",
+                     str(tmp_path / "f.zarr"), "--params", json.dumps(params)]) == 0
+    store = read_store(tmp_path / "f.zarr")
+    assert store.attrs["slide_path"] == str(jpg) and store.attrs["reader"] == "tiff-jpeg"
+    assert store.features.shape[0] == 24
+
+
+def _ink_outlined_slide(path: Path) -> np.ndarray:
+    """A demo slide (20x) with blue marker outlines drawn around its tumour regions, as
+    pathologists circle them on the glass; written as a flat JPEG. Returns the ink density."""
+    from bd.demo.render import INK_OD, _transmit, render_slide
+
+    rendered = render_slide(6000, 0.5, 0.3, np.random.default_rng(0))
+    ink = np.zeros(rendered.rgb.shape[:2], np.uint8)
+    for polygon in rendered.tumour_polygons:
+        cv2.polylines(ink, [np.asarray(polygon, np.int32).reshape(-1, 1, 2)], True, 255, 40, cv2.LINE_AA)
+    ink = cv2.GaussianBlur(ink, (0, 0), 40 / 6)
+    rgb = cv2.multiply(rendered.rgb, _transmit(ink, INK_OD["blue"], unit=255.0), scale=1 / 255)
+    assert cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
+    return ink
+
+
+@pytest.mark.filterwarnings("ignore::bd.slide.SlideWarning")
+def test_patches_on_ink_outlines_are_dropped(tmp_path):
+    """Issue 13: on an ink-outlined slide fewer than 2 % of kept patches hold more than 1 % ink
+    (measured on the ink actually drawn, at full resolution); without the filter most do."""
+    slide = tmp_path / "ink.jpg"
+    ink = _ink_outlined_slide(slide) > 25  # pixels with more than 10 % ink density
+    seg = tmp_path / "seg"
+    assert cli.main(["segment", "--slide", str(slide), "--out-dir", str(seg), "--fallback-mpp", "0.5"]) == 0
+    assert (seg / "artefacts.png").is_file()
+
+    def inked(name: str, params: dict) -> tuple[int, float]:
+        out = tmp_path / f"{name}.npz"
+        assert cli.main(["tile", "--slide", str(slide), "--mask", str(seg / "mask.png"), "--out", str(out),
+                         "--fallback-mpp", "0.5", "--params", json.dumps(params)]) == 0
+        grid = load_grid(out)
+        assert grid.meta["artefact_filter"] == params.get("max_artefact_fraction", 0.0)
+        side = int(round(grid.patch_size_level0))
+        share = np.array([ink[y:y + side, x:x + side].mean() for x, y in grid.coords])
+        return len(grid), float((share > 0.01).mean())
+
+    kept, with_ink = inked("filtered", {})
+    kept_all, with_ink_all = inked("unfiltered", {"max_artefact_fraction": None})
+    assert kept >= 15 and with_ink < 0.02
+    assert with_ink_all > 0.3 and kept_all > kept  # the filter is what removes them
