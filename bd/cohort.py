@@ -112,6 +112,12 @@ def _positive(value: Any) -> bool:
         return False
 
 
+def mpp_option(sheet: pd.DataFrame, slide_id: str) -> str:
+    """``--mpp VALUE`` for a slide with an ``mpp`` in the sample sheet, '' otherwise (rules)."""
+    value = str(sheet.loc[slide_id, "mpp"]).strip() if "mpp" in sheet.columns else ""
+    return f"--mpp {float(value):g}" if value else ""
+
+
 def build_sample_sheet(config: dict[str, Any]) -> pd.DataFrame:
     """The workflow's sample sheet from its config (see module docstring), indexed by slide_id."""
     cohort = config["cohort"]

@@ -501,3 +501,34 @@ def test_patches_on_ink_outlines_are_dropped(tmp_path):
     kept_all, with_ink_all = inked("unfiltered", {"max_artefact_fraction": None})
     assert kept >= 15 and with_ink < 0.02
     assert with_ink_all > 0.3 and kept_all > kept  # the filter is what removes them
+
+
+def test_workflow_passes_the_sample_sheets_mpp_to_segment_and_tile(tmp_path):
+    """A dry run prints the commands: the slide with an `mpp` gets --mpp, the other does not."""
+    import yaml
+    from workflow_runs import check, snakemake
+
+    (tmp_path / "slides").mkdir()
+    rows = ["slide_id\tpatient_id\tpath\tmpp"]
+    for sid, mpp in (("A", "4"), ("B", "")):
+        (tmp_path / "slides" / f"{sid}.jpg").write_bytes(b"\xff\xd8\xff")
+        rows.append(f"{sid}\t{sid}\t{tmp_path / 'slides' / f'{sid}.jpg'}\t{mpp}")
+    (tmp_path / "samples.tsv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "clinical.csv").write_text("Patient ID,Age(years),ALN status\nA,50,N0\nB,60,N+(>2)\n")
+    (tmp_path / "split").mkdir()
+    for name in ("train", "val", "test"):
+        (tmp_path / "split" / f"{name}_id.txt").write_text("")
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    config.update(results=str(tmp_path / "results"))
+    config["demo"]["enabled"] = False
+    config["cohort"].update(sample_sheet=str(tmp_path / "samples.tsv"), clinical_table=str(tmp_path / "clinical.csv"),
+                            split_dir=str(tmp_path / "split"), annotations_dir=None)
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    targets = [str(tmp_path / "results" / "tiles" / f"{s}.npz") for s in "AB"]
+    text = check(snakemake(tmp_path, "-n", "-p", *targets)).stdout
+    commands = [line.split("Shell command: ", 1)[1] for line in text.splitlines() if "Shell command: bd " in line]
+    assert len(commands) == 4, text[-3000:]
+    for line in commands:
+        assert ("--mpp 4 " in line) == ("/A.jpg" in line), line
+        assert "--artefacts" in line or line.startswith("bd segment")

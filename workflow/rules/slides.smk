@@ -10,10 +10,7 @@
 # policy is in the command, not in params: switching it does not rerun slides that were read.
 
 
-def slide_mpp_option(wildcards):
-    """--mpp from the sample sheet's optional mpp column ('' when the slide has none)."""
-    value = SAMPLES.loc[wildcards.slide, "mpp"] if "mpp" in SAMPLES.columns else ""
-    return f"--mpp {float(value):g}" if str(value).strip() else ""
+from bd.cohort import mpp_option
 
 
 rule segment:
@@ -37,7 +34,7 @@ rule segment:
         seg=section("segmentation"),
         version=stage_version("segment"),
         fallback_mpp=config["cohort"].get("fallback_mpp", 0.5),
-        mpp=slide_mpp_option,
+        mpp=lambda w: mpp_option(SAMPLES, w.slide),
     log:
         f"{R}/logs/segment/{{slide}}.log",
     benchmark:
@@ -72,7 +69,7 @@ rule tile:
         version=stage_version("tile"),
         fallback_mpp=config["cohort"].get("fallback_mpp", 0.5),
         annotations=config["cohort"].get("annotations_dir") or "",
-        mpp=slide_mpp_option,
+        mpp=lambda w: mpp_option(SAMPLES, w.slide),
     log:
         f"{R}/logs/tile/{{slide}}.log",
     benchmark:
