@@ -202,7 +202,7 @@ def resolve_mpp(path: Path, metadata_mpp: float | None, fallback_mpp: float | No
             raise SlideError(f"{path}: the sample sheet's mpp must be a positive number, got {mpp!r}")
         if metadata_mpp is not None and abs(metadata_mpp - mpp) > MPP_DISAGREEMENT * mpp:
             warnings.warn(f"{path}: the sample sheet says {mpp:g} um/px but the file's metadata says "
-                          f"{metadata_mpp:g}; using the sample sheet's", SlideWarning, stacklevel=4)
+                          f"{metadata_mpp:g}; using the sample sheet's", SlideWarning, stacklevel=5)
         return float(mpp), "sample sheet"
     if metadata_mpp is not None and MPP_RANGE[0] <= metadata_mpp <= MPP_RANGE[1]:
         return metadata_mpp, "metadata"
@@ -215,7 +215,7 @@ def resolve_mpp(path: Path, metadata_mpp: float | None, fallback_mpp: float | No
     if _float(fallback_mpp) is None:
         raise SlideError(f"{path}: fallback MPP must be a positive number, got {fallback_mpp!r}")
     warnings.warn(f"{path}: no microns per pixel in the metadata; using the fallback "
-                  f"{fallback_mpp:g} (cohort.fallback_mpp)", SlideWarning, stacklevel=4)
+                  f"{fallback_mpp:g} (cohort.fallback_mpp)", SlideWarning, stacklevel=5)
     return float(fallback_mpp), "fallback"
 
 
@@ -229,7 +229,7 @@ class OpenSlideSlide(Slide):
             mpp_x, mpp_y = _float(props.get("openslide.mpp-x")), _float(props.get("openslide.mpp-y"))
             if mpp_x and mpp_y and abs(mpp_x - mpp_y) > 0.01 * mpp_x:
                 warnings.warn(f"{path}: MPP differs between x ({mpp_x}) and y ({mpp_y}); using x",
-                              SlideWarning, stacklevel=3)
+                              SlideWarning, stacklevel=4)
             mpp, source = resolve_mpp(path, mpp_x, fallback_mpp, mpp)
             super().__init__(path, vendor, self._osr.level_dimensions, mpp, source,
                              _float(props.get("openslide.objective-power")), props)
