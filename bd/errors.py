@@ -54,6 +54,10 @@ OUT_OF_MEMORY_TEXT = ("insufficient memory", "failed to allocate", "out of memor
                       "std::bad_alloc")
 
 
+# Messages of libraries that report a full disk as text (libvips, libtiff), not as an errno.
+DISK_TEXT = {"no space left on device": errno.ENOSPC, "disk quota exceeded": errno.EDQUOT}
+
+
 def environment_reason(exc: BaseException) -> str | None:
     """Why ``exc`` is the machine's fault (memory, disk, I/O), or None when it may be the slide's."""
     if isinstance(exc, MemoryError):
@@ -63,7 +67,7 @@ def environment_reason(exc: BaseException) -> str | None:
     text = str(exc).lower()
     if any(t in text for t in OUT_OF_MEMORY_TEXT):
         return "out of memory: give the job more memory"
-    return None
+    return next((ENVIRONMENT_ERRNOS[code] for t, code in DISK_TEXT.items() if t in text), None)
 
 
 def slide_fault(message: str, exc: BaseException) -> BDError:

@@ -264,7 +264,7 @@ class SlideReader:
         instead of once per worker; OpenSlide handles are not fork-safe."""
         from bd.slide import FlatSlide
 
-        if not isinstance(self.slide, FlatSlide):
+        if not isinstance(self.slide, FlatSlide) or self.slide.streamed:
             return False
         try:
             self.slide.level_pixels(self.spec.level)

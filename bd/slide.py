@@ -91,13 +91,9 @@ class Slide:
             return self._read(x, y, level, w, h)
         except SlideError:
             raise
-        except (openslide.OpenSlideError, OSError, ValueError, cv2.error, MemoryError) as exc:
+        except (openslide.OpenSlideError, OSError, ValueError, cv2.error, MemoryError, *_vips_errors()) as exc:
             raise slide_fault(f"{self.path}: cannot decode pixels at level {level}, ({x}, {y}) "
                               f"{w} x {h}", exc) from exc
-        except Exception as exc:  # libvips (pyvips.Error) on a streamed flat image
-            if type(exc).__name__ != "Error":
-                raise
-            raise slide_fault(f"{self.path}: cannot decode pixels at level {level}", exc) from exc
 
     def read_level(self, level: int) -> np.ndarray:
         """The whole of one level as RGB (meant for the low-resolution levels)."""
@@ -141,6 +137,15 @@ class Slide:
     def __repr__(self) -> str:
         w, h = self.dimensions
         return f"<Slide {self.path.name} {self.format} {w}x{h} levels={self.level_count} mpp={self.mpp:g}>"
+
+
+def _vips_errors() -> tuple[type[BaseException], ...]:
+    """libvips' exception type, when pyvips is installed (evaluated only while an error is matched)."""
+    try:
+        import pyvips
+    except (ImportError, OSError):
+        return ()
+    return (pyvips.Error,)
 
 
 def composite_on_white(pixels: np.ndarray) -> np.ndarray:
