@@ -31,7 +31,7 @@ def extract_fixture(out: Path) -> Path:
 
     with open_slide(SLIDE) as slide:
         seg = segment_slide(slide, SegmentParams())
-        grid = tile_slide(slide, seg.mask, seg.scale, TileParams(**TILING), "fixture")
+        grid = tile_slide(slide, seg.mask, seg.scale, TileParams(**TILING), "fixture", artefacts=seg.artefacts)
     assert len(grid) >= 10
     save_grid(grid, out / "grid.npz")
     return Extractor(FeatureParams(**FEATURES)).run(SlideJob(str(SLIDE), str(out / "grid.npz"), str(out / "fixture.zarr")))
