@@ -365,7 +365,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", required=True, type=Path, help="folder for mask.png, contours.geojson, qc.png")
     parser.add_argument("--params", default=None, help="segmentation parameters (JSON or a YAML/JSON file)")
     parser.add_argument("--fallback-mpp", type=float, default=None, help="um/px for slides without MPP metadata")
-    parser.add_argument("--mpp", type=float, default=None, help="um/px of this slide (the sample sheet's; overrides the metadata)")
+    parser.add_argument("--mpp", type=float, default=None,
+                        help="um/px of this slide (the sample sheet's; overrides the metadata)")
     parser.add_argument("--on-error", choices=["fail", "skip"], default="fail",
                         help="skip: an unreadable slide gets empty outputs and a warning (exit 0); "
                              "out of memory, a full disk and other faults of the machine always fail")

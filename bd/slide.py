@@ -35,7 +35,7 @@ import tifffile
 from PIL import JpegImagePlugin, PngImagePlugin
 
 import cv2
-from bd.errors import BDError, SlideError, slide_fault
+from bd.errors import SlideError, slide_fault
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,9 @@ _UM_PER_UNIT = {2: 25400.0, 3: 10000.0}  # TIFF ResolutionUnit: inch, centimetre
 # far below OpenCV's 2**30-pixel guard, so no decode ever depends on OPENCV_IO_MAX_IMAGE_PIXELS.
 STREAM_PIXELS = 1 << 26
 BASE_PIXELS = 1 << 25  # a streamed image's finest level decoded in memory is at most this big
-PYRAMID_QUALITY = 85  # of the copy's JPEG tiles: YCbCr 4:2:0 as scanners write (libvips writes RGB tiles, 4-5x larger, from 90)
+# JPEG quality of the pyramidal copy's tiles: below 90 libvips writes YCbCr 4:2:0 tiles, as scanners
+# do; from 90 on it writes RGB tiles, 4-5x larger and slower to write.
+PYRAMID_QUALITY = 85
 PYRAMID_TILE = 256
 MPP_DISAGREEMENT = 0.1  # a sample-sheet MPP this far from the metadata's is warned about
 

@@ -351,7 +351,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qc", type=Path, default=None, help="QC thumbnail with the grid (.png)")
     parser.add_argument("--params", default=None, help="tiling parameters (JSON or a YAML/JSON file)")
     parser.add_argument("--fallback-mpp", type=float, default=None, help="um/px for slides without MPP metadata")
-    parser.add_argument("--mpp", type=float, default=None, help="um/px of this slide (the sample sheet's; overrides the metadata)")
+    parser.add_argument("--mpp", type=float, default=None,
+                        help="um/px of this slide (the sample sheet's; overrides the metadata)")
     parser.add_argument("--artefacts", type=Path, default=None,
                         help="artefacts.png written by `bd segment` (default: next to --mask, when there)")
     parser.add_argument("--annotations-dir", default="", help="folder of annotation JSON files ('' for none)")

@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=65_000)
     parser.add_argument("--height", type=int, default=16_600)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", type=Path, default=None, help="folder for the JPEG and outputs (default: a temporary one)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="folder for the JPEG and outputs (default: a temporary one)")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
         child(argv[1], argv[2:])

@@ -284,7 +284,8 @@ def test_out_of_memory_in_segmentation_fails_the_job_even_under_skip(
     import bd.segment
 
     def oom(*_: object, **__: object) -> None:
-        raise cv2.error("OpenCV(4.10.0) alloc.cpp:73: error: (-4:Insufficient memory) Failed to allocate 6400000000 bytes")
+        raise cv2.error("OpenCV(4.10.0) alloc.cpp:73: error: (-4:Insufficient memory) "
+                        "Failed to allocate 6400000000 bytes")
 
     monkeypatch.setattr(bd.segment, "tissue_mask", oom)
     out = tmp_path / "seg"
