@@ -45,6 +45,8 @@ CHECKS: dict[str, CheckKind] = {
     "missing_slide_file": CheckKind("error", "slide files that do not exist"),
     "slide_not_read": CheckKind("warning", "slides that could not be read (on_slide_error: skip); their "
                                            "patient counts as missing the slide"),
+    "slide_upsampled": CheckKind("warning", "slides coarser than tiling.target_mpp by more than 1.25x: "
+                                            "their patches are upsampled (check their MPP)"),
     "duplicate_path": CheckKind("warning", "one file listed under several slide ids (its patches count twice)"),
     "slide_without_clinical_row": CheckKind("warning", "slides whose patient has no row in the clinical "
                                                        "table: left out of training and evaluation"),

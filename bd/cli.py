@@ -74,6 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BDError as exc:
         print(f"bd {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except MemoryError:  # never a slide error: the job fails, a retry with more memory can act
+        print(f"bd {args.command}: error: out of memory; give the job more memory (the cluster profile's "
+              "retries ask for more on each attempt)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import pandas as pd
 from bd.errors import ConfigError, TableError
 
 SAMPLE_COLUMNS = ["slide_id", "patient_id", "path"]
+OPTIONAL_COLUMNS = ["mpp"]  # level-0 microns per pixel of the slide (flat JPEGs carry none)
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".dcm",
                     ".jpg", ".jpeg", ".png")
 _SLIDE_ID = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -74,7 +75,9 @@ def read_sample_sheet(path: str | os.PathLike[str]) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"cohort.sample_sheet: file {path} does not exist")
-    sheet = read_samples(path)[SAMPLE_COLUMNS].apply(lambda col: col.str.strip())
+    raw = read_samples(path)
+    columns = SAMPLE_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in raw.columns]
+    sheet = raw[columns].apply(lambda col: col.str.strip())
     base = path.parent
     sheet["path"] = [p if os.path.isabs(p) else str(base / p) for p in sheet["path"]]
     return sheet
@@ -91,11 +94,28 @@ def check_sample_sheet(sheet: pd.DataFrame, source: str = "sample sheet") -> pd.
             raise TableError(
                 f"{source}: row {row}: slide_id {rec.slide_id!r} may use only letters, digits, '.', '_' and '-'"
             )
+    for row, value in enumerate(sheet["mpp"] if "mpp" in sheet.columns else [], start=2):
+        if value not in ("", None) and not _positive(value):
+            raise TableError(f"{source}: row {row}: column 'mpp' must be a positive number of microns "
+                             f"per pixel (or empty), got {value!r}")
     dup = sheet["slide_id"][sheet["slide_id"].duplicated()]
     if len(dup):
         rows = [i + 2 for i in sheet.index[sheet["slide_id"] == dup.iloc[0]]]
         raise TableError(f"{source}: duplicate slide_id {dup.iloc[0]!r} in rows {rows}")
     return sheet.set_index("slide_id", drop=False)
+
+
+def _positive(value: Any) -> bool:
+    try:
+        return 0 < float(value) < float("inf")
+    except (TypeError, ValueError):
+        return False
+
+
+def mpp_option(sheet: pd.DataFrame, slide_id: str) -> str:
+    """``--mpp VALUE`` for a slide with an ``mpp`` in the sample sheet, '' otherwise (rules)."""
+    value = str(sheet.loc[slide_id, "mpp"]).strip() if "mpp" in sheet.columns else ""
+    return f"--mpp {float(value):g}" if value else ""
 
 
 def build_sample_sheet(config: dict[str, Any]) -> pd.DataFrame:

@@ -214,7 +214,7 @@ def features_for_slide(slide_path: Path, out_dir: Path, slide_id: str, run: Any,
     with open_slide(slide_path, fallback_mpp=fallback_mpp) as slide:
         seg = segment_slide(slide, seg_params)
         write_segmentation(seg, seg_params, out_dir / "segment", f"{slide_id} ({slide_path.name})")
-        grid = tile_slide(slide, seg.mask, seg.scale, tile_params, slide_id)
+        grid = tile_slide(slide, seg.mask, seg.scale, tile_params, slide_id, artefacts=seg.artefacts)
     if len(grid) == 0:
         raise SlideError(f"{slide_path}: no patch reaches tiling.tissue_threshold "
                          f"({tile_params.tissue_threshold}); see {out_dir / 'segment' / 'qc.png'}")

@@ -8,8 +8,9 @@ no job at all. This step gathers them into
 * ``slide_errors.tsv``: ``slide_id, patient_id, stage, reason``, one row per slide not read
   (``stage`` is ``input`` for a missing file, else the first stage that failed);
 * ``cohort_checks.tsv``: the counts of :mod:`bd.check` (slides without a clinical row, patients
-  without a slide or label, missing files, slides not read, patients left without any usable
-  slide), ``check, level, count, examples, meaning``.
+  without a slide or label, missing files, slides not read, slides whose patches were upsampled
+  by more than 1.25x, patients left without any usable slide), ``check, level, count, examples,
+  meaning``.
 
 It reads one record per slide (the store's attributes; the grid or mask only when a store is
 missing), so it stays a few seconds for thousands of slides.
@@ -88,7 +89,26 @@ def slide_errors(samples: pd.DataFrame, results: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def cohort_checks(samples: pd.DataFrame, errors: pd.DataFrame, config: dict) -> pd.DataFrame:
+def upsampled_slides(samples: pd.DataFrame, results: Path) -> list[str]:
+    """Slides whose feature store records patches upsampled (slide MPP over target MPP) by more
+    than tiling's warning level (1.25x)."""
+    from bd.store import read_store
+    from bd.tiling import UPSAMPLE_WARNING
+
+    out = []
+    for sid in samples["slide_id"]:
+        path = results / "features" / f"{sid}.zarr"
+        if not path.exists():
+            continue
+        attrs = read_store(path, with_features=False).attrs
+        mpp, target = attrs.get("mpp"), attrs.get("target_mpp")
+        if mpp and target and mpp / target > UPSAMPLE_WARNING:
+            out.append(str(sid))
+    return out
+
+
+def cohort_checks(samples: pd.DataFrame, errors: pd.DataFrame, config: dict,
+                  upsampled: list[str] | None = None) -> pd.DataFrame:
     """The cohort check table of :mod:`bd.check`, with the slides this run could not read."""
     from bd import check
 
@@ -96,6 +116,7 @@ def cohort_checks(samples: pd.DataFrame, errors: pd.DataFrame, config: dict) -> 
     if config["cohort"].get("clinical_table"):
         check.check_against_table(result, samples, *check.read_clinical_ids(config))
     result.add("slide_not_read", set(errors["slide_id"]) - set(result.missing_slides))  # missing: counted above
+    result.add("slide_upsampled", upsampled or [])
     check.add_unusable(result, samples, errors["slide_id"])
     return result.table()
 
@@ -122,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
     if args.checks_out is not None:
         if not args.config:
             raise BDError("--checks-out needs --config (the clinical table and its columns)")
-        checks = cohort_checks(samples, errors, read_mapping(args.config, "--config"))
+        checks = cohort_checks(samples, errors, read_mapping(args.config, "--config"),
+                               upsampled_slides(samples, args.results))
         write_text(args.checks_out, checks.to_csv(sep="\t", index=False))
     print(f"{len(samples)} slides, {len(errors)} not read -> {args.out}")
     return 0

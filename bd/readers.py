@@ -6,7 +6,9 @@ are JPEG (SVS, generic tiled TIFF, the demo's slides) :class:`TiffJpegReader` re
 tile bytes with ``os.pread`` and decodes each tile once with libjpeg-turbo (``cv2.imdecode``),
 keeping decoded tiles in an LRU cache sized for one row of patches. Every other format goes
 through :class:`SlideReader` (``bd.slide``: OpenSlide and flat images). Both give the same pixels
-(white beyond the slide's borders); tests compare them with OpenSlide.
+(white beyond the slide's borders); tests compare them with OpenSlide. A large flat image (a
+BCNB JPEG) is read from its pyramidal JPEG-tiled copy (``bd.slide.pyramid_copy``, written once
+in the planning process), through the stored-tile reader.
 
 A reader is described by a picklable :class:`ReadSpec` and opened with :func:`open_reader`, so
 that each DataLoader worker opens its own file handles.
@@ -25,10 +27,7 @@ from typing import Protocol
 
 import numpy as np
 
-from bd.errors import SlideError
-
-# As bd.slide: OpenCV reads its pixel limit once, when it loads; flat BCNB JPEGs exceed the default.
-os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 40))
+from bd.errors import SlideError, slide_fault
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +60,12 @@ class ReadSpec:
     size: int
     kind: str = "slide"  # a key of READERS
     mpp: float | None = None  # fallback MPP for slides without metadata (flat images)
+    read_path: str = ""  # the file actually read, when not ``path`` (a flat image's pyramidal copy)
+
+    @property
+    def file(self) -> str:
+        """The file the pixels come from."""
+        return self.read_path or self.path
 
     def region(self, x: int, y: int) -> str:
         """How errors name a patch: slide, level-0 position and level."""
@@ -126,7 +131,7 @@ class TiffJpegReader:
 
         self.spec = spec
         try:
-            with tifffile.TiffFile(spec.path) as tif:
+            with tifffile.TiffFile(spec.file) as tif:
                 base = tif.pages[0]  # level 0 in SVS and generic pyramidal TIFF
                 width, height = base.imagewidth, base.imagelength  # type: ignore[union-attr]
                 page = _level_page(tif, width, height, spec.downsample)
@@ -142,7 +147,7 @@ class TiffJpegReader:
                 rgb = page.photometric == PHOTOMETRIC_RGB
                 tables = page.jpegtables or b""
         except (OSError, ValueError, tifffile.TiffFileError) as exc:
-            raise SlideError(f"{spec.path}: cannot read TIFF structure ({exc})") from exc
+            raise slide_fault(f"{spec.path}: cannot read TIFF structure", exc) from exc
         self.rgb = rgb
         # SOI + colour-space marker + shared tables (without their SOI/EOI); each tile's own
         # stream follows without its SOI. Abbreviated SVS streams need the tables spliced in.
@@ -153,7 +158,7 @@ class TiffJpegReader:
         self.capacity = max(16, self.tiles_x * rows)
         self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self.decoded = 0  # tiles decoded (each once while cached): for tests and benchmarks
-        self.fd = os.open(spec.path, os.O_RDONLY)
+        self.fd = os.open(spec.file, os.O_RDONLY)
 
     def _tile(self, index: int) -> np.ndarray | None:
         """Decoded RGB tile ``index`` (None for a sparse, never-written tile: white)."""
@@ -210,7 +215,7 @@ class TiffJpegReader:
         except SlideError as exc:
             raise SlideError(f"{self.spec.region(x, y)}: {exc}") from None
         except OSError as exc:
-            raise SlideError(f"{self.spec.region(x, y)}: {exc.strerror or exc}") from exc
+            raise slide_fault(self.spec.region(x, y), exc) from exc
         return out
 
     def share(self) -> bool:
@@ -239,7 +244,7 @@ class SlideReader:
         self.spec = spec
         with warnings.catch_warnings():  # MPP assumptions were reported when the grid was made
             warnings.simplefilter("ignore", SlideWarning)
-            self.slide = open_slide(spec.path, fallback_mpp=spec.mpp)
+            self.slide = open_slide(spec.file, fallback_mpp=spec.mpp)
 
     def read(self, x: int, y: int, out: np.ndarray | None = None) -> np.ndarray:
         size = self.spec.size
@@ -248,7 +253,7 @@ class SlideReader:
         except SlideError as exc:
             raise SlideError(f"{self.spec.region(x, y)}: {exc}") from None
         except Exception as exc:  # OpenSlideError and decoder errors of the flat-image path
-            raise SlideError(f"{self.spec.region(x, y)}: {exc}") from exc
+            raise slide_fault(self.spec.region(x, y), exc) from exc
         if out is None:
             return np.ascontiguousarray(patch[..., :3], dtype=np.uint8)
         out[:] = patch[..., :3]
@@ -259,14 +264,14 @@ class SlideReader:
         instead of once per worker; OpenSlide handles are not fork-safe."""
         from bd.slide import FlatSlide
 
-        if not isinstance(self.slide, FlatSlide):
+        if not isinstance(self.slide, FlatSlide) or self.slide.streamed:
             return False
         try:
             self.slide.level_pixels(self.spec.level)
         except SlideError:
             raise
         except Exception as exc:  # decoder errors of a damaged image
-            raise SlideError(f"{self.spec.path}: cannot decode the image ({exc})") from exc
+            raise slide_fault(f"{self.spec.path}: cannot decode the image", exc) from exc
         return True
 
     def close(self) -> None:
@@ -310,11 +315,34 @@ def plan_reader(
     """The reader for one slide: stored JPEG tiles when exact and possible, else ``bd.slide``."""
     if prefer not in ("auto", *READERS):
         raise SlideError(f"unknown reader {prefer!r} (known: auto, {', '.join(READERS)})")
+    read_path = streamed_copy(str(path), mpp)
     kind = prefer
     if prefer == "auto":
-        fast = fast_path_supported(str(path), level, downsample)
+        fast = fast_path_supported(read_path or str(path), level, downsample)
         kind = TiffJpegReader.kind if fast else SlideReader.kind
-    return ReadSpec(str(path), int(level), float(downsample), int(size), kind, mpp)
+    return ReadSpec(str(path), int(level), float(downsample), int(size), kind, mpp, read_path)
+
+
+def streamed_copy(path: str, mpp: float | None) -> str:
+    """The pyramidal copy to read a large flat image from ('' for every other slide)."""
+    from bd.slide import FlatSlide, SlideWarning, flat_format, open_slide
+
+    import openslide
+
+    if not os.path.isfile(path) or flat_format(path) is None:
+        return ""
+    try:
+        if openslide.OpenSlide.detect_format(path):
+            return ""
+    except openslide.OpenSlideError:
+        pass
+    with warnings.catch_warnings():  # MPP assumptions were reported when the grid was made
+        warnings.simplefilter("ignore", SlideWarning)
+        with open_slide(path, fallback_mpp=mpp) as slide:
+            if not (isinstance(slide, FlatSlide) and slide.streamed):
+                return ""
+            log.info("%s: %d x %d flat image, read from a pyramidal copy", path, *slide.dimensions)
+            return str(slide.pyramid_path())
 
 
 def open_reader(spec: ReadSpec) -> PatchReader:

@@ -3,10 +3,15 @@
 The slide is read at about ``downsample`` x (32 by default; a pyramid level is used when one is
 close, otherwise the nearest finer level is resized, as for flat JPEGs). Tissue is what is
 saturated: HSV saturation, median blur, Otsu (or a fixed value, never below ``min_saturation``).
+A slide without colour (a greyscale scan, expanded to RGB by ``bd.slide``) has no saturation to
+threshold; its tissue is what is dark instead (255 - HSV value, same blur, Otsu and floor), and
+``mask.json`` says which channel was used.
 Pen marks (hue bands of green and blue ink, dark unsaturated black ink) and dark debris are cut
 out, the mask is closed, and components and holes are filtered by area in square microns, so one
 setting holds at 20x and 40x. Contours (with holes) come from the final mask, so mask and GeoJSON
-agree exactly. The mask's scale relative to level 0 is stored in ``mask.json`` for tiling.
+agree exactly. The mask's scale relative to level 0 is stored in ``mask.json`` for tiling, and
+the pen-ink and debris pixels in ``artefacts.png`` (same size), so that tiling can drop patches
+that hold them (``tiling.max_artefact_fraction``).
 """
 
 from __future__ import annotations
@@ -25,12 +30,13 @@ import cv2
 import numpy as np
 
 from bd import params as params_mod
-from bd.errors import BDError, ConfigError, SlideError
+from bd.errors import BDError, ConfigError, SlideError, environment_reason, slide_fault
 from bd.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
 QC_MAX_SIDE = 1024
+COLOURLESS_SATURATION = 8.0  # 99.9th percentile of saturation below this: a greyscale slide
 
 
 @dataclass
@@ -79,6 +85,7 @@ class Segmentation:
     """A tissue mask at the segmentation level and what is needed to map it to level 0."""
 
     mask: np.ndarray  # (h, w) uint8, 0 or 255
+    artefacts: np.ndarray  # (h, w) uint8, 255 where pen ink or debris was found
     image: np.ndarray  # (h, w, 3) uint8 RGB at the segmentation level (for QC)
     scale: tuple[float, float]  # level-0 pixels per mask pixel along x and y
     level0_size: tuple[int, int]  # (width, height)
@@ -91,11 +98,12 @@ class Segmentation:
         return float(np.count_nonzero(self.mask)) / max(self.mask.size, 1)
 
 
-def artefact_mask(hsv: np.ndarray, params: SegmentParams) -> np.ndarray:
-    """Pixels of pen ink and dark debris (bool), cleaned of isolated pixels and grown a little."""
+def artefact_mask(hsv: np.ndarray, params: SegmentParams, colour: bool = True) -> np.ndarray:
+    """Pixels of pen ink and dark debris (bool), cleaned of isolated pixels and grown a little;
+    on a slide without colour only the darkness rule applies (ink hues cannot be told apart)."""
     h, s, v = (hsv[..., i].astype(np.int16) for i in range(3))
     marks = v < params.dark_value
-    for name in params.pen_colors:
+    for name in params.pen_colors if colour else ():
         marks |= PEN_COLORS[name](h, s, v)
     marks = cv2.medianBlur(marks.astype(np.uint8) * 255, 3)
     if params.artefact_dilate > 0:
@@ -134,13 +142,24 @@ def _fill_small_holes(mask: np.ndarray, min_hole_px: float) -> np.ndarray:
     return out
 
 
-def tissue_mask(rgb: np.ndarray, um_per_px: float, params: SegmentParams) -> tuple[np.ndarray, dict[str, Any]]:
-    """Tissue mask (uint8 0/255) of an RGB image whose pixels are ``um_per_px`` microns wide."""
+def tissue_channel(hsv: np.ndarray) -> tuple[np.ndarray, str]:
+    """What tissue is brighter in: saturation, or darkness (255 - value) on a colourless slide."""
+    saturation = np.ascontiguousarray(hsv[..., 1])
+    if saturation.size and np.percentile(saturation, 99.9) < COLOURLESS_SATURATION:
+        return np.ascontiguousarray(255 - hsv[..., 2]), "darkness"
+    return saturation, "saturation"
+
+
+def tissue_mask(rgb: np.ndarray, um_per_px: float, params: SegmentParams,
+                artefacts_out: list[np.ndarray] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Tissue mask (uint8 0/255) of an RGB image whose pixels are ``um_per_px`` microns wide;
+    the artefact mask (uint8 0/255) is appended to ``artefacts_out`` when given."""
     hsv = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)
-    saturation = cv2.medianBlur(np.ascontiguousarray(hsv[..., 1]), params.median_blur)
+    channel, channel_name = tissue_channel(hsv)
+    saturation = cv2.medianBlur(channel, params.median_blur)
     threshold = saturation_threshold(saturation, params)
     tissue = saturation > threshold
-    artefacts = artefact_mask(hsv, params)
+    artefacts = artefact_mask(hsv, params, colour=channel_name == "saturation")
     tissue &= ~artefacts
     mask = tissue.astype(np.uint8) * 255
     if params.close_kernel > 0:
@@ -152,9 +171,12 @@ def tissue_mask(rgb: np.ndarray, um_per_px: float, params: SegmentParams) -> tup
     mask = _fill_small_holes(mask, params.min_hole_area_um2 / px_area)
     meta = {
         "threshold": threshold,
+        "channel": channel_name,
         "artefact_fraction": float(artefacts.mean()),
         "um_per_px": um_per_px,
     }
+    if artefacts_out is not None:
+        artefacts_out.append(artefacts.astype(np.uint8) * 255)
     return mask, meta
 
 
@@ -197,10 +219,14 @@ def segment_slide(slide: Any, params: SegmentParams) -> Segmentation:
     image = read_segmentation_image(slide, segmentation_downsample(size, params))
     scale = (size[0] / image.shape[1], size[1] / image.shape[0])
     um_per_px = float(slide.mpp) * math.sqrt(scale[0] * scale[1])
-    mask, meta = tissue_mask(image, um_per_px, params)
+    artefacts: list[np.ndarray] = []
+    mask, meta = tissue_mask(image, um_per_px, params, artefacts)
     polygons = mask_polygons(mask, scale)
     meta.update(mpp_source=getattr(slide, "mpp_source", "metadata"), components=len(polygons))
-    return Segmentation(mask, image, scale, size, float(slide.mpp), polygons, meta)
+    if meta["channel"] == "darkness":
+        log.warning("%s: no colour in the slide (greyscale scan?); tissue taken as what is dark",
+                    getattr(slide, "path", "slide"))
+    return Segmentation(mask, artefacts[0], image, scale, size, float(slide.mpp), polygons, meta)
 
 
 def polygon_area_um2(polygon: list[np.ndarray], mpp: float) -> float:
@@ -293,9 +319,10 @@ def write_png(path: Path, image: np.ndarray) -> None:
 
 
 def write_segmentation(seg: Segmentation, params: SegmentParams, out_dir: Path, title: str) -> None:
-    """Write mask.png, mask.json, contours.geojson and qc.png into ``out_dir``."""
+    """Write mask.png, artefacts.png, mask.json, contours.geojson and qc.png into ``out_dir``."""
     info = mask_info(seg, params)
     write_png(out_dir / "mask.png", seg.mask)
+    write_png(out_dir / "artefacts.png", seg.artefacts)
     write_json(out_dir / "mask.json", info)
     write_json(out_dir / "contours.geojson", to_geojson(seg, info))
     write_png(out_dir / "qc.png", qc_image(seg, title))
@@ -305,6 +332,7 @@ def write_failure(out_dir: Path, title: str, reason: str) -> None:
     """Outputs of a slide that could not be read: an empty mask and contours, a QC image saying so."""
     info = {"error": reason, "error_stage": "segment", "tissue_fraction": 0.0, "scale_x": None, "scale_y": None}
     write_png(out_dir / "mask.png", np.zeros((1, 1), np.uint8))
+    write_png(out_dir / "artefacts.png", np.zeros((1, 1), np.uint8))
     write_json(out_dir / "mask.json", info)
     write_json(out_dir / "contours.geojson", to_geojson(None, info))
     write_png(out_dir / "qc.png", error_image(title, reason))
@@ -321,13 +349,27 @@ def read_mask(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
     return mask, info
 
 
+def environment_checked(step: Callable[[], Any], what: str) -> Any:
+    """Run ``step``; an allocation failure inside OpenCV or numpy becomes a ResourceError (the job
+    fails, a retry with more memory can act), never a slide error or a traceback."""
+    try:
+        return step()
+    except (cv2.error, MemoryError) as exc:
+        if environment_reason(exc) is None:
+            raise
+        raise slide_fault(what, exc) from exc
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slide", required=True, help="slide file")
     parser.add_argument("--out-dir", required=True, type=Path, help="folder for mask.png, contours.geojson, qc.png")
     parser.add_argument("--params", default=None, help="segmentation parameters (JSON or a YAML/JSON file)")
     parser.add_argument("--fallback-mpp", type=float, default=None, help="um/px for slides without MPP metadata")
+    parser.add_argument("--mpp", type=float, default=None,
+                        help="um/px of this slide (the sample sheet's; overrides the metadata)")
     parser.add_argument("--on-error", choices=["fail", "skip"], default="fail",
-                        help="skip: an unreadable slide gets empty outputs and a warning (exit 0)")
+                        help="skip: an unreadable slide gets empty outputs and a warning (exit 0); "
+                             "out of memory, a full disk and other faults of the machine always fail")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -336,8 +378,8 @@ def run(args: argparse.Namespace) -> int:
     params = params_mod.build(SegmentParams, args.params)
     title = Path(args.slide).name
     try:
-        with open_slide(args.slide, fallback_mpp=args.fallback_mpp) as slide:
-            seg = segment_slide(slide, params)
+        with open_slide(args.slide, fallback_mpp=args.fallback_mpp, mpp=args.mpp) as slide:
+            seg = environment_checked(lambda: segment_slide(slide, params), f"{args.slide}: segmentation")
     except SlideError as exc:
         if args.on_error == "fail":
             raise

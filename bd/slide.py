@@ -1,18 +1,27 @@
 """One way to open any slide: OpenSlide formats and flat images behind the same interface.
 
 OpenSlide reads what it detects (SVS, NDPI, MRXS, tiled TIFF, DICOM, ...). Flat images (BCNB's
-large JPEGs, PNG, untiled TIFF) are decoded once, on first pixel access, and get a virtual
-pyramid of downsample-by-2 levels, so segmentation, tiling and extraction treat both alike.
-Pixels come back as ``H x W x 3`` uint8 RGB; transparent or out-of-slide pixels are white.
+JPEGs, PNG, untiled TIFF) get a virtual pyramid of downsample-by-2 levels, so segmentation,
+tiling and extraction treat both alike. A small flat image is decoded once, on first pixel
+access. A large one (more than ``STREAM_PIXELS``, e.g. a 1-gigapixel BCNB JPEG) is never held
+whole: its coarse levels are decoded at reduced size by libvips (libjpeg's DCT scaling for a
+JPEG, a streamed box shrink otherwise), and its fine levels are read from a pyramidal
+JPEG-tiled TIFF copy that libvips writes once per process into a temporary folder (streaming,
+a few hundred MB), which OpenSlide and the stored-tile reader then read like any scanner file.
+Pixels come back as ``H x W x 3`` uint8 RGB; transparent or out-of-slide pixels are white; grey,
+palette and 10-16-bit images are expanded or rescaled to 8-bit RGB by the slide's own bit depth.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import threading
 import warnings
 from collections.abc import Callable
@@ -25,11 +34,8 @@ import openslide
 import tifffile
 from PIL import JpegImagePlugin, PngImagePlugin
 
-from bd.errors import SlideError
-
-# BCNB's JPEGs exceed OpenCV's default 2**30-pixel guard, which cv2 reads once, when it loads.
-os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 40))
-import cv2  # noqa: E402
+import cv2
+from bd.errors import SlideError, slide_fault
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +43,15 @@ MPP_RANGE = (0.05, 10.0)  # plausible level-0 microns per pixel; 72/96/300 dpi d
 MIN_LEVEL_SIDE = 512  # the virtual pyramid halves until the smaller side drops below this
 DOWNSAMPLE_TOLERANCE = 0.01  # relative slack when choosing a level for a requested downsample
 _UM_PER_UNIT = {2: 25400.0, 3: 10000.0}  # TIFF ResolutionUnit: inch, centimetre
+# Flat images above this many pixels are streamed (never decoded whole): 2**26 is 200 MB as RGB,
+# far below OpenCV's 2**30-pixel guard, so no decode ever depends on OPENCV_IO_MAX_IMAGE_PIXELS.
+STREAM_PIXELS = 1 << 26
+BASE_PIXELS = 1 << 25  # a streamed image's finest level decoded in memory is at most this big
+# JPEG quality of the pyramidal copy's tiles: below 90 libvips writes YCbCr 4:2:0 tiles, as scanners
+# do; from 90 on it writes RGB tiles, 4-5x larger and slower to write.
+PYRAMID_QUALITY = 85
+PYRAMID_TILE = 256
+MPP_DISAGREEMENT = 0.1  # a sample-sheet MPP this far from the metadata's is warned about
 
 
 class SlideWarning(UserWarning):
@@ -78,9 +93,9 @@ class Slide:
             return self._read(x, y, level, w, h)
         except SlideError:
             raise
-        except (openslide.OpenSlideError, OSError, ValueError, cv2.error) as exc:
-            raise SlideError(f"{self.path}: cannot decode pixels at level {level}, ({x}, {y}) "
-                             f"{w} x {h}: {exc}") from exc
+        except (openslide.OpenSlideError, OSError, ValueError, cv2.error, MemoryError, *_vips_errors()) as exc:
+            raise slide_fault(f"{self.path}: cannot decode pixels at level {level}, ({x}, {y}) "
+                              f"{w} x {h}", exc) from exc
 
     def read_level(self, level: int) -> np.ndarray:
         """The whole of one level as RGB (meant for the low-resolution levels)."""
@@ -126,6 +141,15 @@ class Slide:
         return f"<Slide {self.path.name} {self.format} {w}x{h} levels={self.level_count} mpp={self.mpp:g}>"
 
 
+def _vips_errors() -> tuple[type[BaseException], ...]:
+    """libvips' exception type, when pyvips is installed (evaluated only while an error is matched)."""
+    try:
+        import pyvips
+    except (ImportError, OSError):
+        return ()
+    return (pyvips.Error,)
+
+
 def composite_on_white(pixels: np.ndarray) -> np.ndarray:
     """RGB from RGBA (or grey+alpha), blending transparent pixels onto white like OpenSlide's viewers."""
     colour, alpha = pixels[..., :-1], pixels[..., -1:]
@@ -137,10 +161,25 @@ def composite_on_white(pixels: np.ndarray) -> np.ndarray:
     return ((colour * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
 
 
-def to_rgb(pixels: np.ndarray, bgr: bool = False) -> np.ndarray:
-    """uint8 RGB from a decoded image of any depth and channel count (grey, RGB/BGR, with alpha)."""
+def sample_top(pixels: np.ndarray) -> float:
+    """The white level of an image's samples: 255 for 8 bit, ``2**bits - 1`` for the fewest bits
+    (>= 8) that hold its largest value otherwise (12-bit scans stored in 16-bit samples are
+    common; a brightfield slide's background is near white), 1.0 for floats."""
+    if pixels.dtype == np.uint8:
+        return 255.0
+    if pixels.dtype.kind == "f":
+        return 1.0
+    if pixels.dtype.kind not in "ui":
+        raise ValueError(f"unsupported sample type {pixels.dtype}")
+    bits = max(8, int(pixels.max(initial=0)).bit_length())
+    return float(2**bits - 1)
+
+
+def to_rgb(pixels: np.ndarray, bgr: bool = False, top: float | None = None) -> np.ndarray:
+    """uint8 RGB from a decoded image of any depth and channel count (grey, RGB/BGR, with alpha);
+    samples above 8 bit are scaled by ``top`` (default: :func:`sample_top` of ``pixels``)."""
     if pixels.dtype != np.uint8:
-        top = np.iinfo(pixels.dtype).max if pixels.dtype.kind in "ui" else 1.0
+        top = sample_top(pixels) if top is None else top
         pixels = np.clip(pixels.astype(np.float32) * (255.0 / top), 0, 255).round().astype(np.uint8)
     if pixels.ndim == 2:
         pixels = pixels[..., None]
@@ -161,35 +200,44 @@ def _float(value: Any) -> float | None:
     return out if math.isfinite(out) and out > 0 else None
 
 
-def resolve_mpp(path: Path, metadata_mpp: float | None, fallback_mpp: float | None) -> tuple[float, str]:
-    """Level-0 MPP and its source: plausible metadata first, else the configured fallback (warned)."""
+def resolve_mpp(path: Path, metadata_mpp: float | None, fallback_mpp: float | None,
+                mpp: float | None = None) -> tuple[float, str]:
+    """Level-0 MPP and its source: the sample sheet's ``mpp`` when given (warned if the metadata
+    disagrees), else plausible metadata, else the configured fallback (warned)."""
+    if mpp is not None:
+        if _float(mpp) is None:
+            raise SlideError(f"{path}: the sample sheet's mpp must be a positive number, got {mpp!r}")
+        if metadata_mpp is not None and abs(metadata_mpp - mpp) > MPP_DISAGREEMENT * mpp:
+            warnings.warn(f"{path}: the sample sheet says {mpp:g} um/px but the file's metadata says "
+                          f"{metadata_mpp:g}; using the sample sheet's", SlideWarning, stacklevel=5)
+        return float(mpp), "sample sheet"
     if metadata_mpp is not None and MPP_RANGE[0] <= metadata_mpp <= MPP_RANGE[1]:
         return metadata_mpp, "metadata"
     if metadata_mpp is not None:
         log.info("%s: ignoring metadata MPP %.4g (outside %s, likely a DPI default)",
                  path, metadata_mpp, MPP_RANGE)
     if fallback_mpp is None:
-        raise SlideError(f"{path}: no microns per pixel in the file's metadata; set cohort.fallback_mpp "
-                         "in the config (or pass --fallback-mpp)")
+        raise SlideError(f"{path}: no microns per pixel in the file's metadata; give the slide an mpp in "
+                         "the sample sheet or set cohort.fallback_mpp (or pass --mpp / --fallback-mpp)")
     if _float(fallback_mpp) is None:
         raise SlideError(f"{path}: fallback MPP must be a positive number, got {fallback_mpp!r}")
     warnings.warn(f"{path}: no microns per pixel in the metadata; using the fallback "
-                  f"{fallback_mpp:g} (cohort.fallback_mpp)", SlideWarning, stacklevel=4)
+                  f"{fallback_mpp:g} (cohort.fallback_mpp)", SlideWarning, stacklevel=5)
     return float(fallback_mpp), "fallback"
 
 
 class OpenSlideSlide(Slide):
     """A slide in a format OpenSlide reads; RGBA is composited onto white."""
 
-    def __init__(self, path: Path, vendor: str, fallback_mpp: float | None) -> None:
+    def __init__(self, path: Path, vendor: str, fallback_mpp: float | None, mpp: float | None = None) -> None:
         self._osr = openslide.OpenSlide(str(path))
         try:
             props = dict(self._osr.properties)
             mpp_x, mpp_y = _float(props.get("openslide.mpp-x")), _float(props.get("openslide.mpp-y"))
             if mpp_x and mpp_y and abs(mpp_x - mpp_y) > 0.01 * mpp_x:
                 warnings.warn(f"{path}: MPP differs between x ({mpp_x}) and y ({mpp_y}); using x",
-                              SlideWarning, stacklevel=3)
-            mpp, source = resolve_mpp(path, mpp_x, fallback_mpp)
+                              SlideWarning, stacklevel=4)
+            mpp, source = resolve_mpp(path, mpp_x, fallback_mpp, mpp)
             super().__init__(path, vendor, self._osr.level_dimensions, mpp, source,
                              _float(props.get("openslide.objective-power")), props)
         except BaseException:
@@ -209,7 +257,7 @@ class FlatFormat:
 
     magics: tuple[bytes, ...]
     header: Callable[[Path], tuple[int, int, float | None, dict[str, str]]]  # -> w, h, mpp, props
-    decode: Callable[[Path], np.ndarray]  # -> RGB uint8
+    decode: Callable[[Path], np.ndarray]  # -> decoded samples (any depth; BGR order from OpenCV)
 
 
 def _pil_header(plugin: type) -> Callable[[Path], tuple[int, int, float | None, dict[str, str]]]:
@@ -240,7 +288,7 @@ def _cv2_decode(path: Path) -> np.ndarray:
     pixels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if pixels is None:
         raise SlideError(f"{path}: OpenCV cannot decode the image (corrupt or truncated)")
-    return to_rgb(pixels, bgr=True)
+    return pixels  # BGR(A) or grey, any depth: to_rgb(pixels, bgr=True)
 
 
 def _tiff_header(path: Path) -> tuple[int, int, float | None, dict[str, str]]:
@@ -269,7 +317,7 @@ def _tiff_decode(path: Path) -> np.ndarray:
             pixels = (page.colormap.T[pixels] >> 8).astype(np.uint8)
         elif page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and pixels.ndim == 3:
             pixels = np.moveaxis(pixels, 0, -1)
-    return to_rgb(pixels)
+    return pixels
 
 
 FLAT_FORMATS: dict[str, FlatFormat] = {
@@ -288,27 +336,37 @@ def virtual_pyramid(width: int, height: int) -> tuple[tuple[int, int], ...]:
 
 
 class FlatSlide(Slide):
-    """A flat image, decoded once on first use; level k is level k-1 halved with INTER_AREA."""
+    """A flat image. Small: decoded once on first use, level k is level k-1 halved with
+    INTER_AREA. Large (``streamed``): coarse levels decoded at reduced size by libvips, fine
+    levels read from a pyramidal copy (:func:`pyramid_copy`); the whole image is never in memory."""
 
-    def __init__(self, path: Path, format: str, fallback_mpp: float | None) -> None:
+    def __init__(self, path: Path, format: str, fallback_mpp: float | None, mpp: float | None = None) -> None:
         self._spec = FLAT_FORMATS[format]
         w, h, metadata_mpp, props = self._spec.header(path)
-        mpp, source = resolve_mpp(path, metadata_mpp, fallback_mpp)
+        mpp, source = resolve_mpp(path, metadata_mpp, fallback_mpp, mpp)
         super().__init__(path, format, virtual_pyramid(w, h), mpp, source, None, props)
         self._levels: list[np.ndarray | None] = [None] * self.level_count
         self._lock = threading.Lock()
+        self.streamed = w * h > STREAM_PIXELS
+        self.base_level = _base_level(self.level_dimensions) if self.streamed else 0
+        self.top: float | None = None  # white level of the samples, set by the first decode
+        self._pyramid: Slide | None = None
 
     def level_pixels(self, level: int) -> np.ndarray:
         """The cached RGB array of one level (read-only; decodes and downsamples on first use)."""
+        if level < self.base_level:
+            raise SlideError(f"{self.path}: level {level} of this {self.dimensions[0]} x {self.dimensions[1]} "
+                             "image is too large to hold in memory; it is read from the pyramidal copy")
         with self._lock:
-            if self._levels[0] is None:
-                pixels = self._spec.decode(self.path)
-                if (pixels.shape[1], pixels.shape[0]) != self.dimensions:
+            base = self.base_level
+            if self._levels[base] is None:
+                pixels = self._decode_base()
+                if (pixels.shape[1], pixels.shape[0]) != self.level_dimensions[base]:
                     raise SlideError(f"{self.path}: decoded size {pixels.shape[1]} x {pixels.shape[0]} "
                                      f"differs from the header's {self.dimensions[0]} x {self.dimensions[1]}")
                 pixels.flags.writeable = False
-                self._levels[0] = pixels
-            for k in range(1, level + 1):
+                self._levels[base] = pixels
+            for k in range(base + 1, level + 1):
                 if self._levels[k] is None:
                     smaller = cv2.resize(self._levels[k - 1], self.level_dimensions[k],
                                          interpolation=cv2.INTER_AREA)
@@ -316,7 +374,32 @@ class FlatSlide(Slide):
                     self._levels[k] = smaller
             return self._levels[level]
 
+    def _decode_base(self) -> np.ndarray:
+        """RGB of the base level: the whole image (small), or a libvips reduced decode (streamed)."""
+        if not self.streamed:
+            raw = self._spec.decode(self.path)
+            self.top = sample_top(raw) if raw.dtype != np.uint8 else 255.0
+            return to_rgb(raw, bgr=self._spec.decode is _cv2_decode, top=self.top)
+        raw = vips_shrunk(self.path, 2**self.base_level)
+        self.top = sample_top(raw)
+        return fit_to(to_rgb(raw, top=self.top), self.level_dimensions[self.base_level])
+
+    def pyramid_path(self) -> Path:
+        """The pyramidal JPEG-tiled TIFF copy of this streamed image (written once per process)."""
+        if self.top is None and self._needs_top():
+            self.level_pixels(self.base_level)
+        return pyramid_copy(self.path, self.mpp, self.top or 255.0)
+
+    def _needs_top(self) -> bool:
+        import pyvips
+
+        return pyvips.Image.new_from_file(str(self.path)).format != "uchar"
+
     def _read(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
+        if level < self.base_level:
+            if self._pyramid is None:
+                self._pyramid = OpenSlideSlide(self.pyramid_path(), "generic-tiff", self.mpp)
+            return self._pyramid._read(x, y, level, w, h)
         pixels = self.level_pixels(level)
         ds = self.level_downsamples[level]
         lx, ly = math.floor(x / ds), math.floor(y / ds)
@@ -329,36 +412,159 @@ class FlatSlide(Slide):
 
     def close(self) -> None:
         self._levels = [None] * self.level_count
+        if self._pyramid is not None:
+            self._pyramid.close()
+            self._pyramid = None
 
 
-def _flat_format(path: Path) -> str | None:
+def _base_level(dims: tuple[tuple[int, int], ...]) -> int:
+    """The finest level of a streamed image small enough to decode whole (at least level 1)."""
+    return next((k for k, (w, h) in enumerate(dims) if k and w * h <= BASE_PIXELS), len(dims) - 1)
+
+
+def fit_to(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``pixels`` cropped or padded with white to ``size`` (w, h): reduced decodes round up."""
+    w, h = size
+    if abs(pixels.shape[1] - w) > 2 or abs(pixels.shape[0] - h) > 2:
+        return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+    out = np.full((h, w, 3), 255, np.uint8)
+    ch, cw = min(h, pixels.shape[0]), min(w, pixels.shape[1])
+    out[:ch, :cw] = pixels[:ch, :cw]
+    return out
+
+
+def _vips_open(path: Path, shrink: int = 1) -> Any:
+    """A libvips image of ``path`` for one sequential pass; JPEGs are shrunk on load (DCT scaling)."""
+    import pyvips
+
+    options: dict[str, Any] = {"access": "sequential", "fail_on": "error"}
+    if shrink > 1 and flat_format(path) == "flat-jpeg":
+        load = min(8, shrink)
+        image = pyvips.Image.new_from_file(str(path), shrink=load, **options)
+        shrink //= load
+    else:
+        image = pyvips.Image.new_from_file(str(path), **options)
+    return image.shrink(shrink, shrink) if shrink > 1 else image
+
+
+def vips_shrunk(path: Path, downsample: int) -> np.ndarray:
+    """The image at 1/``downsample`` (box average), as decoded samples (any depth and bands)."""
+    image = _vips_open(path, downsample)
+    if image.format not in ("uchar", "ushort", "float", "double"):
+        image = image.cast("ushort" if image.format in ("char", "short", "uint", "int") else "float")
+    pixels = image.numpy()
+    return pixels if pixels.ndim == 3 else pixels[..., None]
+
+
+def _vips_rgb(image: Any, top: float) -> Any:
+    """8-bit sRGB from any libvips image: alpha flattened onto white, depth scaled by ``top``."""
+    if image.hasalpha():
+        alpha_max = 255 if image.format == "uchar" else 65535 if image.format == "ushort" else 1.0
+        image = image.flatten(background=[top] * (image.bands - 1), max_alpha=alpha_max)
+    if image.format != "uchar" or top != 255.0:
+        image = (image * (255.0 / top)).cast("uchar")
+    if image.bands == 1:
+        image = image.bandjoin([image, image])
+    return image[:3].copy(interpretation="srgb")
+
+
+_COPIES: dict[tuple[str, int, int], Path] = {}
+_COPY_DIR: list[Path] = []
+
+
+def _copy_dir() -> Path:
+    if not _COPY_DIR:
+        folder = Path(tempfile.mkdtemp(prefix="bd-pyramid-"))
+        pid = os.getpid()
+        atexit.register(lambda: os.getpid() == pid and shutil.rmtree(folder, ignore_errors=True))
+        _COPY_DIR.append(folder)
+    return _COPY_DIR[0]
+
+
+def pyramid_copy(path: Path, mpp: float, top: float = 255.0) -> Path:
+    """A pyramidal JPEG-tiled TIFF copy of a flat image, with its MPP, in a temporary folder
+    (``$TMPDIR``). One copy is kept per process, the latest: slides are processed one after
+    another, and a copy is as large as a compressed slide. Removed when the process exits."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key in _COPIES and _COPIES[key].is_file():
+        return _COPIES[key]
+    for old in _COPIES.values():
+        old.unlink(missing_ok=True)
+    _COPIES.clear()
+    out = _copy_dir() / f"{path.stem}.{os.getpid()}.tif"
+    write_pyramid(path, out, mpp, top)
+    _COPIES[key] = out
+    return out
+
+
+def write_pyramid(src: Path, dst: Path, mpp: float, top: float = 255.0) -> None:
+    """Write ``src`` as a pyramidal JPEG-tiled BigTIFF that OpenSlide opens as generic-tiff with
+    MPP ``mpp``; one sequential pass, memory independent of the image size."""
+    import pyvips
+
+    log.info("%s: writing a pyramidal copy (%s)", src, dst)
+    try:
+        image = _vips_rgb(_vips_open(src), top)
+        image.tiffsave(str(dst), tile=True, tile_width=PYRAMID_TILE, tile_height=PYRAMID_TILE,
+                       pyramid=True, compression="jpeg", Q=PYRAMID_QUALITY, bigtiff=True,
+                       xres=1000.0 / mpp, yres=1000.0 / mpp, resunit="cm")
+    except pyvips.Error as exc:
+        dst.unlink(missing_ok=True)
+        raise slide_fault(f"{src}: cannot convert to a pyramidal TIFF", exc) from exc
+    except BaseException:
+        dst.unlink(missing_ok=True)
+        raise
+
+
+def flat_format(path: str | os.PathLike[str]) -> str | None:
     with open(path, "rb") as fh:
         head = fh.read(8)
     return next((name for name, spec in FLAT_FORMATS.items() if head.startswith(spec.magics)), None)
 
 
-def open_slide(path: str | os.PathLike[str], fallback_mpp: float | None = None) -> Slide:
-    """Open ``path`` with OpenSlide when it recognises the format, else as a flat image."""
+def open_slide(path: str | os.PathLike[str], fallback_mpp: float | None = None,
+               mpp: float | None = None) -> Slide:
+    """Open ``path`` with OpenSlide when it recognises the format, else as a flat image; ``mpp``
+    (the sample sheet's) overrides the metadata, ``fallback_mpp`` only stands in for it."""
     path = Path(path)
+    try:
+        return _open(path, fallback_mpp, mpp)
+    except OSError as exc:  # permissions, I/O errors: the environment's fault unless classified otherwise
+        raise slide_fault(f"{path}: cannot open", exc) from exc
+
+
+def _deep_tiff(path: Path) -> bool:
+    """Whether a TIFF stores more than 8 bits per sample (OpenSlide would drop the low bits)."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return tif.pages.first.bitspersample > 8
+    except (tifffile.TiffFileError, ValueError):
+        return False
+
+
+def _open(path: Path, fallback_mpp: float | None, mpp: float | None) -> Slide:
     if not path.exists():
         raise SlideError(f"{path}: file not found")
     if path.is_file() and path.stat().st_size == 0:
         raise SlideError(f"{path}: file is empty (0 bytes)")
-    flat = _flat_format(path) if path.is_file() else None
+    flat = flat_format(path) if path.is_file() else None
     reason = ""
     try:
         vendor = openslide.OpenSlide.detect_format(str(path))
     except openslide.OpenSlideError as exc:
         vendor, reason = None, f"; OpenSlide: {exc}"
+    if vendor == "generic-tiff" and flat and _deep_tiff(path):
+        vendor, reason = None, "; OpenSlide reads only 8 bits per sample"
     if vendor:
         try:
-            return OpenSlideSlide(path, vendor, fallback_mpp)
+            return OpenSlideSlide(path, vendor, fallback_mpp, mpp)
         except openslide.OpenSlideError as exc:
             if flat is None:
                 raise SlideError(f"{path}: OpenSlide cannot open this {vendor} slide: {exc}") from exc
             reason = f"; OpenSlide: {exc}"
     if flat:
-        return FlatSlide(path, flat, fallback_mpp)
+        return FlatSlide(path, flat, fallback_mpp, mpp)
     raise SlideError(f"{path}: not a slide: OpenSlide does not recognise it and it is not a JPEG, PNG "
                      f"or TIFF image (extension {path.suffix or 'none'!r}{reason})")
 
@@ -367,11 +573,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("slide", type=Path, help="slide file (any OpenSlide format, JPEG, PNG, TIFF)")
     parser.add_argument("--fallback-mpp", type=float, default=None,
                         help="microns per pixel to assume when the metadata has none")
+    parser.add_argument("--mpp", type=float, default=None, help="microns per pixel (overrides the metadata)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run(args: argparse.Namespace) -> int:
-    with open_slide(args.slide, args.fallback_mpp) as slide:
+    with open_slide(args.slide, args.fallback_mpp, args.mpp) as slide:
         info = slide.info()
     if args.json:
         print(json.dumps(info))

@@ -6,7 +6,12 @@ A patch is ``patch_size`` pixels at ``target_mpp`` microns per pixel, so it cove
 Grid corners are ``round(k * patch_size_level0)``, rounded once, so the grid is the same whatever
 the mask. Each cell's tissue fraction is its exact area fraction of the mask, computed for all
 cells at once from the mask's integral image (bilinear in fractional coordinates, hence exact for
-any cell size, larger or smaller than a mask pixel).
+any cell size, larger or smaller than a mask pixel). The same exact fraction of the
+segmentation's artefact mask (pen ink, debris) drops cells above ``max_artefact_fraction``.
+
+A slide coarser than ``target_mpp`` has its patches upsampled: by more than ``UPSAMPLE_WARNING``
+(1.25x) that is a warning in the log, the grid and the QC table; by more than ``max_upsample``
+the slide is not tiled (a SlideError, which follows ``on_slide_error``).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ log = logging.getLogger(__name__)
 MAGNIFICATION_MPP = 10.0  # microns per pixel at 1x: 20x is 0.5 um/px, 40x is 0.25 um/px
 QC_MAX_SIDE = 1024
 LEVEL_TOLERANCE = 0.01  # a level at 4.0002x serves a 4x request (scanners' levels are rarely exact)
+UPSAMPLE_WARNING = 1.25  # patches upsampled by more than this are warned about (log, grid, QC)
 
 
 @dataclass
@@ -45,6 +51,8 @@ class TileParams:
     annotation_keys: tuple[str, ...] = ("positive",)  # which lists of the annotation JSON to use
     max_patches: int | None = None  # seeded random subset when a slide has more
     seed: int = 0
+    max_artefact_fraction: float | None = 0.0  # drop a patch with more pen ink/debris than this; null: off
+    max_upsample: float | None = 2.0  # a slide needing more upsampling follows on_slide_error; null: any
 
     def __post_init__(self) -> None:
         if self.target_magnification is not None and self.target_magnification <= 0:
@@ -57,6 +65,10 @@ class TileParams:
             raise ConfigError(f"tiling.tissue_threshold: {self.tissue_threshold} must lie in 0-1")
         if self.max_patches is not None and self.max_patches < 1:
             raise ConfigError(f"tiling.max_patches: {self.max_patches} must be >= 1 or null")
+        if self.max_artefact_fraction is not None and not 0 <= self.max_artefact_fraction <= 1:
+            raise ConfigError(f"tiling.max_artefact_fraction: {self.max_artefact_fraction} must lie in 0-1 or be null")
+        if self.max_upsample is not None and self.max_upsample < 1:
+            raise ConfigError(f"tiling.max_upsample: {self.max_upsample} must be >= 1 or null")
 
     @property
     def mpp(self) -> float:
@@ -123,10 +135,14 @@ def cell_fractions(mask: np.ndarray, scale: tuple[float, float], geom: GridGeome
     return np.clip(area / (width * height), 0.0, 1.0)
 
 
-def select_cells(fractions: np.ndarray, threshold: float, geom: GridGeometry) -> np.ndarray:
+def select_cells(fractions: np.ndarray, threshold: float, geom: GridGeometry,
+                 artefact: np.ndarray | None = None, max_artefact: float | None = None) -> np.ndarray:
     """Level-0 corners (N x 2, row-major order) of cells whose fraction reaches ``threshold``
-    (a cell without any tissue is never kept, even at threshold 0)."""
+    (a cell without any tissue is never kept, even at threshold 0) and whose artefact fraction
+    does not exceed ``max_artefact``."""
     keep = (fractions >= threshold - 1e-9) & (fractions > 0)
+    if artefact is not None and max_artefact is not None:
+        keep &= artefact <= max_artefact + 1e-9
     rows, cols = np.nonzero(keep)
     return np.stack([geom.origins(geom.columns)[cols], geom.origins(geom.rows)[rows]], axis=1)
 
@@ -174,11 +190,29 @@ def tile_mask(
     mpp: float,
     level_downsamples: list[float] | tuple[float, ...],
     params: TileParams,
+    artefacts: np.ndarray | None = None,
 ) -> tuple[np.ndarray, GridGeometry]:
-    """Kept patch corners (level 0) of a slide, given its tissue mask; the core of tiling."""
+    """Kept patch corners (level 0) of a slide, given its tissue mask (and the artefact mask, of
+    the same shape, when there is one); the core of tiling."""
     geom = grid_geometry(size, mpp, level_downsamples, params)
-    coords = select_cells(cell_fractions(mask, scale, geom), params.tissue_threshold, geom)
+    artefact = None if artefacts is None else cell_fractions(artefacts, scale, geom)
+    coords = select_cells(cell_fractions(mask, scale, geom), params.tissue_threshold, geom,
+                          artefact, params.max_artefact_fraction)
     return cap_patches(coords, params.max_patches, params.seed), geom
+
+
+def check_upsample(mpp: float, params: TileParams, where: str) -> tuple[float, list[str]]:
+    """How much patches are upsampled (slide MPP / target MPP), and the warning to record; a
+    SlideError beyond ``max_upsample``."""
+    upsample = mpp / params.mpp
+    if params.max_upsample is not None and upsample > params.max_upsample * (1 + 1e-9):
+        raise SlideError(f"{where}: the slide is {mpp:g} um/px, {upsample:.2f}x coarser than tiling's "
+                         f"{params.mpp:g} um/px, beyond tiling.max_upsample {params.max_upsample:g}: "
+                         "its patches would be mostly interpolation. Check its MPP (sample sheet `mpp`, "
+                         "cohort.fallback_mpp) or raise tiling.max_upsample")
+    if upsample > UPSAMPLE_WARNING:
+        return upsample, [f"slide is {mpp:g} um/px: patches upsampled {upsample:.2f}x to {params.mpp:g} um/px"]
+    return upsample, []
 
 
 def mask_scale(mask: np.ndarray, info: dict[str, Any], size: tuple[int, int], path: Path) -> tuple[float, float]:
@@ -202,12 +236,16 @@ def tile_slide(
     params: TileParams,
     slide_id: str,
     annotations: list[np.ndarray] | None = None,
+    artefacts: np.ndarray | None = None,
 ) -> PatchGrid:
-    """The patch grid of ``slide`` (a ``bd.slide`` Slide) from its tissue mask."""
+    """The patch grid of ``slide`` (a ``bd.slide`` Slide) from its tissue mask (and the
+    segmentation's artefact mask, which drops patches above ``max_artefact_fraction``)."""
     size = tuple(int(v) for v in slide.dimensions)
+    upsample, warnings = check_upsample(float(slide.mpp), params, str(getattr(slide, "path", slide_id)))
     if annotations is not None:
         mask = np.minimum(mask, rasterise(annotations, mask.shape, scale))
-    coords, geom = tile_mask(mask, scale, size, float(slide.mpp), list(slide.level_downsamples), params)
+    coords, geom = tile_mask(mask, scale, size, float(slide.mpp), list(slide.level_downsamples), params,
+                             artefacts)
     meta: dict[str, Any] = {
         "tissue_threshold": params.tissue_threshold,
         "max_patches": params.max_patches,
@@ -215,7 +253,9 @@ def tile_slide(
         "annotations": None if annotations is None else len(annotations),
         "mpp_source": getattr(slide, "mpp_source", "metadata"),
         "grid_shape": [geom.rows, geom.columns],
-        "warnings": [],
+        "upsample": upsample,
+        "artefact_filter": None if artefacts is None else params.max_artefact_fraction,
+        "warnings": warnings,
     }
     if len(coords) == 0:
         meta["warnings"].append("no patch reaches the tissue threshold: empty grid")
@@ -266,6 +306,24 @@ def _annotation_polygons(
     return None
 
 
+def read_artefacts(path: Path, shape: tuple[int, ...], params: TileParams) -> np.ndarray | None:
+    """The segmentation's artefact mask (None when the filter is off); a mask from an older
+    ``bd segment`` without one is warned about and tiled without the filter."""
+    from bd.segment import read_mask
+
+    if params.max_artefact_fraction is None:
+        return None
+    if not path.is_file():
+        log.warning("%s: no artefact mask (segmented by an older bd?); ink and debris are not "
+                    "filtered out of patches; rerun `bd segment`", path)
+        return None
+    artefacts, _ = read_mask(path)
+    if artefacts.shape != tuple(shape):
+        raise StoreError(f"{path}: artefact mask {artefacts.shape} differs from the tissue mask {tuple(shape)}; "
+                         "rerun `bd segment`")
+    return artefacts
+
+
 def _write_unread(args: argparse.Namespace, params: TileParams, slide_id: str, reason: str,
                   stage: str = "segment") -> int:
     """A slide that ``stage`` could not read (``--on-error skip``) gets an empty grid that says
@@ -293,6 +351,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qc", type=Path, default=None, help="QC thumbnail with the grid (.png)")
     parser.add_argument("--params", default=None, help="tiling parameters (JSON or a YAML/JSON file)")
     parser.add_argument("--fallback-mpp", type=float, default=None, help="um/px for slides without MPP metadata")
+    parser.add_argument("--mpp", type=float, default=None,
+                        help="um/px of this slide (the sample sheet's; overrides the metadata)")
+    parser.add_argument("--artefacts", type=Path, default=None,
+                        help="artefacts.png written by `bd segment` (default: next to --mask, when there)")
     parser.add_argument("--annotations-dir", default="", help="folder of annotation JSON files ('' for none)")
     parser.add_argument("--slide-id", default=None, help="slide id stored in the grid (default: the --out file stem)")
     parser.add_argument("--on-error", choices=["fail", "skip"], default="fail",
@@ -321,11 +383,12 @@ def _tile(args: argparse.Namespace, params: TileParams, slide_id: str, mask: np.
     from bd.segment import write_png
     from bd.slide import open_slide
 
-    with open_slide(args.slide, fallback_mpp=args.fallback_mpp) as slide:
+    with open_slide(args.slide, fallback_mpp=args.fallback_mpp, mpp=args.mpp) as slide:
         size = tuple(int(v) for v in slide.dimensions)
         scale = mask_scale(mask, info, size, args.mask)
         polygons = _annotation_polygons(params, args.annotations_dir, args.slide, slide_id)
-        grid = tile_slide(slide, mask, scale, params, slide_id, polygons)
+        artefacts = read_artefacts(args.artefacts or args.mask.with_name("artefacts.png"), mask.shape, params)
+        grid = tile_slide(slide, mask, scale, params, slide_id, polygons, artefacts)
         for warning in grid.meta["warnings"]:
             log.warning("%s: %s", slide_id, warning)
         save_grid(grid, args.out)

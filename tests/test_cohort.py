@@ -58,3 +58,15 @@ def test_config_paths_must_exist(tmp_path):
     cfg["features"] = {"weights": str(tmp_path / "nope.pth")}
     with pytest.raises(ConfigError, match="features.weights"):
         check_config_paths(cfg)
+
+
+def test_sample_sheet_mpp_column_is_optional_and_checked(tmp_path):
+    sheet = tmp_path / "s.tsv"
+    sheet.write_text("slide_id\tpatient_id\tpath\tmpp\na\tp1\ta.jpg\t4\nb\tp2\tb.jpg\t\n")
+    got = build_sample_sheet(_config(sample_sheet=str(sheet)))
+    assert list(got["mpp"]) == ["4", ""]
+    sheet.write_text("slide_id\tpatient_id\tpath\tmpp\na\tp1\ta.jpg\t4um\n")
+    with pytest.raises(TableError, match=r"row 2: column 'mpp' must be a positive number.*'4um'"):
+        build_sample_sheet(_config(sample_sheet=str(sheet)))
+    sheet.write_text("slide_id\tpatient_id\tpath\na\tp1\ta.jpg\n")
+    assert "mpp" not in build_sample_sheet(_config(sample_sheet=str(sheet))).columns

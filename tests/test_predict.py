@@ -32,7 +32,7 @@ def extract_fixture(out: Path, slide_path: Path = SLIDE, fallback_mpp: float | N
 
     with open_slide(slide_path, fallback_mpp=fallback_mpp) as slide:
         seg = segment_slide(slide, SegmentParams())
-        grid = tile_slide(slide, seg.mask, seg.scale, TileParams(**TILING), slide_id)
+        grid = tile_slide(slide, seg.mask, seg.scale, TileParams(**TILING), slide_id, artefacts=seg.artefacts)
     assert len(grid) >= 10
     save_grid(grid, out / f"{slide_id}.npz")
     return Extractor(FeatureParams(**FEATURES)).run(

@@ -187,3 +187,26 @@ def test_bad_params_name_the_key():
         build(SegmentParams, {"threshold": "triangle"})
     with pytest.raises(ConfigError, match="median_blur"):
         build(SegmentParams, {"median_blur": 4})
+
+
+@pytest.mark.filterwarnings("ignore::bd.slide.SlideWarning")
+def test_greyscale_scan_is_segmented_by_darkness_not_left_empty(tmp_path: Path, svs_path: Path) -> None:
+    """A greyscale slide has no saturation: its tissue is found as what is dark (issue 13: never a
+    silent empty bag), close to the colour slide's mask."""
+    with open_slide(svs_path) as slide:
+        colour = segment_slide(slide, SegmentParams())
+        rgb = slide.read_level(0)
+    grey_path = tmp_path / "grey.jpg"
+    assert cv2.imwrite(str(grey_path), cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
+    out = tmp_path / "seg"
+    assert cli.main(["segment", "--slide", str(grey_path), "--out-dir", str(out), "--mpp", "0.499"]) == 0
+    mask, info = read_mask(out / "mask.png")
+    assert info["channel"] == "darkness" and colour.meta["channel"] == "saturation"
+    a, b = mask > 0, colour.mask > 0
+    assert a.mean() > 0.2 and (a & b).sum() / (a | b).sum() > 0.7
+    grid = tmp_path / "grey.npz"
+    assert cli.main(["tile", "--slide", str(grey_path), "--mask", str(out / "mask.png"), "--out", str(grid),
+                     "--mpp", "0.499"]) == 0
+    from bd.grid import load_grid
+
+    assert len(load_grid(grid)) > 20

@@ -189,3 +189,121 @@ def test_slide_info_command(svs_path: Path, data_dir: Path, capsys: pytest.Captu
     assert "generic-tiff" in out and "300 x 250" in out and "0.5 (fallback)" in out and "level 3" in out
     assert bd_main(["slide-info", str(data_dir / "broken.svs")]) == 2
     assert "broken.svs" in capsys.readouterr().err
+
+
+# --- large flat images, bit depth and colour, error kinds (issue 13) ---------------------------
+
+@pytest.fixture
+def streamed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make 'large' small: images above 2**20 pixels are streamed, never decoded whole."""
+    import bd.slide as slide_mod
+
+    monkeypatch.setattr(slide_mod, "STREAM_PIXELS", 1 << 20)
+    monkeypatch.setattr(slide_mod, "BASE_PIXELS", 1 << 18)
+
+
+@pytest.mark.filterwarnings("ignore::bd.slide.SlideWarning")
+def test_large_flat_jpeg_is_streamed_and_read_through_a_pyramidal_copy(
+        streamed: None, tmp_path: Path, make_rgb: Callable[..., np.ndarray]) -> None:
+    rgb = make_rgb(3001, 2003, seed=5)
+    path = tmp_path / "big.jpg"
+    assert cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    with open_slide(path, fallback_mpp=0.5) as slide:
+        assert slide.streamed and slide.base_level == 2 and slide.level_dimensions[2] == (750, 500)
+        coarse = slide.read_level(2)  # a reduced decode (libjpeg DCT scaling)
+        expected = cv2.resize(rgb, (750, 500), interpolation=cv2.INTER_AREA)
+        assert coarse.shape == (500, 750, 3) and np.abs(coarse.astype(int) - expected).mean() < 3
+        with pytest.raises(SlideError, match="too large to hold"):
+            slide.level_pixels(0)
+        patch = slide.read_region((1000, 700), 0, (256, 256))  # level 0: from the pyramidal copy
+        assert np.abs(patch.astype(int) - rgb[700:956, 1000:1256]).mean() < 4
+        copy = slide.pyramid_path()
+    with openslide.OpenSlide(str(copy)) as osr:
+        assert osr.properties["openslide.vendor"] == "generic-tiff"
+        assert float(osr.properties["openslide.mpp-x"]) == pytest.approx(0.5)
+        assert osr.level_dimensions[:3] == ((3001, 2003), (1500, 1001), (750, 500))
+
+
+def _write(path: Path, image: np.ndarray) -> Path:
+    assert cv2.imwrite(str(path), image)
+    return path
+
+
+@pytest.mark.filterwarnings("ignore::bd.slide.SlideWarning")
+@pytest.mark.parametrize("kind", ["grey-jpeg", "palette-png", "16bit-png", "12bit-in-16bit-tiff",
+                                  "12bit-tiled-tiff", "grey-alpha-png"])
+def test_grey_palette_and_deep_slides_read_as_8bit_rgb(kind: str, tmp_path: Path,
+                                                       make_rgb: Callable[..., np.ndarray]) -> None:
+    rgb = make_rgb(640, 520, seed=3)
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    if kind == "grey-jpeg":
+        path, want = _write(tmp_path / "g.jpg", grey), np.repeat(grey[..., None], 3, -1)
+    elif kind == "palette-png":
+        pal = Image.fromarray(rgb).quantize(64)
+        pal.save(tmp_path / "p.png")
+        path, want = tmp_path / "p.png", np.asarray(pal.convert("RGB"))
+    elif kind == "16bit-png":
+        path, want = _write(tmp_path / "d.png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR).astype(np.uint16) * 257), rgb
+    elif kind == "grey-alpha-png":
+        Image.fromarray(np.dstack([grey, np.full_like(grey, 255)]), "LA").save(tmp_path / "la.png")
+        path, want = tmp_path / "la.png", np.repeat(grey[..., None], 3, -1)
+    else:  # 12-bit samples in 16-bit words: 4095 is white, not 1/16 of it
+        twelve = ((rgb.astype(np.uint32) * 4095 + 127) // 255).astype(np.uint16)
+        path, want = tmp_path / f"{kind}.tif", rgb
+        tile = {"tile": (256, 256)} if kind == "12bit-tiled-tiff" else {}
+        tifffile.imwrite(path, twelve, photometric="rgb", **tile)
+    with open_slide(path, fallback_mpp=0.5) as slide:
+        pixels = slide.read_level(0)
+    assert pixels.dtype == np.uint8 and pixels.shape == (520, 640, 3)
+    assert np.abs(pixels.astype(int) - want).max() <= (12 if kind == "grey-jpeg" else 1)
+
+
+def test_environment_errors_are_not_slide_errors(svs_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from bd.errors import ResourceError, environment_reason, slide_fault
+
+    assert isinstance(slide_fault("x", OSError(errno.ENOSPC, "No space left on device")), ResourceError)
+    assert isinstance(slide_fault("x", MemoryError()), ResourceError)
+    assert isinstance(slide_fault("x", cv2.error("OpenCV(4.10) Insufficient memory")), ResourceError)
+    assert type(slide_fault("x", OSError(errno.EINVAL, "bad JPEG marker"))) is SlideError
+    assert environment_reason(ValueError("Not a JPEG file")) is None
+    with open_slide(svs_path) as slide:
+        def full(*_: object) -> np.ndarray:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(slide, "_read", full)
+        with pytest.raises(ResourceError, match="not a fault of the slide"):
+            slide.read_region((0, 0), 0, (16, 16))
+        monkeypatch.setattr(slide, "_read", lambda *_: (_ for _ in ()).throw(OSError(errno.EBADMSG, "corrupt")))
+        with pytest.raises(SlideError):
+            slide.read_region((0, 0), 0, (16, 16))
+
+
+def test_out_of_memory_in_segmentation_fails_the_job_even_under_skip(
+        svs_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import bd.segment
+
+    def oom(*_: object, **__: object) -> None:
+        raise cv2.error("OpenCV(4.10.0) alloc.cpp:73: error: (-4:Insufficient memory) "
+                        "Failed to allocate 6400000000 bytes")
+
+    monkeypatch.setattr(bd.segment, "tissue_mask", oom)
+    out = tmp_path / "seg"
+    assert bd_main(["segment", "--slide", str(svs_path), "--out-dir", str(out), "--on-error", "skip"]) == 2
+    err = capsys.readouterr().err
+    assert "out of memory" in err and "give the job more memory" in err
+    assert not (out / "mask.json").exists()  # not recorded as an unreadable slide
+    monkeypatch.setattr(bd.segment, "tissue_mask", lambda *_a, **_k: (_ for _ in ()).throw(MemoryError()))
+    assert bd_main(["segment", "--slide", str(svs_path), "--out-dir", str(out), "--on-error", "skip"]) == 2
+    assert "out of memory" in capsys.readouterr().err and not (out / "mask.json").exists()
+
+
+def test_sample_sheet_mpp_overrides_metadata_with_a_warning(svs_path: Path) -> None:
+    with pytest.warns(SlideWarning, match="sample sheet says 4"):
+        slide = open_slide(svs_path, mpp=4.0)
+    with slide:
+        assert (slide.mpp, slide.mpp_source) == (4.0, "sample sheet")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with open_slide(svs_path, mpp=0.5) as slide:  # agrees with the metadata's 0.499: no warning
+            assert slide.mpp == 0.5

@@ -210,9 +210,10 @@ def test_boxes_uses_the_fallback_mpp_with_a_warning():
         slide = open_slide(DATA / "boxes.tiff", fallback_mpp=8.0)
     with slide:
         seg = segment_slide(slide, SegmentParams())
-        grid = tile_slide(slide, seg.mask, seg.scale, TileParams(), "boxes")
+        grid = tile_slide(slide, seg.mask, seg.scale, TileParams(max_upsample=None), "boxes")
         pixels = slide.read_level(0)
     assert slide.mpp_source == "fallback" and grid.mpp == 8.0 and grid.meta["mpp_source"] == "fallback"
+    assert grid.meta["upsample"] == 16.0 and "upsampled 16.00x" in grid.meta["warnings"][0]
     assert grid.patch_size_level0 == pytest.approx(16.0)  # 256 px at 0.5 um/px over 8 um/px
     assert (grid.read_level, grid.read_size) == (0, 16)
     # the red box is tissue-coloured; the pure blue and green boxes are taken for ink
@@ -228,7 +229,8 @@ def test_cli_boxes_records_the_fallback(tmp_path):
         assert cli.main(["segment", "--slide", str(DATA / "boxes.tiff"), "--out-dir", str(seg_dir),
                          "--fallback-mpp", "8"]) == 0
         assert cli.main(["tile", "--slide", str(DATA / "boxes.tiff"), "--mask", str(seg_dir / "mask.png"),
-                         "--out", str(tmp_path / "boxes.npz"), "--fallback-mpp", "8"]) == 0
+                         "--out", str(tmp_path / "boxes.npz"), "--fallback-mpp", "8",
+                         "--params", '{"max_upsample": 16}']) == 0
     assert len([w for w in caught if issubclass(w.category, SlideWarning)]) == 2  # segment and tile
     grid = load_grid(tmp_path / "boxes.npz")
     assert grid.mpp == 8.0 and grid.meta["mpp_source"] == "fallback" and len(grid) > 0
@@ -371,3 +373,162 @@ def test_demo_cohort_pen_marks_dust_and_background_are_excluded(demo_cohort):
             saturated_ink_in_loose_mask.append(loose[to_mask(pen)].mean() > 0.5 * 255)
     # without pen rejection (and area filter), green and blue ink would have been taken for tissue
     assert saturated_ink_in_loose_mask and all(saturated_ink_in_loose_mask)
+
+
+@pytest.mark.filterwarnings("ignore::bd.slide.SlideWarning")
+def test_coarse_slide_is_warned_then_follows_on_slide_error_beyond_max_upsample(tmp_path, caplog):
+    seg_dir = tmp_path / "seg"
+    assert cli.main(["segment", "--slide", str(CMU), "--out-dir", str(seg_dir), "--mpp", "0.75"]) == 0
+    tile = lambda out, *extra: cli.main(["tile", "--slide", str(CMU), "--mask", str(seg_dir / "mask.png"),  # noqa: E731
+                                         "--out", str(tmp_path / out), *extra])
+    with caplog.at_level(logging.WARNING):  # 0.75 um/px: 1.5x upsampling, warned, tiled
+        assert tile("warned.npz", "--mpp", "0.75") == 0
+    grid = load_grid(tmp_path / "warned.npz")
+    assert grid.mpp == 0.75 and grid.meta["mpp_source"] == "sample sheet" and len(grid) > 0
+    assert grid.meta["upsample"] == pytest.approx(1.5) and "upsampled 1.50x" in caplog.text
+    assert tile("fine.npz") == 0 and load_grid(tmp_path / "fine.npz").meta["warnings"] == []  # 0.499: none
+    # 4 um/px (BCNB's preview JPEGs) is 8x: beyond max_upsample 2, a slide error
+    assert tile("coarse.npz", "--mpp", "4") == 2 and not (tmp_path / "coarse.npz").exists()
+    assert tile("coarse.npz", "--mpp", "4", "--on-error", "skip") == 0
+    meta = load_grid(tmp_path / "coarse.npz").meta
+    assert meta["error_stage"] == "tile" and "max_upsample" in meta["error"]
+    assert tile("allowed.npz", "--mpp", "4", "--params", '{"max_upsample": 8}') == 0
+    assert len(load_grid(tmp_path / "allowed.npz")) > 0
+
+
+LARGE_JPEG_CHILD = r"""
+import json, os, sys
+from pathlib import Path
+import cv2, numpy as np
+import bd.slide
+from bd import cli
+from bd.grid import load_grid
+from bd.readers import open_reader, plan_reader
+
+bd.slide.STREAM_PIXELS, bd.slide.BASE_PIXELS = 1 << 20, 1 << 18  # 'large' = above 1 MP here
+jpg, work = Path(sys.argv[1]), Path(sys.argv[2])
+try:  # OpenCV's pixel guard (set low by the parent) refuses the image whole
+    guard = cv2.imread(str(jpg)) is None
+except cv2.error:
+    guard = True
+assert cli.main(["segment", "--slide", str(jpg), "--out-dir", str(work / "seg"), "--fallback-mpp", "0.5"]) == 0
+assert cli.main(["tile", "--slide", str(jpg), "--mask", str(work / "seg" / "mask.png"), "--out",
+                 str(work / "g.npz"), "--qc", str(work / "g.png"), "--fallback-mpp", "0.5",
+                 "--params", json.dumps({"max_patches": 24})]) == 0
+grid = load_grid(work / "g.npz")
+spec = plan_reader(str(jpg), grid.read_level, grid.read_downsample, grid.read_size, grid.mpp)
+reader = open_reader(spec)
+x, y = (int(v) for v in grid.coords[0])
+patch = reader.read(x, y)
+reader.close()
+print(json.dumps({"guard": guard, "patches": len(grid), "kind": spec.kind, "copy": spec.read_path,
+                  "x": x, "y": y, "patch": patch.astype(float).mean(axis=(0, 1)).tolist()}))
+"""
+
+
+def test_large_flat_jpeg_through_segment_tile_and_reader_in_a_clean_environment(tmp_path, make_rgb, monkeypatch):
+    """The child process starts from a clean environment, with OpenCV's pixel guard set *below*
+    the JPEG's size: no stage may decode the image whole (the bug conftest's variable hid).
+    Then `bd extract` takes the same JPEG directly (here, in this process)."""
+    import os
+    import subprocess
+    import sys
+
+    import bd.slide
+    from bd.store import read_store
+
+    rgb = make_rgb(3000, 2000, seed=7)
+    jpg = tmp_path / "big.jpg"
+    assert cv2.imwrite(str(jpg), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENCV_", "BD_"))}
+    env["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(2_000_000)  # 6 MP image: a whole decode would be refused
+    out = subprocess.run([sys.executable, "-c", LARGE_JPEG_CHILD, str(jpg), str(tmp_path)], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["guard"] and result["kind"] == "tiff-jpeg" and result["patches"] == 24
+    assert not Path(result["copy"]).exists()  # the pyramidal copy is gone with the process
+    x, y = result["x"], result["y"]
+    want = rgb[y:y + 256, x:x + 256].astype(float).mean(axis=(0, 1))
+    np.testing.assert_allclose(result["patch"], want, atol=3)
+    monkeypatch.setattr(bd.slide, "STREAM_PIXELS", 1 << 20)
+    monkeypatch.setattr(bd.slide, "BASE_PIXELS", 1 << 18)
+    params = {"encoder": "resnet18", "out_stage": "layer1", "random_weights": True, "input_size": 32,
+              "batch_size": 8, "num_workers": 0, "device": "cpu"}
+    assert cli.main(["extract", "--slide", str(jpg), "--grid", str(tmp_path / "g.npz"), "--out",
+                     str(tmp_path / "f.zarr"), "--params", json.dumps(params)]) == 0
+    store = read_store(tmp_path / "f.zarr")
+    assert store.attrs["slide_path"] == str(jpg) and store.attrs["reader"] == "tiff-jpeg"
+    assert store.features.shape[0] == 24
+
+
+def _ink_outlined_slide(path: Path) -> np.ndarray:
+    """A demo slide (20x) with blue marker outlines drawn around its tumour regions, as
+    pathologists circle them on the glass; written as a flat JPEG. Returns the ink density."""
+    from bd.demo.render import INK_OD, _transmit, render_slide
+
+    rendered = render_slide(6000, 0.5, 0.3, np.random.default_rng(0))
+    ink = np.zeros(rendered.rgb.shape[:2], np.uint8)
+    for polygon in rendered.tumour_polygons:
+        cv2.polylines(ink, [np.asarray(polygon, np.int32).reshape(-1, 1, 2)], True, 255, 40, cv2.LINE_AA)
+    ink = cv2.GaussianBlur(ink, (0, 0), 40 / 6)
+    rgb = cv2.multiply(rendered.rgb, _transmit(ink, INK_OD["blue"], unit=255.0), scale=1 / 255)
+    assert cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
+    return ink
+
+
+@pytest.mark.filterwarnings("ignore::bd.slide.SlideWarning")
+def test_patches_on_ink_outlines_are_dropped(tmp_path):
+    """Issue 13: on an ink-outlined slide fewer than 2 % of kept patches hold more than 1 % ink
+    (measured on the ink actually drawn, at full resolution); without the filter most do."""
+    slide = tmp_path / "ink.jpg"
+    ink = _ink_outlined_slide(slide) > 25  # pixels with more than 10 % ink density
+    seg = tmp_path / "seg"
+    assert cli.main(["segment", "--slide", str(slide), "--out-dir", str(seg), "--fallback-mpp", "0.5"]) == 0
+    assert (seg / "artefacts.png").is_file()
+
+    def inked(name: str, params: dict) -> tuple[int, float]:
+        out = tmp_path / f"{name}.npz"
+        assert cli.main(["tile", "--slide", str(slide), "--mask", str(seg / "mask.png"), "--out", str(out),
+                         "--fallback-mpp", "0.5", "--params", json.dumps(params)]) == 0
+        grid = load_grid(out)
+        assert grid.meta["artefact_filter"] == params.get("max_artefact_fraction", 0.0)
+        side = int(round(grid.patch_size_level0))
+        share = np.array([ink[y:y + side, x:x + side].mean() for x, y in grid.coords])
+        return len(grid), float((share > 0.01).mean())
+
+    kept, with_ink = inked("filtered", {})
+    kept_all, with_ink_all = inked("unfiltered", {"max_artefact_fraction": None})
+    assert kept >= 15 and with_ink < 0.02
+    assert with_ink_all > 0.3 and kept_all > kept  # the filter is what removes them
+
+
+def test_workflow_passes_the_sample_sheets_mpp_to_segment_and_tile(tmp_path):
+    """A dry run prints the commands: the slide with an `mpp` gets --mpp, the other does not."""
+    import yaml
+    from workflow_runs import check, snakemake
+
+    (tmp_path / "slides").mkdir()
+    rows = ["slide_id\tpatient_id\tpath\tmpp"]
+    for sid, mpp in (("A", "4"), ("B", "")):
+        (tmp_path / "slides" / f"{sid}.jpg").write_bytes(b"\xff\xd8\xff")
+        rows.append(f"{sid}\t{sid}\t{tmp_path / 'slides' / f'{sid}.jpg'}\t{mpp}")
+    (tmp_path / "samples.tsv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "clinical.csv").write_text("Patient ID,Age(years),ALN status\nA,50,N0\nB,60,N+(>2)\n")
+    (tmp_path / "split").mkdir()
+    for name in ("train", "val", "test"):
+        (tmp_path / "split" / f"{name}_id.txt").write_text("")
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    config.update(results=str(tmp_path / "results"))
+    config["demo"]["enabled"] = False
+    config["cohort"].update(sample_sheet=str(tmp_path / "samples.tsv"), clinical_table=str(tmp_path / "clinical.csv"),
+                            split_dir=str(tmp_path / "split"), annotations_dir=None)
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    targets = [str(tmp_path / "results" / "tiles" / f"{s}.npz") for s in "AB"]
+    text = check(snakemake(tmp_path, "-n", "-p", *targets)).stdout
+    commands = [line.split("Shell command: ", 1)[1] for line in text.splitlines() if "Shell command: bd " in line]
+    assert len(commands) == 4, text[-3000:]
+    for line in commands:
+        assert ("--mpp 4 " in line) == ("/A.jpg" in line), line
+        assert "--artefacts" in line or line.startswith("bd segment")

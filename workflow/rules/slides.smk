@@ -1,9 +1,16 @@
 # Per-slide tissue segmentation and patch tiling (one job per slide, grouped on clusters).
-# segment: mask.png (0/255 at ~32x), mask.json (its exact scale to level 0, read by tile),
-# contours.geojson (level-0 polygons with holes), qc.png. With on_slide_error: skip, an unreadable
+# segment: mask.png (0/255 at ~32x), artefacts.png (pen ink and debris at the same scale, read by
+# tile to drop patches holding them), mask.json (its exact scale to level 0, read by tile),
+# contours.geojson (level-0 polygons with holes), qc.png. Flat images (BCNB's JPEGs) are read
+# directly, in bounded memory (bd/slide.py). A sample sheet's optional `mpp` column gives a
+# slide's microns per pixel (--mpp, overriding its metadata); cohort.fallback_mpp stands in for
+# missing metadata. With on_slide_error: skip, an unreadable
 # slide gets empty outputs and a QC image saying so; tile then writes an empty grid for it (as it
 # does for a slide that fails while tiling), recording the error for rule slide_qc (qc.smk). The
 # policy is in the command, not in params: switching it does not rerun slides that were read.
+
+
+from bd.cohort import mpp_option
 
 
 rule segment:
@@ -12,6 +19,7 @@ rule segment:
         slide=slide_path,
     output:
         mask=f"{R}/segment/{{slide}}/mask.png",
+        artefacts=f"{R}/segment/{{slide}}/artefacts.png",
         info=f"{R}/segment/{{slide}}/mask.json",
         contours=f"{R}/segment/{{slide}}/contours.geojson",
         qc=report(
@@ -26,6 +34,7 @@ rule segment:
         seg=section("segmentation"),
         version=stage_version("segment"),
         fallback_mpp=config["cohort"].get("fallback_mpp", 0.5),
+        mpp=lambda w: mpp_option(SAMPLES, w.slide),
     log:
         f"{R}/logs/segment/{{slide}}.log",
     benchmark:
@@ -34,7 +43,7 @@ rule segment:
         "../../envs/bd.yaml"
     shell:
         "bd segment --slide {input.slide:q} --out-dir $(dirname {output.mask:q}) "
-        "--params {params.seg:q} --fallback-mpp {params.fallback_mpp} "
+        "--params {params.seg:q} --fallback-mpp {params.fallback_mpp} {params.mpp} "
         "--on-error {params.on_error} > {log:q} 2>&1"
 
 
@@ -43,6 +52,7 @@ rule tile:
     input:
         slide=slide_path,
         mask=rules.segment.output.mask,
+        artefacts=rules.segment.output.artefacts,
         info=rules.segment.output.info,
     output:
         grid=f"{R}/tiles/{{slide}}.npz",
@@ -59,6 +69,7 @@ rule tile:
         version=stage_version("tile"),
         fallback_mpp=config["cohort"].get("fallback_mpp", 0.5),
         annotations=config["cohort"].get("annotations_dir") or "",
+        mpp=lambda w: mpp_option(SAMPLES, w.slide),
     log:
         f"{R}/logs/tile/{{slide}}.log",
     benchmark:
@@ -67,5 +78,6 @@ rule tile:
         "../../envs/bd.yaml"
     shell:
         "bd tile --slide {input.slide:q} --mask {input.mask:q} --out {output.grid:q} "
-        "--qc {output.qc:q} --params {params.tiling:q} --fallback-mpp {params.fallback_mpp} "
-        "--annotations-dir={params.annotations:q} --on-error {params.on_error} > {log:q} 2>&1"
+        "--artefacts {input.artefacts:q} --qc {output.qc:q} --params {params.tiling:q} "
+        "--fallback-mpp {params.fallback_mpp} {params.mpp} --annotations-dir={params.annotations:q} "
+        "--on-error {params.on_error} > {log:q} 2>&1"
