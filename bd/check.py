@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,18 +126,80 @@ def _natural(value: str) -> tuple[int, int | str]:
 # ---------------------------------------------------------------- the config
 
 
-def validate_config(config: dict[str, Any], schema: Path = SCHEMA) -> None:
-    """Check ``config`` against the workflow's JSON schema; the error names the key (``a.b.c``)."""
-    import jsonschema
+_FLOAT_TEXT = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
+
+
+def _allows(node: dict[str, Any], kind: str) -> bool:
+    """Whether a schema node (or one of its oneOf/anyOf branches) allows JSON type ``kind``."""
+    types = node.get("type")
+    if kind == types or (isinstance(types, list) and kind in types):
+        return True
+    return any(_allows(b, kind) for b in node.get("oneOf", []) + node.get("anyOf", []))
+
+
+def coerce_numbers(value: Any, node: dict[str, Any]) -> Any:
+    """``value`` with every text that spells a number (``1e-4``) turned into a float where the
+    schema wants a number and not text: YAML 1.1 (Snakemake's and PyYAML's loader) reads ``1e-4``
+    without a dot as a string."""
+    if isinstance(value, str) and _allows(node, "number") and not _allows(node, "string"):
+        return float(value) if _FLOAT_TEXT.match(value.strip()) else value
+    if isinstance(value, dict):
+        props = node.get("properties") or {}
+        extra = node.get("additionalProperties")
+        for key, item in value.items():
+            sub = props.get(key, extra if isinstance(extra, dict) else None)
+            if sub is not None:
+                value[key] = coerce_numbers(item, sub)
+    elif isinstance(value, list) and isinstance(node.get("items"), dict):
+        value[:] = [coerce_numbers(item, node["items"]) for item in value]
+    return value
+
+
+def load_schema(schema: Path = SCHEMA) -> dict[str, Any] | None:
     import yaml
 
-    if not schema.is_file():
+    return yaml.safe_load(schema.read_text()) if schema.is_file() else None
+
+
+def config_errors(config: dict[str, Any], schema: Path = SCHEMA) -> list[str]:
+    """Every schema violation of ``config`` as ``key: what is wrong`` (numbers written as text,
+    such as ``1e-4``, are coerced first, in place)."""
+    import jsonschema
+
+    spec = load_schema(schema)
+    if spec is None:
         log.debug("no config schema at %s: schema checks skipped", schema)
-        return
-    validator = jsonschema.Draft202012Validator(yaml.safe_load(schema.read_text()))
+        return []
+    coerce_numbers(config, spec)
+    validator = jsonschema.Draft202012Validator(spec)
     problems = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.path))))
+    return [_describe(e) for e in problems]
+
+
+def validate_config(config: dict[str, Any], schema: Path = SCHEMA) -> None:
+    """Check ``config`` against the workflow's JSON schema; the error names every key at fault (``a.b.c``)."""
+    problems = config_errors(config, schema)
     if problems:
-        raise ConfigError("config: " + "; ".join(_describe(e) for e in problems[:EXAMPLES]))
+        raise ConfigError("config: " + "; ".join(problems))
+
+
+def check_config(config: dict[str, Any]) -> None:
+    """The workflow's config checks at parse time: the schema and the input paths, every problem
+    in one error."""
+    from bd.cohort import config_path_errors
+
+    problems = config_errors(config)
+    if not problems:
+        problems = config_path_errors(config)
+    if problems:
+        raise ConfigError(format_problems(problems))
+
+
+def format_problems(problems: list[str]) -> str:
+    """One problem as itself; several as a count and one line each."""
+    if len(problems) == 1:
+        return problems[0]
+    return f"{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems)
 
 
 def _describe(error: Any) -> str:
@@ -149,6 +212,18 @@ def _describe(error: Any) -> str:
         return f"unknown key '{key}' (known keys{' of ' + where if where else ''}: {', '.join(known)})"
     if error.validator == "required":
         return f"{where or 'top level'}: {error.message}"
+    if error.validator == "minItems":
+        return f"key '{where}': the list is empty; give at least {error.validator_value} value(s)"
+    if error.validator == "uniqueItems":
+        seen: set[Any] = set()
+        dup = None
+        for item in error.instance:
+            key = tuple(item) if isinstance(item, list) else item
+            if key in seen:
+                dup = item
+                break
+            seen.add(key)
+        return f"key '{where}': {dup!r} is listed twice; each value may appear once"
     return f"key '{where}': {error.message}"
 
 

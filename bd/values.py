@@ -122,8 +122,16 @@ def category_key(text: str) -> str:
     return "".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
+_NUMERIC_ID = re.compile(r"^[+-]?\d+(?:\.0*)?$")
+
+
 def normalise_id(value: Any) -> str:
-    """A patient id as text: ``1``, ``1.0`` and `` 1 `` are all ``"1"``; missing is ``""``."""
+    """A patient id as text, the same on every side (sample sheet, clinical table, split files):
+    an integral number in any spelling (``1``, ``001``, ``1.0``, `` 1 ``, Excel's 1.0) is ``"1"``;
+    other ids are their NFKC text; missing is ``""``."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
-    return clean_text(value)
+    text = clean_text(value)
+    if _NUMERIC_ID.match(text):
+        return str(int(text.split(".")[0]))
+    return text

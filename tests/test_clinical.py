@@ -170,7 +170,7 @@ def test_extended_features_parse_and_encode(tmp_path):
     assert grade["levels"] == {"1": 1.0, "2": 2.0, "3": 3.0}
     her2 = next(f for f in transform.features if f["column"] == "HER2 Expression")
     assert her2["levels"] == {"0": 0.0, "1+": 1.0, "2+": 2.0, "3+": 3.0}
-    features = out.drop(columns=["patient_id", "split", "label"])
+    features = out.drop(columns=["patient_id", "split", "label", "clinical_present"])
     assert features.dtypes.map(lambda d: d.kind == "f").all()
     assert not features.isna().any().any()
 
@@ -250,8 +250,9 @@ def test_feature_config_errors():
 
 def test_scaler_and_imputer_never_see_validation_or_test_rows(tmp_path):
     """Extreme val/test values must not move any fitted statistic or any training row's output.
-    Fitting on all rows would shift the age mean by about 300 years and fail this test."""
-    params = extended()
+    Fitting on all rows would shift the age mean by about 300 years and fail this test (the
+    valid ranges are off here, so that the implausible ages reach the scaler)."""
+    params = extended(ranges={})
     table = load_table(write_table(tmp_path / "a.xlsx"), params)
     _, base_out, _ = fit_transform(table, split_frame(table), params)
     rows = [list(r) for r in ROWS]
@@ -299,12 +300,12 @@ def test_transform_row_reproduces_the_table_and_rejects_unknowns(tmp_path):
     transform, out, _ = fit_transform(table, split_frame(table), params)
     (tmp_path / "scaler.json").write_text(json.dumps(transform.to_dict()))
     loaded = load_transform(tmp_path / "scaler.json")
-    assert loaded.columns == list(out.columns[3:])
+    assert loaded.columns == list(out.columns[4:])
     raw = pd.read_excel(path, dtype=object)
     for record in raw.to_dict("records"):
         pid = str(record["Patient ID"])
         if pid in SPLIT:
-            expected = out.loc[out.patient_id == pid].iloc[0, 3:].to_numpy(dtype=float)
+            expected = out.loc[out.patient_id == pid].iloc[0, 4:].to_numpy(dtype=float)
             np.testing.assert_allclose(loaded.transform_row(record), expected, rtol=0, atol=1e-12)
     partial = loaded.transform_row({"age(years)": "50", "Ki67": "＜5%"})  # absent columns are missing
     assert partial[loaded.columns.index("ER_missing")] == 1.0
@@ -354,7 +355,7 @@ def test_split_and_clinical_commands_write_their_outputs(tmp_path, capsys):
                  "--out-dir", str(out_dir), "--params", clinical]) == 0
     out = pd.read_csv(out_dir / "clinical.tsv", sep="\t", dtype={"patient_id": str})
     assert list(out.patient_id) == list(split.patient_id)
-    assert list(out.columns[3:]) == json.loads((out_dir / "scaler.json").read_text())["columns"]
+    assert list(out.columns[4:]) == json.loads((out_dir / "scaler.json").read_text())["columns"]
     summary = pd.read_csv(out_dir / "summary.csv")
     get = summary.set_index(["section", "split", "column", "statistic"])["value"]
     assert get[("patients", "train", "label=1", "count")] == 3
