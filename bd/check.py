@@ -25,7 +25,7 @@ from typing import Any
 
 import pandas as pd
 
-from bd.errors import ConfigError, SlideError
+from bd.errors import BDError, ConfigError, SlideError, TableError
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,17 @@ CHECKS: dict[str, CheckKind] = {
                                                          "read: they count as missing the slide"),
     "patient_without_label": CheckKind("info", "patients without a label: excluded from the split, "
                                                "training and evaluation"),
+    "patient_not_in_table": CheckKind("warning", "patient ids of the sample sheet that the clinical table does "
+                                                "not have (ids are compared as text after normalising: "
+                                                "001, 1 and 1.0 are the same id)"),
+    "no_patient_matches": CheckKind("error", "no patient of the sample sheet is in the clinical table; "
+                                             "sample-sheet ids vs table ids"),
+    "clinical_value_unreadable": CheckKind("error", "clinical cells that `bd clinical` cannot parse"),
+    "clinical_out_of_range": CheckKind("error", "clinical values outside their valid range (clinical.ranges; "
+                                                "with clinical.out_of_range: missing they count as missing)"),
+    "patient_without_clinical_values": CheckKind("warning", "patients whose every clinical feature is blank: "
+                                                            "they count as missing clinical data"),
+    "empty_split": CheckKind("error", "splits without any patient"),
 }
 
 
@@ -253,6 +264,12 @@ def check_against_table(result: CohortCheck, sheet: pd.DataFrame, ids: list[str]
     known = set(ids)
     result.table_patients = len(ids)
     result.add("slide_without_clinical_row", sheet["slide_id"][~sheet["patient_id"].isin(known)])
+    unknown = set(sheet["patient_id"]) - known
+    result.add("patient_not_in_table", unknown)
+    if unknown and len(unknown) == sheet["patient_id"].nunique() and ids:
+        sheet_ids = sorted(unknown, key=_natural)[:EXAMPLES]
+        table_ids = sorted(known, key=_natural)[:EXAMPLES]
+        result.add("no_patient_matches", [f"sample sheet: {', '.join(sheet_ids)}; table: {', '.join(table_ids)}"])
     result.add("patient_without_slide", known - set(sheet["patient_id"]))
     result.add("patient_without_label", [pid for pid, y in zip(ids, labels) if y is None])
     return result
@@ -276,6 +293,33 @@ def read_clinical_ids(config: dict[str, Any]) -> tuple[list[str], list[int | Non
     return table.ids, table.labels
 
 
+def check_clinical_values(result: CohortCheck, config: dict[str, Any]) -> CohortCheck:
+    """Parse every clinical feature cell as `bd clinical` does (same parsers, same ranges)."""
+    from bd.clinical import ClinicalParams, feature_columns, load_table, parse_all
+    from bd.params import build
+
+    params = build(ClinicalParams, config.get("clinical") or {})
+    table = load_table(config["cohort"]["clinical_table"], params)
+    parsed = parse_all(table, feature_columns(table, params), params)
+    level = "warning" if params.out_of_range == "missing" else "error"
+    result.add("clinical_out_of_range", [f"row {r}, {c!r}: {v:g}" for r, c, v in parsed.out_of_range], level)
+    result.add("clinical_value_unreadable", [e.split(": ", 1)[1] for e in parsed.errors if "outside the valid" not in e])
+    result.add("patient_without_clinical_values", parsed.no_values)
+    return result
+
+
+def check_split(result: CohortCheck, config: dict[str, Any], ids: list[str], labels: list[int | None]) -> CohortCheck:
+    """The split `bd split` will make (official files or the seeded random split): none empty."""
+    from bd.split import SplitParams, make_split
+    from bd.params import build
+
+    params = build(SplitParams, config.get("split") or {})
+    split, _ = make_split(ids, dict(zip(ids, labels)), params, config["cohort"].get("split_dir"),
+                          str(config["cohort"]["clinical_table"]))
+    result.add("empty_split", [name for name in ("train", "val", "test") if not (split["split"] == name).any()])
+    return result
+
+
 def check_cohort(config: dict[str, Any], sheet: pd.DataFrame | None = None) -> CohortCheck:
     """Every cohort check the config allows: the demo's slides and table are written by a job, so
     for the demo only the sample sheet is checked here (``bd qc`` checks the table afterwards)."""
@@ -286,18 +330,32 @@ def check_cohort(config: dict[str, Any], sheet: pd.DataFrame | None = None) -> C
     result = check_sheet(sheet, config.get("on_slide_error", "fail"), paths=not demo)
     table = config["cohort"].get("clinical_table")
     if table and not demo:
-        check_against_table(result, sheet, *read_clinical_ids(config))
+        ids, labels = read_clinical_ids(config)
+        check_against_table(result, sheet, ids, labels)
+        check_clinical_values(result, config)
+        check_split(result, config, ids, labels)
     add_unusable(result, sheet, result.missing_slides)
     return result
 
 
+HINTS = {
+    "missing_slide_file": "fix the paths, or set on_slide_error: skip to record these slides, count their "
+                          "patients as missing the slide and go on",
+    "no_patient_matches": "make the sample sheet's patient_id the clinical table's id column (clinical.id_column)",
+}
+
+
+def error_messages(result: CohortCheck) -> list[str]:
+    """One line per error finding, with its hint."""
+    return [f.message() + (f" ({HINTS[f.check]})" if f.check in HINTS else "") for f in result.errors()]
+
+
 def raise_errors(result: CohortCheck) -> None:
-    """Stop with every error found (missing files under on_slide_error: fail), named."""
+    """Stop with every error found (missing files under on_slide_error: fail, ids, values), named."""
     errors = result.errors()
     if errors:
-        hint = ("; fix the paths, or set on_slide_error: skip to record these slides, count their patients as "
-                "missing the slide and go on")
-        raise SlideError("; ".join(f.message() for f in errors) + hint)
+        kind = SlideError if all(f.check == "missing_slide_file" for f in errors) else TableError
+        raise kind(format_problems(error_messages(result)))
 
 
 def prerun(config: dict[str, Any], sheet: pd.DataFrame, warn: Callable[[str], None] = log.warning) -> CohortCheck:
@@ -331,23 +389,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bd.cohort import check_config_paths
+    from bd.cohort import config_path_errors
     from bd.io import write_text
     from bd.params import read_mapping
 
     config: dict = {}
     for path in args.config:
         config = merge_configs(config, read_mapping(path, "--config"))
-    validate_config(config)
-    check_config_paths(config)
-    result = check_cohort(config)
-    for finding in result.warnings():
-        print(f"{finding.level}: {finding.message()}")
-    if args.out:
-        write_text(args.out, result.table().to_csv(sep="\t", index=False))
-    raise_errors(result)
+    problems = config_errors(config)
+    problems += config_path_errors(config) if isinstance(config.get("cohort"), dict) else []
+    result = None
+    if not problems:  # the cohort checks need a valid config and its files
+        try:
+            result = check_cohort(config)
+        except BDError as exc:
+            problems.append(str(exc))
+    if result is not None:
+        for finding in result.warnings():
+            print(f"{finding.level}: {finding.message()}")
+        if args.out:
+            write_text(args.out, result.table().to_csv(sep="\t", index=False))
+        problems += error_messages(result)
+    if problems:
+        raise ConfigError(format_problems(problems))
     table = "" if result.table_patients is None else f", {result.table_patients} clinical rows"
     print(f"{' + '.join(args.config)}: {result.slides} slides, {result.patients} patients{table}: "
           f"{len(result.warnings())} warning(s), no error")
     return 0
-

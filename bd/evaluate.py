@@ -49,6 +49,8 @@ class EvaluationParams:
         default_factory=lambda: {"bd_wsi": ["slide"], "filling": ["clinical", "slide"],
                                  "clinical_only": ["clinical", "slide"]}
     )
+    # Figure settings of the section (read by `bd figures`; accepted so the section passes whole).
+    figures: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for key in ("missing_rates", "curve_rates"):

@@ -32,11 +32,13 @@ def make_cohort(root: Path, slides: dict[str, str], table: dict[str, str | None]
             path.write_bytes(b"slide")
         rows.append((sid, pid, str(path)))
     pd.DataFrame(rows, columns=["slide_id", "patient_id", "path"]).to_csv(root / "samples.tsv", sep="\t", index=False)
-    pd.DataFrame({"Patient ID": list(table), "Age(years)": 50, "ALN status": [v or "" for v in table.values()]}).to_csv(
+    pd.DataFrame({"Patient ID": list(table), "Age(years)": 50, "Tumour Size(cm)": 2.5, "ER": "Positive",
+                  "PR": "Negative", "HER2": "Negative", "ALN status": [v or "" for v in table.values()]}).to_csv(
         root / "clinical.csv", index=False)
     (root / "split").mkdir()
-    for name in ("train", "val", "test"):
-        (root / "split" / f"{name}_id.txt").write_text("")
+    labelled = [p for p, label in table.items() if label]  # one labelled patient per split, in turn
+    for i, name in enumerate(("train", "val", "test")):
+        (root / "split" / f"{name}_id.txt").write_text("".join(f"{p}\n" for p in labelled[i::3]))
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     config.update(results=str(root / "results"), on_slide_error=policy)
     config["demo"]["enabled"] = False
@@ -63,6 +65,7 @@ def test_counts_every_finding(tmp_path):
     assert result.items("slide_without_clinical_row") == ["S3"]
     assert result.items("patient_without_slide") == ["P4"]
     assert result.items("patient_without_label") == ["P5"]
+    assert result.items("patient_not_in_table") == ["P9"]  # the mismatched id itself, not only its slide
     assert not result.errors() and "missing_slide_file" not in result.findings
     table = result.table().set_index("check")
     assert list(table.index[3:]) == list(CHECKS)  # every check has a row, found or not
@@ -129,7 +132,8 @@ def test_bd_check_command(tmp_path, capsys):
     config = make_cohort(tmp_path, SLIDES, TABLE)
     assert cli.main(["check", "--config", str(config), "--out", str(tmp_path / "checks.tsv")]) == 0
     out = capsys.readouterr().out
-    assert "5 slides, 4 patients, 4 clinical rows: 3 warning(s), no error" in out
+    assert "5 slides, 4 patients, 4 clinical rows: 4 warning(s), no error" in out
+    assert "1 patient ids of the sample sheet that the clinical table does not have" in out and "P9" in out
     assert "1 patients without a label" in out and "P5" in out
     assert pd.read_csv(tmp_path / "checks.tsv", sep="\t").set_index("check").loc["patient_without_label", "count"] == 1
 

@@ -1,19 +1,31 @@
 # Shared setup: config validation, the sample sheet, and helpers for the rule files.
 import json
 import os
+import shlex
+import sys
 
 import pandas as pd
 from snakemake.logging import logger
 from snakemake.utils import validate
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
-from bd.check import missing_files, prerun, validate_config
-from bd.cohort import build_sample_sheet, check_config_paths
+from bd.check import check_config, missing_files, prerun
+from bd.cohort import build_sample_sheet, sheet_sha256
 from bd.experiments import experiments, seeds_for, target_experiments
 
 
-validate_config(config)  # one line naming each unknown key or wrong value (bd/check.py)
+# Numbers written as text by YAML 1.1 (`lr: 1e-4`) become numbers, then every unknown key, wrong
+# value, empty or repeated list and missing input file is named in one error (bd/check.py).
+check_config(config)
 validate(config, schema="../schemas/config.schema.yaml")  # Snakemake's own check; fills defaults
-check_config_paths(config)
+
+# Rules run `bd` from the Python environment Snakemake itself runs in (`.venv/bin/snakemake` works
+# without activating the venv, and no other `bd` on PATH is picked up); with --sdm conda, from the
+# rule's conda environment (envs/bd.yaml).
+if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
+    BD = "bd"
+else:
+    BD = f"{shlex.quote(sys.executable)} -m bd"
 
 R = config["results"]
 SAMPLES = build_sample_sheet(config)
@@ -32,11 +44,16 @@ elif ON_SLIDE_ERROR == "skip" and not (config.get("demo") or {}).get("enabled"):
 else:
     MISSING_SLIDES = set()
 SLIDES = [s for s in SAMPLES["slide_id"] if s not in MISSING_SLIDES]
-STORES = [f"{R}/features/{slide}.zarr" for slide in SLIDES]
-# The rules that read every store (train, evaluate, figures) take this one file as input instead
-# of thousands each: the DAG of a 5,000-slide cohort then builds about as fast as a bare
-# Snakefile's (benchmarks/dag.py). Written by rule feature_index (features.smk).
-FEATURE_INDEX = f"{R}/features/index.tsv"
+# The sheet's content hash: a parameter of rule samples (a changed sheet reruns it, whatever the
+# timestamps) and the check that its job builds the sheet the workflow was parsed with.
+SAMPLES_SHA256 = sheet_sha256(SAMPLES)
+FEATURES_DIR = f"{R}/features"
+# Every rule that reads feature stores (train, evaluate, slide_qc, fig5, heatmaps) declares all of
+# them as inputs, so a store that was lost (moved away, purged) is rebuilt before they run.
+STORES = [f"{FEATURES_DIR}/{slide}.zarr" for slide in SLIDES]
+# A table (slide_id, store) of every store, written by rule feature_index: a target that builds
+# every store (`snakemake results/features/index.tsv`).
+FEATURE_INDEX = f"{FEATURES_DIR}/index.tsv"
 EXPERIMENTS = experiments(config)
 
 
@@ -99,11 +116,22 @@ def experiment_params(wildcards):
     return json.dumps({**config["training"], **EXPERIMENTS[wildcards.experiment]}, sort_keys=True)
 
 
-def target_files(target):
-    """Final outputs of a workflow target (see the Snakefile header)."""
-    from bd.experiments import target_experiments
+def lost_slide_outputs():
+    """The slides' masks, patch grids and feature stores that do not exist. Every target rule
+    lists them, so that one lost after a finished run (moved away, a purged scratch folder) is
+    rebuilt, with everything that depends on it: by itself Snakemake rebuilds a missing
+    intermediate file only when a job that reads it has to run anyway. One os.path.exists per
+    file, in the main process only."""
+    if not workflow.is_main_process:
+        return []
+    paths = (f"{R}/segment/{{}}/mask.png", f"{R}/segment/{{}}/mask.json", f"{R}/tiles/{{}}.npz",
+             f"{FEATURES_DIR}/{{}}.zarr")
+    return [p for slide in SLIDES for p in (t.format(slide) for t in paths) if not os.path.exists(p)]
 
-    return TARGET_OUTPUTS[target]()
+
+def target_files(target):
+    """Final outputs of a workflow target (see the Snakefile header), and the lost per-slide outputs."""
+    return [*TARGET_OUTPUTS[target](), *lost_slide_outputs()]
 
 
 # Inputs and params of the evaluation and report rules.

@@ -5,7 +5,7 @@
 rule evaluate:
     input:
         checkpoint=rules.train.output.checkpoint,
-        features=FEATURE_INDEX,
+        stores=STORES,
         samples=rules.samples.output[0],
         clinical=rules.clinical.output.table,
     output:
@@ -15,7 +15,7 @@ rule evaluate:
     params:
         evaluation=evaluation_params(),
         version=stage_version("evaluate"),
-        features_dir=lambda w, input: os.path.dirname(input.features),
+        features_dir=FEATURES_DIR,
     log:
         f"{R}/logs/evaluate/{{experiment}}/seed{{seed}}.log",
     benchmark:
@@ -23,7 +23,7 @@ rule evaluate:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd evaluate --checkpoint {input.checkpoint:q} --features-dir {params.features_dir:q} "
+        "{BD} evaluate --checkpoint {input.checkpoint:q} --features-dir {params.features_dir:q} "
         "--samples {input.samples:q} --clinical {input.clinical:q} --params {params.evaluation:q} "
         "--experiment {wildcards.experiment} --seed {wildcards.seed} "
-        "--out-dir $(dirname {output.metrics:q}) > {log:q} 2>&1"
+        "--out-dir \"$(dirname {output.metrics:q})\" > {log:q} 2>&1"

@@ -7,7 +7,7 @@
 
 rule train:
     input:
-        features=FEATURE_INDEX,
+        stores=STORES,
         samples=rules.samples.output[0],
         clinical=rules.clinical.output.table,
         scaler=rules.clinical.output.scaler,
@@ -23,7 +23,7 @@ rule train:
     params:
         training=experiment_params,
         version=stage_version("train"),
-        features_dir=lambda w, input: os.path.dirname(input.features),
+        features_dir=FEATURES_DIR,
     log:
         f"{R}/logs/train/{{experiment}}/seed{{seed}}.log",
     benchmark:
@@ -37,7 +37,7 @@ rule train:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd train --features-dir {params.features_dir:q} --samples {input.samples:q} "
+        "{BD} train --features-dir {params.features_dir:q} --samples {input.samples:q} "
         "--clinical {input.clinical:q} --scaler {input.scaler:q} --seed {wildcards.seed} "
         "--params {params.training:q} --threads {threads} --no-progress "
-        "--out-dir $(dirname {output.checkpoint:q}) > {log:q} 2>&1"
+        "--out-dir \"$(dirname {output.checkpoint:q})\" > {log:q} 2>&1"
