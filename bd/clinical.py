@@ -358,12 +358,15 @@ class ClinicalTransform:
             column = feat["column"]
             value = raw[column] if column in raw else by_key.get(V.category_key(column))
             value = _parse_value(ENCODERS[feat["kind"]].parse, value, source, column)
-            if not check_range(value, feat.get("range")):
+            bounds = feat.get("range")
+            if "out_of_range" not in self.meta and feat["kind"] == "numeric":  # a scaler from before ranges
+                bounds = ClinicalParams().range_of(column)
+            if not check_range(value, bounds):
                 if self.meta.get("out_of_range", "error") == "error":
                     raise TableError(f"{source}: column {column!r}: {value:g} is outside the valid range "
-                                     f"{range_text(feat['range'])} of the training table (clinical.ranges)")
+                                     f"{range_text(bounds)} of the training table (clinical.ranges)")
                 log.warning("%s: column %r: %g is outside %s: treated as missing", source, column, value,
-                            range_text(feat["range"]))
+                            range_text(bounds))
                 value = None
             parsed[column] = value
         return parsed

@@ -6,7 +6,7 @@ deliver them) and returns the parsed value, ``None`` for a missing cell, or rais
 first, so full-width digits, ``％``, ``＜``, ``＞``, ``～`` and ``－`` read as their ASCII forms.
 
 Numbers (``parse_number``):
-  * plain numbers ``0.3``, ``58``, ``2.5``;
+  * plain numbers ``0.3``, ``58``, ``2.5``, ``1e6``;
   * percentages ``30%`` -> 0.30 (a ``%`` divides by 100, so Ki67 written either way agrees);
   * ranges ``30-40%``, ``0.3~0.4``, ``30%–40%`` -> the midpoint (0.35);
   * inequalities ``<5%``, ``＜5%``, ``<=1``, ``>90%``, ``≥2`` -> the bound itself (0.05, 0.01,
@@ -30,7 +30,7 @@ from typing import Any
 MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "none", "null"})
 
 _UNSIGNED = r"(?:\d+(?:\.\d*)?|\.\d+)"
-_NUMBER = re.compile(rf"^(?P<num>[+-]?{_UNSIGNED})\s*(?P<pct>%)?$")
+_NUMBER = re.compile(rf"^(?P<num>[+-]?{_UNSIGNED}(?:e[+-]?\d+)?)\s*(?P<pct>%)?$")
 _RANGE = re.compile(
     rf"^(?P<lo>{_UNSIGNED})\s*(?P<pct_lo>%)?\s*(?:-|–|—|~|〜|to)\s*(?P<hi>{_UNSIGNED})\s*(?P<pct_hi>%)?$"
 )

@@ -403,3 +403,76 @@ def test_demo_table_gives_the_clinical_only_auc_of_demo_auc(tmp_path, capsys):
     model = LogisticRegression(max_iter=1000).fit(train[x_cols].to_numpy(), train.label.to_numpy())
     auc = roc_auc_score(test.label, model.predict_proba(test[x_cols].to_numpy())[:, 1])
     assert auc == pytest.approx(expected["clinical_auc"], abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Ids, valid ranges and patients without any clinical value
+
+
+@pytest.mark.parametrize("spelling", ["1", "001", "1.0", " 1 ", 1, 1.0, "＋1"])
+def test_one_id_normalisation_for_every_spelling(spelling):
+    assert V.normalise_id(spelling) == "1"
+    assert V.normalise_id("A-001") == "A-001" and V.normalise_id("1.5") == "1.5"
+
+
+def test_out_of_range_value_is_an_error_naming_row_and_column(tmp_path):
+    rows = [list(r) for r in ROWS]
+    rows[2][1] = 540  # Age(years) of patient 3, row 4 of the sheet
+    rows[4][2] = -3  # Tumour Size(cm) of patient 5, row 6
+    table = load_table(write_table(tmp_path / "t.xlsx", rows), ClinicalParams())
+    with pytest.raises(TableError) as info:
+        fit_transform(table, split_frame(table), ClinicalParams())
+    assert "row 4, column 'Age(years)': 540 is outside the valid range 18 to 100" in str(info.value)
+    assert "row 6, column 'Tumour Size(cm)': -3 is outside the valid range 0.1 to 20" in str(info.value)
+
+
+def test_out_of_range_as_missing_and_blank_patients_are_counted(tmp_path):
+    rows = [list(r) for r in ROWS]
+    rows[2][1] = 999  # patient 3: age out of range -> missing
+    rows[6][1:3] = ["", ""]  # patient 7 (val): every paper feature blank ...
+    rows[6][4:7] = ["", "", ""]
+    table_path = write_table(tmp_path / "t.xlsx", rows)
+    split = tmp_path / "split.tsv"
+    split_frame(load_table(table_path, ClinicalParams())).to_csv(split, sep="\t", index=False)
+    params = json.dumps({"out_of_range": "missing"})
+    assert main(["clinical", "--table", str(table_path), "--split", str(split), "--out-dir", str(tmp_path / "o"),
+                 "--params", params]) == 0
+    out = pd.read_csv(tmp_path / "o" / "clinical.tsv", sep="\t", dtype={"patient_id": str}).set_index("patient_id")
+    assert out.loc["3", "Age(years)_missing"] == 1.0 and out.loc["3", "clinical_present"] == 1
+    assert out.loc["7", "clinical_present"] == 0  # ... so 7 counts as missing clinical data
+    assert (out.drop(index="7")["clinical_present"] == 1).all()
+    summary = pd.read_csv(tmp_path / "o" / "summary.csv")
+    row = summary[(summary.section == "out_of_range") & (summary.column == "Age(years)")]
+    assert row["value"].astype(int).tolist() == [1]
+    blank = summary[(summary.section == "patients") & (summary.column == "no clinical value")]
+    assert blank["value"].astype(int).tolist() == [1]
+
+
+def test_bags_treat_a_patient_without_clinical_values_as_missing_clinical_data(tmp_path):
+    from bd.bags import read_clinical
+
+    path = tmp_path / "c.tsv"
+    pd.DataFrame({"patient_id": ["1", "2"], "split": "test", "label": [0, 1], "clinical_present": [1, 0],
+                  "Age(years)": [0.1, 0.0]}).to_csv(path, sep="\t", index=False)
+    table, columns = read_clinical(path)
+    assert columns == ["Age(years)"] and table["clinical_present"].tolist() == [True, False]
+
+
+def test_predict_applies_the_training_ranges(tmp_path):
+    """bd predict's clinical path (clinical_vector): Age 540 or a size of -3 are refused, naming
+    the column; no value at all means no clinical data, not imputed values."""
+    from types import SimpleNamespace
+
+    from bd.predict import clinical_vector
+
+    table = load_table(write_table(tmp_path / "t.xlsx"), ClinicalParams())
+    transform, _, _ = fit_transform(table, split_frame(table), ClinicalParams())
+    (tmp_path / "scaler.json").write_text(json.dumps(transform.to_dict()))
+    run = SimpleNamespace(scaler={"path": str(tmp_path / "scaler.json")}, clinical_columns=transform.columns)
+    good = {"Age(years)": "54", "Tumour Size(cm)": "2.1", "ER": "Positive"}
+    assert clinical_vector(run, good, None).shape == (len(transform.columns),)
+    with pytest.raises(TableError, match="column 'Age\\(years\\)': 540 is outside the valid range 18 to 100"):
+        clinical_vector(run, {**good, "Age(years)": "540"}, None)
+    with pytest.raises(TableError, match="column 'Tumour Size\\(cm\\)': -3 is outside"):
+        clinical_vector(run, {**good, "Tumour Size(cm)": "-3"}, None)
+    assert clinical_vector(run, {"Age(years)": "", "ER": "NA"}, None) is None
