@@ -284,22 +284,27 @@ def add_unusable(result: CohortCheck, sheet: pd.DataFrame, unusable: Iterable[st
     return result
 
 
-def read_clinical_ids(config: dict[str, Any]) -> tuple[list[str], list[int | None]]:
-    """Patient ids and labels (None: blank) of the config's clinical table."""
+def read_clinical(config: dict[str, Any]) -> Any:
+    """The config's clinical table, read and checked once (:class:`bd.clinical.ClinicalTable`)."""
     from bd.clinical import ClinicalParams, load_table
     from bd.params import build
 
-    table = load_table(config["cohort"]["clinical_table"], build(ClinicalParams, config.get("clinical") or {}))
+    return load_table(config["cohort"]["clinical_table"], build(ClinicalParams, config.get("clinical") or {}))
+
+
+def read_clinical_ids(config: dict[str, Any]) -> tuple[list[str], list[int | None]]:
+    """Patient ids and labels (None: blank) of the config's clinical table."""
+    table = read_clinical(config)
     return table.ids, table.labels
 
 
-def check_clinical_values(result: CohortCheck, config: dict[str, Any]) -> CohortCheck:
+def check_clinical_values(result: CohortCheck, config: dict[str, Any], table: Any = None) -> CohortCheck:
     """Parse every clinical feature cell as `bd clinical` does (same parsers, same ranges)."""
-    from bd.clinical import ClinicalParams, feature_columns, load_table, parse_all
+    from bd.clinical import ClinicalParams, feature_columns, parse_all
     from bd.params import build
 
     params = build(ClinicalParams, config.get("clinical") or {})
-    table = load_table(config["cohort"]["clinical_table"], params)
+    table = read_clinical(config) if table is None else table
     parsed = parse_all(table, feature_columns(table, params), params)
     level = "warning" if params.out_of_range == "missing" else "error"
     result.add("clinical_out_of_range", [f"row {r}, {c!r}: {v:g}" for r, c, v in parsed.out_of_range], level)
@@ -310,8 +315,8 @@ def check_clinical_values(result: CohortCheck, config: dict[str, Any]) -> Cohort
 
 def check_split(result: CohortCheck, config: dict[str, Any], ids: list[str], labels: list[int | None]) -> CohortCheck:
     """The split `bd split` will make (official files or the seeded random split): none empty."""
-    from bd.split import SplitParams, make_split
     from bd.params import build
+    from bd.split import SplitParams, make_split
 
     params = build(SplitParams, config.get("split") or {})
     split, _ = make_split(ids, dict(zip(ids, labels)), params, config["cohort"].get("split_dir"),
@@ -330,10 +335,10 @@ def check_cohort(config: dict[str, Any], sheet: pd.DataFrame | None = None) -> C
     result = check_sheet(sheet, config.get("on_slide_error", "fail"), paths=not demo)
     table = config["cohort"].get("clinical_table")
     if table and not demo:
-        ids, labels = read_clinical_ids(config)
-        check_against_table(result, sheet, ids, labels)
-        check_clinical_values(result, config)
-        check_split(result, config, ids, labels)
+        clinical = read_clinical(config)
+        check_against_table(result, sheet, clinical.ids, clinical.labels)
+        check_clinical_values(result, config, clinical)
+        check_split(result, config, clinical.ids, clinical.labels)
     add_unusable(result, sheet, result.missing_slides)
     return result
 
