@@ -190,3 +190,28 @@ def test_changed_sample_sheet_is_seen_whatever_its_timestamp(tmp_path):
     assert scheduled(check(snakemake(work, "-n", target))) == {"samples": 1}
     check(snakemake(work, "--cores", "1", target))
     assert "S4\tP1" in Path(target).read_text()
+
+
+@pytest.mark.slow
+def test_results_folder_with_a_space_and_no_venv_on_path(tmp_path):
+    """The README's `.venv/bin/snakemake ...` with nothing of the venv on PATH (rules run `bd` from
+    the Python Snakemake runs in), into a results folder whose name has a space: every stage to an
+    evaluation runs (slides, features, split, clinical, training, evaluation)."""
+    import subprocess
+    import sys
+
+    from workflow_runs import ROOT
+
+    work = tmp_path / "my project"
+    results = "out dir/results"
+    config = tiny_config(results)
+    config["training"]["methods"] = ["clinical_only"]
+    write_config(work, config)
+    target = f"{results}/evaluate/clinical_only/seed0/metrics.csv"
+    snakemake_bin = Path(sys.executable).parent / "snakemake"
+    env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", str(tmp_path))}
+    proc = subprocess.run([str(snakemake_bin), "--snakefile", str(ROOT / "Snakefile"), "--directory", str(work),
+                           "--cores", "2", target], capture_output=True, text=True, env=env, cwd=work, timeout=900)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
+    assert (work / target).stat().st_size > 0
+    assert (work / results / "features" / "1.zarr").is_dir() and (work / results / "segment" / "1" / "qc.png").exists()
