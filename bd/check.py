@@ -97,6 +97,7 @@ class CohortCheck:
     findings: dict[str, Finding] = field(default_factory=dict)
     levels: dict[str, str] = field(default_factory=dict)  # levels a policy changed
     missing_slides: list[str] = field(default_factory=list)  # slide ids whose file does not exist
+    split: dict[str, str] | None = None  # patient -> train/val/test, as `bd split` will make it (None: unknown)
 
     def add(self, check: str, items: Iterable[str], level: str | None = None) -> None:
         if level:
@@ -321,6 +322,7 @@ def check_split(result: CohortCheck, config: dict[str, Any], ids: list[str], lab
     params = build(SplitParams, config.get("split") or {})
     split, _ = make_split(ids, dict(zip(ids, labels)), params, config["cohort"].get("split_dir"),
                           str(config["cohort"]["clinical_table"]))
+    result.split = dict(zip(split["patient_id"], split["split"]))
     result.add("empty_split", [name for name in ("train", "val", "test") if not (split["split"] == name).any()])
     return result
 

@@ -9,7 +9,7 @@ rule samples:
     input:
         sheet=[] if DEMO.get("enabled") or not config["cohort"].get("sample_sheet") else config["cohort"]["sample_sheet"],
     output:
-        f"{R}/samples.tsv",
+        SAMPLES_TSV,
     params:
         cohort=lambda w: section("cohort"),  # a function: {slide} in slide_pattern is not a wildcard
         demo=section("demo"),
@@ -21,7 +21,7 @@ rule samples:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "{BD} samples --cohort {params.cohort:q} --demo {params.demo:q} --sha256 {params.sha256} "
+        "bd samples --cohort {params.cohort:q} --demo {params.demo:q} --sha256 {params.sha256} "
         "--out {output:q} > {log:q} 2>&1"
 
 
@@ -51,7 +51,7 @@ rule split:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "{BD} split --table {input.table:q} --split-dir={params.split_dir:q} --out {output.split:q} "
+        "bd split --table {input.table:q} --split-dir={params.split_dir:q} --out {output.split:q} "
         "--params {params.split:q} --clinical {params.clinical:q} > {log:q} 2>&1"
 
 
@@ -60,8 +60,8 @@ rule clinical:
         table=config["cohort"]["clinical_table"],
         split=rules.split.output.split,
     output:
-        table=f"{R}/clinical/clinical.tsv",
-        scaler=f"{R}/clinical/scaler.json",
+        table=CLINICAL_TSV,
+        scaler=SCALER_JSON,
         summary=report(
             f"{R}/clinical/summary.csv",
             caption="../report/clinical.rst",
@@ -78,5 +78,5 @@ rule clinical:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "{BD} clinical --table {input.table:q} --split {input.split:q} --out-dir {params.out_dir:q} "
+        "bd clinical --table {input.table:q} --split {input.split:q} --out-dir {params.out_dir:q} "
         "--params {params.clinical:q} > {log:q} 2>&1"

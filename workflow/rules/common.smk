@@ -19,13 +19,13 @@ from bd.experiments import experiments, seeds_for, target_experiments
 check_config(config)
 validate(config, schema="../schemas/config.schema.yaml")  # Snakemake's own check; fills defaults
 
-# Rules run `bd` from the Python environment Snakemake itself runs in (`.venv/bin/snakemake` works
-# without activating the venv, and no other `bd` on PATH is picked up); with --sdm conda, from the
-# rule's conda environment (envs/bd.yaml).
-if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
-    BD = "bd"
-else:
-    BD = f"{shlex.quote(sys.executable)} -m bd"
+# Rules run `bd` from the Python environment Snakemake itself runs in, so `.venv/bin/snakemake`
+# works without activating the venv and no other `bd` on PATH is picked up: every shell command
+# starts by defining `bd` as this Python's `-m bd`. With --sdm conda the rule's conda environment
+# (envs/bd.yaml) provides `bd`.
+if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
+    # (braces doubled: Snakemake formats the prefix with the command)
+    shell.prefix(f'set -euo pipefail; bd() {{{{ {shlex.quote(sys.executable)} -m bd "$@"; }}}}; ')
 
 R = config["results"]
 SAMPLES = build_sample_sheet(config)
@@ -37,8 +37,10 @@ validate(SAMPLES, schema="../schemas/samples.schema.yaml", set_default=False)
 # clinical row, patients without a slide or a label are counted and warned about. Only in the main
 # process: cluster jobs re-parse this file and need only the list of slides.
 ON_SLIDE_ERROR = config.get("on_slide_error", "fail")
+COHORT_CHECK = None
 if workflow.is_main_process:
-    MISSING_SLIDES = set(prerun(config, SAMPLES, logger.warning).missing_slides)
+    COHORT_CHECK = prerun(config, SAMPLES, logger.warning)
+    MISSING_SLIDES = set(COHORT_CHECK.missing_slides)
 elif ON_SLIDE_ERROR == "skip" and not (config.get("demo") or {}).get("enabled"):
     MISSING_SLIDES = set(missing_files(SAMPLES))
 else:
@@ -48,10 +50,24 @@ SLIDES = [s for s in SAMPLES["slide_id"] if s not in MISSING_SLIDES]
 # timestamps) and the check that its job builds the sheet the workflow was parsed with.
 SAMPLES_SHA256 = sheet_sha256(SAMPLES)
 FEATURES_DIR = f"{R}/features"
+# Cohort tables, named by path (not rules.X.output) in the rules that also take every store: with
+# a rule reference there, Snakemake hashes the whole store list once per store, per job (quadratic).
+SAMPLES_TSV = f"{R}/samples.tsv"
+CLINICAL_TSV = f"{R}/clinical/clinical.tsv"
+SCALER_JSON = f"{R}/clinical/scaler.json"
+CHECKPOINT = f"{R}/train/{{experiment}}/seed{{seed}}/checkpoint.pt"
 # Every rule that reads feature stores (train, evaluate, slide_qc, fig5, heatmaps) declares all of
 # them as inputs, so a store that was lost (moved away, purged) is rebuilt before they run.
 STORES = [f"{FEATURES_DIR}/{slide}.zarr" for slide in SLIDES]
-# A table (slide_id, store) of every store, written by rule feature_index: a target that builds
+# Evaluation reads the test split's stores only: when the split is known at parse time (the
+# checks compute it as `bd split` will), those are its inputs; otherwise (the demo, whose table a
+# job writes; cluster jobs) every store.
+_SPLIT = COHORT_CHECK.split if COHORT_CHECK is not None else None
+TEST_STORES = STORES if _SPLIT is None else [
+    f"{FEATURES_DIR}/{s}.zarr" for s, p in zip(SAMPLES["slide_id"], SAMPLES["patient_id"])
+    if s not in MISSING_SLIDES and _SPLIT.get(p) == "test"
+]
+# A table (slide_id, store) of every store, written by rule feature_index, is a target that builds
 # every store (`snakemake results/features/index.tsv`).
 FEATURE_INDEX = f"{FEATURES_DIR}/index.tsv"
 EXPERIMENTS = experiments(config)
@@ -103,6 +119,11 @@ def write_feature_index(stores, out, log):
     write_text(log, f"{len(stores)} feature stores listed in {out}\n")
 
 
+def stores_dir(stores):
+    """The folder of the feature stores (a rule's input.stores)."""
+    return os.path.dirname(stores[0]) if stores else FEATURES_DIR
+
+
 def slide_path(wildcards):
     return SLIDE_PATHS[wildcards.slide]
 
@@ -117,16 +138,29 @@ def experiment_params(wildcards):
 
 
 def lost_slide_outputs():
-    """The slides' masks, patch grids and feature stores that do not exist. Every target rule
-    lists them, so that one lost after a finished run (moved away, a purged scratch folder) is
-    rebuilt, with everything that depends on it: by itself Snakemake rebuilds a missing
-    intermediate file only when a job that reads it has to run anyway. One os.path.exists per
-    file, in the main process only."""
+    """The slides' masks, patch grids and feature stores lost after they were used: missing
+    while a later output exists (the slide's grid or store, or any trained run or the QC table
+    for a store). Every target rule lists them, so that one lost after a finished run (moved
+    away, a purged scratch folder) is rebuilt, with everything that depends on it: by itself
+    Snakemake rebuilds a missing intermediate file only when a job that reads it has to run
+    anyway. Missing files of a run not yet made are left to the jobs that make them. A few
+    os.path.exists per slide, in the main process only."""
+    import glob
+
     if not workflow.is_main_process:
         return []
-    paths = (f"{R}/segment/{{}}/mask.png", f"{R}/segment/{{}}/mask.json", f"{R}/tiles/{{}}.npz",
-             f"{FEATURES_DIR}/{{}}.zarr")
-    return [p for slide in SLIDES for p in (t.format(slide) for t in paths) if not os.path.exists(p)]
+    used = os.path.exists(QC_OUTPUTS[0]) or bool(glob.glob(glob.escape(R) + "/train/*/seed*/checkpoint.pt"))
+    lost = []
+    for slide in SLIDES:
+        chain = [f"{R}/segment/{slide}/mask.png", f"{R}/segment/{slide}/mask.json", f"{R}/tiles/{slide}.npz",
+                 f"{FEATURES_DIR}/{slide}.zarr"]
+        exists = [os.path.exists(p) for p in chain]
+        later = used
+        for path, there in zip(reversed(chain), reversed(exists)):
+            if not there and later:
+                lost.append(path)
+            later = later or there
+    return lost
 
 
 def target_files(target):

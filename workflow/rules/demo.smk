@@ -35,4 +35,4 @@ if DEMO.get("enabled"):
         conda:
             "../../envs/bd.yaml"
         shell:
-            "{BD} demo --params {params.demo:q} --out-dir {params.out_dir:q} --workers {threads} > {log:q} 2>&1"
+            "bd demo --params {params.demo:q} --out-dir {params.out_dir:q} --workers {threads} > {log:q} 2>&1"

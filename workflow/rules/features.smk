@@ -23,7 +23,7 @@ rule extract:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "{BD} extract --slide {input.slide:q} --grid {input.grid:q} --out {output.store:q} "
+        "bd extract --slide {input.slide:q} --grid {input.grid:q} --out {output.store:q} "
         "--params {params.features:q} --on-error {params.on_error} --threads {threads} > {log:q} 2>&1"
 
 

@@ -8,7 +8,7 @@ QC_OUTPUTS = [f"{R}/qc/slide_errors.tsv", f"{R}/qc/cohort_checks.tsv"]
 
 rule slide_qc:
     input:
-        samples=rules.samples.output[0],
+        samples=SAMPLES_TSV,
         stores=STORES,  # every store exists: each slide's outcome is known
         table=config["cohort"]["clinical_table"],
     output:
@@ -25,7 +25,7 @@ rule slide_qc:
             subcategory="Cohort checks",
         ),
     params:
-        results=R,
+        results=lambda w, output: os.path.dirname(os.path.dirname(output.errors)),  # the results folder
         config=json.dumps(
             {"on_slide_error": ON_SLIDE_ERROR, "cohort": {"clinical_table": config["cohort"]["clinical_table"]},
              "clinical": config.get("clinical") or {}},
@@ -39,7 +39,7 @@ rule slide_qc:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "{BD} qc --samples {input.samples:q} --results {params.results:q} --config {params.config:q} "
+        "bd qc --samples {input.samples:q} --results {params.results:q} --config {params.config:q} "
         "--out {output.errors:q} --checks-out {output.checks:q} > {log:q} 2>&1"
 
 

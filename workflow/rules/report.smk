@@ -13,8 +13,8 @@ HEATMAP_METHOD = next((m for m in ["bd", "filling", "image_only", "ensemble", "a
 
 COHORT_INPUTS = dict(
     stores=STORES,
-    samples=f"{R}/samples.tsv",
-    clinical=f"{R}/clinical/clinical.tsv",
+    samples=SAMPLES_TSV,
+    clinical=CLINICAL_TSV,
 )
 
 
@@ -33,7 +33,7 @@ rule table1:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "{BD} aggregate table1 --metrics {input:q} --rates {params.rates:q} "
+        "bd aggregate table1 --metrics {input:q} --rates {params.rates:q} "
         "--out \"$(dirname {output.csv:q})\" > {log:q} 2>&1"
 
 
@@ -51,7 +51,7 @@ rule fig1:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "{BD} figures fig1 --metrics {input:q} --methods {params.methods} --out {output:q} > {log:q} 2>&1"
+        "bd figures fig1 --metrics {input:q} --methods {params.methods} --out {output:q} > {log:q} 2>&1"
 
 
 rule roc:
@@ -68,7 +68,7 @@ rule roc:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "{BD} figures roc --predictions {input:q} --rates {params.rates:q} --out {output:q} > {log:q} 2>&1"
+        "bd figures roc --predictions {input:q} --rates {params.rates:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule table2:
@@ -84,7 +84,7 @@ rule table2:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "{BD} aggregate table2 --metrics {input:q} --rates '[0, 80]' --out \"$(dirname {output.csv:q})\" > {log:q} 2>&1"
+        "bd aggregate table2 --metrics {input:q} --rates '[0, 80]' --out \"$(dirname {output.csv:q})\" > {log:q} 2>&1"
 
 
 rule table3:
@@ -100,7 +100,7 @@ rule table3:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "{BD} aggregate table3 --metrics {input:q} --rates '[100]' --out \"$(dirname {output.csv:q})\" > {log:q} 2>&1"
+        "bd aggregate table3 --metrics {input:q} --rates '[100]' --out \"$(dirname {output.csv:q})\" > {log:q} 2>&1"
 
 
 rule fig4c:
@@ -118,7 +118,7 @@ rule fig4c:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "{BD} figures fig4c --predictions {params.predictions:q} --rate 100 --out {output:q} > {log:q} 2>&1"
+        "bd figures fig4c --predictions {params.predictions:q} --rate 100 --out {output:q} > {log:q} 2>&1"
 
 
 rule fig4ab:
@@ -135,7 +135,7 @@ rule fig4ab:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "{BD} figures fig4ab --metrics {input:q} --methods {params.methods} --out {output:q} > {log:q} 2>&1"
+        "bd figures fig4ab --metrics {input:q} --methods {params.methods} --out {output:q} > {log:q} 2>&1"
 
 
 rule fig5:
@@ -146,7 +146,7 @@ rule fig5:
     output:
         report(f"{R}/figures/fig5.png", caption="../report/fig5.rst", category="Figures"),
     params:
-        features_dir=FEATURES_DIR,
+        features_dir=lambda w, input: stores_dir(input.stores),
         perplexity=FIGS.get("tsne_perplexity", 30),
     log:
         f"{R}/logs/fig5.log",
@@ -155,7 +155,7 @@ rule fig5:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "{BD} figures fig5 --checkpoint {input.single:q} {input.multi:q} --features-dir {params.features_dir:q} "
+        "bd figures fig5 --checkpoint {input.single:q} {input.multi:q} --features-dir {params.features_dir:q} "
         "--samples {input.samples:q} --clinical {input.clinical:q} --perplexity {params.perplexity} "
         "--out {output:q} > {log:q} 2>&1"
 
@@ -172,7 +172,7 @@ rule heatmaps:
             category="Attention heatmaps",
         ),
     params:
-        features_dir=FEATURES_DIR,
+        features_dir=lambda w, input: stores_dir(input.stores),
         patients=FIGS.get("heatmap_patients", 4),
         fallback_mpp=config["cohort"].get("fallback_mpp", 0.5),
     log:
@@ -182,7 +182,7 @@ rule heatmaps:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "{BD} figures heatmaps --checkpoint {input.checkpoint:q} --features-dir {params.features_dir:q} "
+        "bd figures heatmaps --checkpoint {input.checkpoint:q} --features-dir {params.features_dir:q} "
         "--samples {input.samples:q} --clinical {input.clinical:q} --patients {params.patients} "
         "--fallback-mpp {params.fallback_mpp} --out-dir {output:q} > {log:q} 2>&1"
 
@@ -222,6 +222,6 @@ rule runtime_summary:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "{BD} runtime-summary --benchmarks {params.benchmarks:q} --out-csv {output.csv:q} "
+        "bd runtime-summary --benchmarks {params.benchmarks:q} --out-csv {output.csv:q} "
         "--out-png {output.png:q} --jobs-csv {output.jobs:q} > {log:q} 2>&1"
 

@@ -33,7 +33,7 @@ rule segment:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "{BD} segment --slide {input.slide:q} --out-dir \"$(dirname {output.mask:q})\" "
+        "bd segment --slide {input.slide:q} --out-dir \"$(dirname {output.mask:q})\" "
         "--params {params.seg:q} --fallback-mpp {params.fallback_mpp} "
         "--on-error {params.on_error} > {log:q} 2>&1"
 
@@ -66,6 +66,6 @@ rule tile:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "{BD} tile --slide {input.slide:q} --mask {input.mask:q} --out {output.grid:q} "
+        "bd tile --slide {input.slide:q} --mask {input.mask:q} --out {output.grid:q} "
         "--qc {output.qc:q} --params {params.tiling:q} --fallback-mpp {params.fallback_mpp} "
         "--annotations-dir={params.annotations:q} --on-error {params.on_error} > {log:q} 2>&1"
