@@ -306,7 +306,12 @@ def check_clinical_values(result: CohortCheck, config: dict[str, Any], table: An
 
     params = build(ClinicalParams, config.get("clinical") or {})
     table = read_clinical(config) if table is None else table
-    parsed = parse_all(table, feature_columns(table, params), params)
+    try:
+        kinds = feature_columns(table, params)
+    except (ConfigError, TableError) as exc:  # e.g. a feature column the table does not have
+        result.add("clinical_value_unreadable", [str(exc)])
+        return result
+    parsed = parse_all(table, kinds, params)
     level = "warning" if params.out_of_range == "missing" else "error"
     result.add("clinical_out_of_range", [f"row {r}, {c!r}: {v:g}" for r, c, v in parsed.out_of_range], level)
     result.add("clinical_value_unreadable", [e.split(": ", 1)[1] for e in parsed.errors if "outside the valid" not in e])
