@@ -31,7 +31,7 @@ from workflow_runs import REPORT_RULES, TARGET_RULES, check, fake_finished_run, 
 
 PER_SLIDE = {"segment", "tile", "extract"}
 COHORT = {"demo", "samples", "split", "clinical"}
-FROM_FEATURES = {"train", "evaluate", "slide_qc"}
+FROM_FEATURES = {"feature_index", "train", "evaluate", "slide_qc"}
 
 
 @pytest.fixture(scope="module")

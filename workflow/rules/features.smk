@@ -27,7 +27,7 @@ rule extract:
         "--params {params.features:q} --on-error {params.on_error} --threads {threads} > {log:q} 2>&1"
 
 
-# One file listing every slide's store (slide_id, store): a target that builds every store
+# One file listing every slide's store (slide_id, store): training's input for every store
 # (FEATURE_INDEX in common.smk). Runs on the submit host; no job of its own on clusters.
 rule feature_index:
     input:

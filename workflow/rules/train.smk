@@ -7,7 +7,7 @@
 
 rule train:
     input:
-        stores=STORES,
+        index=FEATURE_INDEX,
         samples=SAMPLES_TSV,
         clinical=CLINICAL_TSV,
         scaler=SCALER_JSON,
@@ -23,7 +23,7 @@ rule train:
     params:
         training=experiment_params,
         version=stage_version("train"),
-        features_dir=lambda w, input: stores_dir(input.stores),
+        features_dir=lambda w, input: os.path.dirname(input.index),
     log:
         f"{R}/logs/train/{{experiment}}/seed{{seed}}.log",
     benchmark:
