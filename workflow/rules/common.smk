@@ -70,7 +70,7 @@ TEST_STORES = STORES if _SPLIT is None else [
     f"{FEATURES_DIR}/{s}.zarr" for s, p in zip(SAMPLES["slide_id"], SAMPLES["patient_id"])
     if s not in MISSING_SLIDES and _SPLIT.get(p) == "test"
 ]
-# A table (slide_id, store) of every store, written by rule feature_index (features.smk): the
+# A table (slide_id, store) of every store, written by rule feature_index (features.smk), is the
 # input through which training depends on every store.
 FEATURE_INDEX = f"{FEATURES_DIR}/index.tsv"
 EXPERIMENTS = experiments(config)
