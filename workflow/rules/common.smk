@@ -152,7 +152,7 @@ def lost_slide_outputs():
 
     if not workflow.is_main_process:
         return []
-    used = os.path.exists(QC_OUTPUTS[0]) or bool(glob.glob(glob.escape(R) + "/train/*/seed*/checkpoint.pt"))
+    used = os.path.exists(QC_OUTPUTS[0]) or bool(glob.glob(os.path.join(glob.escape(R), "train", "*", "seed*", "checkpoint.pt")))
     lost = []
     for slide in SLIDES:
         chain = [f"{R}/segment/{slide}/mask.png", f"{R}/segment/{slide}/mask.json", f"{R}/tiles/{slide}.npz",
