@@ -23,11 +23,13 @@ import torch
 
 from bd.cohort import read_samples
 from bd.errors import StoreError, TableError
+from bd.values import normalise_id
 
 log = logging.getLogger(__name__)
 
 CLINICAL_KEYS = ("patient_id", "split", "label")
-NON_FEATURE_COLUMNS = frozenset({*CLINICAL_KEYS, "fold"})
+PRESENT_COLUMN = "clinical_present"  # written by bd clinical: 0 for a patient without any clinical value
+NON_FEATURE_COLUMNS = frozenset({*CLINICAL_KEYS, "fold", "clinical_present"})
 SPLITS = ("train", "val", "test")
 # Store attributes that say how features were made, and must agree across every store of a cohort
 # and with a trained run: encoder, weights, preprocessing, patch size and magnification. Per-slide
@@ -76,6 +78,11 @@ class Cohort:
     slide_ids: list[str]
     has_slide: np.ndarray  # [P] bool
     identity: dict[str, Any] = field(default_factory=dict)  # feature/encoder identity (store attrs)
+    has_clinical: np.ndarray | None = None  # [P] bool; False: no clinical value at all (None: all True)
+
+    def __post_init__(self) -> None:
+        if self.has_clinical is None:
+            self.has_clinical = np.ones(len(self.patient_ids), bool)
 
     @property
     def n_patients(self) -> int:
@@ -113,9 +120,11 @@ class Cohort:
         dtype: torch.dtype | None = None,
     ) -> Batch:
         """Pack the patients at ``indices``. Absent clinical data is zeroed and absent slides give
-        empty bags, so no model can read a modality it is told is missing."""
+        empty bags, so no model can read a modality it is told is missing; a patient without any
+        clinical value or without a stored slide never has that modality."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         clin_on = np.ones(len(idx), bool) if clinical_present is None else np.asarray(clinical_present, bool)
+        clin_on = clin_on & self.has_clinical[idx]
         slide_on = self.has_slide[idx] & (True if slide_present is None else np.asarray(slide_present, bool))
         starts = self.offsets[idx].numpy()
         stops = self.offsets[idx + 1].numpy()
@@ -154,6 +163,7 @@ class Cohort:
             coords=self.coords[rows],
             patch_slide=self.patch_slide[rows],
             has_slide=self.has_slide[idx],
+            has_clinical=self.has_clinical[idx],
         )
 
 
@@ -170,9 +180,19 @@ def read_clinical(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, list[str]
     for col in CLINICAL_KEYS:
         if col not in table.columns:
             raise TableError(f"{path}: column '{col}' is missing (have: {', '.join(table.columns)})")
+    table["patient_id"] = [normalise_id(p) for p in table["patient_id"]]
     dup = table["patient_id"][table["patient_id"].duplicated()]
     if len(dup):
         raise TableError(f"{path}: patient_id {dup.iloc[0]!r} appears more than once")
+    if PRESENT_COLUMN in table.columns:
+        present = pd.to_numeric(table[PRESENT_COLUMN], errors="coerce")
+        if not present.isin([0, 1]).all():
+            row = int(np.flatnonzero(~present.isin([0, 1]))[0])
+            raise TableError(f"{path}: row {row + 2}, column '{PRESENT_COLUMN}': "
+                             f"{table[PRESENT_COLUMN].iloc[row]!r} is not 0 or 1")
+        table[PRESENT_COLUMN] = present.astype(bool)
+    else:
+        table[PRESENT_COLUMN] = True
     bad_split = ~table["split"].isin(SPLITS)
     if bad_split.any():
         row = int(np.flatnonzero(bad_split)[0])
@@ -225,21 +245,28 @@ def _check_consistent(first: tuple[Path, dict[str, Any]], path: Path, attrs: dic
 
 
 def _scan_stores(
-    features_dir: Path, slides_of: dict[str, list[str]]
+    features_dir: Path, slides_of: dict[str, list[str]], paths: dict[str, str] | None = None
 ) -> tuple[dict[str, list[_Slide]], dict[str, Any], int]:
-    """Attributes of every patient's stores (no features read): sizes, identity, consistency."""
+    """Attributes of every patient's stores (no features read): sizes, identity, consistency.
+
+    A slide of the cohort without a complete store is an error naming the store: the workflow
+    builds every store before training or evaluation, so a missing one was lost (moved, purged)
+    and must be re-extracted, not silently counted as a missing slide. The one exception is a
+    slide whose file is missing too (``on_slide_error: skip`` gives it no job): it counts as
+    missing the slide, with a warning."""
     from bd.store import read_store
 
     found: dict[str, list[_Slide]] = {}
     first: tuple[Path, dict[str, Any]] | None = None
-    missing = []
+    absent, lost = [], []
     for pid, slide_ids in slides_of.items():
         for sid in slide_ids:
             path = features_dir / f"{sid}.zarr"
             if not path.exists():
-                missing.append(sid)
+                slide_file = (paths or {}).get(sid)
+                (absent if slide_file is not None and not os.path.exists(slide_file) else lost).append((sid, path))
                 continue
-            fs = read_store(path, with_features=False)
+            fs = read_store(path, with_features=False)  # an incomplete store is a StoreError naming it
             n = int(fs.attrs.get("n_patches", len(fs.coords)))
             if n == 0:
                 if fs.attrs.get("error"):  # on_slide_error: skip (see bd/qc.py)
@@ -253,9 +280,15 @@ def _scan_stores(
             else:
                 _check_consistent(first, path, fs.attrs)
             found.setdefault(pid, []).append(_Slide(sid, path, n))
-    if missing:
-        log.warning("%d slide(s) have no feature store in %s (counted as missing), e.g. %s",
-                    len(missing), features_dir, ", ".join(missing[:5]))
+    if lost:
+        shown = ", ".join(str(p) for _, p in lost[:5]) + (", ..." if len(lost) > 5 else "")
+        raise StoreError(
+            f"{len(lost)} slide(s) of the cohort have no feature store: {shown}; extract them again "
+            "(snakemake rebuilds missing stores) or remove the slides from the sample sheet"
+        )
+    if absent:
+        log.warning("%d slide(s) whose file is missing have no feature store (counted as missing the slide), e.g. %s",
+                    len(absent), ", ".join(s for s, _ in absent[:5]))
     if first is None:
         raise StoreError(f"{features_dir}: no non-empty feature store for any patient of the cohort")
     return found, first[1], int(first[1].get("feature_dim", 0))
@@ -278,6 +311,7 @@ def load_cohort(
     features_dir = Path(features_dir)
     table, columns = read_clinical(clinical_tsv)
     sheet = read_samples(samples_tsv)
+    sheet["patient_id"] = [normalise_id(p) for p in sheet["patient_id"]]
     patients = table["patient_id"].tolist()
     known = set(patients)
     orphans = sorted(set(sheet["patient_id"]) - known)
@@ -288,7 +322,7 @@ def load_cohort(
     for sid, pid in zip(sheet["slide_id"], sheet["patient_id"]):
         if pid in known:
             slides_of[pid].append(sid)
-    found, attrs, dim = _scan_stores(features_dir, slides_of)
+    found, attrs, dim = _scan_stores(features_dir, slides_of, dict(zip(sheet["slide_id"], sheet["path"])))
 
     counts = np.array([sum(s.n for s in found.get(p, [])) for p in patients], dtype=np.int64)
     total = int(counts.sum())
@@ -311,8 +345,9 @@ def load_cohort(
     offsets = torch.zeros(len(patients) + 1, dtype=torch.int64)
     offsets[1:] = torch.from_numpy(np.cumsum(counts))
     has_slide = counts > 0
-    log.info("cohort: %d patients (%d without a slide), %d patches, %d-d features, %d clinical columns",
-             len(patients), int((~has_slide).sum()), total, dim, len(columns))
+    log.info("cohort: %d patients (%d without a slide, %d without clinical data), %d patches, %d-d features, "
+             "%d clinical columns", len(patients), int((~has_slide).sum()), int((~table[PRESENT_COLUMN]).sum()),
+             total, dim, len(columns))
     return Cohort(
         patient_ids=[str(p) for p in patients],
         labels=table["label"].to_numpy(np.int64),
@@ -326,6 +361,7 @@ def load_cohort(
         slide_ids=slide_ids,
         has_slide=has_slide,
         identity=feature_identity(attrs),
+        has_clinical=table[PRESENT_COLUMN].to_numpy(bool),
     )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 
 import pandas as pd
 
-from bd.errors import ConfigError, SlideError
+from bd.errors import BDError, ConfigError, SlideError, TableError
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,17 @@ CHECKS: dict[str, CheckKind] = {
                                                          "read: they count as missing the slide"),
     "patient_without_label": CheckKind("info", "patients without a label: excluded from the split, "
                                                "training and evaluation"),
+    "patient_not_in_table": CheckKind("warning", "patient ids of the sample sheet that the clinical table does "
+                                                "not have (ids are compared as text after normalising: "
+                                                "001, 1 and 1.0 are the same id)"),
+    "no_patient_matches": CheckKind("error", "no patient of the sample sheet is in the clinical table; "
+                                             "sample-sheet ids vs table ids"),
+    "clinical_value_unreadable": CheckKind("error", "clinical cells that `bd clinical` cannot parse"),
+    "clinical_out_of_range": CheckKind("error", "clinical values outside their valid range (clinical.ranges; "
+                                                "with clinical.out_of_range: missing they count as missing)"),
+    "patient_without_clinical_values": CheckKind("warning", "patients whose every clinical feature is blank: "
+                                                            "they count as missing clinical data"),
+    "empty_split": CheckKind("error", "splits without any patient"),
 }
 
 
@@ -87,6 +99,7 @@ class CohortCheck:
     findings: dict[str, Finding] = field(default_factory=dict)
     levels: dict[str, str] = field(default_factory=dict)  # levels a policy changed
     missing_slides: list[str] = field(default_factory=list)  # slide ids whose file does not exist
+    split: dict[str, str] | None = None  # patient -> train/val/test, as `bd split` will make it (None: unknown)
 
     def add(self, check: str, items: Iterable[str], level: str | None = None) -> None:
         if level:
@@ -127,18 +140,80 @@ def _natural(value: str) -> tuple[int, int | str]:
 # ---------------------------------------------------------------- the config
 
 
-def validate_config(config: dict[str, Any], schema: Path = SCHEMA) -> None:
-    """Check ``config`` against the workflow's JSON schema; the error names the key (``a.b.c``)."""
-    import jsonschema
+_FLOAT_TEXT = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
+
+
+def _allows(node: dict[str, Any], kind: str) -> bool:
+    """Whether a schema node (or one of its oneOf/anyOf branches) allows JSON type ``kind``."""
+    types = node.get("type")
+    if kind == types or (isinstance(types, list) and kind in types):
+        return True
+    return any(_allows(b, kind) for b in node.get("oneOf", []) + node.get("anyOf", []))
+
+
+def coerce_numbers(value: Any, node: dict[str, Any]) -> Any:
+    """``value`` with every text that spells a number (``1e-4``) turned into a float where the
+    schema wants a number and not text: YAML 1.1 (Snakemake's and PyYAML's loader) reads ``1e-4``
+    without a dot as a string."""
+    if isinstance(value, str) and _allows(node, "number") and not _allows(node, "string"):
+        return float(value) if _FLOAT_TEXT.match(value.strip()) else value
+    if isinstance(value, dict):
+        props = node.get("properties") or {}
+        extra = node.get("additionalProperties")
+        for key, item in value.items():
+            sub = props.get(key, extra if isinstance(extra, dict) else None)
+            if sub is not None:
+                value[key] = coerce_numbers(item, sub)
+    elif isinstance(value, list) and isinstance(node.get("items"), dict):
+        value[:] = [coerce_numbers(item, node["items"]) for item in value]
+    return value
+
+
+def load_schema(schema: Path = SCHEMA) -> dict[str, Any] | None:
     import yaml
 
-    if not schema.is_file():
+    return yaml.safe_load(schema.read_text()) if schema.is_file() else None
+
+
+def config_errors(config: dict[str, Any], schema: Path = SCHEMA) -> list[str]:
+    """Every schema violation of ``config`` as ``key: what is wrong`` (numbers written as text,
+    such as ``1e-4``, are coerced first, in place)."""
+    import jsonschema
+
+    spec = load_schema(schema)
+    if spec is None:
         log.debug("no config schema at %s: schema checks skipped", schema)
-        return
-    validator = jsonschema.Draft202012Validator(yaml.safe_load(schema.read_text()))
+        return []
+    coerce_numbers(config, spec)
+    validator = jsonschema.Draft202012Validator(spec)
     problems = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.path))))
+    return [_describe(e) for e in problems]
+
+
+def validate_config(config: dict[str, Any], schema: Path = SCHEMA) -> None:
+    """Check ``config`` against the workflow's JSON schema; the error names every key at fault (``a.b.c``)."""
+    problems = config_errors(config, schema)
     if problems:
-        raise ConfigError("config: " + "; ".join(_describe(e) for e in problems[:EXAMPLES]))
+        raise ConfigError("config: " + "; ".join(problems))
+
+
+def check_config(config: dict[str, Any]) -> None:
+    """The workflow's config checks at parse time: the schema and the input paths, every problem
+    in one error."""
+    from bd.cohort import config_path_errors
+
+    problems = config_errors(config)
+    if not problems:
+        problems = config_path_errors(config)
+    if problems:
+        raise ConfigError(format_problems(problems))
+
+
+def format_problems(problems: list[str]) -> str:
+    """One problem as itself; several as a count and one line each."""
+    if len(problems) == 1:
+        return problems[0]
+    return f"{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems)
 
 
 def _describe(error: Any) -> str:
@@ -151,6 +226,18 @@ def _describe(error: Any) -> str:
         return f"unknown key '{key}' (known keys{' of ' + where if where else ''}: {', '.join(known)})"
     if error.validator == "required":
         return f"{where or 'top level'}: {error.message}"
+    if error.validator == "minItems":
+        return f"key '{where}': the list is empty; give at least {error.validator_value} value(s)"
+    if error.validator == "uniqueItems":
+        seen: set[Any] = set()
+        dup = None
+        for item in error.instance:
+            key = tuple(item) if isinstance(item, list) else item
+            if key in seen:
+                dup = item
+                break
+            seen.add(key)
+        return f"key '{where}': {dup!r} is listed twice; each value may appear once"
     return f"key '{where}': {error.message}"
 
 
@@ -180,6 +267,12 @@ def check_against_table(result: CohortCheck, sheet: pd.DataFrame, ids: list[str]
     known = set(ids)
     result.table_patients = len(ids)
     result.add("slide_without_clinical_row", sheet["slide_id"][~sheet["patient_id"].isin(known)])
+    unknown = set(sheet["patient_id"]) - known
+    result.add("patient_not_in_table", unknown)
+    if unknown and len(unknown) == sheet["patient_id"].nunique() and ids:
+        sheet_ids = sorted(unknown, key=_natural)[:EXAMPLES]
+        table_ids = sorted(known, key=_natural)[:EXAMPLES]
+        result.add("no_patient_matches", [f"sample sheet: {', '.join(sheet_ids)}; table: {', '.join(table_ids)}"])
     result.add("patient_without_slide", known - set(sheet["patient_id"]))
     result.add("patient_without_label", [pid for pid, y in zip(ids, labels) if y is None])
     return result
@@ -194,13 +287,51 @@ def add_unusable(result: CohortCheck, sheet: pd.DataFrame, unusable: Iterable[st
     return result
 
 
-def read_clinical_ids(config: dict[str, Any]) -> tuple[list[str], list[int | None]]:
-    """Patient ids and labels (None: blank) of the config's clinical table."""
+def read_clinical(config: dict[str, Any]) -> Any:
+    """The config's clinical table, read and checked once (:class:`bd.clinical.ClinicalTable`)."""
     from bd.clinical import ClinicalParams, load_table
     from bd.params import build
 
-    table = load_table(config["cohort"]["clinical_table"], build(ClinicalParams, config.get("clinical") or {}))
+    return load_table(config["cohort"]["clinical_table"], build(ClinicalParams, config.get("clinical") or {}))
+
+
+def read_clinical_ids(config: dict[str, Any]) -> tuple[list[str], list[int | None]]:
+    """Patient ids and labels (None: blank) of the config's clinical table."""
+    table = read_clinical(config)
     return table.ids, table.labels
+
+
+def check_clinical_values(result: CohortCheck, config: dict[str, Any], table: Any = None) -> CohortCheck:
+    """Parse every clinical feature cell as `bd clinical` does (same parsers, same ranges)."""
+    from bd.clinical import ClinicalParams, feature_columns, parse_all
+    from bd.params import build
+
+    params = build(ClinicalParams, config.get("clinical") or {})
+    table = read_clinical(config) if table is None else table
+    try:
+        kinds = feature_columns(table, params)
+    except (ConfigError, TableError) as exc:  # e.g. a feature column the table does not have
+        result.add("clinical_value_unreadable", [str(exc)])
+        return result
+    parsed = parse_all(table, kinds, params)
+    level = "warning" if params.out_of_range == "missing" else "error"
+    result.add("clinical_out_of_range", [f"row {r}, {c!r}: {v:g}" for r, c, v in parsed.out_of_range], level)
+    result.add("clinical_value_unreadable", [e.split(": ", 1)[1] for e in parsed.errors if "outside the valid" not in e])
+    result.add("patient_without_clinical_values", parsed.no_values)
+    return result
+
+
+def check_split(result: CohortCheck, config: dict[str, Any], ids: list[str], labels: list[int | None]) -> CohortCheck:
+    """The split `bd split` will make (official files or the seeded random split): none empty."""
+    from bd.params import build
+    from bd.split import SplitParams, make_split
+
+    params = build(SplitParams, config.get("split") or {})
+    split, _ = make_split(ids, dict(zip(ids, labels)), params, config["cohort"].get("split_dir"),
+                          str(config["cohort"]["clinical_table"]))
+    result.split = dict(zip(split["patient_id"], split["split"]))
+    result.add("empty_split", [name for name in ("train", "val", "test") if not (split["split"] == name).any()])
+    return result
 
 
 def check_cohort(config: dict[str, Any], sheet: pd.DataFrame | None = None) -> CohortCheck:
@@ -213,18 +344,32 @@ def check_cohort(config: dict[str, Any], sheet: pd.DataFrame | None = None) -> C
     result = check_sheet(sheet, config.get("on_slide_error", "fail"), paths=not demo)
     table = config["cohort"].get("clinical_table")
     if table and not demo:
-        check_against_table(result, sheet, *read_clinical_ids(config))
+        clinical = read_clinical(config)
+        check_against_table(result, sheet, clinical.ids, clinical.labels)
+        check_clinical_values(result, config, clinical)
+        check_split(result, config, clinical.ids, clinical.labels)
     add_unusable(result, sheet, result.missing_slides)
     return result
 
 
+HINTS = {
+    "missing_slide_file": "fix the paths, or set on_slide_error: skip to record these slides, count their "
+                          "patients as missing the slide and go on",
+    "no_patient_matches": "make the sample sheet's patient_id the clinical table's id column (clinical.id_column)",
+}
+
+
+def error_messages(result: CohortCheck) -> list[str]:
+    """One line per error finding, with its hint."""
+    return [f.message() + (f" ({HINTS[f.check]})" if f.check in HINTS else "") for f in result.errors()]
+
+
 def raise_errors(result: CohortCheck) -> None:
-    """Stop with every error found (missing files under on_slide_error: fail), named."""
+    """Stop with every error found (missing files under on_slide_error: fail, ids, values), named."""
     errors = result.errors()
     if errors:
-        hint = ("; fix the paths, or set on_slide_error: skip to record these slides, count their patients as "
-                "missing the slide and go on")
-        raise SlideError("; ".join(f.message() for f in errors) + hint)
+        kind = SlideError if all(f.check == "missing_slide_file" for f in errors) else TableError
+        raise kind(format_problems(error_messages(result)))
 
 
 def prerun(config: dict[str, Any], sheet: pd.DataFrame, warn: Callable[[str], None] = log.warning) -> CohortCheck:
@@ -258,23 +403,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bd.cohort import check_config_paths
+    from bd.cohort import config_path_errors
     from bd.io import write_text
     from bd.params import read_mapping
 
     config: dict = {}
     for path in args.config:
         config = merge_configs(config, read_mapping(path, "--config"))
-    validate_config(config)
-    check_config_paths(config)
-    result = check_cohort(config)
-    for finding in result.warnings():
-        print(f"{finding.level}: {finding.message()}")
-    if args.out:
-        write_text(args.out, result.table().to_csv(sep="\t", index=False))
-    raise_errors(result)
+    problems = config_errors(config)
+    problems += config_path_errors(config) if isinstance(config.get("cohort"), dict) else []
+    result = None
+    if not problems:  # the cohort checks need a valid config and its files
+        try:
+            result = check_cohort(config)
+        except BDError as exc:
+            problems.append(str(exc))
+    if result is not None:
+        for finding in result.warnings():
+            print(f"{finding.level}: {finding.message()}")
+        if args.out:
+            write_text(args.out, result.table().to_csv(sep="\t", index=False))
+        problems += error_messages(result)
+    if problems:
+        raise ConfigError(format_problems(problems))
     table = "" if result.table_patients is None else f", {result.table_patients} clinical rows"
     print(f"{' + '.join(args.config)}: {result.slides} slides, {result.patients} patients{table}: "
           f"{len(result.warnings())} warning(s), no error")
     return 0
-

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 ID_COLUMNS = ["patient_id", "split", "label"]
+PRESENT_COLUMN = "clinical_present"  # 0: no clinical value at all (the patient misses clinical data)
 FORMAT_VERSION = 1
 
 FEATURE_SETS: dict[str, dict[str, str]] = {
@@ -56,6 +57,15 @@ FEATURE_SETS["extended"] = {
     "Molecular subtype": "categorical",
 }
 
+# Valid ranges of numeric features, in parsed units (a percentage is a fraction: Ki67 30 % is 0.3).
+# A value outside is an error naming row and column, or (out_of_range: missing) a missing value,
+# counted in summary.csv and by `bd check`. Configurable with clinical.ranges (column -> [min, max]).
+DEFAULT_RANGES: dict[str, list[float]] = {
+    "Age(years)": [18.0, 100.0],
+    "Tumour Size(cm)": [0.1, 20.0],
+    "Ki67": [0.0, 1.0],
+}
+
 LEAKY_COLUMNS: dict[str, str] = {
     "Number of lymph node metastases": "it counts the metastatic axillary nodes, which defines the label",
     "Surgical": "the axillary surgery (sentinel biopsy or dissection) was chosen from the nodal status",
@@ -74,6 +84,18 @@ class ClinicalParams:
     features: dict[str, str] = field(default_factory=dict)
     impute: Literal["median", "zero"] = "median"
     missing_indicator: bool = True
+    ranges: dict[str, list[float]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_RANGES.items()})
+    out_of_range: Literal["error", "missing"] = "error"
+
+    def __post_init__(self) -> None:
+        for column, bounds in self.ranges.items():
+            if len(bounds) != 2 or not float(bounds[0]) <= float(bounds[1]):
+                raise ConfigError(f"clinical.ranges.{column}: {bounds!r} is not [min, max] with min <= max")
+
+    def range_of(self, column: str) -> list[float] | None:
+        """The valid [min, max] of ``column`` (matched ignoring case and whitespace), or None."""
+        key = V.category_key(column)
+        return next(([float(a), float(b)] for c, (a, b) in self.ranges.items() if V.category_key(c) == key), None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,14 +348,32 @@ class ClinicalTransform:
                 out.append(1.0 if value is None else 0.0)
         return np.asarray(out, dtype=np.float64)
 
-    def transform_row(self, raw: Mapping[str, Any], source: str = "input") -> np.ndarray:
-        """A new patient's raw values (table column -> cell; an absent column counts as missing)."""
+    def parse_row(self, raw: Mapping[str, Any], source: str = "input") -> dict[str, Any]:
+        """A new patient's raw values parsed (column -> value or None), with the training ranges:
+        out of range is an error naming the column, or missing when the run was trained with
+        ``out_of_range: missing``."""
         by_key = {V.category_key(str(k)): v for k, v in raw.items()}
         parsed: dict[str, Any] = {}
         for feat in self.features:
             column = feat["column"]
             value = raw[column] if column in raw else by_key.get(V.category_key(column))
-            parsed[column] = _parse_value(ENCODERS[feat["kind"]].parse, value, source, column)
+            value = _parse_value(ENCODERS[feat["kind"]].parse, value, source, column)
+            bounds = feat.get("range")
+            if "out_of_range" not in self.meta and feat["kind"] == "numeric":  # a scaler from before ranges
+                bounds = ClinicalParams().range_of(column)
+            if not check_range(value, bounds):
+                if self.meta.get("out_of_range", "error") == "error":
+                    raise TableError(f"{source}: column {column!r}: {value:g} is outside the valid range "
+                                     f"{range_text(bounds)} of the training table (clinical.ranges)")
+                log.warning("%s: column %r: %g is outside %s: treated as missing", source, column, value,
+                            range_text(bounds))
+                value = None
+            parsed[column] = value
+        return parsed
+
+    def transform_row(self, raw: Mapping[str, Any], source: str = "input") -> np.ndarray:
+        """A new patient's raw values (table column -> cell; an absent column counts as missing)."""
+        parsed = self.parse_row(raw, source)
         try:
             return self.encode_parsed(parsed)
         except V.ValueParseError as exc:
@@ -381,12 +421,62 @@ def load_transform(path: str | os.PathLike[str]) -> ClinicalTransform:
 # Fitting on a table and a split
 
 
-def parse_features(table: ClinicalTable, kinds: Mapping[str, str]) -> dict[str, list[Any]]:
-    """Every row's parsed value per feature column (a bad cell is an error naming its row)."""
-    return {
-        column: [_parse_cell(ENCODERS[kind].parse, v, table.path, row, column) for row, v in table.frame[column].items()]
-        for column, kind in kinds.items()
-    }
+@dataclass
+class ParsedValues:
+    """Every row's parsed value per feature column, with what parsing found wrong."""
+
+    values: dict[str, list[Any]]
+    errors: list[str]  # cells that fit no accepted form, or out of range under out_of_range: error
+    out_of_range: list[tuple[int, str, float]]  # (row, column, value) of values outside their range
+    no_values: list[str]  # patient ids with no feature value at all (missing clinical data)
+
+
+def check_range(value: Any, bounds: Sequence[float] | None) -> bool:
+    """Whether a parsed value lies in its valid range (no range, or a missing value: it does)."""
+    return value is None or bounds is None or float(bounds[0]) <= float(value) <= float(bounds[1])
+
+
+def range_text(bounds: Sequence[float]) -> str:
+    return f"{float(bounds[0]):g} to {float(bounds[1]):g}"
+
+
+def parse_all(table: ClinicalTable, kinds: Mapping[str, str], params: ClinicalParams) -> ParsedValues:
+    """Parse every feature cell, never raising: bad cells and out-of-range values are listed
+    (out of range becomes missing under ``out_of_range: missing``). `bd clinical` and `bd check`
+    both parse through here."""
+    values: dict[str, list[Any]] = {}
+    errors: list[str] = []
+    outside: list[tuple[int, str, float]] = []
+    for column, kind in kinds.items():
+        bounds = params.range_of(column) if kind == "numeric" else None
+        out: list[Any] = []
+        for row, raw in table.frame[column].items():
+            try:
+                value = ENCODERS[kind].parse(raw)
+            except V.ValueParseError as exc:
+                errors.append(f"{table.path}: row {row}, column {column!r}: {exc}")
+                value = None
+            if not check_range(value, bounds):
+                where = f"row {row}, column {column!r}: {value:g}"
+                outside.append((int(row), column, float(value)))
+                if params.out_of_range == "error":
+                    errors.append(f"{table.path}: {where} is outside the valid range {range_text(bounds)} "
+                                  f"(clinical.ranges; or set clinical.out_of_range: missing)")
+                value = None
+            out.append(value)
+        values[column] = out
+    no_values = [pid for i, pid in enumerate(table.ids) if all(values[c][i] is None for c in kinds)]
+    return ParsedValues(values, errors, outside, no_values)
+
+
+def parse_features(table: ClinicalTable, kinds: Mapping[str, str],
+                   params: ClinicalParams | None = None) -> dict[str, list[Any]]:
+    """Every row's parsed value per feature column; every bad cell is named in one error."""
+    parsed = parse_all(table, kinds, params or ClinicalParams(ranges={}))
+    if parsed.errors:
+        more = f" (and {len(parsed.errors) - 20} more)" if len(parsed.errors) > 20 else ""
+        raise TableError("; ".join(parsed.errors[:20]) + more)
+    return parsed.values
 
 
 def feature_columns(table: ClinicalTable, params: ClinicalParams) -> dict[str, str]:
@@ -400,7 +490,7 @@ def fit_transform(
     """Fit on the split's training patients; return the transform, the output table (one row per
     patient of ``split``, in its order) and the parsed values of those patients."""
     kinds = feature_columns(table, params)
-    parsed_all = parse_features(table, kinds)
+    parsed_all = parse_features(table, kinds, params)
     positions = _split_positions(table, split)
     parsed = {c: [values[i] for i in positions] for c, values in parsed_all.items()}
     is_train = (split["split"] == "train").to_numpy()
@@ -409,8 +499,11 @@ def fit_transform(
     train = [i for i, t in zip(positions, is_train, strict=True) if t]
     transform = fit_training(table, kinds, train, {c: [parsed_all[c][i] for i in train] for c in kinds}, params)
     rows = [_encode_row(transform, {c: parsed[c][j] for c in kinds}, table, pos) for j, pos in enumerate(positions)]
+    # A patient without any clinical value counts as missing clinical data (not as imputed values).
+    present = [int(any(parsed[c][j] is not None for c in kinds)) for j in range(len(positions))]
     out = pd.concat(
-        [split[ID_COLUMNS].reset_index(drop=True), pd.DataFrame(np.vstack(rows), columns=transform.columns)], axis=1
+        [split[ID_COLUMNS].reset_index(drop=True), pd.DataFrame({PRESENT_COLUMN: present}),
+         pd.DataFrame(np.vstack(rows), columns=transform.columns)], axis=1
     )
     return transform, out, parsed
 
@@ -428,8 +521,11 @@ def fit_training(
                 "fill it in or remove it from the features"
             )
         raw = [table.frame[column].iloc[i] for i in train]
-        features.append({"column": column, "kind": kind, **ENCODERS[kind].fit(column, raw, parsed[column], params.impute)})
+        state = {"column": column, "kind": kind, **ENCODERS[kind].fit(column, raw, parsed[column], params.impute)}
+        bounds = params.range_of(column) if kind == "numeric" else None
+        features.append({**state, "range": bounds} if bounds else state)
     meta = {
+        "out_of_range": params.out_of_range,
         "impute": params.impute,
         "fitted_on": {"split": "train", "patients": len(train)},
         "table": str(table.path),
@@ -468,9 +564,11 @@ def _split_positions(table: ClinicalTable, split: pd.DataFrame) -> list[int]:
 
 
 def summarise(
-    table: ClinicalTable, split: pd.DataFrame, parsed: Mapping[str, list[Any]], kinds: Mapping[str, str]
+    table: ClinicalTable, split: pd.DataFrame, parsed: Mapping[str, list[Any]], kinds: Mapping[str, str],
+    out_of_range: Mapping[str, int] | None = None,
 ) -> pd.DataFrame:
-    """Long table ``section, split, column, statistic, value``: patients per split and class,
+    """Long table ``section, split, column, statistic, value``: patients per split and class (and
+    those without any clinical value), values outside their valid range (treated as missing),
     then missingness and value ranges (raw, parsed units) per feature and split."""
     rows: list[tuple[str, str, str, str, Any]] = []
     groups = {s: (split["split"] == s).to_numpy() for s in SPLITS}
@@ -481,6 +579,10 @@ def summarise(
             rows.append(("patients", name, f"label={label}", "count", int((mask & (labels == label)).sum())))
         rows.append(("patients", name, "total", "count", int(mask.sum())))
     rows.append(("patients", "excluded", "total", "count", len(table.ids) - len(split)))
+    present = [any(parsed[c][j] is not None for c in parsed) for j in range(len(split))]
+    rows.append(("patients", "all", "no clinical value", "count", int(len(split) - sum(present))))
+    for column, n in (out_of_range or {}).items():
+        rows.append(("out_of_range", "all", column, "count", n))
     for column, values in parsed.items():
         for name, mask in groups.items():
             rows += _column_stats(column, kinds[column], [v for v, m in zip(values, mask, strict=True) if m], name)
@@ -536,7 +638,12 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir)
     write_text(out_dir / "clinical.tsv", out.to_csv(sep="\t", index=False))
     write_json(out_dir / "scaler.json", transform.to_dict())
-    write_text(out_dir / "summary.csv", summarise(table, split, parsed, kinds).to_csv(index=False))
+    outside = parse_all(table, kinds, params).out_of_range
+    counts = {c: sum(col == c for _, col, _ in outside) for c in kinds}
+    write_text(out_dir / "summary.csv", summarise(table, split, parsed, kinds, counts).to_csv(index=False))
+    if outside:
+        log.warning("%d value(s) outside their valid range treated as missing, e.g. row %d, column %r: %g",
+                    len(outside), *outside[0])
     log.info("features %s -> %d columns", list(spec), len(transform.columns))
     print(
         f"{len(out)} patients ({', '.join(f'{s} {int((out.split == s).sum())}' for s in SPLITS)}), "

@@ -85,7 +85,12 @@ def read_sample_sheet(path: str | os.PathLike[str]) -> pd.DataFrame:
 
 def check_sample_sheet(sheet: pd.DataFrame, source: str = "sample sheet") -> pd.DataFrame:
     """Reject empty ids, ids unfit for file names, and duplicate slides (row numbers are 1-based
-    data rows, as a spreadsheet shows them after the header)."""
+    data rows, as a spreadsheet shows them after the header). Patient ids are normalised as the
+    clinical table's and the split files' are (:func:`bd.values.normalise_id`: ``001`` is ``1``)."""
+    from bd.values import normalise_id
+
+    sheet = sheet.copy()
+    sheet["patient_id"] = [normalise_id(p) for p in sheet["patient_id"]]
     for row, rec in enumerate(sheet.itertuples(index=False), start=2):
         for col in ("slide_id", "patient_id", "path"):
             if not getattr(rec, col):
@@ -100,7 +105,7 @@ def check_sample_sheet(sheet: pd.DataFrame, source: str = "sample sheet") -> pd.
                              f"per pixel (or empty), got {value!r}")
     dup = sheet["slide_id"][sheet["slide_id"].duplicated()]
     if len(dup):
-        rows = [i + 2 for i in sheet.index[sheet["slide_id"] == dup.iloc[0]]]
+        rows = [i + 2 for i in range(len(sheet)) if sheet["slide_id"].iloc[i] == dup.iloc[0]]
         raise TableError(f"{source}: duplicate slide_id {dup.iloc[0]!r} in rows {rows}")
     return sheet.set_index("slide_id", drop=False)
 
@@ -116,6 +121,14 @@ def mpp_option(sheet: pd.DataFrame, slide_id: str) -> str:
     """``--mpp VALUE`` for a slide with an ``mpp`` in the sample sheet, '' otherwise (rules)."""
     value = str(sheet.loc[slide_id, "mpp"]).strip() if "mpp" in sheet.columns else ""
     return f"--mpp {float(value):g}" if value else ""
+
+
+def sheet_sha256(sheet: pd.DataFrame) -> str:
+    """SHA-256 of the sheet as ``bd samples`` writes it: the workflow's rerun trigger for rule
+    samples, and the check that the job built the sheet the workflow was parsed with."""
+    import hashlib
+
+    return hashlib.sha256(sheet.to_csv(sep="\t", index=False).encode()).hexdigest()
 
 
 def build_sample_sheet(config: dict[str, Any]) -> pd.DataFrame:
@@ -135,44 +148,64 @@ def build_sample_sheet(config: dict[str, Any]) -> pd.DataFrame:
     return check_sample_sheet(sheet, source)
 
 
-def check_config_paths(config: dict[str, Any]) -> None:
-    """Input files named in the config must exist (unless the demo will write them)."""
+def config_path_errors(config: dict[str, Any]) -> list[str]:
+    """Every input file or folder named in the config that does not exist (none for the demo,
+    whose job writes them); the annotation folder only when tiling uses it."""
     if (config.get("demo") or {}).get("enabled"):
-        return
-    cohort = config["cohort"]
-    for key in ("clinical_table", "sample_sheet", "annotations_dir"):
-        value = cohort.get(key)
-        if value and not Path(value).exists():
-            raise ConfigError(f"cohort.{key}: {value} does not exist")
+        return []
+    cohort = config.get("cohort") or {}
+    errors = [f"cohort.{key}: {cohort[key]} does not exist"
+              for key in ("clinical_table", "sample_sheet") if cohort.get(key) and not Path(cohort[key]).exists()]
+    if (config.get("tiling") or {}).get("use_annotations"):
+        folder = cohort.get("annotations_dir")
+        if not folder or not Path(folder).is_dir():
+            errors.append(f"cohort.annotations_dir: {folder} is not a folder (tiling.use_annotations is true)")
     if (config.get("split") or {}).get("mode", "official") == "official":
         split_dir = cohort.get("split_dir")
         if not split_dir or not Path(split_dir).is_dir():
-            raise ConfigError(f"cohort.split_dir: {split_dir} is not a folder (split.mode is 'official')")
+            errors.append(f"cohort.split_dir: {split_dir} is not a folder (split.mode is 'official')")
     weights = (config.get("features") or {}).get("weights")
     if weights and not Path(weights).is_file():
-        raise ConfigError(f"features.weights: {weights} does not exist")
+        errors.append(f"features.weights: {weights} does not exist")
+    return errors
+
+
+def check_config_paths(config: dict[str, Any]) -> None:
+    """Input files named in the config must exist (unless the demo will write them): one
+    ConfigError naming every one that does not."""
+    errors = config_path_errors(config)
+    if errors:
+        raise ConfigError("; ".join(errors))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sheet", help="sample sheet as JSON records, or a TSV file to check")
+    parser.add_argument("--sheet", help="a TSV sample sheet to check and normalise")
     parser.add_argument("--config", help="workflow config (YAML/JSON) to build the sheet from")
+    parser.add_argument("--cohort", help="the config's cohort section (JSON or file): build the sheet from it")
+    parser.add_argument("--demo", default=None, help="the config's demo section (JSON or file), with --cohort")
+    parser.add_argument("--sha256", default=None,
+                        help="expected SHA-256 of the sheet (the workflow's): refuse a sheet that differs")
     parser.add_argument("--out", required=True, help="sample sheet TSV to write")
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
     from bd.io import write_text
     from bd.params import read_mapping
 
     if args.config:
         sheet = build_sample_sheet(read_mapping(args.config, "--config"))
-    elif args.sheet and args.sheet.lstrip().startswith("["):
-        sheet = check_sample_sheet(pd.DataFrame(json.loads(args.sheet), columns=SAMPLE_COLUMNS))
+    elif args.cohort:
+        sheet = build_sample_sheet({"cohort": read_mapping(args.cohort, "--cohort"),
+                                    "demo": read_mapping(args.demo, "--demo")})
     elif args.sheet:
         sheet = check_sample_sheet(read_sample_sheet(args.sheet), args.sheet)
     else:
-        raise ConfigError("bd samples: give --sheet or --config")
+        raise ConfigError("bd samples: give --cohort (and --demo), --config or --sheet")
+    if args.sha256 and sheet_sha256(sheet) != args.sha256:
+        raise ConfigError(
+            "the slides changed since the workflow was parsed (the sample sheet built now differs from the "
+            "one the workflow planned): run snakemake again"
+        )
     write_text(args.out, sheet.to_csv(sep="\t", index=False))
     print(f"{len(sheet)} slides, {sheet['patient_id'].nunique()} patients -> {args.out}")
     return 0

@@ -49,6 +49,8 @@ class EvaluationParams:
         default_factory=lambda: {"bd_wsi": ["slide"], "filling": ["clinical", "slide"],
                                  "clinical_only": ["clinical", "slide"]}
     )
+    # Figure settings of the section (read by `bd figures`; accepted so the section passes whole).
+    figures: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for key in ("missing_rates", "curve_rates"):
@@ -128,6 +130,70 @@ def _bootstrap_seed(seed: int, kind: str, rate: float) -> list[int]:
     return [int(seed), MISSING_KINDS.index(kind), int(round(rate * 1000))]
 
 
+@dataclass
+class Modalities:
+    """What each test patient really has, beyond the masks: a stored slide with patches, and any
+    clinical value; and what the method can do without a slide.
+
+    A slide-using method scores a patient only from a modality the patient has: a patient without
+    a slide (or whose slide a mask hides) is answered by the method's no-slide behaviour when it
+    has one (the methods whose ``missing_kinds`` include ``slide``: it is what the slide sweep
+    tests), with clinical data; otherwise it is left out of that mask's AUC and F1 (unscored),
+    never counted with a constant prediction. Methods without a slide branch score everyone."""
+
+    has_slide: np.ndarray  # (n,) bool
+    has_clinical: np.ndarray  # (n,) bool
+    uses_slide: bool = False
+    answers_without_slide: bool = False
+
+    @classmethod
+    def complete(cls, n: int) -> Modalities:
+        return cls(np.ones(n, bool), np.ones(n, bool))
+
+    def available(self, kind: str, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(slide, clinical) availability (K x n) under the masks ``present`` of ``kind``."""
+        slide = np.broadcast_to(self.has_slide, present.shape)
+        clinical = np.broadcast_to(self.has_clinical, present.shape)
+        return (slide & present, clinical) if kind == "slide" else (slide, clinical & present)
+
+    def scored(self, kind: str, present: np.ndarray) -> np.ndarray:
+        """Which patients (K x n) each mask lets the method answer from a modality they have."""
+        slide, clinical = self.available(kind, present)
+        if not self.uses_slide:
+            return np.ones(present.shape, bool)
+        return slide | (clinical if self.answers_without_slide else np.zeros(present.shape, bool))
+
+    def counts(self, kind: str, present: np.ndarray, scored: np.ndarray) -> dict[str, np.ndarray]:
+        """Patients per condition (K values each): scored ones by the modalities they were
+        answered with, and the unscored."""
+        slide, clinical = self.available(kind, present)
+        return {
+            "n_scored": scored.sum(axis=1), "n_unscored": (~scored).sum(axis=1),
+            "n_both": (scored & slide & clinical).sum(axis=1),
+            "n_slide_only": (scored & slide & ~clinical).sum(axis=1),
+            "n_clinical_only": (scored & ~slide & clinical).sum(axis=1),
+            "n_neither": (scored & ~slide & ~clinical).sum(axis=1),
+        }
+
+
+def score_subsets(sweep_: Sweep, labels: np.ndarray, threshold: Any,
+                  scored: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`score` over the scored patients of each mask only."""
+    predicted, aucs, f1s = score(sweep_, labels, threshold)
+    if scored.all():
+        return predicted, aucs, f1s
+    for k in range(len(sweep_.rates)):
+        keep = scored[k]
+        aucs[k] = M.auc(labels[keep], sweep_.probs[k, keep]) if keep.any() else np.nan
+        f1s[k] = M.f1_macro(labels[keep], predicted[k, keep]) if keep.any() else np.nan
+    return predicted, aucs, f1s
+
+
+def _mean_sd(values: np.ndarray) -> tuple[float, float]:
+    finite = values[np.isfinite(values)]
+    return (float(finite.mean()), float(finite.std())) if finite.size else (np.nan, np.nan)
+
+
 def evaluate(
     predict: PredictFn,
     patient_ids: list[str],
@@ -136,37 +202,49 @@ def evaluate(
     kinds: list[str],
     params: EvaluationParams,
     info: Mapping[str, Any] | None = None,
+    modalities: Modalities | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Metrics, predictions and summary tables of one run (``info`` columns lead every table)."""
+    """Metrics, predictions and summary tables of one run (``info`` columns lead every table).
+    ``modalities`` (default: every patient has both) decides who is scored; predictions.csv holds
+    the scored patients of each mask, metrics.csv the number of patients per condition."""
     info = dict(info or {})
     labels = np.asarray(labels, int)
+    modalities = modalities or Modalities.complete(len(labels))
     metric_rows, pred_frames, summary_rows = [], [], []
     for kind in kinds:
         sw = sweep(predict, patient_ids, kind, params)
-        predicted, aucs, f1s = score(sw, labels, threshold)
+        scored = modalities.scored(kind, sw.present)
+        predicted, aucs, f1s = score_subsets(sw, labels, threshold, scored)
+        counts = modalities.counts(kind, sw.present, scored)
         for k in range(len(sw.rates)):
+            keep = scored[k]
             metric_rows.append({
                 **info, "kind": kind, "rate": sw.rates[k], "repeat": int(sw.repeats[k]),
                 "n": len(labels), "n_missing": int((~sw.present[k]).sum()),
-                "n_positive": int(labels.sum()), "auc": aucs[k], "f1": f1s[k],
+                "n_positive": int(labels[keep].sum()), "auc": aucs[k], "f1": f1s[k],
+                **{name: int(v[k]) for name, v in counts.items()},
             })
             pred_frames.append(pd.DataFrame({
-                **{key: [v] * len(labels) for key, v in info.items()},
+                **{key: [v] * int(keep.sum()) for key, v in info.items()},
                 "kind": kind, "rate": sw.rates[k], "repeat": int(sw.repeats[k]),
-                "patient_id": patient_ids, "label": labels, "present": sw.present[k].astype(int),
-                "branch": sw.branches[k], "prob": sw.probs[k], "pred": predicted[k],
+                "patient_id": np.asarray(patient_ids)[keep], "label": labels[keep],
+                "present": sw.present[k][keep].astype(int), "has_slide": modalities.has_slide[keep].astype(int),
+                "has_clinical": modalities.has_clinical[keep].astype(int),
+                "branch": sw.branches[k][keep], "prob": sw.probs[k][keep], "pred": predicted[k][keep],
             }))
         for rate in np.unique(sw.rates):
             sel = sw.rates == rate
             ci = {}
             if rate in [float(r) for r in params.missing_rates]:
-                ci = M.bootstrap_ci(labels, sw.probs[sel], predicted[sel], params.bootstrap,
-                                    seed=_bootstrap_seed(params.seed, kind, rate))
+                # CIs over the patients scored under every mask of this rate
+                always = scored[sel].all(axis=0)
+                ci = M.bootstrap_ci(labels[always], sw.probs[sel][:, always], predicted[sel][:, always],
+                                    params.bootstrap, seed=_bootstrap_seed(params.seed, kind, rate))
+            auc_mean, auc_sd = _mean_sd(aucs[sel])
+            f1_mean, f1_sd = _mean_sd(f1s[sel])
             summary_rows.append({
                 **info, "kind": kind, "rate": float(rate), "repeats": int(sel.sum()),
-                "auc_mean": float(np.nanmean(aucs[sel])) if np.isfinite(aucs[sel]).any() else np.nan,
-                "auc_sd": float(np.nanstd(aucs[sel])) if np.isfinite(aucs[sel]).any() else np.nan,
-                "f1_mean": float(f1s[sel].mean()), "f1_sd": float(f1s[sel].std()),
+                "auc_mean": auc_mean, "auc_sd": auc_sd, "f1_mean": f1_mean, "f1_sd": f1_sd,
                 "auc_ci_low": ci.get("auc_ci_low", np.nan), "auc_ci_high": ci.get("auc_ci_high", np.nan),
                 "f1_ci_low": ci.get("f1_ci_low", np.nan), "f1_ci_high": ci.get("f1_ci_high", np.nan),
                 "bootstrap": params.bootstrap if ci else 0,
@@ -286,8 +364,17 @@ def run(args: argparse.Namespace) -> int:
     kinds = params.kinds(info["method"])
     log.info("%s seed %d: %d test patients (%d N+), kinds %s, %d rates x %d repeats",
              experiment, seed, len(ids), labels.sum(), kinds, len(params.rates()), params.repeats)
+    modalities = Modalities(
+        has_slide=np.asarray(cohort.has_slide, bool), has_clinical=np.asarray(cohort.has_clinical, bool),
+        uses_slide=bool(getattr(trained.model, "slide_pools", None)), answers_without_slide="slide" in kinds,
+    )
+    if not modalities.has_slide.all() or not modalities.has_clinical.all():
+        log.warning("%d test patient(s) without a slide, %d without clinical data: scored only from what they have%s",
+                    int((~modalities.has_slide).sum()), int((~modalities.has_clinical).sum()),
+                    "" if modalities.answers_without_slide or not modalities.uses_slide
+                    else f" ({info['method']} needs the slide: patients without one are left out)")
     metrics, predictions, summary = evaluate(
-        run_predictor(trained, cohort), ids, labels, branch_thresholds(trained), kinds, params, info
+        run_predictor(trained, cohort), ids, labels, branch_thresholds(trained), kinds, params, info, modalities
     )
     out = Path(args.out_dir)
     write_csv(out / "predictions.csv", predictions)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -15,6 +16,7 @@ import yaml
 from bd.errors import ConfigError
 
 T = TypeVar("T")
+_FLOAT_TEXT = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
 
 
 def read_mapping(value: str | dict[str, Any] | None, what: str = "--params") -> dict[str, Any]:
@@ -84,6 +86,8 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
         return dict(value)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
+        return float(value)  # YAML 1.1 (PyYAML, Snakemake) reads 1e-4 without a dot as text
     if hint is int and isinstance(value, bool):
         raise ConfigError(f"key '{key}': expected int, got {value!r}")
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):

@@ -115,8 +115,9 @@ def parse_clinical(items: Sequence[str] | None) -> dict[str, Any] | None:
     return out
 
 
-def clinical_vector(run: Any, raw: Mapping[str, Any], scaler: str | None) -> np.ndarray:
-    """Raw clinical values -> the run's model-input vector, through the scaler it was trained with."""
+def clinical_vector(run: Any, raw: Mapping[str, Any], scaler: str | None) -> np.ndarray | None:
+    """Raw clinical values -> the run's model-input vector, through the scaler it was trained with
+    (None when no value is given: the patient has no clinical data)."""
     from bd.clinical import load_transform
     from bd.values import category_key
 
@@ -137,6 +138,10 @@ def clinical_vector(run: Any, raw: Mapping[str, Any], scaler: str | None) -> np.
     if unknown:
         raise ConfigError(f"--clinical: unknown column {unknown[0]!r}; the run uses {list(known.values())}")
     absent = [c for k, c in known.items() if k not in {category_key(str(x)) for x in raw}]
+    parsed = transform.parse_row(raw, source="--clinical")  # the training table's valid ranges apply
+    if all(v is None for v in parsed.values()):
+        log.warning("--clinical: no clinical value: predicted as a patient without clinical data")
+        return None
     if absent:
         log.warning("clinical values missing for %s: imputed as in training", absent)
     return transform.transform_row(raw, source="--clinical").astype(np.float32)

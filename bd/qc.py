@@ -114,7 +114,9 @@ def cohort_checks(samples: pd.DataFrame, errors: pd.DataFrame, config: dict,
 
     result = check.check_sheet(samples, config.get("on_slide_error", "fail"))
     if config["cohort"].get("clinical_table"):
-        check.check_against_table(result, samples, *check.read_clinical_ids(config))
+        clinical = check.read_clinical(config)
+        check.check_against_table(result, samples, clinical.ids, clinical.labels)
+        check.check_clinical_values(result, config, clinical)
     result.add("slide_not_read", set(errors["slide_id"]) - set(result.missing_slides))  # missing: counted above
     result.add("slide_upsampled", upsampled or [])
     check.add_unusable(result, samples, errors["slide_id"])

@@ -6,7 +6,7 @@ deliver them) and returns the parsed value, ``None`` for a missing cell, or rais
 first, so full-width digits, ``％``, ``＜``, ``＞``, ``～`` and ``－`` read as their ASCII forms.
 
 Numbers (``parse_number``):
-  * plain numbers ``0.3``, ``58``, ``2.5``;
+  * plain numbers ``0.3``, ``58``, ``2.5``, ``1e6``;
   * percentages ``30%`` -> 0.30 (a ``%`` divides by 100, so Ki67 written either way agrees);
   * ranges ``30-40%``, ``0.3~0.4``, ``30%–40%`` -> the midpoint (0.35);
   * inequalities ``<5%``, ``＜5%``, ``<=1``, ``>90%``, ``≥2`` -> the bound itself (0.05, 0.01,
@@ -30,7 +30,7 @@ from typing import Any
 MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "none", "null"})
 
 _UNSIGNED = r"(?:\d+(?:\.\d*)?|\.\d+)"
-_NUMBER = re.compile(rf"^(?P<num>[+-]?{_UNSIGNED})\s*(?P<pct>%)?$")
+_NUMBER = re.compile(rf"^(?P<num>[+-]?{_UNSIGNED}(?:e[+-]?\d+)?)\s*(?P<pct>%)?$")
 _RANGE = re.compile(
     rf"^(?P<lo>{_UNSIGNED})\s*(?P<pct_lo>%)?\s*(?:-|–|—|~|〜|to)\s*(?P<hi>{_UNSIGNED})\s*(?P<pct_hi>%)?$"
 )
@@ -122,8 +122,16 @@ def category_key(text: str) -> str:
     return "".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
+_NUMERIC_ID = re.compile(r"^[+-]?\d+(?:\.0*)?$")
+
+
 def normalise_id(value: Any) -> str:
-    """A patient id as text: ``1``, ``1.0`` and `` 1 `` are all ``"1"``; missing is ``""``."""
+    """A patient id as text, the same on every side (sample sheet, clinical table, split files):
+    an integral number in any spelling (``1``, ``001``, ``1.0``, `` 1 ``, Excel's 1.0) is ``"1"``;
+    other ids are their NFKC text; missing is ``""``."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
-    return clean_text(value)
+    text = clean_text(value)
+    if _NUMERIC_ID.match(text):
+        return str(int(text.split(".")[0]))
+    return text

@@ -4,6 +4,7 @@ and the clinical table, through ``bd check --config`` and through the workflow's
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,8 @@ import pytest
 import yaml
 
 from bd import cli
-from bd.check import CHECKS, check_cohort, prerun, validate_config
+from bd.check import CHECKS, check_cohort, check_config, prerun, validate_config
+from bd.cohort import build_sample_sheet
 from bd.errors import ConfigError, SlideError, TableError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,11 +34,13 @@ def make_cohort(root: Path, slides: dict[str, str], table: dict[str, str | None]
             path.write_bytes(b"slide")
         rows.append((sid, pid, str(path)))
     pd.DataFrame(rows, columns=["slide_id", "patient_id", "path"]).to_csv(root / "samples.tsv", sep="\t", index=False)
-    pd.DataFrame({"Patient ID": list(table), "Age(years)": 50, "ALN status": [v or "" for v in table.values()]}).to_csv(
+    pd.DataFrame({"Patient ID": list(table), "Age(years)": 50, "Tumour Size(cm)": 2.5, "ER": "Positive",
+                  "PR": "Negative", "HER2": "Negative", "ALN status": [v or "" for v in table.values()]}).to_csv(
         root / "clinical.csv", index=False)
     (root / "split").mkdir()
-    for name in ("train", "val", "test"):
-        (root / "split" / f"{name}_id.txt").write_text("")
+    labelled = [p for p, label in table.items() if label]  # one labelled patient per split, in turn
+    for i, name in enumerate(("train", "val", "test")):
+        (root / "split" / f"{name}_id.txt").write_text("".join(f"{p}\n" for p in labelled[i::3]))
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     config.update(results=str(root / "results"), on_slide_error=policy)
     config["demo"]["enabled"] = False
@@ -63,6 +67,7 @@ def test_counts_every_finding(tmp_path):
     assert result.items("slide_without_clinical_row") == ["S3"]
     assert result.items("patient_without_slide") == ["P4"]
     assert result.items("patient_without_label") == ["P5"]
+    assert result.items("patient_not_in_table") == ["P9"]  # the mismatched id itself, not only its slide
     assert not result.errors() and "missing_slide_file" not in result.findings
     table = result.table().set_index("check")
     assert list(table.index[3:]) == list(CHECKS)  # every check has a row, found or not
@@ -129,7 +134,8 @@ def test_bd_check_command(tmp_path, capsys):
     config = make_cohort(tmp_path, SLIDES, TABLE)
     assert cli.main(["check", "--config", str(config), "--out", str(tmp_path / "checks.tsv")]) == 0
     out = capsys.readouterr().out
-    assert "5 slides, 4 patients, 4 clinical rows: 3 warning(s), no error" in out
+    assert "5 slides, 4 patients, 4 clinical rows: 4 warning(s), no error" in out
+    assert "1 patient ids of the sample sheet that the clinical table does not have" in out and "P9" in out
     assert "1 patients without a label" in out and "P5" in out
     assert pd.read_csv(tmp_path / "checks.tsv", sep="\t").set_index("check").loc["patient_without_label", "count"] == 1
 
@@ -180,3 +186,137 @@ def test_check_merges_config_files_like_snakemake(tmp_path, capsys):
     overlay.write_text(f"demo: {{enabled: false}}\ncohort: {{name: x, clinical_table: {tmp_path}/none.xlsx}}\n")
     assert cli.main(["check", "--config", str(root / "config" / "config.yaml"), str(overlay)]) == 2
     assert "cohort.clinical_table" in capsys.readouterr().err  # the merged config passed the schema
+
+
+# ---------------------------------------------------------------- config lists, floats, all errors
+
+
+@pytest.mark.parametrize(("section", "key", "value", "message"), [
+    ("training", "seeds", [], "key 'training.seeds': the list is empty"),
+    ("training", "seeds", [0, 0], "key 'training.seeds': 0 is listed twice"),
+    ("training", "methods", [], "key 'training.methods': the list is empty"),
+    ("evaluation", "missing_rates", [], "key 'evaluation.missing_rates': the list is empty"),
+    ("ablations", "lambda_grid", [[0.2, 0.5], [0.2, 0.5]], "key 'ablations.lambda_grid': [0.2, 0.5] is listed twice"),
+])
+def test_empty_and_repeated_lists_fail_at_parse_time(section, key, value, message):
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    config[section][key] = value
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_config(config)
+
+
+def test_yaml_1_1_float_text_is_a_number():
+    """Snakemake and PyYAML load YAML 1.1, where ``1e-4`` (no dot) is text: the checks coerce it
+    where the schema wants a number, and nowhere else."""
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text().replace("lr: 3.0e-2", "lr: 3e-2"))
+    assert config["training"]["lr"] == "3e-2"
+    validate_config(config)
+    assert config["training"]["lr"] == 0.03
+    config["cohort"]["name"] = "1e5"  # text where the schema wants text stays text
+    validate_config(config)
+    assert config["cohort"]["name"] == "1e5"
+
+
+def test_bd_check_reports_every_error_in_one_run(tmp_path, capsys):
+    config = load(make_cohort(tmp_path, SLIDES, TABLE))
+    config["training"]["seeds"] = []
+    config["training"]["lr"] = "fast"
+    config["tiling"]["patchsize"] = 64
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    assert cli.main(["check", "--config", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "3 problems" in err
+    for part in ("training.seeds", "training.lr", "unknown key 'tiling.patchsize'"):
+        assert part in err
+
+
+def test_annotations_folder_only_demanded_when_used(tmp_path):
+    config = load(make_cohort(tmp_path, SLIDES, TABLE))
+    config["cohort"]["annotations_dir"] = str(tmp_path / "no-such-folder")
+    check_config(config)  # use_annotations: false -> not read, not demanded
+    config["tiling"]["use_annotations"] = True
+    with pytest.raises(ConfigError, match="cohort.annotations_dir: .*no-such-folder is not a folder"):
+        check_config(config)
+
+
+def test_empty_test_split_is_an_error_before_any_job(tmp_path):
+    path = make_cohort(tmp_path, SLIDES, TABLE)
+    (tmp_path / "split" / "test_id.txt").write_text("\n")
+    with pytest.raises(TableError, match="1 splits without any patient: test"):
+        prerun(load(path), build_sample_sheet(load(path)))
+    proc = dry_run(path)
+    assert proc.returncode != 0 and "splits without any patient: test" in proc.stdout + proc.stderr
+    assert "Job stats" not in proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------- ids and clinical values
+
+
+@pytest.mark.parametrize("spelling", ["00{}", "{}.0", " {} "])
+def test_numeric_ids_match_in_any_spelling(tmp_path, spelling):
+    """Sample-sheet ids 001, 1.0 or ' 1 ' are the clinical table's 1 (and the split files')."""
+    slides = {f"S{i}": spelling.format(i) for i in (1, 2, 3)}
+    table = {"1": "N0", "2": "N+(>2)", "3": "N0"}
+    result = check_cohort(load(make_cohort(tmp_path, slides, table)))
+    assert not result.errors() and not result.items("slide_without_clinical_row"), result.findings
+
+
+def test_no_matching_id_is_an_error_listing_both_sides(tmp_path, capsys):
+    config = make_cohort(tmp_path, {"S1": "A1", "S2": "A2"}, {"1": "N0", "2": "N+(>2)", "3": "N0"})
+    assert cli.main(["check", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "no patient of the sample sheet is in the clinical table" in err
+    assert "sample sheet: A1, A2; table: 1, 2, 3" in err
+
+
+def _table_with(tmp_path: Path, column: str, values: list) -> Path:
+    path = make_cohort(tmp_path, {"S1": "P1", "S2": "P2", "S4": "P4"}, {"P1": "N0", "P2": "N+(>2)", "P4": "N0"})
+    table = pd.read_csv(tmp_path / "clinical.csv", dtype=str, keep_default_na=False)
+    table[column] = values
+    table.to_csv(tmp_path / "clinical.csv", index=False)
+    return path
+
+
+def test_check_parses_values_as_bd_clinical_does(tmp_path, capsys):
+    """A Ki67 cell 'about 30' (extended features) is an error of `bd check`, not only of `bd clinical`."""
+    path = _table_with(tmp_path, "Ki67", ["30%", "about 30", "<5%"])
+    config = load(path)
+    config["clinical"]["feature_set"] = "extended"
+    table = pd.read_csv(tmp_path / "clinical.csv", dtype=str, keep_default_na=False)
+    for column in ("HER2 Expression", "Histological grading", "Tumour Type", "Molecular subtype"):
+        table[column] = ["1+", "2", "IDC"][:1] * 3 if column != "Tumour Type" else "IDC"
+    table["HER2 Expression"], table["Histological grading"], table["Molecular subtype"] = "1+", "2", "Luminal A"
+    table.to_csv(tmp_path / "clinical.csv", index=False)
+    path.write_text(yaml.safe_dump(config))
+    assert cli.main(["check", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "row 3, column 'Ki67': 'about 30' is not a number" in err
+
+
+@pytest.mark.parametrize("age", ["-5", "999", "1e6"])
+def test_implausible_age_is_an_error_naming_row_and_column(tmp_path, capsys, age):
+    path = _table_with(tmp_path, "Age(years)", ["50", age, "61"])
+    assert cli.main(["check", "--config", str(path)]) == 2
+    assert f"row 3, 'Age(years)': {float(age):g}" in capsys.readouterr().err
+
+
+def test_out_of_range_as_missing_is_counted(tmp_path, capsys):
+    path = _table_with(tmp_path, "Age(years)", ["50", "999", "61"])
+    config = load(path)
+    config["clinical"]["out_of_range"] = "missing"
+    path.write_text(yaml.safe_dump(config))
+    result = check_cohort(config)
+    assert result.findings["clinical_out_of_range"].level == "warning"
+    assert result.items("clinical_out_of_range") == ["row 3, 'Age(years)': 999"]
+    assert cli.main(["check", "--config", str(path), "--out", str(tmp_path / "c.tsv")]) == 0
+    counts = pd.read_csv(tmp_path / "c.tsv", sep="\t").set_index("check")["count"]
+    assert counts["clinical_out_of_range"] == 1
+
+
+def test_patient_with_no_clinical_value_is_counted(tmp_path):
+    path = make_cohort(tmp_path, {"S1": "P1", "S2": "P2", "S4": "P4"}, {"P1": "N0", "P2": "N+(>2)", "P4": "N0"})
+    table = pd.read_csv(tmp_path / "clinical.csv", dtype=str, keep_default_na=False)
+    for column in ("Age(years)", "Tumour Size(cm)", "ER", "PR", "HER2"):
+        table.loc[1, column] = ""
+    table.to_csv(tmp_path / "clinical.csv", index=False)
+    assert check_cohort(load(path)).items("patient_without_clinical_values") == ["P2"]

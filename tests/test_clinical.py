@@ -170,7 +170,7 @@ def test_extended_features_parse_and_encode(tmp_path):
     assert grade["levels"] == {"1": 1.0, "2": 2.0, "3": 3.0}
     her2 = next(f for f in transform.features if f["column"] == "HER2 Expression")
     assert her2["levels"] == {"0": 0.0, "1+": 1.0, "2+": 2.0, "3+": 3.0}
-    features = out.drop(columns=["patient_id", "split", "label"])
+    features = out.drop(columns=["patient_id", "split", "label", "clinical_present"])
     assert features.dtypes.map(lambda d: d.kind == "f").all()
     assert not features.isna().any().any()
 
@@ -250,8 +250,9 @@ def test_feature_config_errors():
 
 def test_scaler_and_imputer_never_see_validation_or_test_rows(tmp_path):
     """Extreme val/test values must not move any fitted statistic or any training row's output.
-    Fitting on all rows would shift the age mean by about 300 years and fail this test."""
-    params = extended()
+    Fitting on all rows would shift the age mean by about 300 years and fail this test (the
+    valid ranges are off here, so that the implausible ages reach the scaler)."""
+    params = extended(ranges={})
     table = load_table(write_table(tmp_path / "a.xlsx"), params)
     _, base_out, _ = fit_transform(table, split_frame(table), params)
     rows = [list(r) for r in ROWS]
@@ -299,12 +300,12 @@ def test_transform_row_reproduces_the_table_and_rejects_unknowns(tmp_path):
     transform, out, _ = fit_transform(table, split_frame(table), params)
     (tmp_path / "scaler.json").write_text(json.dumps(transform.to_dict()))
     loaded = load_transform(tmp_path / "scaler.json")
-    assert loaded.columns == list(out.columns[3:])
+    assert loaded.columns == list(out.columns[4:])
     raw = pd.read_excel(path, dtype=object)
     for record in raw.to_dict("records"):
         pid = str(record["Patient ID"])
         if pid in SPLIT:
-            expected = out.loc[out.patient_id == pid].iloc[0, 3:].to_numpy(dtype=float)
+            expected = out.loc[out.patient_id == pid].iloc[0, 4:].to_numpy(dtype=float)
             np.testing.assert_allclose(loaded.transform_row(record), expected, rtol=0, atol=1e-12)
     partial = loaded.transform_row({"age(years)": "50", "Ki67": "＜5%"})  # absent columns are missing
     assert partial[loaded.columns.index("ER_missing")] == 1.0
@@ -354,7 +355,7 @@ def test_split_and_clinical_commands_write_their_outputs(tmp_path, capsys):
                  "--out-dir", str(out_dir), "--params", clinical]) == 0
     out = pd.read_csv(out_dir / "clinical.tsv", sep="\t", dtype={"patient_id": str})
     assert list(out.patient_id) == list(split.patient_id)
-    assert list(out.columns[3:]) == json.loads((out_dir / "scaler.json").read_text())["columns"]
+    assert list(out.columns[4:]) == json.loads((out_dir / "scaler.json").read_text())["columns"]
     summary = pd.read_csv(out_dir / "summary.csv")
     get = summary.set_index(["section", "split", "column", "statistic"])["value"]
     assert get[("patients", "train", "label=1", "count")] == 3
@@ -402,3 +403,76 @@ def test_demo_table_gives_the_clinical_only_auc_of_demo_auc(tmp_path, capsys):
     model = LogisticRegression(max_iter=1000).fit(train[x_cols].to_numpy(), train.label.to_numpy())
     auc = roc_auc_score(test.label, model.predict_proba(test[x_cols].to_numpy())[:, 1])
     assert auc == pytest.approx(expected["clinical_auc"], abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Ids, valid ranges and patients without any clinical value
+
+
+@pytest.mark.parametrize("spelling", ["1", "001", "1.0", " 1 ", 1, 1.0, "＋1"])
+def test_one_id_normalisation_for_every_spelling(spelling):
+    assert V.normalise_id(spelling) == "1"
+    assert V.normalise_id("A-001") == "A-001" and V.normalise_id("1.5") == "1.5"
+
+
+def test_out_of_range_value_is_an_error_naming_row_and_column(tmp_path):
+    rows = [list(r) for r in ROWS]
+    rows[2][1] = 540  # Age(years) of patient 3, row 4 of the sheet
+    rows[4][2] = -3  # Tumour Size(cm) of patient 5, row 6
+    table = load_table(write_table(tmp_path / "t.xlsx", rows), ClinicalParams())
+    with pytest.raises(TableError) as info:
+        fit_transform(table, split_frame(table), ClinicalParams())
+    assert "row 4, column 'Age(years)': 540 is outside the valid range 18 to 100" in str(info.value)
+    assert "row 6, column 'Tumour Size(cm)': -3 is outside the valid range 0.1 to 20" in str(info.value)
+
+
+def test_out_of_range_as_missing_and_blank_patients_are_counted(tmp_path):
+    rows = [list(r) for r in ROWS]
+    rows[2][1] = 999  # patient 3: age out of range -> missing
+    rows[6][1:3] = ["", ""]  # patient 7 (val): every paper feature blank ...
+    rows[6][4:7] = ["", "", ""]
+    table_path = write_table(tmp_path / "t.xlsx", rows)
+    split = tmp_path / "split.tsv"
+    split_frame(load_table(table_path, ClinicalParams())).to_csv(split, sep="\t", index=False)
+    params = json.dumps({"out_of_range": "missing"})
+    assert main(["clinical", "--table", str(table_path), "--split", str(split), "--out-dir", str(tmp_path / "o"),
+                 "--params", params]) == 0
+    out = pd.read_csv(tmp_path / "o" / "clinical.tsv", sep="\t", dtype={"patient_id": str}).set_index("patient_id")
+    assert out.loc["3", "Age(years)_missing"] == 1.0 and out.loc["3", "clinical_present"] == 1
+    assert out.loc["7", "clinical_present"] == 0  # ... so 7 counts as missing clinical data
+    assert (out.drop(index="7")["clinical_present"] == 1).all()
+    summary = pd.read_csv(tmp_path / "o" / "summary.csv")
+    row = summary[(summary.section == "out_of_range") & (summary.column == "Age(years)")]
+    assert row["value"].astype(int).tolist() == [1]
+    blank = summary[(summary.section == "patients") & (summary.column == "no clinical value")]
+    assert blank["value"].astype(int).tolist() == [1]
+
+
+def test_bags_treat_a_patient_without_clinical_values_as_missing_clinical_data(tmp_path):
+    from bd.bags import read_clinical
+
+    path = tmp_path / "c.tsv"
+    pd.DataFrame({"patient_id": ["1", "2"], "split": "test", "label": [0, 1], "clinical_present": [1, 0],
+                  "Age(years)": [0.1, 0.0]}).to_csv(path, sep="\t", index=False)
+    table, columns = read_clinical(path)
+    assert columns == ["Age(years)"] and table["clinical_present"].tolist() == [True, False]
+
+
+def test_predict_applies_the_training_ranges(tmp_path):
+    """bd predict's clinical path (clinical_vector): Age 540 or a size of -3 are refused, naming
+    the column; no value at all means no clinical data, not imputed values."""
+    from types import SimpleNamespace
+
+    from bd.predict import clinical_vector
+
+    table = load_table(write_table(tmp_path / "t.xlsx"), ClinicalParams())
+    transform, _, _ = fit_transform(table, split_frame(table), ClinicalParams())
+    (tmp_path / "scaler.json").write_text(json.dumps(transform.to_dict()))
+    run = SimpleNamespace(scaler={"path": str(tmp_path / "scaler.json")}, clinical_columns=transform.columns)
+    good = {"Age(years)": "54", "Tumour Size(cm)": "2.1", "ER": "Positive"}
+    assert clinical_vector(run, good, None).shape == (len(transform.columns),)
+    with pytest.raises(TableError, match="column 'Age\\(years\\)': 540 is outside the valid range 18 to 100"):
+        clinical_vector(run, {**good, "Age(years)": "540"}, None)
+    with pytest.raises(TableError, match="column 'Tumour Size\\(cm\\)': -3 is outside"):
+        clinical_vector(run, {**good, "Tumour Size(cm)": "-3"}, None)
+    assert clinical_vector(run, {"Age(years)": "", "ER": "NA"}, None) is None

@@ -70,3 +70,44 @@ def test_sample_sheet_mpp_column_is_optional_and_checked(tmp_path):
         build_sample_sheet(_config(sample_sheet=str(sheet)))
     sheet.write_text("slide_id\tpatient_id\tpath\na\tp1\ta.jpg\n")
     assert "mpp" not in build_sample_sheet(_config(sample_sheet=str(sheet))).columns
+
+
+def _dag_benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "dag.py"
+    spec = importlib.util.spec_from_file_location("dag_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_samples_rule_runs_on_10000_slides_with_120_character_paths(tmp_path):
+    """A real run of rule samples (not a dry run): the old rule passed the sheet as one JSON
+    argument, over Linux's 128 KiB cap from about 1,000 such slides ("Argument list too long")."""
+    import pandas as pd
+
+    folder = tmp_path / "c"
+    folder.mkdir()
+    seconds, out = _dag_benchmark().samples_rule_run(folder, 10_000, 120)
+    sheet = pd.read_csv(out, sep="\t", dtype=str)
+    assert len(sheet) == 10_000 and (sheet["path"].str.len() == 120).all()
+    assert len(sheet.to_json(orient="records")) > 128 * 1024  # would not fit one argument
+    assert seconds < 300
+
+
+def test_bd_samples_refuses_a_sheet_that_changed_since_parsing(tmp_path):
+    from bd.cli import main
+
+    sheet = tmp_path / "s.tsv"
+    sheet.write_text("slide_id\tpatient_id\tpath\na\t001\ta.svs\n")
+    cohort = '{"name": "t", "clinical_table": "x", "sample_sheet": "%s"}' % sheet
+    out = tmp_path / "o.tsv"
+    from bd.cohort import build_sample_sheet, sheet_sha256
+
+    sha = sheet_sha256(build_sample_sheet({"cohort": {"name": "t", "clinical_table": "x", "sample_sheet": str(sheet)}}))
+    assert main(["samples", "--cohort", cohort, "--sha256", sha, "--out", str(out)]) == 0
+    assert out.read_text().splitlines()[1].split("\t")[1] == "1"  # 001 normalised as the table's ids
+    sheet.write_text("slide_id\tpatient_id\tpath\na\t2\ta.svs\n")
+    assert main(["samples", "--cohort", cohort, "--sha256", sha, "--out", str(out)]) == 2

@@ -129,13 +129,15 @@ def test_output_folder_that_cannot_be_created_is_a_clear_error(tmp_path):
 def _section_params():
     from bd.clinical import ClinicalParams
     from bd.demo import DemoParams
+    from bd.evaluate import EvaluationParams
     from bd.extract import FeatureParams
     from bd.segment import SegmentParams
     from bd.split import SplitParams
     from bd.tiling import TileParams
 
     return {"demo": DemoParams, "segmentation": SegmentParams, "tiling": TileParams,
-            "features": FeatureParams, "clinical": ClinicalParams, "split": SplitParams}
+            "features": FeatureParams, "clinical": ClinicalParams, "split": SplitParams,
+            "evaluation": EvaluationParams}
 
 
 # The demo config's features differ from FeatureParams' defaults on purpose (small random encoder).
@@ -158,3 +160,34 @@ def test_config_schema_and_params_dataclass_agree(section):
         assert params == cls()
     if section == "features":
         assert params.random_weights and params.weights is None  # the demo runs offline
+
+
+def _whole_sections():
+    from bd.train import TrainParams
+
+    return {**_section_params(), "training": TrainParams}
+
+
+@pytest.mark.parametrize("section", sorted(_whole_sections()))
+def test_every_bd_command_accepts_its_whole_config_section(section):
+    """config/README.md: each section passes whole to its command's --params (figures included)."""
+    import json
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    for name in ("config.yaml", "bcnb.yaml"):
+        config = yaml.safe_load((root / "config" / name).read_text()) or {}
+        if section in config:
+            build(_whole_sections()[section], json.dumps(config[section]))
+
+
+def test_yaml_1_1_floats_are_numbers():
+    """``1e-4`` (no dot) is text to YAML 1.1 loaders; a float key takes it as a number."""
+    import yaml
+
+    value = yaml.safe_load("lr: 1e-4")["lr"]
+    assert value == "1e-4"  # what PyYAML and Snakemake hand over
+    assert build(_Params, {"mpp": value}).mpp == 1e-4
+    with pytest.raises(ConfigError, match="'mpp'"):
+        build(_Params, {"mpp": "fast"})

@@ -176,3 +176,96 @@ def test_filling_is_swept_over_slides_too(tiny):
     assert set(metrics.kind) == {"clinical", "slide"}
     summary = pd.read_csv(out / "summary.csv")
     assert summary.auc_ci_low.isna().all()  # bootstrap 0: no CIs
+
+
+# ---------------------------------------------------------------- patients without a slide or clinical data
+
+NO_SLIDE = np.zeros(N, bool)
+NO_SLIDE[[0, 1]] = True  # T0 (N+) and T1 (N0) have no slide
+
+
+def constant_without_slide(kind, present):
+    """What an image-only model gives a patient with an empty bag: one constant probability."""
+    return np.where(NO_SLIDE, 0.99, P_IMG), np.full(N, "image")
+
+
+def test_patients_without_a_slide_are_not_scored_by_a_method_that_needs_it():
+    from bd.evaluate import Modalities
+
+    mods = Modalities(has_slide=~NO_SLIDE, has_clinical=np.ones(N, bool), uses_slide=True)
+    metrics, preds, _ = evaluate(constant_without_slide, IDS, LABELS, 0.5, ["clinical"], PARAMS, INFO, mods)
+    keep = ~NO_SLIDE
+    assert metrics["auc"].iloc[0] == pytest.approx(roc_auc_score(LABELS[keep], P_IMG[keep]))
+    assert (metrics["n_scored"] == N - 2).all() and (metrics["n_unscored"] == 2).all()
+    assert not set(preds["patient_id"]) & {"T0", "T1"}
+    # counted with their constant, the AUC would differ: the test can fail
+    assert metrics["auc"].iloc[0] != pytest.approx(roc_auc_score(LABELS, np.where(NO_SLIDE, 0.99, P_IMG)))
+
+
+def test_a_method_with_a_no_slide_behaviour_answers_from_clinical_data_only():
+    from bd.evaluate import Modalities
+
+    mods = Modalities(has_slide=~NO_SLIDE, has_clinical=np.ones(N, bool), uses_slide=True, answers_without_slide=True)
+    metrics, preds, _ = evaluate(per_patient, IDS, LABELS, 0.5, ["clinical"], PARAMS, INFO, mods)
+    zero = metrics[metrics["rate"] == 0].iloc[0]
+    assert (zero.n_scored, zero.n_both, zero.n_clinical_only, zero.n_unscored) == (N, N - 2, 2, 0)
+    full = metrics[metrics["rate"] == 100].iloc[0]  # no clinical data and no slide: nothing to answer from
+    assert (full.n_scored, full.n_slide_only, full.n_unscored, full.n_neither) == (N - 2, N - 2, 2, 0)
+    assert set(preds.loc[preds.patient_id == "T0", "has_slide"]) == {0}
+
+
+def test_a_patient_without_clinical_values_counts_as_missing_clinical_data():
+    from bd.evaluate import Modalities
+
+    has_clinical = np.ones(N, bool)
+    has_clinical[5] = False
+    mods = Modalities(has_slide=np.ones(N, bool), has_clinical=has_clinical, uses_slide=True)
+    metrics, _, _ = evaluate(per_patient, IDS, LABELS, 0.5, ["clinical"], PARAMS, INFO, mods)
+    zero = metrics[metrics["rate"] == 0].iloc[0]
+    assert (zero.n_both, zero.n_slide_only) == (N - 1, 1)
+
+
+def test_cohort_batches_never_carry_clinical_data_a_patient_does_not_have():
+    from bd.bags import synthetic_cohort
+
+    cohort = synthetic_cohort(n_patients=6, n_clinical=3)
+    cohort.has_clinical = np.array([True, False, True, True, True, True])
+    batch = cohort.batch([0, 1], clinical_present=np.array([True, True]))
+    assert batch.clinical_present.tolist() == [True, False] and not batch.clinical[1].any()
+    assert cohort.select([1, 2]).has_clinical.tolist() == [False, True]
+
+
+def _stores_cohort(tmp_path: Path) -> tuple[Path, Path, Path]:
+    from bd.store import write_store
+
+    feats = tmp_path / "features"
+    rows = []
+    for i in range(1, 5):
+        slide = tmp_path / f"{i}.svs"
+        slide.write_bytes(b"slide")
+        write_store(feats / f"{i}.zarr", np.ones((3, 4)), np.zeros((3, 2)), {"encoder": "x"})
+        rows.append((str(i), f"00{i}", str(slide)))  # 001 in the sheet is patient 1 of the table
+    import pandas as pd
+
+    pd.DataFrame(rows, columns=["slide_id", "patient_id", "path"]).to_csv(tmp_path / "s.tsv", sep="\t", index=False)
+    pd.DataFrame({"patient_id": ["1", "2", "3", "4"], "split": "test", "label": [0, 1, 0, 1],
+                  "c": 0.0}).to_csv(tmp_path / "c.tsv", sep="\t", index=False)
+    return feats, tmp_path / "s.tsv", tmp_path / "c.tsv"
+
+
+def test_a_lost_store_is_refused_naming_it(tmp_path, caplog):
+    """bd train and bd evaluate load the cohort through load_cohort: a slide of the cohort whose
+    store is gone is an error naming the store, not a patient silently missing its slide."""
+    import shutil
+
+    from bd.bags import load_cohort
+    from bd.errors import StoreError
+
+    feats, sheet, table = _stores_cohort(tmp_path)
+    assert load_cohort(feats, sheet, table, progress=False).has_slide.all()
+    shutil.rmtree(feats / "3.zarr")
+    with pytest.raises(StoreError, match=r"1 slide\(s\) of the cohort have no feature store: .*3\.zarr"):
+        load_cohort(feats, sheet, table, progress=False)
+    (tmp_path / "3.svs").unlink()  # the slide file is missing too (on_slide_error: skip): counted as missing
+    cohort = load_cohort(feats, sheet, table, progress=False)
+    assert cohort.has_slide.tolist() == [True, True, False, True] and "have no feature store" in caplog.text

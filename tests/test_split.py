@@ -160,3 +160,11 @@ def test_split_command_random_mode_needs_no_split_dir(tmp_path, capsys):
     assert len(split) == 30 and set(split.columns) == {"patient_id", "split", "label", "fold"}
     assert main(["split", "--table", str(table), "--out", str(out), "--params", '{"mode": "official"}']) == 2
     assert "split_dir: not set" in capsys.readouterr().err
+
+
+def test_split_file_ids_match_the_table_in_any_spelling(tmp_path):
+    """001, 1.0 and 1 are one id in the split files as in the table and the sample sheet."""
+    folder = _write_split_files(tmp_path / "s", ["001", "2.0"], ["3"], ["0004"])
+    ids = ["1", "2", "3", "4"]
+    split, _ = make_split(ids, dict(zip(ids, [0, 1, 0, 1])), SplitParams(mode="official"), str(folder))
+    assert dict(zip(split.patient_id, split.split)) == {"1": "train", "2": "train", "3": "val", "4": "test"}

@@ -1,11 +1,19 @@
 # Sample sheet, patient split and clinical table normalisation (once per cohort).
 
 
+# The job rebuilds the sheet from the cohort (and demo) section, reading the sample sheet TSV as
+# its input when there is one: nothing of the size of the cohort goes on the command line (Linux
+# caps one argument at 128 KiB: about 1,000 slides with long paths). The parse-time sheet's SHA-256
+# is a parameter: a changed sheet reruns the rule, whatever its file's timestamp.
 rule samples:
+    input:
+        sheet=[] if DEMO.get("enabled") or not config["cohort"].get("sample_sheet") else config["cohort"]["sample_sheet"],
     output:
-        f"{R}/samples.tsv",
+        SAMPLES_TSV,
     params:
-        sheet=SAMPLES.to_json(orient="records"),
+        cohort=lambda w: section("cohort"),  # a function: {slide} in slide_pattern is not a wildcard
+        demo=section("demo"),
+        sha256=SAMPLES_SHA256,
     log:
         f"{R}/logs/samples.log",
     benchmark:
@@ -13,7 +21,8 @@ rule samples:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd samples --sheet {params.sheet:q} --out {output:q} > {log:q} 2>&1"
+        "bd samples --cohort {params.cohort:q} --demo {params.demo:q} --sha256 {params.sha256} "
+        "--out {output:q} > {log:q} 2>&1"
 
 
 # Official mode reads the split files: they are inputs, so editing one reruns the split.
@@ -51,8 +60,8 @@ rule clinical:
         table=config["cohort"]["clinical_table"],
         split=rules.split.output.split,
     output:
-        table=f"{R}/clinical/clinical.tsv",
-        scaler=f"{R}/clinical/scaler.json",
+        table=CLINICAL_TSV,
+        scaler=SCALER_JSON,
         summary=report(
             f"{R}/clinical/summary.csv",
             caption="../report/clinical.rst",

@@ -1,19 +1,31 @@
 # Shared setup: config validation, the sample sheet, and helpers for the rule files.
 import json
 import os
+import shlex
+import sys
 
 import pandas as pd
 from snakemake.logging import logger
 from snakemake.utils import validate
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
-from bd.check import missing_files, prerun, validate_config
-from bd.cohort import build_sample_sheet, check_config_paths
+from bd.check import check_config, missing_files, prerun
+from bd.cohort import build_sample_sheet, sheet_sha256
 from bd.experiments import experiments, seeds_for, target_experiments
 
 
-validate_config(config)  # one line naming each unknown key or wrong value (bd/check.py)
+# Numbers written as text by YAML 1.1 (`lr: 1e-4`) become numbers, then every unknown key, wrong
+# value, empty or repeated list and missing input file is named in one error (bd/check.py).
+check_config(config)
 validate(config, schema="../schemas/config.schema.yaml")  # Snakemake's own check; fills defaults
-check_config_paths(config)
+
+# Rules run `bd` from the Python environment Snakemake itself runs in, so `.venv/bin/snakemake`
+# works without activating the venv and no other `bd` on PATH is picked up: every shell command
+# starts by defining `bd` as this Python's `-m bd`. With --sdm conda the rule's conda environment
+# (envs/bd.yaml) provides `bd`.
+if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
+    # (braces doubled: Snakemake formats the prefix with the command)
+    shell.prefix(f'set -euo pipefail; bd() {{{{ {shlex.quote(sys.executable)} -m bd "$@"; }}}}; ')
 
 R = config["results"]
 SAMPLES = build_sample_sheet(config)
@@ -25,18 +37,42 @@ validate(SAMPLES, schema="../schemas/samples.schema.yaml", set_default=False)
 # clinical row, patients without a slide or a label are counted and warned about. Only in the main
 # process: cluster jobs re-parse this file and need only the list of slides.
 ON_SLIDE_ERROR = config.get("on_slide_error", "fail")
+COHORT_CHECK = None
 if workflow.is_main_process:
-    MISSING_SLIDES = set(prerun(config, SAMPLES, logger.warning).missing_slides)
+    COHORT_CHECK = prerun(config, SAMPLES, logger.warning)
+    MISSING_SLIDES = set(COHORT_CHECK.missing_slides)
 elif ON_SLIDE_ERROR == "skip" and not (config.get("demo") or {}).get("enabled"):
     MISSING_SLIDES = set(missing_files(SAMPLES))
 else:
     MISSING_SLIDES = set()
 SLIDES = [s for s in SAMPLES["slide_id"] if s not in MISSING_SLIDES]
-STORES = [f"{R}/features/{slide}.zarr" for slide in SLIDES]
-# The rules that read every store (train, evaluate, figures) take this one file as input instead
-# of thousands each: the DAG of a 5,000-slide cohort then builds about as fast as a bare
-# Snakefile's (benchmarks/dag.py). Written by rule feature_index (features.smk).
-FEATURE_INDEX = f"{R}/features/index.tsv"
+# The sheet's content hash: a parameter of rule samples (a changed sheet reruns it, whatever the
+# timestamps) and the check that its job builds the sheet the workflow was parsed with.
+SAMPLES_SHA256 = sheet_sha256(SAMPLES)
+FEATURES_DIR = f"{R}/features"
+# Cohort tables, named by path (not rules.X.output) in the rules that also take every store: with
+# a rule reference there, Snakemake hashes the whole store list once per store, per job (quadratic).
+SAMPLES_TSV = f"{R}/samples.tsv"
+CLINICAL_TSV = f"{R}/clinical/clinical.tsv"
+SCALER_JSON = f"{R}/clinical/scaler.json"
+CHECKPOINT = f"{R}/train/{{experiment}}/seed{{seed}}/checkpoint.pt"
+# The rules that read feature stores declare them: evaluation its test split's, slide_qc, fig5 and
+# heatmaps every store. Training (21 jobs in the demo) takes them through FEATURE_INDEX, whose rule
+# declares every store: with every store on every training job the DAG of a 5,000-slide cohort
+# builds in 3.3x a bare Snakefile's time, through the index in 1.8x (benchmarks/dag.py). A lost
+# store is rebuilt either way (targets list lost per-slide outputs, lost_slide_outputs).
+STORES = [f"{FEATURES_DIR}/{slide}.zarr" for slide in SLIDES]
+# Evaluation reads the test split's stores only: when the split is known at parse time (the
+# checks compute it as `bd split` will), those are its inputs; otherwise (the demo, whose table a
+# job writes; cluster jobs) every store.
+_SPLIT = COHORT_CHECK.split if COHORT_CHECK is not None else None
+TEST_STORES = STORES if _SPLIT is None else [
+    f"{FEATURES_DIR}/{s}.zarr" for s, p in zip(SAMPLES["slide_id"], SAMPLES["patient_id"])
+    if s not in MISSING_SLIDES and _SPLIT.get(p) == "test"
+]
+# A table (slide_id, store) of every store, written by rule feature_index (features.smk), is the
+# input through which training depends on every store.
+FEATURE_INDEX = f"{FEATURES_DIR}/index.tsv"
 EXPERIMENTS = experiments(config)
 
 
@@ -86,6 +122,11 @@ def write_feature_index(stores, out, log):
     write_text(log, f"{len(stores)} feature stores listed in {out}\n")
 
 
+def stores_dir(stores):
+    """The folder of the feature stores (a rule's input.stores)."""
+    return os.path.dirname(stores[0]) if stores else FEATURES_DIR
+
+
 def slide_path(wildcards):
     return SLIDE_PATHS[wildcards.slide]
 
@@ -99,11 +140,35 @@ def experiment_params(wildcards):
     return json.dumps({**config["training"], **EXPERIMENTS[wildcards.experiment]}, sort_keys=True)
 
 
-def target_files(target):
-    """Final outputs of a workflow target (see the Snakefile header)."""
-    from bd.experiments import target_experiments
+def lost_slide_outputs():
+    """The slides' masks, patch grids and feature stores lost after they were used: missing
+    while a later output exists (the slide's grid or store, or any trained run or the QC table
+    for a store). Every target rule lists them, so that one lost after a finished run (moved
+    away, a purged scratch folder) is rebuilt, with everything that depends on it: by itself
+    Snakemake rebuilds a missing intermediate file only when a job that reads it has to run
+    anyway. Missing files of a run not yet made are left to the jobs that make them. A few
+    os.path.exists per slide, in the main process only."""
+    import glob
 
-    return TARGET_OUTPUTS[target]()
+    if not workflow.is_main_process:
+        return []
+    used = os.path.exists(QC_OUTPUTS[0]) or bool(glob.glob(os.path.join(glob.escape(R), "train", "*", "seed*", "checkpoint.pt")))
+    lost = []
+    for slide in SLIDES:
+        chain = [f"{R}/segment/{slide}/mask.png", f"{R}/segment/{slide}/mask.json", f"{R}/tiles/{slide}.npz",
+                 f"{FEATURES_DIR}/{slide}.zarr"]
+        exists = [os.path.exists(p) for p in chain]
+        later = used
+        for path, there in zip(reversed(chain), reversed(exists)):
+            if not there and later:
+                lost.append(path)
+            later = later or there
+    return lost
+
+
+def target_files(target):
+    """Final outputs of a workflow target (see the Snakefile header), and the lost per-slide outputs."""
+    return [*TARGET_OUTPUTS[target](), *lost_slide_outputs()]
 
 
 # Inputs and params of the evaluation and report rules.

@@ -4,10 +4,10 @@
 
 rule evaluate:
     input:
-        checkpoint=rules.train.output.checkpoint,
-        features=FEATURE_INDEX,
-        samples=rules.samples.output[0],
-        clinical=rules.clinical.output.table,
+        checkpoint=CHECKPOINT,
+        stores=TEST_STORES,  # the test split's (common.smk)
+        samples=SAMPLES_TSV,
+        clinical=CLINICAL_TSV,
     output:
         metrics=f"{R}/evaluate/{{experiment}}/seed{{seed}}/metrics.csv",
         predictions=f"{R}/evaluate/{{experiment}}/seed{{seed}}/predictions.csv",
@@ -15,7 +15,7 @@ rule evaluate:
     params:
         evaluation=evaluation_params(),
         version=stage_version("evaluate"),
-        features_dir=lambda w, input: os.path.dirname(input.features),
+        features_dir=lambda w, input: stores_dir(input.stores),
     log:
         f"{R}/logs/evaluate/{{experiment}}/seed{{seed}}.log",
     benchmark:
@@ -26,4 +26,4 @@ rule evaluate:
         "bd evaluate --checkpoint {input.checkpoint:q} --features-dir {params.features_dir:q} "
         "--samples {input.samples:q} --clinical {input.clinical:q} --params {params.evaluation:q} "
         "--experiment {wildcards.experiment} --seed {wildcards.seed} "
-        "--out-dir $(dirname {output.metrics:q}) > {log:q} 2>&1"
+        "--out-dir \"$(dirname {output.metrics:q})\" > {log:q} 2>&1"

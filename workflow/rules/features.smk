@@ -8,6 +8,7 @@ rule extract:
     input:
         slide=slide_path,
         grid=rules.tile.output.grid,
+        weights=(config.get("features") or {}).get("weights") or [],  # a new checkpoint reruns extraction
     output:
         store=directory(f"{R}/features/{{slide}}.zarr"),
     params:
@@ -26,8 +27,8 @@ rule extract:
         "--params {params.features:q} --on-error {params.on_error} --threads {threads} > {log:q} 2>&1"
 
 
-# One file listing every slide's store (slide_id, store), the input of the rules that read all
-# stores (see FEATURE_INDEX in common.smk). Runs on the submit host; no job of its own on clusters.
+# One file listing every slide's store (slide_id, store): training's input for every store
+# (FEATURE_INDEX in common.smk). Runs on the submit host; no job of its own on clusters.
 rule feature_index:
     input:
         STORES,

@@ -8,8 +8,8 @@ QC_OUTPUTS = [f"{R}/qc/slide_errors.tsv", f"{R}/qc/cohort_checks.tsv"]
 
 rule slide_qc:
     input:
-        samples=rules.samples.output[0],
-        features=FEATURE_INDEX,  # every store exists: each slide's outcome is known
+        samples=SAMPLES_TSV,
+        stores=STORES,  # every store exists: each slide's outcome is known
         table=config["cohort"]["clinical_table"],
     output:
         errors=report(
@@ -25,7 +25,7 @@ rule slide_qc:
             subcategory="Cohort checks",
         ),
     params:
-        results=lambda w, input: os.path.dirname(os.path.dirname(input.features)),  # the results folder
+        results=lambda w, output: os.path.dirname(os.path.dirname(output.errors)),  # the results folder
         config=json.dumps(
             {"on_slide_error": ON_SLIDE_ERROR, "cohort": {"clinical_table": config["cohort"]["clinical_table"]},
              "clinical": config.get("clinical") or {}},

@@ -12,9 +12,9 @@ HEATMAP_METHOD = next((m for m in ["bd", "filling", "image_only", "ensemble", "a
 
 
 COHORT_INPUTS = dict(
-    features=FEATURE_INDEX,
-    samples=f"{R}/samples.tsv",
-    clinical=f"{R}/clinical/clinical.tsv",
+    stores=STORES,
+    samples=SAMPLES_TSV,
+    clinical=CLINICAL_TSV,
 )
 
 
@@ -34,7 +34,7 @@ rule table1:
         "../../envs/bd.yaml"
     shell:
         "bd aggregate table1 --metrics {input:q} --rates {params.rates:q} "
-        "--out $(dirname {output.csv:q}) > {log:q} 2>&1"
+        "--out \"$(dirname {output.csv:q})\" > {log:q} 2>&1"
 
 
 rule fig1:
@@ -84,7 +84,7 @@ rule table2:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd aggregate table2 --metrics {input:q} --rates '[0, 80]' --out $(dirname {output.csv:q}) > {log:q} 2>&1"
+        "bd aggregate table2 --metrics {input:q} --rates '[0, 80]' --out \"$(dirname {output.csv:q})\" > {log:q} 2>&1"
 
 
 rule table3:
@@ -100,7 +100,7 @@ rule table3:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd aggregate table3 --metrics {input:q} --rates '[100]' --out $(dirname {output.csv:q}) > {log:q} 2>&1"
+        "bd aggregate table3 --metrics {input:q} --rates '[100]' --out \"$(dirname {output.csv:q})\" > {log:q} 2>&1"
 
 
 rule fig4c:
@@ -146,7 +146,7 @@ rule fig5:
     output:
         report(f"{R}/figures/fig5.png", caption="../report/fig5.rst", category="Figures"),
     params:
-        features_dir=lambda w, input: os.path.dirname(input.features),
+        features_dir=lambda w, input: stores_dir(input.stores),
         perplexity=FIGS.get("tsne_perplexity", 30),
     log:
         f"{R}/logs/fig5.log",
@@ -172,7 +172,7 @@ rule heatmaps:
             category="Attention heatmaps",
         ),
     params:
-        features_dir=lambda w, input: os.path.dirname(input.features),
+        features_dir=lambda w, input: stores_dir(input.stores),
         patients=FIGS.get("heatmap_patients", 4),
         fallback_mpp=config["cohort"].get("fallback_mpp", 0.5),
     log:

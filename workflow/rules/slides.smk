@@ -42,7 +42,7 @@ rule segment:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd segment --slide {input.slide:q} --out-dir $(dirname {output.mask:q}) "
+        "bd segment --slide {input.slide:q} --out-dir \"$(dirname {output.mask:q})\" "
         "--params {params.seg:q} --fallback-mpp {params.fallback_mpp} {params.mpp} "
         "--on-error {params.on_error} > {log:q} 2>&1"
 

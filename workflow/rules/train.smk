@@ -7,12 +7,12 @@
 
 rule train:
     input:
-        features=FEATURE_INDEX,
-        samples=rules.samples.output[0],
-        clinical=rules.clinical.output.table,
-        scaler=rules.clinical.output.scaler,
+        index=FEATURE_INDEX,
+        samples=SAMPLES_TSV,
+        clinical=CLINICAL_TSV,
+        scaler=SCALER_JSON,
     output:
-        checkpoint=f"{R}/train/{{experiment}}/seed{{seed}}/checkpoint.pt",
+        checkpoint=CHECKPOINT,
         curve=f"{R}/train/{{experiment}}/seed{{seed}}/curve.csv",
         curve_png=report(
             f"{R}/train/{{experiment}}/seed{{seed}}/curve.png",
@@ -23,7 +23,7 @@ rule train:
     params:
         training=experiment_params,
         version=stage_version("train"),
-        features_dir=lambda w, input: os.path.dirname(input.features),
+        features_dir=lambda w, input: os.path.dirname(input.index),
     log:
         f"{R}/logs/train/{{experiment}}/seed{{seed}}.log",
     benchmark:
@@ -40,4 +40,4 @@ rule train:
         "bd train --features-dir {params.features_dir:q} --samples {input.samples:q} "
         "--clinical {input.clinical:q} --scaler {input.scaler:q} --seed {wildcards.seed} "
         "--params {params.training:q} --threads {threads} --no-progress "
-        "--out-dir $(dirname {output.checkpoint:q}) > {log:q} 2>&1"
+        "--out-dir \"$(dirname {output.checkpoint:q})\" > {log:q} 2>&1"
