@@ -32,7 +32,14 @@ import copy
 import logging
 import math
 import os
-from collections.abc import Iterator
+
+# OpenMP threads that wait sleep instead of spinning: on a machine whose other cores are busy, a
+# spinning thread burns the time slice its partner needs, and a step then takes several times
+# longer with two threads than with one (benchmarks/train.py). libgomp reads this when torch is
+# first imported, so it applies to `bd train` (a value set by the user wins).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from collections.abc import Iterator  # noqa: E402
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
