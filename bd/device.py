@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,3 +116,66 @@ def resolve_precision(name: str, device: torch.device, key: str = "precision") -
         return name, f"{key}: {name} asked for"
     native, why = native_bf16(device)
     return ("bf16" if native else "fp32"), f"{key}: auto -> {'bf16' if native else 'fp32'}: {why}"
+
+
+# ---------------------------------------------------------------- one GPU per job
+
+_CLAIMED: dict[str, int] = {}  # GPU id -> the descriptor whose lock this process holds
+
+
+def visible_gpus() -> list[str]:
+    """The GPU ids this process may use, found without starting CUDA (which fixes the visible
+    devices for the process's lifetime): ``CUDA_VISIBLE_DEVICES``, else the NVIDIA driver's list."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        ids = [d.strip() for d in env.split(",") if d.strip()]
+        return ids[: ids.index("-1")] if "-1" in ids else ids
+    root = Path("/proc/driver/nvidia/gpus")
+    try:
+        return [str(i) for i in range(len(list(root.iterdir())))]
+    except OSError:
+        return []
+
+
+def claim_gpu(lock_dir: str | os.PathLike[str] | None = None, poll_s: float = 2.0) -> str | None:
+    """Give this process one GPU of its own when it sees several, before CUDA starts: the first
+    GPU whose lock file (``bd-gpu-<uid>-<id>.lock`` in ``lock_dir``, default ``$BD_GPU_LOCK_DIR``
+    or the temporary folder) no other process holds; ``CUDA_VISIBLE_DEVICES`` is then that GPU
+    alone. Waits while every GPU is taken. Returns the GPU id, or None when there is nothing to
+    choose (one GPU or none visible, as in a SLURM job that asked for one) or CUDA already started."""
+    import fcntl
+    import tempfile
+    import time
+
+    gpus = visible_gpus()
+    if len(gpus) <= 1:
+        return None
+    if torch.cuda.is_initialized():
+        log.warning("CUDA is already initialised: cannot choose one of GPUs %s for this job", ", ".join(gpus))
+        return None
+    folder = Path(lock_dir or os.environ.get("BD_GPU_LOCK_DIR") or tempfile.gettempdir())
+    folder.mkdir(parents=True, exist_ok=True)
+    waited = False
+    while True:
+        for gpu in gpus:
+            fd = os.open(folder / f"bd-gpu-{os.getuid()}-{gpu}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue
+            _CLAIMED[gpu] = fd  # held (open) until the process exits
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+            log.info("GPU %s of %s claimed for this job (CUDA_VISIBLE_DEVICES=%s)", gpu, ",".join(gpus), gpu)
+            return gpu
+        if not waited:
+            log.info("all of GPUs %s are taken by other jobs: waiting for one", ", ".join(gpus))
+            waited = True
+        time.sleep(poll_s)
+
+
+def release_gpus() -> None:
+    """Let go of the GPUs this process claimed (tests; a process's locks also end with it)."""
+    for fd in _CLAIMED.values():
+        os.close(fd)
+    _CLAIMED.clear()

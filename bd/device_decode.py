@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -85,7 +86,9 @@ def decode_tiles(streams: list[torch.Tensor], device: torch.device, tile_h: int,
 
     if not streams:
         return torch.empty((0, tile_h, tile_w, 3), dtype=torch.uint8, device=device)
-    images = decode_jpeg(streams, mode=ImageReadMode.RGB, device=device)
+    with warnings.catch_warnings():  # torchvision 0.29 announces torchcodec as the successor
+        warnings.simplefilter("ignore", DeprecationWarning)
+        images = decode_jpeg(streams, mode=ImageReadMode.RGB, device=device)
     bad = [tuple(im.shape) for im in images if tuple(im.shape) != (3, tile_h, tile_w)]
     if bad:
         raise RuntimeError(f"a tile decoded to {bad[0]}, not (3, {tile_h}, {tile_w})")

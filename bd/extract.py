@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bd import __version__, params
-from bd.device import PRECISION_CHOICES, resolve_device, resolve_precision
+from bd.device import PRECISION_CHOICES, claim_gpu, resolve_device, resolve_precision
 from bd.errors import BDError, ConfigError, SlideError, StoreError
 from bd.grid import PatchGrid, load_grid
 from bd.io import atomic_path
@@ -631,5 +631,8 @@ def run(args: argparse.Namespace) -> int:
         raise BDError("nothing to do: give --slide/--grid/--out or --jobs")
     if args.threads:
         torch.set_num_threads(args.threads)
-    extract_slides(jobs, args.params, resume=args.resume, on_slide_error=args.on_error)
+    p = params.build(FeatureParams, args.params)
+    if p.device != "cpu":
+        claim_gpu()  # several GPUs on this node: this job takes one of its own (bd.device)
+    extract_slides(jobs, p, resume=args.resume, on_slide_error=args.on_error)
     return 0

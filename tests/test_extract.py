@@ -439,3 +439,36 @@ def test_next_slide_is_prefetched_in_a_group_job(case, tmp_path: Path, make_rgb,
     one = [extract(s, g, tmp_path / f"b{i}.zarr") for i, (s, g) in enumerate([(slide, grid), (slide2, grid2)])]
     for a, b in zip(outs, one):
         np.testing.assert_array_equal(read_store(a).features, read_store(b).features)
+
+
+def test_each_job_claims_a_gpu_of_its_own(tmp_path: Path, monkeypatch) -> None:
+    """On a node with several GPUs each extraction job sees only its own (lock files, set before
+    CUDA starts); one visible GPU (a SLURM job's) is left as it is."""
+    import threading
+
+    from bd import device
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    try:
+        assert device.claim_gpu(tmp_path) == "0"
+        assert device.visible_gpus() == ["0"]  # this process now sees GPU 0 only
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # as a second job starts
+        assert device.claim_gpu(tmp_path) == "1"  # GPU 0's lock is held
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+        got: list[str | None] = []
+        waiter = threading.Thread(target=lambda: got.append(device.claim_gpu(tmp_path, poll_s=0.05)))
+        waiter.start()
+        time.sleep(0.3)
+        assert not got  # both taken: the third job waits ...
+        fd = device._CLAIMED.pop("1")
+        os_close = __import__("os").close
+        os_close(fd)  # ... until one ends
+        waiter.join(5)
+        assert got == ["1"]
+    finally:
+        device.release_gpus()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    assert device.claim_gpu(tmp_path) is None and device.visible_gpus() == ["3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert device.visible_gpus() == []
