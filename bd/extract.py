@@ -423,7 +423,7 @@ class Extractor:
                 if shared is not None:
                     shared.close()
             root.attrs.update(
-                {"n_patches": rows, "skipped_patches": len(skipped), "skipped": skipped}
+                {"n_patches": rows, "skipped_patches": len(skipped), "skipped": skipped, "decode": source.decode}
             )
             finish_store(root)
         return out

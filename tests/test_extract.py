@@ -358,6 +358,7 @@ def test_device_decode_path_gives_the_cpu_readers_features(ycbcr_case, tmp_path:
     ref = read_store(extract(slide, grid, tmp_path / "cpu.zarr"))
     force_device_decode(monkeypatch)
     got = read_store(extract(slide, grid, tmp_path / "dev.zarr", num_workers=1))
+    assert (got.attrs["decode"], ref.attrs["decode"]) == ("cuda", "cpu")  # the path each store took
     np.testing.assert_array_equal(got.coords, ref.coords)
     np.testing.assert_allclose(got.features.astype(np.float32), ref.features.astype(np.float32), atol=2e-2, rtol=2e-2)
 
