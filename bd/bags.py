@@ -131,8 +131,12 @@ class Cohort:
         lengths = np.where(slide_on, stops - starts, 0)
         if len(idx) == 1 or not slide_on.any():
             feats = self.features[int(starts[0]) : int(starts[0] + lengths[0])] if len(idx) else self.features[:0]
-        else:
-            feats = torch.cat([self.features[int(a) : int(a + n)] for a, n in zip(starts, lengths) if n])
+        else:  # packed straight into the dtype asked for: one pass over the rows, not two
+            feats = self.features.new_empty((int(lengths.sum()), self.feature_dim), dtype=dtype or self.features.dtype)
+            row = 0
+            for a, n in zip(starts.tolist(), lengths.tolist()):
+                feats[row : row + n].copy_(self.features[a : a + n])
+                row += n
         offsets = torch.zeros(len(idx) + 1, dtype=torch.int64)
         offsets[1:] = torch.from_numpy(np.cumsum(lengths))
         clinical = torch.from_numpy(self.clinical[idx] * clin_on[:, None].astype(np.float32))

@@ -2,9 +2,13 @@
 
 The data path is built to keep a GPU busy: DataLoader workers read whole batches of consecutive
 patches (``bd.readers``: stored JPEG tiles decoded once each, or OpenSlide for other formats) as
-uint8; the device resizes them to the encoder's input size (antialiased bilinear), normalises
-with the model's own pretrained mean/std and runs the encoder (bf16 autocast and channels_last on
-CUDA, fp32 on CPU). Stores are written under a temporary name and renamed when complete, so an
+uint8 -- or, on CUDA with YCbCr-coded tiles, only the tiles' bytes, decoded batched on the GPU
+(``bd.device_decode``, ``features.decode``); the device resizes them to the encoder's input size
+(antialiased bilinear), normalises with the model's own pretrained mean/std and runs the encoder
+in ``features.precision`` (``auto``: bf16 weights and channels_last where the device computes
+bf16 natively -- CUDA, CPUs with AMX or AVX-512-BF16 -- else fp32), optionally compiled
+(``features.compile``). With several slides per invocation the model is loaded once, and the
+next slide's reader workers start while the current slide's last batches are encoded. Stores are written under a temporary name and renamed when complete, so an
 interrupted job never leaves a store that looks finished; several slides per invocation load the
 model once.
 """
@@ -31,10 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from bd import __version__, params
-from bd.device import resolve_device
+from bd.device import PRECISION_CHOICES, claim_gpu, resolve_device, resolve_precision
 from bd.errors import BDError, ConfigError, SlideError, StoreError
 from bd.grid import PatchGrid, load_grid
 from bd.io import atomic_path
+from bd.device_decode import TileStreamBatches, assemble, decode_tiles, device_decode_support
 from bd.readers import PatchReader, ReadSpec, open_reader, plan_reader
 from bd.store import create_store, finish_store, read_store, write_store
 
@@ -59,6 +64,9 @@ class FeatureParams:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     on_decode_error: Literal["fail", "skip"] = "fail"
     reader: Literal["auto", "tiff-jpeg", "slide"] = "auto"  # auto: stored JPEG tiles if possible
+    decode: Literal["auto", "cpu", "cuda"] = "auto"  # stored tiles: auto = on the GPU when the encoder is and tiles allow
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # encoder compute type (bd.device.resolve_precision)
+    compile: bool = False  # torch.compile the encoder (minutes of compilation, then faster on GPUs)
 
     def __post_init__(self) -> None:
         for key in ("input_size", "batch_size"):
@@ -66,6 +74,8 @@ class FeatureParams:
                 raise ConfigError(f"features.{key}: must be at least 1, got {getattr(self, key)}")
         if self.num_workers < 0:
             raise ConfigError(f"features.num_workers: must be >= 0, got {self.num_workers}")
+        if self.precision not in PRECISION_CHOICES:
+            raise ConfigError(f"features.precision: {self.precision!r} is not one of {list(PRECISION_CHOICES)}")
 
 
 @dataclass(frozen=True)
@@ -197,24 +207,60 @@ class Preprocess(nn.Module):
 
 
 class FeatureModel(nn.Module):
-    """Preprocessing + encoder: uint8 patches in, float16 feature rows out."""
+    """Preprocessing + encoder: uint8 patches in, float16 feature rows out. In bf16 the encoder's
+    weights and inputs are bf16 and channels_last (no autocast casts per layer); ``compiled``
+    runs the encoder through ``torch.compile``, every batch padded to ``batch_size`` rows so that
+    it compiles once."""
 
-    def __init__(self, preprocess: Preprocess, encoder: nn.Module, device: torch.device) -> None:
+    def __init__(self, preprocess: Preprocess, encoder: nn.Module, device: torch.device,
+                 dtype: torch.dtype = torch.float32, compiled: bool = False, batch_size: int = 0) -> None:
         super().__init__()
         self.preprocess = preprocess
         self.encoder = encoder
-        self.device = device
+        self.device, self.dtype, self.batch_size = device, dtype, batch_size
         self.to(device)
-        if device.type == "cuda":
-            self.encoder.to(memory_format=torch.channels_last)
+        if device.type == "cuda" or dtype != torch.float32:
+            self.encoder.to(dtype=dtype, memory_format=torch.channels_last)
+        self.run_encoder: Any = torch.compile(self.encoder) if compiled else self.encoder
+        self.compiled = compiled
 
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.preprocess(pixels.to(self.device, non_blocking=True))
-        cuda = self.device.type == "cuda"
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
-            feats = self.encoder(x)
-        return feats.float().half()
+        if self.dtype != torch.float32:
+            x = x.to(self.dtype)
+        n = x.shape[0]
+        if self.compiled and 0 < n < self.batch_size:  # one input shape: one compilation
+            x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))]).contiguous(
+                memory_format=torch.channels_last)
+        return self.run_encoder(x)[:n].float().half()
+
+
+@dataclass
+class PatchSource:
+    """One slide's way in: read spec, shared reader, where tiles are decoded, and its loader."""
+
+    spec: ReadSpec
+    shared: PatchReader | None
+    decode: str  # "cpu" (the reader decodes) or a device type ("cuda")
+    dataset: torch.utils.data.Dataset
+    loader: Iterator[dict]
+    cpu_batches: PatchBatches  # the CPU reader's batches: the fallback of a failed device decode
+
+
+def choose_decode(asked: str, device: torch.device, reader: PatchReader | None) -> tuple[str, str]:
+    """Where stored tiles are decoded ("cpu" or "cuda") for ``features.decode`` = ``asked``, and why:
+    on the GPU when the encoder runs there and the tiles allow it (``device_decode_support``)."""
+    if asked == "cpu":
+        return "cpu", "features.decode: cpu"
+    if device.type != "cuda":
+        return "cpu", f"the encoder runs on {device.type}"
+    supported, why = device_decode_support(reader)
+    if not supported:
+        if asked == "cuda":
+            log.warning("features.decode: cuda asked for, but %s: decoding on the CPU", why)
+        return "cpu", why
+    return "cuda", why
 
 
 # --- store writing ---------------------------------------------------------------------------
@@ -279,13 +325,20 @@ class Extractor:
         self.feature_dim = encoder.feature_dim
         self.weights_id = encoder.weights_id
         preprocess = Preprocess(p.input_size, data_config["mean"], data_config["std"])
-        self.model = FeatureModel(preprocess, encoder, self.device).eval()
+        self.precision, why = resolve_precision(p.precision, self.device, "features.precision")
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        self.model = FeatureModel(preprocess, encoder, self.device, dtype, p.compile, p.batch_size).eval()
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+        if p.decode == "cuda" and self.device.type != "cuda":
+            raise ConfigError("features.decode: 'cuda' asked for, but the encoder does not run on CUDA "
+                              f"(features.device resolves to {self.device.type})")
         log.info(
-            "encoder %s (out_stage %s, %d-d, weights %s) on %s",
-            p.encoder, p.out_stage, self.feature_dim, self.weights_id[:12], self.device,
+            "encoder %s (out_stage %s, %d-d, weights %s) on %s, %s%s; %s",
+            p.encoder, p.out_stage, self.feature_dim, self.weights_id[:12], self.device, self.precision,
+            ", compiled" if p.compile else "", why,
         )
+        self.prefetched: dict[str, Any] = {}  # job.out -> a loader started early (extract_slides)
 
     def fingerprint(self, job: SlideJob, grid: PatchGrid) -> str:
         """What a store's content depends on: a rerun with the same fingerprint may be skipped."""
@@ -295,6 +348,7 @@ class Extractor:
             "model_kwargs": p.model_kwargs, "pool": self.pool, "mean": list(self.data_config["mean"]),
             "std": list(self.data_config["std"]),
             "input_size": p.input_size, "slide": str(Path(job.slide).resolve()),
+            "precision": self.precision,
             "grid": {**grid.attrs(), "coords": hashlib.sha256(grid.coords.tobytes()).hexdigest()},
             "on_decode_error": p.on_decode_error, "version": __version__,
         }
@@ -316,7 +370,7 @@ class Extractor:
             "read_level": grid.read_level, "read_downsample": grid.read_downsample,
             "read_size": grid.read_size, "grid_patches": len(grid),
             "device": self.device.type,
-            "precision": "bf16-autocast" if self.device.type == "cuda" else "fp32",
+            "precision": self.precision, "compile": bool(p.compile),
             "on_decode_error": p.on_decode_error, "fingerprint": fingerprint,
             "versions": {"bd": __version__, "torch": torch.__version__, "timm": timm.__version__},
         }
@@ -358,16 +412,14 @@ class Extractor:
 
     def _extract(self, job: SlideJob, grid: PatchGrid, fingerprint: str) -> Path:
         """Read, encode and store every patch of a grid with patches."""
-        p = self.params
         out = Path(job.out)
-        spec = plan_reader(
-            job.slide, grid.read_level, grid.read_downsample, grid.read_size, grid.mpp, p.reader
-        )
-        reader = open_reader(spec)  # fails early, in this process, on a slide that cannot open
-        shared = reader if reader.share() else None
-        if shared is None:
-            reader.close()
-        log.info("%s: %d patches, reader %s", grid.slide_id, len(grid), spec.kind)
+        started = self.prefetched.pop(job.out, None)
+        if isinstance(started, SlideError):
+            raise started
+        source = started or self.open_source(job, grid)
+        spec, shared = source.spec, source.shared
+        log.info("%s: %d patches, reader %s, decode on %s%s", grid.slide_id, len(grid), spec.kind, source.decode,
+                 " (prefetched)" if started else "")
         stale = sorted(out.parent.glob(f".{out.name}.tmp-*"))
         if stale:
             log.warning(
@@ -377,33 +429,69 @@ class Extractor:
         with atomic_path(out) as tmp:
             root = create_store(tmp, len(grid), self.feature_dim, self.attrs(grid, spec, fingerprint))
             try:
-                rows, skipped = self._fill(root, spec, grid, shared)
+                rows, skipped = self._fill(root, grid, source)
             finally:
                 if shared is not None:
                     shared.close()
             root.attrs.update(
-                {"n_patches": rows, "skipped_patches": len(skipped), "skipped": skipped}
+                {"n_patches": rows, "skipped_patches": len(skipped), "skipped": skipped, "decode": source.decode}
             )
             finish_store(root)
         return out
 
-    def _fill(
-        self, root: Any, spec: ReadSpec, grid: PatchGrid, shared: PatchReader | None
-    ) -> tuple[int, list[list[int]]]:
+    def open_source(self, job: SlideJob, grid: PatchGrid) -> PatchSource:
+        """The slide's reader, decode path and batch loader (its workers start reading now)."""
+        p = self.params
+        spec = plan_reader(job.slide, grid.read_level, grid.read_downsample, grid.read_size, grid.mpp, p.reader)
+        reader = open_reader(spec)  # fails early, in this process, on a slide that cannot open
+        shared = reader if reader.share() else None
+        if shared is None:
+            reader.close()
+        decode, why = choose_decode(p.decode, self.device, shared)
+        if decode != "cpu" or p.decode != "auto":
+            log.info("%s: tiles decoded on %s (%s)", grid.slide_id, decode, why)
+        skip = p.on_decode_error == "skip"
+        if decode == "cpu":
+            dataset: torch.utils.data.Dataset = PatchBatches(spec, grid.coords, p.batch_size, skip, shared)
+        else:
+            dataset = TileStreamBatches(shared, grid.coords, p.batch_size)
+        loader = patch_loader(dataset, p.num_workers, self.device.type == "cuda")
+        return PatchSource(spec, shared, decode, dataset, loader, PatchBatches(spec, grid.coords, p.batch_size, skip, shared))
+
+    def _pixels(self, batch: dict[str, Any], source: PatchSource) -> dict[str, Any]:
+        """A CPU-read batch as it comes; a tile-bytes batch decoded on the device, or read again
+        by the CPU reader when the device cannot decode it (so on_decode_error applies per patch)."""
+        if source.decode == "cpu":
+            return batch
+        reader = source.shared
+        try:
+            tiles = decode_tiles(batch["streams"], self.device, reader.tile_h, reader.tile_w)
+            pixels = assemble(tiles, batch["tiles"], batch["origins"], reader)
+        except RuntimeError as exc:
+            log.warning("device decode failed, batch at patch %d read on the CPU instead: %s", batch["start"], exc)
+            return source.cpu_batches[int(batch["start"]) // source.cpu_batches.batch_size]
+        return {"start": batch["start"], "pixels": pixels, "ok": torch.ones(int(batch["n"]), dtype=torch.bool),
+                "error": ""}
+
+    def _fill(self, root: Any, grid: PatchGrid, source: PatchSource) -> tuple[int, list[list[int]]]:
         """Read, encode and write every patch: the rows written and the skipped patches' x, y.
 
         One batch stays in flight: its features come back to the host asynchronously while the
-        next batch is queued, so the GPU does not wait for store writes or the loader."""
-        p = self.params
-        skip = p.on_decode_error == "skip"
-        dataset = PatchBatches(spec, grid.coords, p.batch_size, skip, shared)
+        next batch is queued, so the GPU does not wait for store writes or the loader. When every
+        remaining batch of this slide has been handed to the loader's workers, the next slide's
+        loader is started (``on_tail``), so its workers read while this slide's last batches run."""
         writer = RowWriter(root, chunk=root["features"].chunks[0])
         skipped: list[list[int]] = []
         in_flight: tuple[torch.Tensor, Any, np.ndarray] | None = None
         bar = _progress(len(grid), grid.slide_id)
         started = time.perf_counter()
+        total, tail = len(source.dataset), max(1, self.params.num_workers) * 4  # batches queued ahead
         try:
-            for batch in patch_loader(dataset, p.num_workers, self.device.type == "cuda"):
+            for i, batch in enumerate(source.loader):
+                if total - i <= tail and self.on_tail is not None:
+                    self.on_tail()
+                    self.on_tail = None
+                batch = self._pixels(batch, source)
                 if batch["error"]:
                     raise SlideError(batch["error"])
                 start, ok = int(batch["start"]), batch["ok"].numpy()
@@ -427,6 +515,22 @@ class Extractor:
             grid.slide_id, len(grid), seconds, len(grid) / max(seconds, 1e-9), len(skipped),
         )
         return rows, skipped
+
+    def prefetch(self, job: SlideJob) -> None:
+        """Start ``job``'s loader now (its reader workers fill their queue while the current slide
+        finishes); an error is kept and raised when ``job`` runs, under its own on_slide_error."""
+        try:
+            grid = load_grid(job.grid)
+            if len(grid) == 0 or (self.resume and _complete_with(Path(job.out), self.fingerprint(job, grid))):
+                return
+            self.prefetched[job.out] = self.open_source(job, grid)
+        except SlideError as exc:
+            self.prefetched[job.out] = exc
+        except BDError as exc:
+            log.debug("%s: not prefetched (%s)", job.slide, exc)
+
+    on_tail: Any = None  # called once when a slide's last batches are queued (extract_slides)
+    resume: bool = False
 
     def _to_host(self, feats: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """Start copying device features to the host; returns the tensor and a ready event."""
@@ -491,7 +595,14 @@ def extract_slides(
     if not isinstance(p, FeatureParams):
         p = params.build(FeatureParams, p)
     extractor = Extractor(p)
-    return [extractor.run(job, resume=resume, on_slide_error=on_slide_error) for job in jobs]
+    extractor.resume = resume
+    out = []
+    for i, job in enumerate(jobs):
+        following = jobs[i + 1] if i + 1 < len(jobs) else None
+        extractor.on_tail = (lambda j=following: extractor.prefetch(j)) if following and p.num_workers else None
+        out.append(extractor.run(job, resume=resume, on_slide_error=on_slide_error))
+    extractor.prefetched.clear()
+    return out
 
 
 # --- command line ----------------------------------------------------------------------------
@@ -542,5 +653,8 @@ def run(args: argparse.Namespace) -> int:
         raise BDError("nothing to do: give --slide/--grid/--out or --jobs")
     if args.threads:
         torch.set_num_threads(args.threads)
-    extract_slides(jobs, args.params, resume=args.resume, on_slide_error=args.on_error)
+    p = params.build(FeatureParams, args.params)
+    if p.device != "cpu":
+        claim_gpu()  # several GPUs on this node: this job takes one of its own (bd.device)
+    extract_slides(jobs, p, resume=args.resume, on_slide_error=args.on_error)
     return 0

@@ -118,11 +118,66 @@ class AttentionPool(nn.Module):
         w, b = self.embed.weight.to(dtype), self.embed.bias.to(dtype)
         return F.relu(F.linear(features.to(dtype), w, b).float())
 
-    def forward(self, features: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(slide features [B, dim], attention weights [n])."""
-        h = self.instances(features)
+    def forward(self, features: torch.Tensor, offsets: torch.Tensor,
+                instances: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slide features [B, dim], attention weights [n]); ``instances``: this pool's
+        embeddings of ``features`` when already computed (see :func:`embed_instances`)."""
+        h = self.instances(features) if instances is None else instances
         scores = self.score(h).squeeze(1)
         return segment_softmax_pool(scores, h, offsets)
+
+
+class _SharedInputLinear(torch.autograd.Function):
+    """``x @ w_i.T + b_i`` for several layers on the same input, one GEMM forward and one for
+    all weight gradients. An output that gets no gradient gives its layer none (not zeros), so a
+    loss of one branch leaves the other branch's parameters untouched, as separate layers do."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, dtype: torch.dtype, *weights_biases: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        weights, biases = weights_biases[0::2], weights_biases[1::2]
+        xd = x.to(dtype)
+        y = F.linear(xd, torch.cat(weights).to(dtype), torch.cat(biases).to(dtype))
+        ctx.save_for_backward(xd, *weights)
+        ctx.sizes, ctx.dtype = [w.shape[0] for w in weights], dtype
+        ctx.set_materialize_grads(False)
+        return tuple(part.contiguous() for part in y.split(ctx.sizes, dim=1))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        xd, *weights = ctx.saved_tensors
+        used = [i for i, g in enumerate(grads) if g is not None]
+        out: list[torch.Tensor | None] = [None] * (2 + 2 * len(weights))
+        if not used:
+            return tuple(out)
+        g = torch.cat([grads[i].to(ctx.dtype) for i in used], dim=1)
+        g_w = (g.t() @ xd).split([ctx.sizes[i] for i in used])
+        g_b = g.sum(0).split([ctx.sizes[i] for i in used])
+        for k, i in enumerate(used):
+            out[2 + 2 * i] = g_w[k].to(weights[i].dtype)
+            out[3 + 2 * i] = g_b[k].to(weights[i].dtype)
+        if ctx.needs_input_grad[0]:
+            w_used = torch.cat([weights[i] for i in used]).to(ctx.dtype)
+            out[0] = g @ w_used
+        return tuple(out)
+
+
+def embed_instances(pools: tuple[AttentionPool, ...], features: torch.Tensor) -> list[torch.Tensor]:
+    """Each pool's instance embeddings of the same patches, in one matmul each way: the features
+    are converted once and the GEMMs are ``len(pools)`` times wider, which a CPU runs closer to its
+    peak (the patch layer is nearly all of a step's compute). Same values as ``pool.instances``."""
+    dtypes = {pool.compute_dtype for pool in pools}
+    if len(pools) == 1 or len(dtypes) > 1:
+        return [pool.instances(features) for pool in pools]
+    dtype = dtypes.pop() or torch.float32
+    params = [t for pool in pools for t in (pool.embed.weight, pool.embed.bias)]
+    return [F.relu(y).float() for y in _SharedInputLinear.apply(features, dtype, *params)]
+
+
+def input_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a model's patch layer computes in (fp32 unless all its pools use another):
+    packing a step's bags straight into it saves one conversion pass over the features."""
+    dtypes = {m.compute_dtype or torch.float32 for m in model.modules() if isinstance(m, AttentionPool)}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
 class Prompt(nn.Module):
@@ -523,17 +578,19 @@ class BidirectionalDistillation(MILModel):
 
     def branches(self, batch: Batch, single: bool = True) -> dict[str, torch.Tensor]:
         """Both branches' features and logits (``single=False``: the multi-modal branch only)."""
-        f_wm = self.pool_mul(batch.features, batch.offsets)[0]
+        both = single and self.missing == "clinical"  # both slide encoders: one fused patch matmul
+        h_mul, h_sgl = embed_instances((self.pool_mul, self.pool_sgl), batch.features) if both else (None, None)
+        f_wm = self.pool_mul(batch.features, batch.offsets, h_mul)[0]
         f_c = self.clin_mul(batch.clinical)
         out = {"f_wm": f_wm, "f_c": f_c, "logits_mul": self.head_mul(torch.cat([f_wm, f_c], 1))}
         if single:
-            out.update(self.single_branch(batch))
+            out.update(self.single_branch(batch, h_sgl))
         return out
 
-    def single_branch(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def single_branch(self, batch: Batch, instances: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         f_p = self.prompt(batch.size)
         if self.missing == "clinical":
-            f_ws = self.pool_sgl(batch.features, batch.offsets)[0]
+            f_ws = self.pool_sgl(batch.features, batch.offsets, instances)[0]
             return {"kept_sgl": f_ws, "f_p": f_p, "logits_sgl": self.head_sgl(torch.cat([f_ws, f_p], 1))}
         f_cs = self.clin_sgl(batch.clinical)
         return {"kept_sgl": f_cs, "f_p": f_p, "logits_sgl": self.head_sgl(torch.cat([f_p, f_cs], 1))}

@@ -3,8 +3,9 @@
 Reading, not the encoder, decides extraction speed, and most of OpenSlide's cost is its own
 pixel-format conversion, not the JPEG decode (DESIGN.md). So for TIFF-family slides whose tiles
 are JPEG (SVS, generic tiled TIFF, the demo's slides) :class:`TiffJpegReader` reads the stored
-tile bytes with ``os.pread`` and decodes each tile once with libjpeg-turbo (``cv2.imdecode``),
-keeping decoded tiles in an LRU cache sized for one row of patches. Every other format goes
+tile bytes with ``os.pread`` and decodes each tile once with libjpeg-turbo
+(``imagecodecs.jpeg8_decode`` with the page's shared JPEG tables and its colour space from the
+TIFF photometric tag), keeping decoded tiles in an LRU cache sized for one row of patches. Every other format goes
 through :class:`SlideReader` (``bd.slide``: OpenSlide and flat images). Both give the same pixels
 (white beyond the slide's borders); tests compare them with OpenSlide. A large flat image (a
 BCNB JPEG) is read from its pyramidal JPEG-tiled copy (``bd.slide.pyramid_copy``, written once
@@ -72,31 +73,23 @@ class ReadSpec:
         return f"{self.path}: region x={x}, y={y}, level={self.level}, size={self.size}"
 
 
-def _adobe_marker(transform: int) -> bytes:
-    """A JPEG APP14 'Adobe' segment: tells libjpeg the stream's colour space (0 RGB, 1 YCbCr).
+def decode_tile(data: bytes, tables: bytes | None, rgb: bool) -> np.ndarray:
+    """One stored JPEG tile as RGB uint8 (libjpeg-turbo, through imagecodecs).
 
-    Aperio writes RGB-coded JPEG tiles (photometric RGB, component ids 0, 1, 2) that libjpeg
-    would otherwise take for YCbCr; OpenSlide sets the colour space from the TIFF photometric
-    tag, and so do we, through this marker."""
-    return b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00" + bytes([transform])
+    ``tables``: the page's shared JPEG tables (abbreviated SVS streams need them). The colour
+    space comes from the TIFF photometric tag, as OpenSlide takes it: Aperio writes RGB-coded
+    tiles (component ids 0, 1, 2, sometimes a JFIF marker) that libjpeg would otherwise take for
+    YCbCr. A stream without its end-of-image marker (a truncated tile) is an error, not a tile
+    padded with grey. Raises :class:`SlideError`."""
+    import imagecodecs
 
-
-def _strip_jfif(stream: bytes) -> bytes:
-    """Remove a leading JFIF APP0 segment (JFIF implies YCbCr in libjpeg, overriding APP14)."""
-    if stream[2:4] == b"\xff\xe0":
-        length = int.from_bytes(stream[4:6], "big")
-        return stream[:2] + stream[4 + length :]
-    return stream
-
-
-def _imdecode_rgb(buf: np.ndarray) -> np.ndarray | None:
-    """libjpeg-turbo decode to RGB (None when the stream is corrupt)."""
-    import cv2
-
-    if hasattr(cv2, "IMREAD_COLOR_RGB"):  # OpenCV >= 4.11 converts inside the decoder
-        return cv2.imdecode(buf, cv2.IMREAD_COLOR_RGB)
-    bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-    return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    if data.rfind(b"\xff\xd9", max(0, len(data) - 64)) < 0:
+        raise SlideError("JPEG tile is truncated (no end-of-image marker)")
+    try:
+        return imagecodecs.jpeg8_decode(data, tables=tables or None, colorspace="RGB" if rgb else "YCBCR",
+                                        outcolorspace="RGB")
+    except imagecodecs.Jpeg8Error as exc:
+        raise SlideError(f"JPEG tile failed to decode ({exc})") from None
 
 
 def _level_page(tif: object, width: int, height: int, downsample: float) -> object | None:
@@ -145,13 +138,10 @@ class TiffJpegReader:
                 self.offsets = np.asarray(page.dataoffsets, dtype=np.int64)
                 self.counts = np.asarray(page.databytecounts, dtype=np.int64)
                 rgb = page.photometric == PHOTOMETRIC_RGB
-                tables = page.jpegtables or b""
+                tables = page.jpegtables or None
         except (OSError, ValueError, tifffile.TiffFileError) as exc:
             raise slide_fault(f"{spec.path}: cannot read TIFF structure", exc) from exc
-        self.rgb = rgb
-        # SOI + colour-space marker + shared tables (without their SOI/EOI); each tile's own
-        # stream follows without its SOI. Abbreviated SVS streams need the tables spliced in.
-        self.prefix = b"\xff\xd8" + _adobe_marker(0 if rgb else 1) + tables[2:-2]
+        self.rgb, self.tables = rgb, tables
         self.tiles_x = math.ceil(self.width / self.tile_w)
         self.tiles_y = math.ceil(self.height / self.tile_h)
         rows = math.ceil(spec.size / self.tile_h) + 1
@@ -170,12 +160,15 @@ class TiffJpegReader:
         if count == 0:
             return None
         data = os.pread(self.fd, count, int(self.offsets[index]))
-        stream = _strip_jfif(data) if self.rgb else data
-        buf = np.frombuffer(self.prefix + stream[2:], dtype=np.uint8)
-        tile = _imdecode_rgb(buf)
-        if tile is None or tile.shape[0] < self.tile_h or tile.shape[1] < self.tile_w:
-            row, col = divmod(index, self.tiles_x)
-            raise SlideError(f"JPEG tile (row {row}, column {col}) failed to decode")
+        row, col = divmod(index, self.tiles_x)
+        if len(data) < count:
+            raise SlideError(f"JPEG tile (row {row}, column {col}) lies past the end of the file (truncated slide)")
+        try:
+            tile = decode_tile(data, self.tables, self.rgb)
+        except SlideError as exc:
+            raise SlideError(f"{exc} (row {row}, column {col})") from None
+        if tile.ndim != 3 or tile.shape[0] < self.tile_h or tile.shape[1] < self.tile_w:
+            raise SlideError(f"JPEG tile (row {row}, column {col}) decoded to {tile.shape}, not {self.tile_h} x {self.tile_w}")
         self.decoded += 1
         self.cache[index] = tile
         if len(self.cache) > self.capacity:

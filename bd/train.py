@@ -2,8 +2,12 @@
 
 Optimiser: SGD (paper defaults: lr 1e-4, momentum 0.3, weight decay 1e-3), one optimiser per
 training stage (two-stage methods such as AE train their parts in turn). A step takes
-``batch_size`` patients' bags, packed (not padded) into one tensor; the default of 1 is the
-classic one-bag-per-step MIL. Training uses the training patients with a slide and clinical data
+``batch_size`` patients' bags, packed (not padded) into one tensor, each bag pooled on its own;
+``auto`` (the default) is the classic one bag per step, except for BCNB-sized cohorts with wide
+features, which take ~16 k patches a step (8 bags of 2,000) so that the patch layer's matmul uses
+every core (:func:`auto_batch_size`). ``precision: auto`` computes the patch layer in bf16 only
+where the device does so natively (``bd.device``). Both choices are logged and recorded in the
+checkpoint (``resolved``). Training uses the training patients with a slide and clinical data
 (the paper's modality-complete training set); after each epoch the validation patients are
 predicted under the stage's presence conditions (for BD: clinical present -> multi-modal branch,
 absent -> single-modal branch), and the epoch with the best mean macro F1 (ties: mean AUC) is
@@ -28,10 +32,17 @@ import copy
 import logging
 import math
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+
+# OpenMP threads that wait sleep instead of spinning: on a machine whose other cores are busy, a
+# spinning thread burns the time slice its partner needs, and a step then takes several times
+# longer with two threads than with one (benchmarks/train.py). libgomp reads this when torch is
+# first imported, so it applies to `bd train` (a value set by the user wins).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from collections.abc import Iterator  # noqa: E402
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -39,18 +50,18 @@ import torch
 
 from bd import __version__
 from bd.bags import Cohort
-from bd.device import resolve_device
+from bd.device import PRECISION_CHOICES, cpu_summary, resolve_device, resolve_precision
 from bd.errors import BDError, ConfigError
 from bd.io import atomic_path, file_sha256
 from bd.models import (
     ALL_CONDITIONS,
     CONDITION_NAMES,
     DIRECTIONS,
-    PRECISIONS,
     Condition,
     MILModel,
     Stage,
     create_model,
+    input_dtype,
     model_class,
     model_kwargs,
 )
@@ -60,6 +71,13 @@ from bd.runs import CHECKPOINT_FORMAT, predict_patients
 log = logging.getLogger(__name__)
 
 DEFAULT_METHODS = ["image_only", "clinical_only", "filling", "ae", "ensemble", "smil", "bd"]
+# batch_size auto: bags are packed several to a step only for cohorts whose patch layer is big
+# enough for one bag's matmul to leave a CPU core idle (BCNB: 630 x ~2,000 patches x 1,024-d);
+# smaller cohorts (the demo, low-dimensional features) keep one bag per step.
+AUTO_BATCH_MIN_PATIENTS = 256
+AUTO_BATCH_MIN_ELEMENTS = 1 << 29  # training patches x feature dimension
+AUTO_BATCH_STEP_PATCHES = 16384  # patches per packed step
+AUTO_BATCH_MAX = 16
 
 
 @dataclass
@@ -71,7 +89,7 @@ class TrainParams:
     seeds: list[int] = field(default_factory=lambda: [0])  # workflow only
     max_epochs: int = 60
     patience: int = 15
-    batch_size: int = 1  # patients (bags) per optimiser step
+    batch_size: int | Literal["auto"] = "auto"  # patients (bags) per optimiser step; see auto_batch_size
     lr: float = 1.0e-4
     momentum: float = 0.3
     weight_decay: float = 1.0e-3
@@ -83,13 +101,14 @@ class TrainParams:
     hidden_dim: int = 128  # slide feature size (attention-pooled instance embeddings)
     clinical_dim: int = 50  # clinical feature f_c (= prompt feature f_p) size
     smil_priors: int = 8  # SMIL: k-means priors of the clinical vector
-    precision: str = "bf16"  # bf16 | fp32: the patch-feature layer's compute type
+    precision: str = "auto"  # auto | bf16 | fp32: the patch-feature layer's compute type (bd.device)
     device: str = "auto"  # auto | cpu | cuda
 
     def __post_init__(self) -> None:
         model_class(self.method)
-        positive = ("max_epochs", "patience", "batch_size", "prompt_length", "hidden_dim", "clinical_dim",
-                    "smil_priors")
+        positive = ("max_epochs", "patience", "prompt_length", "hidden_dim", "clinical_dim", "smil_priors")
+        if self.batch_size != "auto":
+            positive = ("batch_size", *positive)
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"training.{key}: {getattr(self, key)} must be at least 1")
@@ -99,7 +118,7 @@ class TrainParams:
         for key in ("momentum", "weight_decay", "lambda_m", "lambda_s"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"training.{key}: {getattr(self, key)} must not be negative")
-        choices = {"directions": DIRECTIONS, "precision": PRECISIONS, "device": ("auto", "cpu", "cuda")}
+        choices = {"directions": DIRECTIONS, "precision": PRECISION_CHOICES, "device": ("auto", "cpu", "cuda")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"training.{key}: {getattr(self, key)!r} is not one of {list(allowed)}")
@@ -113,6 +132,7 @@ class TrainResult:
     threshold: float  # pooled over the method's conditions
     thresholds: dict[str, float]  # per answering branch
     val: dict[str, float]
+    resolved: dict[str, Any] = field(default_factory=dict)  # what the auto settings became, and why
 
 
 @contextlib.contextmanager
@@ -199,10 +219,11 @@ def run_epoch(model: MILModel, cohort: Cohort, idx: np.ndarray, stage: Stage, op
               rng: np.random.Generator, batch_size: int, device: torch.device) -> dict[str, float]:
     """One pass over the training patients in a seeded random order; mean of each loss term."""
     model.train()
+    dtype = input_dtype(model)
     order = rng.permutation(idx)
     sums: dict[str, float] = {}
     for start in range(0, len(order), batch_size):
-        batch = cohort.batch(order[start : start + batch_size], device=device)
+        batch = cohort.batch(order[start : start + batch_size], device=device, dtype=dtype)
         losses = model.losses(batch, stage.name)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
@@ -213,6 +234,37 @@ def run_epoch(model: MILModel, cohort: Cohort, idx: np.ndarray, stage: Stage, op
     if not math.isfinite(means["train_loss"]):
         raise BDError(f"stage {stage.name}: the training loss is not finite (lower training.lr?)")
     return means
+
+
+def auto_batch_size(cohort: Cohort, train_idx: np.ndarray) -> tuple[int, str]:
+    """Bags per step for ``batch_size: auto``, and why: one bag per step unless the cohort is of
+    BCNB's size (``AUTO_BATCH_*``); then enough bags for ~16 k patches a step, so that the patch
+    layer's matmul keeps two cores busy. Each bag is still pooled on its own (packed bags)."""
+    n, patches = len(train_idx), int(cohort.lengths()[train_idx].sum())
+    size = f"{n} training bags, {patches:,} patches x {cohort.feature_dim}-d"
+    if n < AUTO_BATCH_MIN_PATIENTS or patches * cohort.feature_dim < AUTO_BATCH_MIN_ELEMENTS:
+        return 1, f"training.batch_size: auto -> 1 ({size}: a small cohort keeps one bag per step)"
+    mean = patches / max(n, 1)
+    bags = int(np.clip(round(AUTO_BATCH_STEP_PATCHES / max(mean, 1.0)), 1, AUTO_BATCH_MAX))
+    return bags, f"training.batch_size: auto -> {bags} ({size}: ~{AUTO_BATCH_STEP_PATCHES} patches a step)"
+
+
+def resolve_settings(params: TrainParams, cohort: Cohort, train_idx: np.ndarray,
+                     device: torch.device) -> tuple[TrainParams, dict[str, Any]]:
+    """``params`` with ``precision`` and ``batch_size`` made concrete, and the record of the
+    choices (logged, and kept in the checkpoint)."""
+    precision, why_precision = resolve_precision(params.precision, device, "training.precision")
+    if params.batch_size == "auto":
+        batch_size, why_batch = auto_batch_size(cohort, train_idx)
+    else:
+        batch_size, why_batch = int(params.batch_size), f"training.batch_size: {params.batch_size} asked for"
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_summary()
+    for line in (why_precision, why_batch):
+        log.info("%s", line)
+    resolved = {"precision": precision, "precision_reason": why_precision, "batch_size": batch_size,
+                "batch_size_reason": why_batch, "device": str(device), "hardware": hardware,
+                "threads": torch.get_num_threads()}
+    return replace(params, precision=precision, batch_size=batch_size), resolved
 
 
 def _score(val: dict[str, float]) -> tuple[float, float]:
@@ -256,6 +308,7 @@ def train_model(cohort: Cohort, params: TrainParams, seed: int, device: torch.de
     train_idx, val_idx = training_patients(cohort, "train"), training_patients(cohort, "val")
     if len(np.unique(cohort.labels[train_idx])) < 2:
         raise BDError("the training split holds one class only: cannot train a classifier")
+    params, resolved = resolve_settings(params, cohort, train_idx, device)
     with deterministic(seed, device):
         model = create_model(params.method, cohort.feature_dim, cohort.n_clinical, **to_dict(params)).to(device)
         model.setup(torch.from_numpy(cohort.clinical[train_idx]).to(device))
@@ -271,7 +324,7 @@ def train_model(cohort: Cohort, params: TrainParams, seed: int, device: torch.de
     log.info("%s seed %d: epochs %s, val F1 %.3f, AUC %.3f, thresholds %s",
              params.method, seed, stage_epochs, val["val_f1"], val["val_auc"],
              {b: round(t, 3) for b, t in thresholds.items()})
-    return TrainResult(model, pd.DataFrame(rows), stage_epochs, threshold, thresholds, val)
+    return TrainResult(model, pd.DataFrame(rows), stage_epochs, threshold, thresholds, val, resolved)
 
 
 # ---------------------------------------------------------------- outputs
@@ -285,7 +338,8 @@ def checkpoint_payload(result: TrainResult, cohort: Cohort, params: TrainParams,
         "format": CHECKPOINT_FORMAT,
         "method": params.method,
         "params": to_dict(params),
-        "model_kwargs": model_kwargs(params.method, to_dict(params)),
+        "model_kwargs": model_kwargs(params.method, {**to_dict(params), **_concrete(result)}),
+        "resolved": dict(result.resolved),  # what precision/batch_size auto became, and why
         "in_dim": cohort.feature_dim,
         "clin_dim": cohort.n_clinical,
         "state_dict": {k: v.detach().cpu() for k, v in result.model.state_dict().items()},
@@ -300,6 +354,11 @@ def checkpoint_payload(result: TrainResult, cohort: Cohort, params: TrainParams,
         "seed": int(seed),
         "versions": {"bd": str(__version__), "torch": str(torch.__version__)},
     }
+
+
+def _concrete(result: TrainResult) -> dict[str, Any]:
+    """The resolved settings that rebuild the trained model (precision: its patch layer)."""
+    return {k: result.resolved[k] for k in ("precision",) if k in result.resolved}
 
 
 def plot_curve(curve: pd.DataFrame, stage_epochs: dict[str, int], path: Path, title: str) -> None:
@@ -380,7 +439,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = resolve_device(params.device, "training.device")
     scaler = _scaler_path(args)
-    dtype = torch.bfloat16 if params.precision == "bf16" else torch.float16
+    precision, _ = resolve_precision(params.precision, device, "training.precision")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16  # fp16: the stores' own type
     cohort = load_cohort(args.features_dir, args.samples, args.clinical, dtype=dtype, progress=not args.no_progress)
     if device.type == "cuda":
         cohort.features = cohort.features.to(device)  # one copy up front: an epoch then reads GPU memory

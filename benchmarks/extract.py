@@ -3,20 +3,23 @@ coordinates, in one run (the machine is noisy: compare the ratios).
 
 CLAM-style: per patch ``openslide.read_region`` -> RGB -> PIL resize -> torchvision ToTensor +
 Normalize on the CPU, fp32 NCHW batches (then the encoder, fp32). bd: stored JPEG tiles decoded
-once each (``bd.readers``), uint8 batches, resize + normalise on the device, encoder with bf16
-autocast + channels_last on CUDA (``bd.extract``).
+once each (``bd.readers``), uint8 batches, resize + normalise on the device, encoder in
+``features.precision: auto`` (bf16 weights + channels_last on CUDA) (``bd.extract``). On CUDA
+also: the tiles decoded on the GPU (``bd.device_decode``: nvJPEG, batched) against the CPU
+reader, the encoder alone in fp32, bf16 channels_last and compiled, and ``bd extract`` end to end
+with and without ``features.compile``.
 
 The slide is generated: a JPEG-tiled (256 px) pyramidal TIFF with H&E-like texture. Patches are
 tile-aligned 256 px squares at level 0, resized to 224. Prints one JSON object per figure.
 
     python benchmarks/extract.py                 # CPU: data path + small end-to-end (~1-3 min)
     python benchmarks/extract.py --size 16384    # GPU node: more patches for the end-to-end line
+    python benchmarks/extract.py --save          # also append to benchmarks/results/extract-<device>.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -31,21 +34,22 @@ import tifffile
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from record import Recorder, device_slug  # noqa: E402
 
 from bd.encoders import create_encoder  # noqa: E402
 from bd.extract import Extractor, FeatureParams, PatchBatches, Preprocess  # noqa: E402
 from bd.extract import SlideJob, patch_loader  # noqa: E402
 from bd.grid import PatchGrid, save_grid  # noqa: E402
+from bd.device import cpu_summary  # noqa: E402
+from bd.device_decode import TileStreamBatches, assemble, decode_tiles  # noqa: E402
 from bd.readers import open_reader, plan_reader  # noqa: E402
 
 PATCH, INPUT, TILE, MPP = 256, 224, 256, 0.5
 
 
-def emit(metric: str, value: float | None, unit: str, target: float | None = None,
-         better: str = "higher", **extra: object) -> None:
-    row = {"metric": metric, "value": None if value is None else round(value, 3), "unit": unit,
-           "target": target, "better": better, **extra}
-    print(json.dumps(row), flush=True)
+emit = Recorder("extract", "cpu")  # set in main(): rows name the device they ran on
 
 
 def write_slide(path: Path, size: int, seed: int = 0) -> Path:
@@ -139,6 +143,39 @@ def bd_data_path(path: Path, coords: np.ndarray, cfg: dict, device: torch.device
         torch.cuda.synchronize()
 
 
+def bd_device_decode_path(path: Path, coords: np.ndarray, cfg: dict, device: torch.device, batch: int,
+                          workers: int) -> None:
+    """Tile bytes from the loader, decoded batched on the device, patches gathered, preprocessed."""
+    reader = open_reader(plan_reader(str(path), 0, 1.0, PATCH, prefer="tiff-jpeg"))
+    pre = Preprocess(INPUT, cfg["mean"], cfg["std"]).to(device)
+    with torch.inference_mode():
+        for b in patch_loader(TileStreamBatches(reader, coords, batch), workers, device.type == "cuda"):
+            tiles = decode_tiles(b["streams"], device, reader.tile_h, reader.tile_w)
+            pre(assemble(tiles, b["tiles"], b["origins"], reader))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    reader.close()
+
+
+def encoder_alone(encoder: torch.nn.Module, device: torch.device, batch: int, dtype: torch.dtype,
+                  compiled: bool, steps: int = 20) -> float:
+    """Patches per second of the encoder alone on random inputs (steady state)."""
+    import copy
+
+    model = copy.deepcopy(encoder).to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
+    run = torch.compile(model) if compiled else model
+    x = torch.randn(batch, 3, INPUT, INPUT, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        for _ in range(3):
+            run(x)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            run(x)
+        torch.cuda.synchronize()
+    return steps * batch / (time.perf_counter() - start)
+
+
 def race(clam: Callable[[], None], ours: Callable[[], None], n: int, repeats: int) -> tuple[float, float]:
     """Patches per second of each loop: runs alternate (the machine's load drifts) and the
     fastest run of each counts (the least disturbed one)."""
@@ -163,13 +200,18 @@ def main() -> None:
     ap.add_argument("--cpu-e2e-patches", type=int, default=32,
                     help="patches for the CPU end-to-end figures (the encoder dominates on CPU)")
     ap.add_argument("--repeats", type=int, default=3, help="data-path runs; the best counts")
+    ap.add_argument("--save", action="store_true", help="append the rows to benchmarks/results/")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     cuda = torch.cuda.is_available()
     workers = args.workers if args.workers is not None else ((os.cpu_count() or 1) if cuda else 0)
     batch = args.batch_size or (256 if cuda else 64)
     device = torch.device("cuda" if cuda else "cpu")
-    env = {"device": torch.cuda.get_device_name() if cuda else "cpu", "workers": workers}
+    name = torch.cuda.get_device_name() if cuda else None
+    emit.save = args.save
+    emit.set_device(f"cuda: {name}" if cuda else f"cpu: {cpu_summary()}",
+                    device_slug(name) if cuda else "cpu-" + "-".join(device_slug(cpu_summary().split(" (")[0]).split("-")[:3]))
+    env = {"workers": workers, "cpus": os.cpu_count()}
 
     with tempfile.TemporaryDirectory() as tmp:
         slide = write_slide(Path(tmp) / "bench.tif", args.size)
@@ -196,6 +238,16 @@ def main() -> None:
         emit("bd_data_path", ours, "patches/s", **env)
         emit("data_path_speedup", ours / clam, "x", target=4.0, **env)
         torch.set_num_threads(threads)
+        if cuda:  # tiles decoded on the GPU (nvJPEG) against the CPU reader's data path
+            cpu_path, gpu_path = race(lambda: bd_data_path(slide, coords, cfg, device, batch, workers),
+                                      lambda: bd_device_decode_path(slide, coords, cfg, device, batch, workers),
+                                      n, args.repeats)
+            emit("bd_data_path_cpu_decode_gpu", cpu_path, "patches/s", **env)
+            emit("bd_data_path_device_decode_gpu", gpu_path, "patches/s", **env)
+            for label, dtype, compiled in (("fp32", torch.float32, False), ("bf16_channels_last", torch.bfloat16, False),
+                                           ("bf16_compiled", torch.bfloat16, True)):
+                emit(f"encoder_alone_{label}_gpu", encoder_alone(encoder, device, batch, dtype, compiled), "patches/s",
+                     encoder=f"{args.encoder}/{args.out_stage}", batch=batch)
 
         # End to end: the CLAM loop (fp32, NCHW) against bd extract (store writes included).
         e2e = every if cuda else every[: args.cpu_e2e_patches]
@@ -215,10 +267,21 @@ def main() -> None:
             lambda: extractor.run(job), len(e2e), 2 if cuda else 1)
         kind = "gpu" if cuda else "cpu"
         emit(f"clam_end_to_end_{kind}", clam, "patches/s", **env)
-        emit(f"bd_end_to_end_{kind}", ours, "patches/s", **env)
-        emit(f"end_to_end_speedup_{kind}", ours / clam, "x", target=5.0 if cuda else None, **env)
-        if not cuda:
-            emit("end_to_end_speedup_gpu", None, "x", target=5.0, note="no CUDA device here")
+        emit(f"bd_end_to_end_{kind}", ours, "patches/s", 8000.0 if cuda else None, precision=extractor.precision,
+             **env)
+        emit(f"end_to_end_speedup_{kind}", ours / clam, "x", target=7.0 if cuda else None, **env)
+        if cuda:
+            compiled = Extractor(FeatureParams(
+                encoder=args.encoder, out_stage=args.out_stage, random_weights=True, input_size=INPUT,
+                batch_size=batch, num_workers=workers, reader="tiff-jpeg", compile=True))
+            compiled.run(job)  # warm-up: compilation
+            start = time.perf_counter()
+            compiled.run(job)
+            fast = len(e2e) / (time.perf_counter() - start)
+            emit("bd_end_to_end_compiled_gpu", fast, "patches/s", 13600.0, precision=compiled.precision, **env)
+            emit("end_to_end_compiled_speedup_gpu", fast / clam, "x", target=7.0, **env)
+        else:
+            emit("end_to_end_speedup_gpu", None, "x", target=7.0, note="no CUDA device here")
 
 
 if __name__ == "__main__":

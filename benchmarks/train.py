@@ -1,65 +1,157 @@
-"""Training speed: one BD epoch on a BCNB-sized feature set, generated in memory.
+"""Training speed: one BD epoch on a BCNB-sized feature set, generated in memory, and the
+evaluation of the seven methods x 3 seeds on its test split.
 
 The cohort: 1,058 patients with 1,000-3,000 patches each (about 2,000 on average, 2.1 million in
 all), 1,024-d features, held packed in memory as bf16 (about 4.3 GB), five clinical columns. One
-epoch = one SGD step per patient bag (``batch_size`` 1, as ``bd train`` runs by default) over all
-1,058 patients (the real training split has 630, so a real epoch is ~40 % shorter), both BD
-branches, all loss terms, backward and optimiser step; validation is not timed.
+epoch = one pass over all 1,058 patients (the real training split has 630, so a real epoch is
+~40 % shorter), both BD branches, all loss terms, backward and optimiser steps, with
+``bd train``'s defaults: ``precision: auto`` (bf16 only where the CPU or GPU computes it
+natively), ``batch_size: auto`` (resolved on the 630-patient training split: 8 bags, ~16 k
+patches a step) and all CPU cores; validation is not timed.
 
-Reference, in the same run: the same epoch code with the patch-feature layer in fp32 (the usual
-attention-MIL set-up) on a ``--reference-fraction`` subset of the patients, scaled to the whole
-epoch by patch count. The ratio is the speed-up that the bf16 patch layer brings on this machine.
-With CUDA, the epoch is also timed on the GPU (features moved to GPU memory once).
+Reference, in the same run: the classic attention-MIL loop -- one bag per step, fp32, one thread
+(``bd train``'s former default on CPU) -- on a ``--reference-fraction`` subset of the patients,
+scaled to the whole epoch by patch count. Also on that subset: the epoch in bf16 with the same
+packing, which shows what ``auto`` avoids on a CPU without native bf16.
 
-CPU threads: 1 by default. On this shared 2-core machine, two OpenMP threads stall whenever the
-other core is busy (measured: one bag's forward + backward 6 ms with 1 thread, 71 ms with 2 while
-another process ran); pass ``--threads 2`` on an idle machine.
+Evaluation: ``bd evaluate``'s work (``bd.evaluate.evaluate`` with the default settings: 10 masks
+per rate, 1,000 bootstrap resamples) for each of the seven methods x 3 seeds on the test split
+(~210 patients x 2,000 patches), untrained models (the cost does not depend on the weights).
 
-Prints one JSON object per line: {"metric", "value", "unit", "target", "better"}.
+OpenMP threads sleep when they wait (``OMP_WAIT_POLICY=PASSIVE``, as ``bd train`` sets it): on a
+busy machine spinning threads steal the time slice their partner needs. Figures from a shared
+machine are inflated; the CPU line says which CPU and whether it has native bf16.
+
+Prints one JSON object per line: {"metric", "value", "unit", "target", "better", "device"};
+``--save`` appends them to benchmarks/results/train-<device>.jsonl.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-import time
-from pathlib import Path
+import os
 
-import numpy as np
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgomp
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from record import Recorder, device_slug  # noqa: E402
 
 from bd.bags import Cohort, synthetic_cohort  # noqa: E402
+from bd.device import cpu_info, cpu_summary  # noqa: E402
 from bd.models import create_model  # noqa: E402
-from bd.train import TrainParams, run_epoch  # noqa: E402
+from bd.train import DEFAULT_METHODS, TrainParams, resolve_settings, run_epoch  # noqa: E402
 
-TARGET_EPOCH_S = 60.0
-
-
-def emit(metric: str, value: float, unit: str, target: object = None, better: str | None = None) -> None:
-    print(json.dumps({"metric": metric, "value": round(float(value), 4), "unit": unit,
-                      "target": target, "better": better}), flush=True)
+TARGET_EPOCH_S = 30.0
 
 
-def epoch_seconds(cohort: Cohort, idx: np.ndarray, precision: str, device: torch.device, seed: int = 0) -> float:
-    """Wall time of one BD training epoch over the patients ``idx`` (after one warm-up step)."""
+LAST_CPU_S = [0.0]  # process CPU time of the last timed epoch (all threads)
+
+
+def epoch_seconds(cohort: Cohort, idx: np.ndarray, params: TrainParams, device: torch.device,
+                  seed: int = 0) -> float:
+    """Wall time of one BD training epoch over the patients ``idx`` (after one warm-up step);
+    its process CPU time goes to ``LAST_CPU_S`` (on a busy machine: the work, not the waiting)."""
     torch.manual_seed(seed)
-    params = TrainParams(method="bd", precision=precision)
     model = create_model("bd", cohort.feature_dim, cohort.n_clinical, **vars(params)).to(device)
     stage = model.stages()[0]
     optimizer = torch.optim.SGD(model.stage_parameters(stage), lr=params.lr, momentum=params.momentum,
                                 weight_decay=params.weight_decay)
     rng = np.random.default_rng(seed)
-    run_epoch(model, cohort, idx[:2], stage, optimizer, rng, 1, device)  # warm-up: kernels, allocator
+    run_epoch(model, cohort, idx[: params.batch_size], stage, optimizer, rng, params.batch_size, device)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
-    run_epoch(model, cohort, idx, stage, optimizer, rng, 1, device)
+    start, cpu = time.perf_counter(), time.process_time()
+    run_epoch(model, cohort, idx, stage, optimizer, rng, params.batch_size, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
+    LAST_CPU_S[0] = time.process_time() - cpu
     return time.perf_counter() - start
+
+
+def evaluation_seconds(cohort: Cohort, precision: str, device: torch.device, seeds: int) -> float:
+    """Wall time of ``bd evaluate``'s computation for every default method x ``seeds`` seeds."""
+    from bd.evaluate import EvaluationParams, branch_thresholds, evaluate, run_info, run_predictor
+    from bd.runs import TrainedRun
+
+    test = cohort.select(cohort.indices("test"))
+    ids, labels = [str(p) for p in test.patient_ids], test.labels.astype(int)
+    params = EvaluationParams()
+    start = time.perf_counter()
+    for method in DEFAULT_METHODS:
+        for seed in range(seeds):
+            torch.manual_seed(seed)
+            model = create_model(method, cohort.feature_dim, cohort.n_clinical, precision=precision).to(device)
+            model.setup(torch.from_numpy(cohort.clinical[cohort.indices("train")]).to(device))
+            run = TrainedRun(model=model.eval(), method=method, params={"method": method}, identity=dict(test.identity),
+                             clinical_columns=list(cohort.clinical_columns), threshold=0.5, epoch=0,
+                             in_dim=cohort.feature_dim, device=device)
+            evaluate(run_predictor(run, test), ids, labels, branch_thresholds(run), params.kinds(method),
+                     params, run_info(run, method, seed))
+    return time.perf_counter() - start
+
+
+def cpu_figures(emit: Recorder, cohort: Cohort, args: argparse.Namespace) -> None:
+    cpu = torch.device("cpu")
+    idx, n_patches = np.arange(cohort.n_patients), int(cohort.offsets[-1])
+    info = cpu_info()
+    emit("cpu", torch.get_num_threads(), "torch threads", model=info.model, capability=info.capability,
+         native_bf16=info.native_bf16, bf16_flags=info.bf16_flags, omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
+    params, resolved = resolve_settings(TrainParams(method="bd"), cohort, cohort.indices("train"), cpu)
+    emit("auto_precision_cpu", None, params.precision, reason=resolved["precision_reason"])
+    emit("auto_batch_size_cpu", params.batch_size, "bags per step", reason=resolved["batch_size_reason"])
+    seconds = epoch_seconds(cohort, idx, params, cpu)
+    emit("bd_epoch_s_cpu", seconds, "s", TARGET_EPOCH_S, "lower", precision=params.precision,
+         batch_size=params.batch_size, threads=torch.get_num_threads())
+    emit("bd_patches_per_s_cpu", n_patches / seconds, "patches/s")
+    emit("bd_epoch_cpu_time_s_cpu", LAST_CPU_S[0], "CPU s (all threads)",
+         note="wall time on idle cores is about this over the threads when they scale")
+
+    sub = idx[:: max(1, round(1 / args.reference_fraction))]
+    share = float(cohort.lengths()[sub].sum()) / n_patches
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    classic = TrainParams(method="bd", precision="fp32", batch_size=1)
+    reference = epoch_seconds(cohort, sub, classic, cpu) / share
+    reference_cpu = LAST_CPU_S[0] / share
+    torch.set_num_threads(threads)
+    emit("fp32_reference_epoch_s_cpu", reference, "s (extrapolated)", precision="fp32", batch_size=1, threads=1,
+         patients=len(sub))
+    emit("fp32_reference_epoch_cpu_time_s_cpu", reference_cpu, "CPU s (extrapolated)")
+    emit("speedup_vs_fp32_reference_cpu", reference / seconds, "x", 1.0, "higher")
+    other = "fp32" if params.precision == "bf16" else "bf16"
+    alt = epoch_seconds(cohort, sub, TrainParams(method="bd", precision=other, batch_size=params.batch_size), cpu)
+    emit(f"{other}_epoch_s_cpu", alt / share, "s (extrapolated)", precision=other, batch_size=params.batch_size,
+         threads=threads, patients=len(sub), note="the precision auto did not choose")
+    if args.eval_seeds:
+        emit("evaluate_7x3_s_cpu", evaluation_seconds(cohort, params.precision, cpu, args.eval_seeds), "s",
+             methods=len(DEFAULT_METHODS), seeds=args.eval_seeds, test_patients=len(cohort.indices("test")))
+
+
+def gpu_figures(emit: Recorder, cohort: Cohort, args: argparse.Namespace) -> None:
+    gpu = torch.device("cuda")
+    cohort.features = cohort.features.to(gpu)
+    idx, n_patches = np.arange(cohort.n_patients), int(cohort.offsets[-1])
+    emit("gpu", 0, torch.cuda.get_device_name(0), bf16=torch.cuda.is_bf16_supported())
+    params, resolved = resolve_settings(TrainParams(method="bd"), cohort, cohort.indices("train"), gpu)
+    emit("auto_precision_cuda", None, params.precision, reason=resolved["precision_reason"])
+    seconds = epoch_seconds(cohort, idx, params, gpu)
+    emit("bd_epoch_s_cuda", seconds, "s", TARGET_EPOCH_S, "lower", precision=params.precision,
+         batch_size=params.batch_size)
+    emit("bd_patches_per_s_cuda", n_patches / seconds, "patches/s")
+    one = epoch_seconds(cohort, idx, TrainParams(method="bd", precision=params.precision, batch_size=1), gpu)
+    emit("bd_epoch_s_cuda_one_bag_per_step", one, "s", precision=params.precision, batch_size=1)
+    if args.eval_seeds:
+        emit("evaluate_7x3_s_cuda", evaluation_seconds(cohort, params.precision, gpu, args.eval_seeds), "s",
+             methods=len(DEFAULT_METHODS), seeds=args.eval_seeds)
 
 
 def main() -> None:
@@ -67,40 +159,34 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=1058)
     parser.add_argument("--patches", type=int, default=2000, help="mean patches per patient")
     parser.add_argument("--dim", type=int, default=1024)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, all cores)")
     parser.add_argument("--reference-fraction", type=float, default=0.05,
                         help="share of the patients timed for the fp32 reference")
-    parser.add_argument("--skip-cpu", action="store_true", help="GPU figure only")
+    parser.add_argument("--eval-seeds", type=int, default=3, help="seeds per method for the evaluation timing (0: skip)")
+    parser.add_argument("--skip-cpu", action="store_true", help="GPU figures only")
+    parser.add_argument("--save", action="store_true", help="append the rows to benchmarks/results/")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    cuda = torch.cuda.is_available() and args.skip_cpu
+    emit = Recorder("train", f"cuda: {torch.cuda.get_device_name(0)}" if cuda else f"cpu: {cpu_summary()}",
+                    args.save, slug=None if cuda else "cpu-" + _slug(cpu_info().model))
 
     start = time.perf_counter()
     cohort = synthetic_cohort(args.patients, args.patches, args.dim, 5, seed=0, signal=0.5, dtype=torch.bfloat16)
-    n_patches = int(cohort.offsets[-1])
     emit("generate_s", time.perf_counter() - start, "s")
-    emit("patches", n_patches, "patches")
-    idx = np.arange(cohort.n_patients)
-
+    emit("patches", int(cohort.offsets[-1]), "patches", patients=cohort.n_patients, dim=args.dim)
     if not args.skip_cpu:
-        cpu = torch.device("cpu")
-        emit("torch_threads", torch.get_num_threads(), "threads")
-        bf16 = epoch_seconds(cohort, idx, "bf16", cpu)
-        emit("bd_epoch_s_cpu", bf16, "s", TARGET_EPOCH_S, "lower")
-        emit("bd_patches_per_s_cpu", n_patches / bf16, "patches/s")
-        sub = idx[:: max(1, round(1 / args.reference_fraction))]
-        share = float(cohort.lengths()[sub].sum()) / n_patches
-        fp32 = epoch_seconds(cohort, sub, "fp32", cpu) / share
-        emit("fp32_reference_epoch_s_cpu", fp32, "s (extrapolated)")
-        emit("speedup_vs_fp32_reference_cpu", fp32 / bf16, "x", 1.0, "higher")
-
+        cpu_figures(emit, cohort, args)
     if torch.cuda.is_available():
-        gpu = torch.device("cuda")
-        cohort.features = cohort.features.to(gpu)
-        seconds = epoch_seconds(cohort, idx, "bf16", gpu)
-        emit("bd_epoch_s_cuda", seconds, "s", TARGET_EPOCH_S, "lower")
-        emit("bd_patches_per_s_cuda", n_patches / seconds, "patches/s")
-        emit("gpu", 0, torch.cuda.get_device_name(0))
+        emit.set_device(f"cuda: {torch.cuda.get_device_name(0)}", device_slug(torch.cuda.get_device_name(0)))
+        gpu_figures(emit, cohort, args)
+
+
+def _slug(model: str) -> str:
+    """``AMD EPYC 7B13 64-Core Processor`` -> ``amd-epyc-7b13``."""
+    words = [w for w in device_slug(model).split("-") if w not in ("processor", "cpu", "r", "tm")]
+    return "-".join(words[:3]) or "unknown"
 
 
 if __name__ == "__main__":

@@ -89,7 +89,10 @@ def test_store_layout_and_attributes(case, tmp_path: Path) -> None:
     assert (a["encoder"], a["out_stage"], a["weights_sha256"]) == ("resnet18", "layer1", "random")
     assert (a["patch_size"], a["target_mpp"], a["mpp"], a["read_level"], a["read_size"]) == (
         64, 0.75, 0.5, 0, SIZE)
-    assert a["input_size"] == 64 and a["reader"] == "tiff-jpeg" and a["precision"] == "fp32"
+    from bd.device import resolve_precision
+
+    auto = resolve_precision("auto", torch.device("cpu"))[0]  # fp32 unless the CPU has native bf16
+    assert a["input_size"] == 64 and a["reader"] == "tiff-jpeg" and a["precision"] == auto
     assert a["skipped_patches"] == 0 and a["skipped"] == []
     assert set(a["versions"]) == {"bd", "torch", "timm"} and a["versions"]["torch"] == torch.__version__
     assert a["mean"] == pytest.approx([0.485, 0.456, 0.406])
@@ -311,3 +314,218 @@ def test_issue_example_vit_checkpoint_offline_through_bd_extract(svs_path: Path,
     with torch.no_grad():
         expected = vit.eval()(x).numpy()
     np.testing.assert_allclose(fs.features.astype(np.float32), expected, rtol=2e-2, atol=2e-2)
+
+
+# ---------------------------------------------------------------- device path (decode, precision, compile, prefetch)
+
+
+def write_ycbcr_pyramid(path: Path, rgb: np.ndarray) -> Path:
+    """YCbCr-coded JPEG tiles with shared tables (abbreviated streams, as most TIFF writers)."""
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(rgb, tile=(TILE, TILE), photometric="rgb", compression="jpeg",
+                  compressionargs={"level": 90, "outcolorspace": "ycbcr"}, maxworkers=1)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ycbcr_case(tmp_path_factory: pytest.TempPathFactory, make_rgb) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("ycbcr")
+    slide = write_ycbcr_pyramid(folder / "y.tif", make_rgb(640, 512, seed=9))
+    return slide, make_grid(folder / "y.npz", "y", grid_coords())
+
+
+def test_decode_choice(ycbcr_case, data_dir: Path, flat_jpeg: Path) -> None:
+    from bd.extract import choose_decode
+    from bd.readers import ReadSpec, SlideReader, TiffJpegReader
+
+    slide, _ = ycbcr_case
+    ycbcr = TiffJpegReader(ReadSpec(str(slide), 0, 1.0, SIZE, kind="tiff-jpeg"))
+    aperio = TiffJpegReader(ReadSpec(str(data_dir / "cmu-1-small-region.svs"), 0, 1.0, SIZE, kind="tiff-jpeg"))
+    flat = SlideReader(ReadSpec(str(flat_jpeg), 0, 1.0, SIZE, mpp=0.5))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert choose_decode("auto", cuda, ycbcr)[0] == "cuda"
+    assert choose_decode("cuda", cuda, ycbcr)[0] == "cuda"
+    assert choose_decode("auto", cpu, ycbcr) == ("cpu", "the encoder runs on cpu")
+    assert choose_decode("cpu", cuda, ycbcr)[0] == "cpu"
+    decode, why = choose_decode("auto", cuda, aperio)
+    assert decode == "cpu" and "RGB-coded" in why  # Aperio's RGB-coded tiles stay on the CPU reader
+    assert choose_decode("cuda", cuda, flat)[0] == "cpu"
+    assert choose_decode("auto", cuda, None)[0] == "cpu"  # a reader that cannot be shared
+    for reader in (ycbcr, aperio, flat):
+        reader.close()
+
+
+def test_decode_cuda_without_cuda_is_a_config_error(case, tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    slide, grid = case
+    with pytest.raises(ConfigError, match="features.decode"):
+        extract(slide, grid, tmp_path / "x.zarr", decode="cuda")
+
+
+def test_batched_tile_decode_and_gather_equal_the_cpu_reader(ycbcr_case, data_dir: Path) -> None:
+    """decode_jpeg (here on the CPU: torchvision's libjpeg) + one gather give the reader's pixels,
+    borders, outside and sub-tile offsets included."""
+    from bd.device_decode import TileStreamBatches, assemble, decode_tiles
+    from bd.readers import ReadSpec, TiffJpegReader
+
+    slide, _ = ycbcr_case
+    from bd.device_decode import full_stream
+    from bd.readers import decode_tile
+
+    aperio = TiffJpegReader(ReadSpec(str(data_dir / "cmu-1-small-region.svs"), 0, 1.0, SIZE, kind="tiff-jpeg"))
+    assert aperio.tables  # abbreviated streams: decode_jpeg gets the tables spliced in
+    data = bytes(TileStreamBatches(aperio, np.array([[0, 0]]), 1)[0]["streams"][0].numpy())
+    np.testing.assert_array_equal(decode_tile(data, None, rgb=True)[:SIZE, :SIZE], aperio.read(0, 0))
+    assert full_stream(b"\xff\xd8tile", None) == b"\xff\xd8tile"
+    aperio.close()
+    reader = TiffJpegReader(ReadSpec(str(slide), 0, 1.0, SIZE, kind="tiff-jpeg"))
+    coords = np.array([*grid_coords(), [-50, -40], [600, 480], [2000, 10], [127, 129]])
+    batches = TileStreamBatches(reader, coords, 16)
+    worst = 0
+    for i in range(len(batches)):
+        b = batches[i]
+        tiles = decode_tiles(b["streams"], torch.device("cpu"), reader.tile_h, reader.tile_w)
+        patches = assemble(tiles, b["tiles"], b["origins"], reader).numpy()
+        for k in range(b["n"]):
+            ref = reader.read(*(int(v) for v in coords[b["start"] + k]))
+            worst = max(worst, int(np.abs(patches[k].astype(int) - ref.astype(int)).max()))
+    assert worst <= 2  # JPEG decoders may round differently; here both are libjpeg-turbo
+    assert (assemble(*_one(batches, reader, [2000, 10])) == 255).all()  # outside: white
+    reader.close()
+
+
+def _one(batches, reader, xy):
+    from bd.device_decode import decode_tiles
+
+    b = batches.__class__(reader, np.array([xy]), 1)[0]
+    return decode_tiles(b["streams"], torch.device("cpu"), reader.tile_h, reader.tile_w), b["tiles"], b["origins"], reader
+
+
+def force_device_decode(monkeypatch) -> None:
+    """Take the device-decode path with the CPU as the device (how it is tested without a GPU)."""
+    import bd.extract
+
+    monkeypatch.setattr(bd.extract, "choose_decode", lambda asked, device, reader: ("cuda", "forced by the test"))
+
+
+def test_device_decode_path_gives_the_cpu_readers_features(ycbcr_case, tmp_path: Path, monkeypatch) -> None:
+    slide, grid = ycbcr_case
+    ref = read_store(extract(slide, grid, tmp_path / "cpu.zarr"))
+    force_device_decode(monkeypatch)
+    got = read_store(extract(slide, grid, tmp_path / "dev.zarr", num_workers=1))
+    assert (got.attrs["decode"], ref.attrs["decode"]) == ("cuda", "cpu")  # the path each store took
+    np.testing.assert_array_equal(got.coords, ref.coords)
+    np.testing.assert_allclose(got.features.astype(np.float32), ref.features.astype(np.float32), atol=2e-2, rtol=2e-2)
+
+
+def test_failed_device_decode_falls_back_to_the_cpu_reader(ycbcr_case, tmp_path: Path, monkeypatch) -> None:
+    slide, grid = ycbcr_case
+    broken = tmp_path / "broken.tif"
+    shutil.copy(slide, broken)
+    with tifffile.TiffFile(broken) as tif:
+        page = tif.pages[0]
+        index = 1 * 5 + 2
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+    with open(broken, "r+b") as fh:
+        fh.seek(offset + 2)
+        fh.write(b"\x00" * (count - 4))  # the end-of-image marker stays: libjpeg decodes grey, nvJPEG fails
+    import bd.extract
+    from bd.device_decode import decode_tiles as real
+
+    calls = []
+
+    def failing(streams, device, th, tw):
+        calls.append(len(streams))
+        if any(len(s) and bytes(s[-count:-2]) == b"\x00" * (count - 4) for s in streams):
+            raise RuntimeError("nvJPEG: bad stream")
+        return real(streams, device, th, tw)
+
+    force_device_decode(monkeypatch)
+    monkeypatch.setattr(bd.extract, "decode_tiles", failing)
+    with pytest.raises(SlideError, match=r"broken\.tif: region x=\d+, y=\d+"):
+        extract(broken, grid, tmp_path / "fail.zarr")
+    fs = read_store(extract(broken, grid, tmp_path / "skip.zarr", on_decode_error="skip"))
+    assert calls and fs.attrs["skipped_patches"] > 0  # the CPU reader judged the batch patch by patch
+    monkeypatch.undo()
+    ref = read_store(extract(broken, grid, tmp_path / "cpu.zarr", on_decode_error="skip"))
+    assert fs.attrs["skipped"] == ref.attrs["skipped"]
+    np.testing.assert_array_equal(fs.features, ref.features)
+
+
+def test_bf16_encoder_runs_in_bf16_channels_last(case, tmp_path: Path) -> None:
+    from bd.extract import Extractor
+
+    slide, grid = case
+    extractor = Extractor(build(FeatureParams, {**TINY, "precision": "bf16"}))
+    weight = next(extractor.model.encoder.parameters())
+    assert weight.dtype == torch.bfloat16 and extractor.precision == "bf16"
+    conv = next(m for m in extractor.model.encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    got = read_store(extract(slide, grid, tmp_path / "bf16.zarr", precision="bf16"))
+    ref = read_store(extract(slide, grid, tmp_path / "fp32.zarr", precision="fp32"))
+    assert got.attrs["precision"] == "bf16" and ref.attrs["precision"] == "fp32"
+    a, b = got.features.astype(np.float32), ref.features.astype(np.float32)
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99  # bf16 rounding, same features
+
+
+def test_compiled_encoder_gives_the_same_features(case, tmp_path: Path) -> None:
+    """features.compile: torch.compile of the encoder (skipped where inductor cannot build here)."""
+    slide, grid = case
+    ref = read_store(extract(slide, grid, tmp_path / "eager.zarr"))
+    start = time.perf_counter()
+    try:
+        got = read_store(extract(slide, grid, tmp_path / "compiled.zarr", compile=True))
+    except Exception as exc:  # noqa: BLE001 - no C++ toolchain, unsupported platform
+        pytest.skip(f"torch.compile is not usable here: {type(exc).__name__}: {str(exc)[:200]}")
+    assert got.attrs["compile"] is True and time.perf_counter() - start < 600
+    np.testing.assert_allclose(got.features.astype(np.float32), ref.features.astype(np.float32), atol=2e-2, rtol=2e-2)
+
+
+def test_next_slide_is_prefetched_in_a_group_job(case, tmp_path: Path, make_rgb, caplog) -> None:
+    slide, grid = case
+    slide2 = write_jpeg_pyramid(tmp_path / "s2.tif", make_rgb(640, 512, seed=8))
+    grid2 = make_grid(tmp_path / "s2.npz", "s2", grid_coords()[:20])
+    jobs = [SlideJob(str(slide), str(grid), str(tmp_path / "a1.zarr")),
+            SlideJob(str(slide2), str(grid2), str(tmp_path / "a2.zarr")),
+            SlideJob(str(tmp_path / "missing.tif"), str(grid2), str(tmp_path / "a3.zarr"))]
+    with caplog.at_level(logging.INFO, logger="bd.extract"):
+        outs = extract_slides(jobs, {**TINY, "num_workers": 1}, on_slide_error="skip")
+    assert caplog.text.count("(prefetched)") == 1  # slide 2; slide 3 failed when prefetched ...
+    assert read_store(outs[2]).attrs["error_stage"] == "extract"  # ... and is recorded when its turn came
+    one = [extract(s, g, tmp_path / f"b{i}.zarr") for i, (s, g) in enumerate([(slide, grid), (slide2, grid2)])]
+    for a, b in zip(outs, one):
+        np.testing.assert_array_equal(read_store(a).features, read_store(b).features)
+
+
+def test_each_job_claims_a_gpu_of_its_own(tmp_path: Path, monkeypatch) -> None:
+    """On a node with several GPUs each extraction job sees only its own (lock files, set before
+    CUDA starts); one visible GPU (a SLURM job's) is left as it is."""
+    import threading
+
+    from bd import device
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    try:
+        assert device.claim_gpu(tmp_path) == "0"
+        assert device.visible_gpus() == ["0"]  # this process now sees GPU 0 only
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # as a second job starts
+        assert device.claim_gpu(tmp_path) == "1"  # GPU 0's lock is held
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+        got: list[str | None] = []
+        waiter = threading.Thread(target=lambda: got.append(device.claim_gpu(tmp_path, poll_s=0.05)))
+        waiter.start()
+        time.sleep(0.3)
+        assert not got  # both taken: the third job waits ...
+        fd = device._CLAIMED.pop("1")
+        os_close = __import__("os").close
+        os_close(fd)  # ... until one ends
+        waiter.join(5)
+        assert got == ["1"]
+    finally:
+        device.release_gpus()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    assert device.claim_gpu(tmp_path) is None and device.visible_gpus() == ["3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert device.visible_gpus() == []

@@ -147,3 +147,54 @@ def test_unreadable_tile_names_slide_and_region(data_dir: Path) -> None:
 def test_unknown_reader_is_an_error(svs_path: Path) -> None:
     with pytest.raises(SlideError, match="unknown reader"):
         plan_reader(str(svs_path), 0, 1.0, 64, prefer="nvjpeg")
+
+
+# ---------------------------------------------------------------- tile decoding
+
+
+def test_decode_tile_equals_libjpeg_turbo_through_opencv(make_rgb) -> None:
+    """A complete YCbCr JPEG decodes to the same pixels as cv2.imdecode (both libjpeg-turbo)."""
+    import cv2
+
+    from bd.readers import decode_tile
+
+    rgb = make_rgb(96, 64, seed=1)
+    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
+    assert ok
+    ref = cv2.cvtColor(cv2.imdecode(encoded, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    ours = decode_tile(encoded.tobytes(), None, rgb=False)
+    assert ours.shape == (64, 96, 3) and np.array_equal(ours, ref)
+
+
+def test_svs_tiles_with_shared_tables_decode_like_tifffile(svs_path: Path) -> None:
+    """Abbreviated Aperio streams (RGB-coded, tables in the page) read the same as tifffile's page."""
+    with tifffile.TiffFile(svs_path) as tif:
+        page = tif.pages[0]
+        assert page.jpegtables and page.photometric == 2  # RGB-coded tiles with shared tables
+        ref = page.asarray()
+    reader = TiffJpegReader(ReadSpec(str(svs_path), 0, 1.0, 200, kind="tiff-jpeg"))
+    for x, y in [(0, 0), (230, 470), (1000, 1200)]:
+        np.testing.assert_array_equal(reader.read(x, y), ref[y : y + 200, x : x + 200])
+    reader.close()
+
+
+def test_truncated_and_corrupt_tiles_are_errors_naming_the_tile(tmp_path: Path, pyramid: Path) -> None:
+    from bd.readers import decode_tile
+
+    with tifffile.TiffFile(pyramid) as tif:
+        page = tif.pages[0]
+        offset, count = int(page.dataoffsets[0]), int(page.databytecounts[0])
+        tables = page.jpegtables
+    data = pyramid.read_bytes()
+    tile = data[offset : offset + count]
+    with pytest.raises(SlideError, match="truncated"):
+        decode_tile(tile[: count // 2], tables, rgb=False)  # libjpeg would pad it with grey
+    with pytest.raises(SlideError, match="failed to decode"):
+        decode_tile(b"\xff\xd8not a jpeg\xff\xd9", tables, rgb=False)
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(data[: offset + count // 2])  # the first tile runs past the end of the file
+    reader = TiffJpegReader(ReadSpec(str(cut), 0, 1.0, 64, kind="tiff-jpeg"))
+    with pytest.raises(SlideError, match=r"row 0, column 0.*truncated|truncated.*row 0, column 0") as info:
+        reader.read(0, 0)
+    assert str(cut) in str(info.value) and "x=0, y=0" in str(info.value)
+    reader.close()

@@ -180,3 +180,111 @@ def test_load_run_refuses_other_features_or_clinical_columns(trained):
     cohort.clinical_columns = ["c0", "c1", "c2", "grade"]
     with pytest.raises(TableError, match="c3, grade"):
         run.predict(cohort, np.ones(cohort.n_patients, bool))
+
+
+# ---------------------------------------------------------------- precision, step packing
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: {vendor}
+model name\t: {model}
+flags\t\t: fpu sse sse2 avx avx2 fma {extra}
+
+processor\t: 1
+model name\t: {model}
+flags\t\t: fpu
+"""
+
+
+@pytest.mark.parametrize(("extra", "native"), [("", False), ("avx512f avx512bw", False),
+                                               ("avx512f avx512_bf16", True), ("amx_bf16 amx_tile", True)])
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, monkeypatch, extra, native):
+    from bd import device
+
+    path = tmp_path / "cpuinfo"
+    path.write_text(CPUINFO.format(vendor="X", model="Test CPU 9000", extra=extra))
+    model, flags = device.parse_cpuinfo(path.read_text())
+    assert model == "Test CPU 9000" and "avx2" in flags and "fpu" in flags
+    info = device.cpu_info.__wrapped__(str(path))
+    assert info.native_bf16 is native
+    monkeypatch.setattr(device, "cpu_info", lambda: info)
+    precision, why = device.resolve_precision("auto", torch.device("cpu"), "training.precision")
+    assert precision == ("bf16" if native else "fp32")
+    assert "Test CPU 9000" in why and "training.precision: auto" in why
+    assert device.resolve_precision("bf16", torch.device("cpu"))[0] == "bf16"  # an explicit choice stands
+    assert ("no native bf16" in device.cpu_summary()) is not native and "Test CPU 9000" in device.cpu_summary()
+
+
+def test_unreadable_cpuinfo_falls_back_to_torch_capability(tmp_path):
+    from bd import device
+
+    info = device.cpu_info.__wrapped__(str(tmp_path / "missing"))
+    assert info.flags == frozenset()
+    assert info.native_bf16 is ("AMX" in info.capability.upper())
+
+
+def test_auto_precision_and_batch_size_are_recorded_in_the_checkpoint(trained, tmp_path):
+    from bd import device
+    from bd.train import checkpoint_payload
+
+    cohort = synthetic_cohort(16, 6, DIM, CLIN, seed=2, signal=3.0)
+    params = TrainParams(method="image_only", max_epochs=1, lr=0.05, **{**TINY, "precision": "auto"})
+    assert params.batch_size == "auto"
+    result = train_model(cohort, params, 0, progress=False)
+    expected = "bf16" if device.cpu_info().native_bf16 else "fp32"
+    assert result.resolved["precision"] == expected
+    assert result.resolved["batch_size"] == 1  # a small cohort keeps one bag per step
+    assert "training.precision: auto" in result.resolved["precision_reason"]
+    assert (result.model.pool_img.compute_dtype is None) is (expected == "fp32")
+    payload = checkpoint_payload(result, cohort, params, 0, None)
+    assert payload["params"]["precision"] == "auto" and payload["model_kwargs"]["precision"] == expected
+    assert payload["resolved"]["batch_size"] == 1 and payload["resolved"]["hardware"]
+
+
+def test_auto_batch_size_packs_bags_only_for_bcnb_sized_cohorts():
+    from types import SimpleNamespace
+
+    from bd.train import auto_batch_size
+
+    def fake(patients, patches, dim):
+        return SimpleNamespace(lengths=lambda: np.full(patients, patches), feature_dim=dim)
+
+    assert auto_batch_size(fake(630, 2000, 1024), np.arange(630))[0] == 8  # BCNB: ~16 k patches a step
+    assert auto_batch_size(fake(630, 2000, 64), np.arange(630))[0] == 1  # narrow features
+    assert auto_batch_size(fake(36, 2000, 1024), np.arange(36))[0] == 1  # the demo's size
+    assert auto_batch_size(fake(630, 500, 2048), np.arange(630))[0] == 16  # capped
+    with pytest.raises(ConfigError, match="training.batch_size"):
+        TrainParams(batch_size=0)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fused_patch_layer_equals_separate_layers(precision):
+    """BD embeds each patch for both branches in one matmul: same values and gradients as two
+    layers, and a loss of one branch gives the other branch no gradient at all."""
+    from bd.models import create_model, embed_instances
+
+    torch.manual_seed(0)
+    model = create_model("bd", DIM, CLIN, **{**TINY, "precision": precision})
+    x = torch.randn(50, DIM).to(torch.bfloat16 if precision == "bf16" else torch.float32)
+    pools = (model.pool_mul, model.pool_sgl)
+    fused = embed_instances(pools, x)
+    separate = [pool.instances(x) for pool in pools]
+    for a, b in zip(fused, separate):
+        torch.testing.assert_close(a, b, rtol=1e-2 if precision == "bf16" else 1e-5, atol=1e-2 if precision == "bf16" else 1e-5)
+    (fused[1] ** 2).sum().backward()
+    assert model.pool_mul.embed.weight.grad is None and model.pool_mul.embed.bias.grad is None
+    fused_grad = model.pool_sgl.embed.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    (separate[1] ** 2).sum().backward()
+    tol = 5e-2 if precision == "bf16" else 1e-4
+    torch.testing.assert_close(fused_grad, model.pool_sgl.embed.weight.grad, rtol=tol, atol=tol)
+
+
+def test_packed_step_converts_while_packing():
+    cohort = synthetic_cohort(6, 10, DIM, CLIN, seed=1, dtype=torch.bfloat16)
+    idx = np.array([4, 0, 2])
+    batch = cohort.batch(idx, dtype=torch.float32)
+    expected = torch.cat([cohort.features[cohort.offsets[i] : cohort.offsets[i + 1]] for i in idx]).float()
+    assert batch.features.dtype == torch.float32
+    torch.testing.assert_close(batch.features, expected, rtol=0, atol=0)
+    assert batch.offsets.tolist() == [0, *np.cumsum(cohort.lengths()[idx]).tolist()]

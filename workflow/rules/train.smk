@@ -28,9 +28,10 @@ rule train:
         f"{R}/logs/train/{{experiment}}/seed{{seed}}.log",
     benchmark:
         f"{R}/benchmarks/train/{{experiment}}/seed{{seed}}.tsv"
-    # One thread: the demo's bags are small (two jobs side by side beat one job with two threads);
-    # give BCNB-sized runs more with --set-threads train=N (see benchmarks/train.py).
-    threads: 1
+    # One thread for small cohorts (the demo: two jobs side by side beat one job with two threads).
+    # BCNB-sized cohorts pack ~16 k patches a step (training.batch_size: auto), which keeps several
+    # cores busy (benchmarks/train.py); Snakemake lowers it to --cores where there are fewer.
+    threads: 1 if len(SLIDES) < 256 else 4
     resources:
         # all features in memory: ~4 MB a slide at 2,000 patches x 1,024-d bf16, twice for headroom
         mem_mb=2048 + 8 * len(SLIDES),
