@@ -19,7 +19,7 @@ from bd.metrics import auc
 from bd.models import CONDITION_NAMES, MODELS
 from bd.params import build
 from bd.runs import load_run, predict_patients
-from bd.train import TrainParams, choose_threshold, train_model
+from bd.train import EARLY_STOPPING, TrainParams, choose_threshold, train_model
 from synthetic_results import write_cohort_layout
 
 DIM, CLIN = 16, 4
@@ -68,27 +68,74 @@ def test_same_seed_same_checkpoint_other_seed_differs():
     pd.testing.assert_frame_equal(runs[0].curve, runs[1].curve)
 
 
-def test_early_stopping_keeps_the_best_validation_epoch():
+@pytest.mark.parametrize("rule", ["val_auc", "val_loss", "val_f1", "train_f1"])
+def test_early_stopping_keeps_the_best_epoch_of_its_rule(rule):
     cohort = synthetic_cohort(16, 6, DIM, CLIN, seed=2, signal=3.0)
-    params = TrainParams(method="image_only", max_epochs=30, patience=2, lr=0.05, batch_size=4, **TINY)
+    params = TrainParams(method="image_only", max_epochs=30, patience=2, min_epochs=3, lr=0.05, batch_size=4,
+                         early_stopping=rule, **TINY)
     result = train_model(cohort, params, 0, progress=False)
     curve = result.curve
     best = result.stage_epochs["main"]
-    assert len(curve) <= best + params.patience
-    chosen = curve.loc[curve["epoch"] == best, "val_f1"].item()
-    assert chosen == curve["val_f1"].max()
-    assert result.val["val_f1"] == pytest.approx(chosen)  # the chosen weights were restored
+    assert best >= params.min_epochs
+    assert len(curve) <= max(best, params.min_epochs) + params.patience
+    column, sign = EARLY_STOPPING[rule]
+    eligible = curve[curve["epoch"] >= params.min_epochs]
+    chosen = curve.loc[curve["epoch"] == best, column].item()
+    assert sign * chosen == (sign * eligible[column]).max()
+    val = curve.loc[curve["epoch"] == best, "val_auc"].item()
+    assert result.val["val_auc"] == pytest.approx(val)  # the chosen weights were restored
 
 
-@pytest.mark.parametrize(("method", "branches"), [("filling", {"fusion", "filled"}), ("bd", {"multi", "single"}),
-                                                  ("ensemble", {"ensemble", "image"})])
-def test_one_threshold_per_branch(method, branches):
+def test_min_epochs_are_never_kept():
+    """An epoch before min_epochs is not kept even if it scores best, and training runs that long."""
     cohort = synthetic_cohort(16, 6, DIM, CLIN, seed=2, signal=3.0)
-    params = TrainParams(method=method, max_epochs=2, lr=0.05, batch_size=4, **TINY)
+    params = TrainParams(method="image_only", max_epochs=8, patience=1, min_epochs=6, lr=1e-6, batch_size=4,
+                         early_stopping="val_loss", **TINY)
+    result = train_model(cohort, params, 0, progress=False)
+    assert result.stage_epochs["main"] >= 6
+    assert len(result.curve) >= 6
+
+
+def test_curve_logs_each_terms_share_of_its_branch_loss():
+    cohort = synthetic_cohort(16, 6, DIM, CLIN, seed=2, signal=3.0)
+    params = TrainParams(method="bd", max_epochs=2, min_epochs=1, lr=0.05, batch_size=4, **TINY)
+    curve = train_model(cohort, params, 0, progress=False).curve
+    for col in ("share_mul_ce", "share_mul_distill", "share_sgl_ce", "share_sgl_mse", "share_sgl_kl"):
+        assert col in curve and curve[col].between(0, 1).all(), col
+    assert (curve["share_mul_distill"] >= 0.05).all()  # S->M is not switched off by its own scale
+    np.testing.assert_allclose(curve["share_mul_ce"] + curve["share_mul_distill"], 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("method", "branches"), [
+    ("filling", {"fusion", "filled", "slide_filled"}), ("bd", {"multi", "single"}),
+    ("ensemble", {"ensemble", "image"}), ("clinical_only", {"clinical", "filled"})])
+def test_one_threshold_per_branch(method, branches):
+    """Every answering branch, Filling's zero-filled ones included, is tuned on validation under
+    the condition where it answers."""
+    cohort = synthetic_cohort(16, 6, DIM, CLIN, seed=2, signal=3.0)
+    params = TrainParams(method=method, max_epochs=2, min_epochs=1, lr=0.05, batch_size=4, **TINY)
     result = train_model(cohort, params, 0, progress=False)
     assert set(result.thresholds) == branches
-    if method == "filling":  # zero-filled input is outside Filling's design: it keeps the fusion threshold
-        assert result.thresholds["filled"] == result.thresholds["fusion"] == result.threshold
+    val = cohort.indices("val")
+    n = len(val)
+    conditions = {"filled": (False, True), "slide_filled": (True, False), "single": (False, True),
+                  "image": (False, True)}
+    for branch, (clin, slide) in conditions.items():
+        if branch in branches:
+            probs, answered = predict_patients(result.model, cohort, val, np.full(n, clin), np.full(n, slide))
+            assert set(answered) == {branch}
+            assert result.thresholds[branch] == choose_threshold(cohort.labels[val], probs)
+
+
+def test_standardisation_is_fitted_on_training_patches_only():
+    cohort = synthetic_cohort(16, 6, DIM, CLIN, seed=2, signal=3.0)
+    cohort.features[cohort.offsets[cohort.indices("test")[0]]] += 1000.0  # a test outlier must not matter
+    params = TrainParams(method="image_only", max_epochs=1, min_epochs=1, lr=0.05, batch_size=4, **TINY)
+    result = train_model(cohort, params, 0, progress=False)
+    train = cohort.indices("train")
+    rows = torch.cat([cohort.features[int(cohort.offsets[i]) : int(cohort.offsets[i + 1])] for i in train]).double()
+    torch.testing.assert_close(result.model.pool_img.feature_mean, rows.mean(0).float())
+    torch.testing.assert_close(result.model.pool_img.feature_std, rows.std(0, unbiased=False).float())
 
 
 def test_choose_threshold_maximises_macro_f1():
@@ -105,6 +152,8 @@ def test_choose_threshold_maximises_macro_f1():
     ({"method": "lnmp"}, "unknown method 'lnmp'"),
     ({"lr": 0}, "training.lr"),
     ({"precision": "fp8"}, "training.precision"),
+    ({"early_stopping": "test_auc"}, "training.early_stopping"),
+    ({"min_epochs": 50, "max_epochs": 10}, "training.min_epochs"),
 ])
 def test_bad_params_name_the_key(params, message):
     with pytest.raises(ConfigError, match=message):
