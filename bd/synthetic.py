@@ -9,7 +9,8 @@ are what the benchmark tests, so the generator must not be tuned until they hold
   1)`` (label ``y``; median 0.18 for N0, 0.43 for N+), independent of everything else given ``y``.
   Its AUC for the label is ``Phi(1.2 / sqrt 2) = 0.80`` in expectation (about the paper's
   image-only 82.3); :meth:`SyntheticCohort.tumour_fraction_auc` is the realised one on a split.
-  (One revision, made before any method was compared: a first draft had ``logit t ~ N(-3.0 +
+  (One revision, made for that calibration and for no claim: after a first timing run of
+  image-only and BD on one seed, a first draft had ``logit t ~ N(-3.0 +
   1.2 y, 1)``, i.e. 4-13 tumour patches a bag, where the binomial noise of the realised count
   alone capped any slide model at about 0.93 of the hidden fraction's AUC; at -1.5 the mean
   patch projection on the tumour direction reaches 0.94-1.0 of it.)
