@@ -72,8 +72,19 @@ ORDER = {m: i for i, m in enumerate(("smil", "bd", "ae", "ensemble", "filling", 
 
 def emit(metric: str, value: float, unit: str, target: object = None, better: str | None = None,
          **extra: Any) -> None:
+    """One JSON line; a non-finite number (an interval over one seed) is written as null."""
     row = {"metric": metric, "value": round(float(value), 4), "unit": unit, "target": target, "better": better}
-    print(json.dumps({**row, **extra}), flush=True)
+    print(json.dumps(_finite({**row, **extra}), allow_nan=False), flush=True)
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
 
 
 def cpu_name() -> str:
@@ -202,7 +213,7 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     from bd.params import build
     from bd.train import TrainParams, train_model
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     syn = cohort_of(job["regime"], job["seed"], job["patients"])
     params = build(TrainParams, {**TRAINING, **job.get("training", {}), "method": job["method"]})
     result = train_model(syn.cohort, params, job["seed"], "cpu", progress=False)
@@ -215,6 +226,7 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
         "f1": {float(r.rate): 100 * float(r.f1_mean) for r in summary.itertuples()},
         "prob_sd": float(full.groupby("repeat")["prob"].std().mean()),
         "epoch": epoch, "stage_epochs": dict(result.stage_epochs), "seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - cpu,
     }
     if job["method"] == "bd":
         out["s2m_share"] = s2m_share(result.curve, epoch)
@@ -230,6 +242,7 @@ def reference_job(job: dict[str, Any]) -> dict[str, Any]:
 
     from bd.metrics import auc
 
+    cpu = time.process_time()
     syn = cohort_of(job["regime"], job["seed"], job["patients"])
     c = syn.cohort
     offsets = c.offsets.numpy()
@@ -242,7 +255,7 @@ def reference_job(job: dict[str, Any]) -> dict[str, Any]:
     return {**{k: job[k] for k in ("regime", "seed")}, "method": "reference",
             "mean_pool_lr_auc": 100 * auc(c.labels[te], best.decision_function(pooled[te])),
             "tumour_fraction_auc": 100 * syn.tumour_fraction_auc("test"),
-            "clinical_oracle_auc": 100 * syn.clinical_auc("test")}
+            "clinical_oracle_auc": 100 * syn.clinical_auc("test"), "cpu_seconds": time.process_time() - cpu}
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -345,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     jobs = jobs_for(args)
     emit("cpu", os.cpu_count() or 0, cpu_name())
-    emit("workers", args.workers, "processes (1 torch thread each)")
+    emit("workers", args.workers, "processes (1 torch thread each)", load_average=list(os.getloadavg()))
     emit("seeds", args.seeds, "seeds")
     emit("patients", args.patients, "patients")
     emit("training", 0, json.dumps(TRAINING, sort_keys=True))
@@ -360,7 +373,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"{json.dumps({k: v for k, v in res.items() if k in ('auc', 'epoch', 'seconds')})}",
                   file=sys.stderr, flush=True)
     report(results, args.regimes, args.seeds, args.rates)
-    emit("minutes", (time.perf_counter() - start) / 60, "min", 15, "lower")
+    cpu = sum(r.get("cpu_seconds", 0.0) for r in results) / 60
+    emit("cpu_minutes", cpu, "min (training jobs' CPU time, all workers)")
+    emit("cpu_minutes_per_worker", cpu / args.workers, "min (the wall time on an otherwise idle machine)")
+    emit("minutes", (time.perf_counter() - start) / 60, "min", 15, "lower", load_average=list(os.getloadavg()))
 
 
 if __name__ == "__main__":
