@@ -128,9 +128,9 @@ def test_claims_and_the_papers_figures():
 
 
 def test_tiny_run_prints_valid_json_lines():
-    cmd = [sys.executable, str(ROOT / "benchmarks/method.py"), "--seeds", "2", "--patients", "300",
-           "--repeats", "2", "--paper-optimiser-epochs", "2",
-           "--training", json.dumps({"max_epochs": 2, "min_epochs": 1, "patience": 1})]
+    cmd = [sys.executable, str(ROOT / "benchmarks/method.py"), "--seeds", "2", "--patients", "200",
+           "--repeats", "1", "--paper-optimiser-epochs", "1",
+           "--training", json.dumps({"max_epochs": 1, "min_epochs": 1, "patience": 1})]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in out.stdout.splitlines()]
