@@ -2,13 +2,14 @@
 
 Bidirectional distillation trains two branches at once:
 
-* multi-modal branch (eq. 4): ``L_mul = CE(G_mul([f_wm, f_c]), y) + lambda_m * MSE(M_mul(f_wm),
+* multi-modal branch (eq. 4): ``L_mul = CE(G_mul([f_wm, f_c]), y) + lambda_m * MSE(z(M_mul(f_wm)),
   z(M_sgl(f_ws)))`` -- S->M: the single-modal slide feature is the *teacher*, so its side is
-  detached and only the multi-modal branch learns from the term. ``z`` standardises the teacher's
-  projection per dimension with running statistics over the training patients (see
-  :func:`standardise_teacher`), so that the term cannot be satisfied by shrinking or by matching a
-  near-constant teacher: a student that predicts the teacher's mean scores 1 per dimension, and
-  only one whose ``f_wm`` carries the patient-to-patient variation of ``f_ws`` scores less;
+  detached and only the multi-modal branch learns from the term. ``z`` standardises each
+  projection per dimension with its own running statistics over the training patients (see
+  :func:`standardise`), so that the term cannot be satisfied by shrinking, by a drifting mean or
+  by matching a near-constant teacher: a constant student scores 1 per dimension, and only one
+  whose ``f_wm`` carries the patient-to-patient variation of ``f_ws`` scores less (for unit-variance
+  sides the MSE is 2 (1 - correlation) per dimension);
 * single-modal branch (eq. 6): ``L_sgl = CE(G_sgl([f_ws, f_p]), y) + lambda_s * (MSE([f_ws, f_p],
   [f_wm, f_c]) + KL(G_mul || G_sgl at temperature tau))`` -- M->S: the multi-modal branch is frozen
   (detached), and the distillation part reaches *only the prompt path*: ``f_ws`` is detached inside
@@ -57,20 +58,26 @@ def frozen_call(module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
     return functional_call(module, params, inputs)
 
 
-def standardise_teacher(teacher: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
-                        momentum: float | None) -> torch.Tensor:
-    """``(teacher - mean) / sqrt(var)`` per dimension, detached. With ``momentum`` (training), the
-    running ``mean`` and ``var`` buffers are first moved toward this batch's statistics (in place,
-    like batch normalisation's running statistics; a batch of one updates the mean and the
-    spread around the running mean), so the target follows the single-modal branch as it learns."""
-    teacher = teacher.detach().float()
+def standardise(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, momentum: float | None) -> torch.Tensor:
+    """``(x - mean) / sqrt(var)`` per dimension, the statistics treated as constants (gradients
+    reach ``x`` only). With ``momentum`` (training), the running ``mean`` and ``var`` buffers are
+    first moved toward this batch's statistics (in place, like batch normalisation's running
+    statistics; a batch of one updates the mean and the spread around the running mean), so they
+    follow the branch as it learns."""
     if momentum:
         with torch.no_grad():
-            batch_mean = teacher.mean(0)
-            batch_var = ((teacher - mean) ** 2).mean(0)
-            mean.mul_(1 - momentum).add_(momentum * batch_mean)
+            values = x.detach().float()
+            batch_var = ((values - mean) ** 2).mean(0)
+            mean.mul_(1 - momentum).add_(momentum * values.mean(0))
             var.mul_(1 - momentum).add_(momentum * batch_var)
-    return (teacher - mean) / var.clamp_min(1e-8).sqrt()
+    return (x.float() - mean) / var.clamp_min(1e-8).sqrt()
+
+
+def standardise_teacher(teacher: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                        momentum: float | None) -> torch.Tensor:
+    """:func:`standardise` of the detached teacher: a target with zero mean and unit variance
+    per dimension over the training patients, whatever the teacher's own scale."""
+    return standardise(teacher.detach(), mean, var, momentum)
 
 
 def multi_modal_loss(

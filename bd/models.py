@@ -37,6 +37,7 @@ from bd.losses import (
     feature_mse,
     multi_modal_loss,
     single_modal_loss,
+    standardise,
     standardise_teacher,
 )
 
@@ -541,9 +542,10 @@ class BidirectionalDistillation(MILModel):
     (training it on eq. 3 would let the teacher move toward the student, or both collapse).
     Its output is standardised per dimension with running statistics (``teacher_mean``,
     ``teacher_var``, fitted on the training patients before the first step and then tracked with
-    momentum ``1 - 0.99^batch``), so S->M is ``MSE(M_mul(f_wm), z(M_sgl(f_ws)))``: a constant
-    student scores 1 per dimension, and the term only falls as ``f_wm`` comes to carry ``f_ws``'s
-    patient-to-patient variation.
+    momentum ``1 - 0.99^batch``); ``M_mul``'s output likewise (``student_mean``, ``student_var``),
+    so S->M is ``MSE(z(M_mul(f_wm)), z(M_sgl(f_ws)))``: neither shrinking nor a drifting mean
+    helps, a constant student scores 1 per dimension, and the term only falls as ``f_wm`` comes to
+    carry ``f_ws``'s patient-to-patient variation.
     ``directions`` switches S->M (eq. 3 in eq. 4) and M->S (eq. 5 in eq. 6) on or off (Table II).
     Test: clinical data present -> multi-modal branch, absent -> single-modal branch.
     """
@@ -578,6 +580,8 @@ class BidirectionalDistillation(MILModel):
         self.proj_sgl = nn.Linear(kept_dim, PROJECTION_DIM).requires_grad_(False)
         self.register_buffer("teacher_mean", torch.zeros(PROJECTION_DIM))
         self.register_buffer("teacher_var", torch.ones(PROJECTION_DIM))
+        self.register_buffer("student_mean", torch.zeros(PROJECTION_DIM))
+        self.register_buffer("student_var", torch.ones(PROJECTION_DIM))
 
     MULTI = ("pool_mul", "clin_mul", "head_mul", "proj_mul")
 
@@ -607,21 +611,35 @@ class BidirectionalDistillation(MILModel):
 
     @torch.no_grad()
     def fit_statistics(self, batches: Iterable[Batch]) -> None:
-        """The S->M teacher's per-dimension mean and variance over the training patients."""
-        teacher = torch.cat([self.proj_sgl(self.single_branch(b)["kept_sgl"]).float() for b in batches])
-        self.teacher_mean.copy_(teacher.mean(0))
-        self.teacher_var.copy_(teacher.var(0, unbiased=False) if len(teacher) > 1 else torch.ones_like(self.teacher_var))
+        """Per-dimension mean and variance of both S->M projections over the training patients."""
+        teacher, student = [], []
+        for batch in batches:
+            out = self.branches(batch)
+            teacher.append(self.proj_sgl(out["kept_sgl"]).float())
+            student.append(self.proj_mul(out["f_wm"] if self.missing == "clinical" else out["f_c"]).float())
+        for values, mean, var in ((torch.cat(teacher), self.teacher_mean, self.teacher_var),
+                                  (torch.cat(student), self.student_mean, self.student_var)):
+            mean.copy_(values.mean(0))
+            var.copy_(values.var(0, unbiased=False) if len(values) > 1 else torch.ones_like(var))
+
+    def _momentum(self, n: int) -> float | None:
+        return 1 - 0.99**n if self.training and self.s2m else None
 
     def teacher(self, kept_sgl: torch.Tensor) -> torch.Tensor:
         """The standardised S->M target ``z(M_sgl(f_ws))``; training steps update the statistics."""
-        momentum = 1 - 0.99 ** kept_sgl.shape[0] if self.training and self.s2m else None
-        return standardise_teacher(self.proj_sgl(kept_sgl), self.teacher_mean, self.teacher_var, momentum)
+        return standardise_teacher(self.proj_sgl(kept_sgl), self.teacher_mean, self.teacher_var,
+                                   self._momentum(kept_sgl.shape[0]))
+
+    def student(self, kept_mul: torch.Tensor) -> torch.Tensor:
+        """The standardised S->M student ``z(M_mul(f_wm))`` (gradients reach ``M_mul`` and ``f_wm``)."""
+        return standardise(self.proj_mul(kept_mul), self.student_mean, self.student_var,
+                           self._momentum(kept_mul.shape[0]))
 
     def losses(self, batch: Batch, stage: str) -> dict[str, torch.Tensor]:
         out = self.branches(batch)
         kept_mul, missing_mul = (out["f_wm"], out["f_c"]) if self.missing == "clinical" else (out["f_c"], out["f_wm"])
         mul = multi_modal_loss(
-            out["logits_mul"], batch.labels, self.proj_mul(kept_mul), self.teacher(out["kept_sgl"]),
+            out["logits_mul"], batch.labels, self.student(kept_mul), self.teacher(out["kept_sgl"]),
             self.lambda_m if self.s2m else 0.0,
         )
         sgl = single_modal_loss(

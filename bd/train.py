@@ -1,23 +1,37 @@
-"""``bd train``: train BD or a baseline on the training split, early-stopped on validation F1.
+"""``bd train``: train BD or a baseline on the training split, early-stopped on validation.
 
 Optimiser: SGD (paper defaults: lr 1e-4, momentum 0.3, weight decay 1e-3), one optimiser per
 training stage (two-stage methods such as AE train their parts in turn). A step takes
 ``batch_size`` patients' bags, packed (not padded) into one tensor; the default of 1 is the
 classic one-bag-per-step MIL. Training uses the training patients with a slide and clinical data
-(the paper's modality-complete training set); after each epoch the validation patients are
-predicted under the stage's presence conditions (for BD: clinical present -> multi-modal branch,
-absent -> single-modal branch), and the epoch with the best mean macro F1 (ties: mean AUC) is
-kept; training stops after ``patience`` epochs without improvement. Decision thresholds are then
-chosen on the validation predictions to maximise macro F1: one per branch (each of a method's
-predictors, e.g. BD's multi- and single-modal branches, is calibrated on its own), and one pooled
-over all the method's conditions. A branch that only answers outside the method's design (Filling's
-zero-filled input) takes the threshold of the method's first branch.
+(the paper's modality-complete training set).
+
+Patch features are standardised per dimension (mean and sd of the training patients' patches
+only, :func:`feature_statistics`) inside the model's attention poolings, so the transform is saved
+in the checkpoint and applied the same way in training, evaluation and ``bd predict``. Why: a
+random-weight or ImageNet encoder's features sit in a narrow positive range (the demo's: mean
+0.11, sd 0.15), too small for the attention MIL to learn from at any tried learning rate.
+
+After each epoch the validation patients are predicted under the stage's presence conditions (for
+BD: clinical present -> multi-modal branch, absent -> single-modal branch). The kept epoch is the
+best by ``early_stopping`` among epochs from ``min_epochs`` on (ties: validation AUC, then
+validation loss); training stops ``patience`` epochs after it. ``val_auc`` (the default),
+``val_loss`` and ``val_f1`` (macro F1 at the threshold tuned on the same predictions) are
+deviations from the paper, which monitors F1 on the training set (``train_f1``: macro F1 at 0.5
+on the training patients): on a small cohort, a fixed 0.5 cut scores every untrained epoch that
+predicts the majority class the same, and training F1 rewards overfitting.
+
+Decision thresholds are then chosen on the validation predictions to maximise macro F1, one per
+answering branch, under the first condition (complete, no clinical data, no slide) where it
+answers -- the same policy for every method, Filling's zero-filled branches included -- plus one
+pooled over the method's conditions.
 
 Deterministic for a seed on CPU: seeded initialisation and shuffling, deterministic algorithms.
 
-Outputs in ``--out-dir``: ``checkpoint.pt`` (model state, parameters, method, feature/encoder
-identity, clinical columns, scaler path and SHA-256, chosen epoch(s), thresholds), ``curve.csv``
-(per stage and epoch: mean training losses, validation F1/AUC) and ``curve.png``.
+Outputs in ``--out-dir``: ``checkpoint.pt`` (model state with the feature standardisation,
+parameters, method, feature/encoder identity, clinical columns, scaler path and SHA-256, chosen
+epoch(s), thresholds), ``curve.csv`` (per stage and epoch: mean training losses, each term's share
+of its branch loss, validation AUC/F1/log loss/probability sd per condition) and ``curve.png``.
 """
 
 from __future__ import annotations
@@ -29,7 +43,7 @@ import logging
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +96,7 @@ class TrainParams:
     directions: str = "both"  # none | m2s | s2m | both (Table II)
     hidden_dim: int = 128  # slide feature size (attention-pooled instance embeddings)
     clinical_dim: int = 50  # clinical feature f_c (= prompt feature f_p) size
+    clinical_expansion: int | None = None  # Fig. 5 b/c: f_c = this many times the clinical input width
     smil_priors: int = 8  # SMIL: k-means priors of the clinical vector
     early_stopping: str = "val_auc"  # val_auc | val_loss | val_f1 | train_f1 (the paper's rule)
     min_epochs: int = 1  # no epoch before this one is kept, and training runs at least this long
@@ -90,6 +105,8 @@ class TrainParams:
 
     def __post_init__(self) -> None:
         model_class(self.method)
+        if self.clinical_expansion is not None and self.clinical_expansion < 1:
+            raise ConfigError(f"training.clinical_expansion: {self.clinical_expansion} must be at least 1 (or null)")
         positive = ("max_epochs", "patience", "batch_size", "prompt_length", "hidden_dim", "clinical_dim",
                     "smil_priors", "min_epochs")
         for key in positive:
@@ -118,6 +135,7 @@ class TrainResult:
     threshold: float  # pooled over the method's conditions
     thresholds: dict[str, float]  # per answering branch
     val: dict[str, float]
+    params: TrainParams | None = None  # as trained (clinical_expansion resolved into clinical_dim)
 
 
 @contextlib.contextmanager
@@ -324,6 +342,10 @@ def train_model(cohort: Cohort, params: TrainParams, seed: int, device: torch.de
     train_idx, val_idx = training_patients(cohort, "train"), training_patients(cohort, "val")
     if len(np.unique(cohort.labels[train_idx])) < 2:
         raise BDError("the training split holds one class only: cannot train a classifier")
+    if params.clinical_expansion:
+        params = replace(params, clinical_dim=params.clinical_expansion * cohort.n_clinical)
+        log.info("clinical feature: %d x %d clinical columns = %d", params.clinical_expansion, cohort.n_clinical,
+                 params.clinical_dim)
     with deterministic(seed, device):
         model = create_model(params.method, cohort.feature_dim, cohort.n_clinical, **to_dict(params)).to(device)
         model.setup(torch.from_numpy(cohort.clinical[train_idx]).to(device))
@@ -342,7 +364,7 @@ def train_model(cohort: Cohort, params: TrainParams, seed: int, device: torch.de
     log.info("%s seed %d: epochs %s, val F1 %.3f, AUC %.3f, thresholds %s",
              params.method, seed, stage_epochs, val["val_f1"], val["val_auc"],
              {b: round(t, 3) for b, t in thresholds.items()})
-    return TrainResult(model, pd.DataFrame(rows), stage_epochs, threshold, thresholds, val)
+    return TrainResult(model, pd.DataFrame(rows), stage_epochs, threshold, thresholds, val, params)
 
 
 # ---------------------------------------------------------------- outputs
@@ -351,6 +373,7 @@ def train_model(cohort: Cohort, params: TrainParams, seed: int, device: torch.de
 def checkpoint_payload(result: TrainResult, cohort: Cohort, params: TrainParams, seed: int,
                        scaler: Path | None) -> dict[str, Any]:
     """Everything a later stage needs to use the model and to check its inputs."""
+    params = result.params or params
     last = list(result.stage_epochs)[-1]
     return {
         "format": CHECKPOINT_FORMAT,
@@ -373,27 +396,39 @@ def checkpoint_payload(result: TrainResult, cohort: Cohort, params: TrainParams,
     }
 
 
+CURVE_VALIDATION = ("val_auc", "val_f1", "val_loss", "val_prob_sd", "trainset_f1_05")
+
+
 def plot_curve(curve: pd.DataFrame, stage_epochs: dict[str, int], path: Path, title: str) -> None:
-    """Training losses and validation F1/AUC per epoch, one column of panels per stage."""
+    """Per stage (columns): training losses; each loss term's share of its branch's loss (BD);
+    validation AUC, tuned-threshold F1, log loss and the sd of the predicted probabilities."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     stages = list(dict.fromkeys(curve["stage"]))
-    fig, axes = plt.subplots(2, len(stages), figsize=(5 * len(stages), 6), squeeze=False, sharex="col")
+    shares = [c for c in curve.columns if c.startswith("share_") and curve[c].notna().any()]
+    rows_n = 3 if shares else 2
+    fig, axes = plt.subplots(rows_n, len(stages), figsize=(5 * len(stages), 3 * rows_n), squeeze=False,
+                             sharex="col")
     for col, stage in enumerate(stages):
         rows = curve[curve["stage"] == stage]
-        top, bottom = axes[0, col], axes[1, col]
+        top, bottom = axes[0, col], axes[-1, col]
         for key in [c for c in rows.columns if c.startswith("train_") and rows[c].notna().any()]:
             top.plot(rows["epoch"], rows[key], label=key.removeprefix("train_"), lw=2 if key == "train_loss" else 1)
         top.set_title(f"{stage}: training losses")
         top.legend(fontsize=7)
-        for key in [c for c in rows.columns if c.startswith("val_") and rows[c].notna().any()]:
-            width = 2 if key in ("val_f1", "val_auc") else 1
-            bottom.plot(rows["epoch"], rows[key], label=key.removeprefix("val_"), lw=width)
-        bottom.axvline(stage_epochs[stage], color="k", ls="--", lw=1, label=f"chosen epoch {stage_epochs[stage]}")
-        bottom.set_ylim(0, 1)
+        if shares:
+            for key in shares:
+                axes[1, col].plot(rows["epoch"], rows[key], label=key.removeprefix("share_"))
+            axes[1, col].set_ylim(0, 1)
+            axes[1, col].set_title(f"{stage}: share of the branch loss")
+            axes[1, col].legend(fontsize=7)
+        for key in [c for c in CURVE_VALIDATION if c in rows.columns and rows[c].notna().any()]:
+            bottom.plot(rows["epoch"], rows[key], label=key, lw=2 if key == "val_auc" else 1)
+        bottom.axvline(stage_epochs[stage], color="k", ls="--", lw=1, label=f"kept epoch {stage_epochs[stage]}")
+        bottom.set_ylim(0, max(1.0, float(np.nanmax(rows["val_loss"])) if "val_loss" in rows else 1.0))
         bottom.set_xlabel("epoch")
         bottom.set_title(f"{stage}: validation")
         bottom.legend(fontsize=7)

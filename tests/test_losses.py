@@ -15,6 +15,7 @@ from bd.losses import (
     kl_distillation,
     multi_modal_loss,
     single_modal_loss,
+    standardise,
     standardise_teacher,
 )
 
@@ -159,3 +160,12 @@ def test_standardised_teacher_running_statistics_follow_the_batches():
     before = mean.clone()
     standardise_teacher(batch, mean, var, momentum=None)  # evaluation: statistics unchanged
     torch.testing.assert_close(mean, before)
+
+
+def test_standardised_student_passes_gradient_through_constant_statistics():
+    x = torch.tensor([[1.0, 2.0], [3.0, 6.0]], requires_grad=True)
+    mean, var = torch.tensor([2.0, 4.0]), torch.tensor([4.0, 16.0])
+    z = standardise(x, mean, var, momentum=None)
+    torch.testing.assert_close(z, torch.tensor([[-0.5, -0.5], [0.5, 0.5]]))
+    z.sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([[0.5, 0.25], [0.5, 0.25]]))

@@ -284,7 +284,7 @@ def _fitted_bd(cohort, **kw):
 
 def test_s2m_term_is_not_trivially_zero_at_initialisation(cohort):
     """S->M's weighted share of L_mul at initialisation is at least 5 %, and shrinking M_mul to
-    zero does not make the term vanish (the teacher is standardised)."""
+    zero does not make the term vanish (both projections are standardised)."""
     model = _fitted_bd(cohort, lambda_m=0.6)
     batch = cohort.batch(np.arange(cohort.n_patients))
     out = model.losses(batch, "joint")
@@ -295,18 +295,18 @@ def test_s2m_term_is_not_trivially_zero_at_initialisation(cohort):
         model.proj_mul.bias.zero_()
     model.eval()
     shrunk = model.losses(batch, "joint")["mul_distill"].item()
-    assert shrunk == pytest.approx(1.0, abs=0.05)  # mean 0, unit variance per dimension
+    assert shrunk >= 0.95  # a constant student scores at least 1 per dimension (unit-variance teacher)
 
 
 def test_s2m_teacher_statistics_update_only_in_training_steps(cohort):
     model = _fitted_bd(cohort)
-    before = model.teacher_mean.clone()
+    before = model.teacher_mean.clone(), model.student_mean.clone()
     model.eval()
     model.losses(cohort.batch([0, 1]), "joint")
-    assert torch.equal(model.teacher_mean, before)
+    assert torch.equal(model.teacher_mean, before[0]) and torch.equal(model.student_mean, before[1])
     model.train()
     model.losses(cohort.batch([0, 1]), "joint")
-    assert not torch.equal(model.teacher_mean, before)
+    assert not torch.equal(model.teacher_mean, before[0]) and not torch.equal(model.student_mean, before[1])
     off = _fitted_bd(cohort, directions="m2s").train()
     kept = off.teacher_mean.clone()
     off.losses(cohort.batch([0, 1]), "joint")

@@ -229,3 +229,39 @@ def test_load_run_refuses_other_features_or_clinical_columns(trained):
     cohort.clinical_columns = ["c0", "c1", "c2", "grade"]
     with pytest.raises(TableError, match="c3, grade"):
         run.predict(cohort, np.ones(cohort.n_patients, bool))
+
+
+def _bd_runs(directions: list[str], epochs: int = 6):
+    """BD trained with each directions setting from the same seed, the last epoch kept."""
+    cohort = synthetic_cohort(40, 10, DIM, CLIN, seed=6, signal=1.5)
+    out = {}
+    for d in directions:
+        params = TrainParams(method="bd", max_epochs=epochs, min_epochs=epochs, lr=0.05, batch_size=2,
+                             directions=d, **TINY)
+        out[d] = train_model(cohort, params, 0, progress=False).model
+    return cohort, out
+
+
+def _branch_outputs(model, cohort):
+    idx = np.arange(cohort.n_patients)
+    with torch.no_grad():
+        batch = cohort.batch(idx)
+        f_wm = model.pool_mul(batch.features, batch.offsets)[0].numpy()
+        f_ws = model.pool_sgl(batch.features, batch.offsets)[0].numpy()
+    p_mul, _ = predict_patients(model, cohort, idx, np.ones(len(idx), bool))
+    p_sgl, _ = predict_patients(model, cohort, idx, np.zeros(len(idx), bool))
+    return f_wm, f_ws, p_mul, p_sgl
+
+
+def test_s2m_moves_f_wm_toward_f_ws_and_m2s_moves_the_single_branch():
+    """Same seed, same data order: S->M raises linear CKA(f_wm, f_ws) over `none` and leaves the
+    single-modal branch as it was; M->S changes the single-modal outputs and leaves the
+    multi-modal branch as it was."""
+    from bd.figures import linear_cka
+
+    cohort, models = _bd_runs(["none", "s2m", "m2s"])
+    none, s2m, m2s = (_branch_outputs(models[d], cohort) for d in ("none", "s2m", "m2s"))
+    assert linear_cka(s2m[0], s2m[1]) > linear_cka(none[0], none[1]) + 0.02
+    np.testing.assert_allclose(s2m[3], none[3], atol=1e-6)  # single-modal branch untouched by S->M
+    np.testing.assert_allclose(m2s[2], none[2], atol=1e-6)  # multi-modal branch untouched by M->S
+    assert np.abs(m2s[3] - none[3]).max() > 1e-3
