@@ -419,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 res["max_epochs"] = args.paper_optimiser_epochs
             results.append(res)
             print(f"# {res['regime']} seed {res['seed']} {res['method']}{' ' + res['tag'] if res.get('tag') else ''}: "
-                  f"{json.dumps({k: v for k, v in res.items() if k in ('auc', 'epoch', 'seconds')})}",
+                  f"{json.dumps({k: v for k, v in res.items() if k in ('auc', 'epoch', 'seconds', 'cpu_seconds', 's2m_share', 'prob_sd')})}",
                   file=sys.stderr, flush=True)
     report(results, args.regimes, args.seeds, args.rates)
     cpu = sum(r.get("cpu_seconds", 0.0) for r in results) / 60
