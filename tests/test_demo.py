@@ -223,7 +223,9 @@ def test_params_reject_unknown_keys_and_bad_values():
 def test_default_demo_split_has_30_test_patients():
     """The default demo: 80 patients, 30 of them in the test split (an AUC that means something),
     the rest in BCNB's 630:210 train:val ratio; its clinical-only AUC is reported as it comes out."""
-    d = DemoParams()
+    import yaml
+
+    d = build(DemoParams, yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["demo"])
     result = simulated_auc(d.patients, seed=d.seed, slide_signal=d.slide_signal, test_patients=d.test_patients)
     assert (result.n_train, result.n_test) == (38, 30)
     assert 0.0 <= result.clinical_auc <= 1.0 and result.oracle_auc > 0.5
