@@ -5,7 +5,9 @@ weights, input size, patch size and microns per pixel come from the run's featur
 ``--params`` may change only what does not alter the features, such as the tissue threshold or
 the batch size). A slide or feature store whose encoder or patch settings differ from the run's is
 refused with the reason. Clinical values (raw, as in the clinical table) go through the run's
-saved scaler; without them the model answers from its single-modal path. Writes
+saved scaler; without them the model answers from its single-modal path. The patch features are
+standardised inside the model with the training patches' statistics saved in the checkpoint
+(:class:`bd.models.AttentionPool`), exactly as in training and evaluation. Writes
 ``prediction.json``, an attention heatmap and the intermediate segmentation, grid and features.
 """
 

@@ -231,14 +231,14 @@ def test_load_run_refuses_other_features_or_clinical_columns(trained):
         run.predict(cohort, np.ones(cohort.n_patients, bool))
 
 
-def _bd_runs(directions: list[str], epochs: int = 6):
+def _bd_runs(directions: list[str], seed: int = 0, epochs: int = 12):
     """BD trained with each directions setting from the same seed, the last epoch kept."""
-    cohort = synthetic_cohort(40, 10, DIM, CLIN, seed=6, signal=1.5)
+    cohort = synthetic_cohort(40, 10, DIM, CLIN, seed=7, signal=1.5)
     out = {}
     for d in directions:
         params = TrainParams(method="bd", max_epochs=epochs, min_epochs=epochs, lr=0.05, batch_size=2,
                              directions=d, **TINY)
-        out[d] = train_model(cohort, params, 0, progress=False).model
+        out[d] = train_model(cohort, params, seed, progress=False).model
     return cohort, out
 
 
@@ -254,14 +254,18 @@ def _branch_outputs(model, cohort):
 
 
 def test_s2m_moves_f_wm_toward_f_ws_and_m2s_moves_the_single_branch():
-    """Same seed, same data order: S->M raises linear CKA(f_wm, f_ws) over `none` and leaves the
-    single-modal branch as it was; M->S changes the single-modal outputs and leaves the
-    multi-modal branch as it was."""
+    """Same seed, same data order: S->M raises linear CKA(f_wm, f_ws) over `none` (mean of two
+    seeds) and leaves the single-modal branch as it was; M->S changes the single-modal outputs
+    and leaves the multi-modal branch as it was."""
     from bd.figures import linear_cka
 
-    cohort, models = _bd_runs(["none", "s2m", "m2s"])
-    none, s2m, m2s = (_branch_outputs(models[d], cohort) for d in ("none", "s2m", "m2s"))
-    assert linear_cka(s2m[0], s2m[1]) > linear_cka(none[0], none[1]) + 0.02
-    np.testing.assert_allclose(s2m[3], none[3], atol=1e-6)  # single-modal branch untouched by S->M
-    np.testing.assert_allclose(m2s[2], none[2], atol=1e-6)  # multi-modal branch untouched by M->S
-    assert np.abs(m2s[3] - none[3]).max() > 1e-3
+    cka = {"none": [], "s2m": []}
+    for seed in (0, 1):
+        cohort, models = _bd_runs(["none", "s2m", "m2s"], seed)
+        none, s2m, m2s = (_branch_outputs(models[d], cohort) for d in ("none", "s2m", "m2s"))
+        cka["none"].append(linear_cka(none[0], none[1]))
+        cka["s2m"].append(linear_cka(s2m[0], s2m[1]))
+        np.testing.assert_allclose(s2m[3], none[3], atol=1e-6)  # single-modal branch untouched by S->M
+        np.testing.assert_allclose(m2s[2], none[2], atol=1e-6)  # multi-modal branch untouched by M->S
+        assert np.abs(m2s[3] - none[3]).max() > 1e-3
+    assert np.mean(cka["s2m"]) > np.mean(cka["none"]) + 0.02, cka

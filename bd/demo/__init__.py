@@ -48,7 +48,7 @@ class DemoParams:
     enabled: bool = True
     out_dir: str = "results/demo"
     patients: int = 80
-    test_patients: int | None = 30  # test split size (the rest: BCNB's 630:210 train:val); null: BCNB's ratio
+    test_patients: int | None = None  # test split size (the rest: BCNB's 630:210 train:val); None: BCNB's ratio
     seed: int = 0
     slide_size: int = 4096
     mpp: float = 0.5
