@@ -77,6 +77,7 @@ PAPER_AUC = {
     "smil": {0.0: 82.6, 50.0: 82.2, 80.0: 80.0, 100.0: 78.8},
     "bd": {0.0: 86.1, 50.0: 85.0, 80.0: 84.2, 100.0: 82.7},
 }
+PROGRESS_KEYS = ("auc", "epoch", "seconds", "cpu_seconds", "s2m_share", "prob_sd")  # per-job stderr lines
 LR_C = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # the mean-pool logistic regression's inverse L2 strengths
 ORDER = {m: i for i, m in enumerate(("smil", "bd", "ae", "ensemble", "filling", "image_only", "clinical_only"))}
 
@@ -361,14 +362,15 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             text = [f"{c['value']:.1f} ± {c['sd']:.1f}" if c else "" for c in cells]
             paper = " / ".join(f"{PAPER_AUC[m][r]:.1f}" for r in RATES if r in PAPER_AUC[m])
             out.append(f"| {g} | {LABELS[m]} | " + " | ".join(text) + f" | {paper} |")
-    out += ["", "| Regime | Claim | Rate (%) | Mean paired difference [95 % CI] | Verdict | Paper |", "|---|---|---|---|---|---|"]
+    out += ["", "| Regime | Claim | Rate (%) | Mean paired difference [95 % CI] | Verdict | Paper |",
+            "|---|---|---|---|---|---|"]
     for r in rows:
         if r["metric"].startswith("claim_"):
             name = r["metric"][len(f"claim_{r['regime']}_"):].rsplit("_", 1)[0]
             lo, hi = r["ci"]
             ci = f"[{lo:+.1f}, {hi:+.1f}]" if lo is not None else "[-]"
-            out.append(f"| {r['regime']} | {CLAIM_TEXT[name]} | {r['rate']:g} | {r['value']:+.1f} {ci} | {r['verdict']} "
-                       f"| {r['paper']:+.1f} |")
+            out.append(f"| {r['regime']} | {CLAIM_TEXT[name]} | {r['rate']:g} | {r['value']:+.1f} {ci} "
+                       f"| {r['verdict']} | {r['paper']:+.1f} |")
     return "\n".join(out)
 
 
@@ -418,8 +420,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             if res.get("tag") == "paper_optimiser":
                 res["max_epochs"] = args.paper_optimiser_epochs
             results.append(res)
-            print(f"# {res['regime']} seed {res['seed']} {res['method']}{' ' + res['tag'] if res.get('tag') else ''}: "
-                  f"{json.dumps({k: v for k, v in res.items() if k in ('auc', 'epoch', 'seconds', 'cpu_seconds', 's2m_share', 'prob_sd')})}",
+            shown = {k: v for k, v in res.items() if k in PROGRESS_KEYS}
+            tag = f" {res['tag']}" if res.get("tag") else ""
+            print(f"# {res['regime']} seed {res['seed']} {res['method']}{tag}: {json.dumps(shown)}",
                   file=sys.stderr, flush=True)
     report(results, args.regimes, args.seeds, args.rates)
     cpu = sum(r.get("cpu_seconds", 0.0) for r in results) / 60
