@@ -6,7 +6,9 @@ The workflow trains and evaluates one job per experiment and seed; ``bd train`` 
 * a method name (``bd``, ``filling``, ... from ``training.methods``, and ``bd_wsi`` for
   Section III-E): the method with the training section as it is, run for ``training.seeds``;
 * ``bd-dir-{none|m2s|s2m|both}`` (Table II), ``bd-prompt-{length}`` (Fig. 4c) and
-  ``bd-lm-{lambda_m}-ls-{lambda_s}`` (Table III): BD variants, run for ``ablations.seeds``.
+  ``bd-lm-{lambda_m}-ls-{lambda_s}`` (Table III): BD variants, run for ``ablations.seeds``;
+* ``filling-cx{N}`` (Fig. 5 b/c, ``ablations.clinical_expansions``): Filling whose clinical
+  feature is N times the clinical input's width, run for ``ablations.seeds``.
 
 The targets (``all``, ``ablations``, ``wsi_missing``, ``analysis``) are sets of experiments.
 Light imports only: the Snakefile imports this module.
@@ -18,7 +20,8 @@ from typing import Any
 
 ABLATION_PREFIXES = ("bd-dir-", "bd-prompt-", "bd-lm-")
 WSI_MISSING = ["bd_wsi", "filling", "clinical_only"]  # Fig. 4 a/b: BD vs the base model and clinical only
-ANALYSIS = ["image_only", "filling"]  # Fig. 5: slide features of a single- and a multi-modal model
+FIG5_PREFIX = "filling-cx"  # Fig. 5 b/c: Filling with the clinical feature N times the clinical input width
+ANALYSIS = ["image_only"]  # Fig. 5 a: the single-modal model; b/c: FIG5_PREFIX experiments
 
 
 def _fmt(x: float) -> str:
@@ -36,6 +39,8 @@ def experiments(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
         out[f"bd-prompt-{int(length)}"] = {"method": "bd", "prompt_length": int(length)}
     for lm, ls in ab.get("lambda_grid", []):
         out[f"bd-lm-{_fmt(lm)}-ls-{_fmt(ls)}"] = {"method": "bd", "lambda_m": float(lm), "lambda_s": float(ls)}
+    for factor in ab.get("clinical_expansions", []):
+        out[f"{FIG5_PREFIX}{int(factor)}"] = {"method": "filling", "clinical_expansion": int(factor)}
     out.setdefault("bd_wsi", {"method": "bd_wsi"})
     return out
 
@@ -55,12 +60,12 @@ def target_experiments(config: dict[str, Any], target: str) -> list[str]:
     if target == "wsi_missing":
         return list(WSI_MISSING)
     if target == "analysis":
-        return list(ANALYSIS)
+        return [*ANALYSIS, *(n for n in names if n.startswith(FIG5_PREFIX))]
     raise KeyError(target)
 
 
 def seeds_for(config: dict[str, Any], experiment: str) -> list[int]:
     """Methods (including ``bd_wsi``) use ``training.seeds``; ablation variants ``ablations.seeds``."""
-    if not experiment.startswith(ABLATION_PREFIXES):
+    if not experiment.startswith((*ABLATION_PREFIXES, FIG5_PREFIX)):
         return list(config["training"]["seeds"])
     return list((config.get("ablations") or {}).get("seeds", [0]))

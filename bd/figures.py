@@ -7,7 +7,12 @@
 - ``fig4ab``: AUC (a) and F1 (b) against the rate of missing slides (Section III-E).
 - ``fig4c``: ROC curves at 100 % clinical data missing, one per prompt length, with AUC and CI.
 - ``roc``: ROC curves of every method, one panel per clinical missing rate.
-- ``fig5``: t-SNE of the slide features of a single-modal and a multi-modal model.
+- ``fig5``: t-SNE of the slide features of a single-modal model (a) and of multi-modal Filling
+  models whose clinical feature is 20x and 40x the clinical input's width (b, c), as the paper.
+- ``s2m``: what BD's distillation directions do: linear CKA between the multi-modal branch's
+  slide feature ``f_wm`` and the single-modal one's ``f_ws`` per direction setting (S->M should
+  raise it), S->M's share of L_mul per epoch, and the single-modal branch's test probabilities
+  with and without M->S.
 - ``heatmaps``: attention over slide thumbnails for a few test patients.
 """
 
@@ -221,6 +226,20 @@ def plot_embedding(ax: plt.Axes, xy: np.ndarray, labels: np.ndarray, title: str)
     ax.legend(frameon=False, fontsize=7)
 
 
+def fig5_titles(runs: Sequence[Any]) -> list[str]:
+    """Panel titles from the runs: the method, and the clinical feature's width where it is wider."""
+    titles = []
+    for run in runs:
+        params = dict(getattr(run, "params", {}) or {})
+        method = label_of(getattr(run, "method", params.get("method", "?")))
+        factor = params.get("clinical_expansion")
+        if factor:
+            titles.append(f"multi-modal ({method}), clinical feature {factor}x the input width")
+        else:
+            titles.append(f"{'single' if run.method == 'image_only' else 'multi'}-modal model ({method})")
+    return titles
+
+
 def fig5(embeddings: Sequence[tuple[str, np.ndarray]], labels: np.ndarray, perplexity: float, out: Path) -> Path:
     """Fig. 5: t-SNE of slide features of each model, side by side."""
     fig, axes = plt.subplots(1, len(embeddings), figsize=(4.4 * len(embeddings), 4.2), squeeze=False)
@@ -342,13 +361,95 @@ def _load(args: argparse.Namespace) -> Any:
 def _cmd_fig5(args: argparse.Namespace) -> Path:
     from bd.runs import load_run
 
-    if len(args.checkpoint) != len(args.titles):
+    runs = [load_run(path) for path in args.checkpoint]
+    titles = args.titles or fig5_titles(runs)
+    if len(args.checkpoint) != len(titles):
         raise BDError(f"give one --titles entry per --checkpoint ({len(args.checkpoint)} checkpoints)")
     cohort = _load(args)
     cohort = cohort.select(np.flatnonzero(cohort.has_slide & np.isin(cohort.split, args.splits)))
-    embeddings = [(title, np.asarray(load_run(path).slide_embeddings(cohort)))
-                  for path, title in zip(args.checkpoint, args.titles)]
+    embeddings = [(title, np.asarray(run.slide_embeddings(cohort))) for run, title in zip(runs, titles)]
     return fig5(embeddings, np.asarray(cohort.labels), args.perplexity, Path(args.out))
+
+
+# ---------------------------------------------------------------- S->M and M->S at work
+
+
+def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Linear centred kernel alignment of two feature sets of the same patients (rows): 1 when
+    one is an orthogonal transform and rescaling of the other, near 0 when unrelated."""
+    x = np.asarray(x, np.float64) - np.asarray(x, np.float64).mean(0)
+    y = np.asarray(y, np.float64) - np.asarray(y, np.float64).mean(0)
+    den = np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)
+    return float(np.linalg.norm(x.T @ y) ** 2 / den) if den > 0 else float("nan")
+
+
+def branch_similarity(run: Any, cohort: Any) -> dict[str, float]:
+    """Linear CKA and mean cosine between BD's ``f_wm`` and ``f_ws`` over ``cohort``'s patients."""
+    f_wm, f_ws = run.slide_embeddings(cohort, "multi"), run.slide_embeddings(cohort, "single")
+    norms = np.linalg.norm(f_wm, axis=1) * np.linalg.norm(f_ws, axis=1)
+    cosine = np.sum(f_wm * f_ws, axis=1) / np.where(norms > 0, norms, np.nan)
+    return {"cka": linear_cka(f_wm, f_ws), "cosine": float(np.nanmean(cosine))}
+
+
+def single_branch_probs(run: Any, cohort: Any) -> np.ndarray:
+    """The single-modal branch's N+ probabilities (clinical data hidden for everyone)."""
+    return run.predict(cohort, clinical_present=np.zeros(cohort.n_patients, bool))["prob"].to_numpy(float)
+
+
+def s2m_figure(runs: Sequence[Any], curves: Sequence[pd.DataFrame], cohort: Any, out: Path) -> tuple[Path, pd.DataFrame]:
+    """(a) CKA(f_wm, f_ws) per directions setting and seed; (b) S->M's share of L_mul per epoch;
+    (c) single-modal test probabilities of each setting against ``none`` of the same seed."""
+    rows = [{"directions": r.params.get("directions"), "seed": r.seed, **branch_similarity(r, cohort)} for r in runs]
+    table = pd.DataFrame(rows)
+    order = [d for d in ("none", "m2s", "s2m", "both") if d in set(table["directions"])]
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 4.2))
+    for i, d in enumerate(order):
+        vals = table.loc[table["directions"] == d, "cka"]
+        a.scatter(np.full(len(vals), i), vals, color="tab:red" if d in ("s2m", "both") else "grey")
+        a.plot([i - 0.2, i + 0.2], [vals.mean()] * 2, color="k")
+    a.set_xticks(range(len(order)), order)
+    a.set_xlabel("directions")
+    a.set_ylabel("linear CKA(f_wm, f_ws), test patients")
+    a.set_title("(a) S->M pulls the multi-modal slide feature toward the single-modal one", fontsize=9)
+    for run, curve in zip(runs, curves):
+        if "share_mul_distill" in curve:
+            b.plot(curve["epoch"], curve["share_mul_distill"], label=f"{run.params.get('directions')} seed {run.seed}")
+    b.set_ylim(0, 1)
+    b.set_xlabel("epoch")
+    b.set_ylabel("lambda_m * L_mul^f / L_mul")
+    b.set_title("(b) S->M's share of the multi-modal loss", fontsize=9)
+    b.legend(fontsize=7)
+    base = {r.seed: single_branch_probs(r, cohort) for r in runs if r.params.get("directions") == "none"}
+    for run in runs:
+        d = run.params.get("directions")
+        if d != "none" and run.seed in base:
+            c.scatter(base[run.seed], single_branch_probs(run, cohort), s=10, label=f"{d} seed {run.seed}")
+    c.plot([0, 1], [0, 1], color="k", lw=0.8)
+    c.set_xlabel("single-modal P(N+), directions none")
+    c.set_ylabel("single-modal P(N+), other setting")
+    c.set_title("(c) M->S moves the single-modal branch's outputs", fontsize=9)
+    c.legend(fontsize=7)
+    return save(fig, out), table
+
+
+def _cmd_s2m(args: argparse.Namespace) -> Path:
+    from bd.runs import load_run
+
+    if len(args.curves) != len(args.checkpoint):
+        raise BDError(f"give one --curves file per --checkpoint ({len(args.checkpoint)} checkpoints)")
+    runs = [load_run(path) for path in args.checkpoint]
+    bad = [str(p) for p, r in zip(args.checkpoint, runs) if r.method != "bd"]
+    if bad:
+        raise BDError(f"the s2m figure takes BD runs; {bad[0]} is not one")
+    cohort = _load(args)
+    cohort = cohort.select(np.flatnonzero(cohort.has_slide & (cohort.split == "test")))
+    curves = [pd.read_csv(p) for p in args.curves]
+    path, table = s2m_figure(runs, curves, cohort, Path(args.out))
+    with atomic_path(Path(args.out).with_suffix(".csv")) as tmp:
+        table.to_csv(tmp, index=False)
+    for row in table.itertuples():
+        print(f"directions {row.directions} seed {row.seed}: CKA(f_wm, f_ws) {row.cka:.3f}, cosine {row.cosine:.3f}")
+    return path
 
 
 def write_heatmaps(run: Any, cohort: Any, patient: str, samples: pd.DataFrame, features_dir: Path,
@@ -422,11 +523,18 @@ def _add_cohort(p: argparse.ArgumentParser) -> None:
 
 def _add_fig5(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", nargs="+", required=True, help="runs to compare (single-modal first)")
-    p.add_argument("--titles", nargs="+", default=["single-modal model (image only)", "multi-modal model (Filling)"])
+    p.add_argument("--titles", nargs="+", default=None, help="panel titles (default: from the runs)")
     _add_cohort(p)
     p.add_argument("--splits", nargs="+", default=["train", "val", "test"], help="patients to embed")
     p.add_argument("--perplexity", type=float, default=30.0)
     p.add_argument("--out", required=True, help="PNG to write")
+
+
+def _add_s2m(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", nargs="+", required=True, help="BD runs (directions none, m2s, s2m, both)")
+    p.add_argument("--curves", nargs="+", required=True, help="their curve.csv files, in the same order")
+    _add_cohort(p)
+    p.add_argument("--out", required=True, help="PNG to write (and the CKA table beside it as .csv)")
 
 
 def _add_heatmaps(p: argparse.ArgumentParser) -> None:
@@ -442,7 +550,8 @@ FIGURES: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[ar
     "fig4ab": (_add_fig4ab, _cmd_fig4ab, "AUC and F1 vs slide missing rate"),
     "fig4c": (_add_fig4c, _cmd_fig4c, "ROC per prompt length at 100 %% clinical missing"),
     "roc": (_add_roc, _cmd_roc, "ROC curves of every method per missing rate"),
-    "fig5": (_add_fig5, _cmd_fig5, "t-SNE of slide features: single- vs multi-modal model"),
+    "fig5": (_add_fig5, _cmd_fig5, "t-SNE of slide features: single- vs multi-modal models"),
+    "s2m": (_add_s2m, _cmd_s2m, "BD: CKA(f_wm, f_ws) per distillation direction, S->M share, M->S effect"),
     "heatmaps": (_add_heatmaps, _cmd_heatmaps, "attention heatmaps over slide thumbnails"),
 }
 

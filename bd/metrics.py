@@ -28,11 +28,17 @@ def auc(labels: Sequence[int], probs: Sequence[float]) -> float:
 
 
 def f1_macro(labels: Sequence[int], predicted: Sequence[int]) -> float:
-    """Macro-averaged F1 over the classes N0 and N+ (a class never seen nor predicted scores 0)."""
-    return float(
-        f1_score(np.asarray(labels, int), np.asarray(predicted, int), labels=[0, 1],
-                 average="macro", zero_division=0.0)
-    )
+    """Macro-averaged F1 over the classes N0 and N+ (a class never seen nor predicted scores 0).
+    Counted in numpy (scikit-learn's ``f1_score`` gives the same figure at ~100x the cost, which
+    matters where thresholds are searched over hundreds of candidate cuts)."""
+    y = np.asarray(labels, int).reshape(-1) == 1
+    p = np.asarray(predicted, int).reshape(-1) == 1
+    scores = []
+    for truth, guess in ((y, p), (~y, ~p)):
+        tp = int(np.count_nonzero(truth & guess))
+        wrong = int(np.count_nonzero(truth ^ guess))
+        scores.append(2 * tp / (2 * tp + wrong) if 2 * tp + wrong else 0.0)
+    return float(np.mean(scores))
 
 
 def threshold_predictions(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -32,7 +32,14 @@ from torch.func import functional_call
 
 from bd.bags import Batch
 from bd.errors import ConfigError
-from bd.losses import classification_loss, feature_mse, multi_modal_loss, single_modal_loss
+from bd.losses import (
+    classification_loss,
+    feature_mse,
+    multi_modal_loss,
+    single_modal_loss,
+    standardise,
+    standardise_teacher,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,7 @@ ALL_CONDITIONS: tuple[Condition, ...] = (COMPLETE, NO_CLINICAL, NO_SLIDE, (False
 CONDITION_NAMES = {COMPLETE: "complete", NO_CLINICAL: "no_clinical", NO_SLIDE: "no_slide", (False, False): "none"}
 DIRECTIONS = {"none": (False, False), "m2s": (True, False), "s2m": (False, True), "both": (True, True)}
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": None}
+MISSING_SUFFIX = "_missing"  # bd clinical's missing-indicator columns
 PROJECTION_DIM = 64  # M_mul, M_sgl (Section III-A)
 PROMPT_HIDDEN = (100, 50)  # the prompt mapping (Section III-A)
 HEAD_HIDDEN = 64
@@ -101,10 +109,17 @@ class AttentionPool(nn.Module):
     The instance embedding (the only layer that touches the D-dim patch features, hence nearly all
     the compute) runs in ``compute_dtype`` (bf16 by default: ~5x faster than fp32 on CPUs with
     AVX-512 BF16, and the usual choice on GPUs); everything after it is fp32.
+
+    Patch features are standardised first, ``(x - feature_mean) / feature_std`` per dimension: the
+    buffers are fitted on the training patients' patches by ``bd train``
+    (:meth:`MILModel.standardise`) and saved with the model, so training, evaluation and
+    ``bd predict`` apply the same transform (identity until fitted).
     """
 
     def __init__(self, in_dim: int, dim: int, compute_dtype: torch.dtype | None = torch.bfloat16):
         super().__init__()
+        self.register_buffer("feature_mean", torch.zeros(in_dim))
+        self.register_buffer("feature_std", torch.ones(in_dim))
         self.embed = nn.Linear(in_dim, dim)
         self.score = nn.Sequential(*mlp([dim, max(dim // 2, 2), max(dim // 4, 1)]), nn.Linear(max(dim // 4, 1), 1))
         self.compute_dtype = compute_dtype
@@ -114,9 +129,14 @@ class AttentionPool(nn.Module):
         """Instance embeddings [n, dim] (FC + ReLU), fp32."""
         dtype = self.compute_dtype
         if dtype is None:
-            return F.relu(self.embed(features.float()))
+            return F.relu(self.embed(self.standardised(features.float())))
         w, b = self.embed.weight.to(dtype), self.embed.bias.to(dtype)
-        return F.relu(F.linear(features.to(dtype), w, b).float())
+        return F.relu(F.linear(self.standardised(features.to(dtype)), w, b).float())
+
+    def standardised(self, features: torch.Tensor) -> torch.Tensor:
+        """Patch features z-scored with the training patches' statistics, in ``features``' dtype."""
+        dtype = features.dtype
+        return (features - self.feature_mean.to(dtype)) * (1.0 / self.feature_std).to(dtype)
 
     def forward(self, features: torch.Tensor, offsets: torch.Tensor,
                 instances: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,6 +256,29 @@ class MILModel(nn.Module):
     def setup(self, train_clinical: torch.Tensor) -> None:
         """Fit what comes from the training data rather than from gradients (SMIL's priors)."""
 
+    def fit_statistics(self, batches: Iterable[Batch]) -> None:
+        """Fit running statistics on the training patients before the first step (BD's S->M
+        teacher standardisation); ``batches`` cover the training patients once."""
+
+    def loss_shares(self, means: dict[str, float]) -> dict[str, float]:
+        """Each loss term's share of its branch's loss, from epoch means of ``losses`` (for curve.csv)."""
+        return {}
+
+    def set_clinical_columns(self, columns: list[str]) -> None:
+        """What a model that fills absent clinical data (Filling, clinical only) feeds instead:
+        zeros after scaling (the paper's zero vectors) in the value columns, and 1 ("missing") in
+        the ``<feature>_missing`` indicator columns, which would otherwise read "present"."""
+        fill = getattr(self, "clinical_fill", None)
+        if isinstance(fill, torch.Tensor):
+            fill.copy_(torch.tensor([1.0 if c.endswith(MISSING_SUFFIX) else 0.0 for c in columns]))
+
+    def standardise(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Set every slide pooling's patch-feature standardisation (see :class:`AttentionPool`)."""
+        for module in self.modules():
+            if isinstance(module, AttentionPool):
+                module.feature_mean.copy_(mean)
+                module.feature_std.copy_(std)
+
     def losses(self, batch: Batch, stage: str) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -328,9 +371,10 @@ class ClinicalOnly(MILModel):
         super().__init__()
         self.clin = clinical_encoder(clin_dim, clinical_dim)
         self.head = classifier(clinical_dim)
+        self.register_buffer("clinical_fill", torch.zeros(clin_dim))
 
     def logits(self, batch: Batch) -> torch.Tensor:
-        return self.head(self.clin(batch.clinical))
+        return self.head(self.clin(filled_clinical(batch, self.clinical_fill)))
 
     def losses(self, batch: Batch, stage: str) -> dict[str, torch.Tensor]:
         ce = classification_loss(self.logits(batch), batch.labels)
@@ -341,6 +385,11 @@ class ClinicalOnly(MILModel):
 
 
 # ---------------------------------------------------------------- fusion baselines
+
+
+def filled_clinical(batch: Batch, fill: torch.Tensor) -> torch.Tensor:
+    """The clinical vectors, with ``fill`` (see :meth:`MILModel.set_clinical_columns`) where absent."""
+    return pick(batch.clinical_present, batch.clinical, fill.expand(batch.size, -1))
 
 
 class Fusion(MILModel):
@@ -366,9 +415,17 @@ class Fusion(MILModel):
 
 @register("filling")
 class Filling(Fusion):
-    """Fusion trained on complete data; missing clinical data is filled with zeros at test time."""
+    """Fusion trained on complete data; missing clinical data is filled at test time with zeros
+    after scaling (the paper's zero vectors), its missing indicators set to 1; a missing slide is
+    an empty bag (pooled to zeros). Each filled input answers as its own branch ("filled",
+    "slide_filled") with its own validation threshold."""
 
     conditions = (COMPLETE,)
+
+    def __init__(self, in_dim: int, clin_dim: int, hidden_dim: int = 128, clinical_dim: int = 50,
+                 precision: str = "bf16"):
+        super().__init__(in_dim, clin_dim, hidden_dim, clinical_dim, precision)
+        self.register_buffer("clinical_fill", torch.zeros(clin_dim))
 
     def stages(self) -> list[Stage]:
         return [Stage("fusion", ("pool", "clin", "head"), (COMPLETE,))]
@@ -378,8 +435,10 @@ class Filling(Fusion):
 
     def predict(self, batch: Batch) -> tuple[torch.Tensor, list[str]]:
         f_w = self.pool(batch.features, batch.offsets)[0]
-        probs = probs_of(self.fuse(f_w, self.clin(batch.clinical)))  # batch.clinical is zero where absent
-        return probs, branch_names(batch.clinical_present, "fusion", "filled")
+        probs = probs_of(self.fuse(f_w, self.clin(filled_clinical(batch, self.clinical_fill))))
+        names = ["fusion" if c and s else "filled" if not c else "slide_filled"
+                 for c, s in zip(batch.clinical_present.tolist(), batch.slide_present.tolist())]
+        return probs, names
 
 
 @register("ae")
@@ -531,9 +590,17 @@ class BidirectionalDistillation(MILModel):
 
     Multi-modal: ``H_mul`` -> ``f_wm``; clinical MLP -> ``f_c``; ``G_mul([f_wm, f_c])``.
     Single-modal: ``H_sgl`` -> ``f_ws``; prompt -> ``f_p`` (same size as ``f_c``);
-    ``G_sgl([f_ws, f_p])``. ``M_mul``, ``M_sgl``: FC to 64-d (eq. 3). ``M_sgl`` is the teacher's
-    projection and receives no gradient from any loss, so it is a fixed random projection (trained
-    jointly with ``M_mul`` against each other, both could collapse to a constant).
+    ``G_sgl([f_ws, f_p])``. ``M_mul``, ``M_sgl``: the paper's projection modules, one FC layer each
+    to 64-d (eq. 3). ``M_sgl`` belongs to the single-modal branch, whose loss (eq. 6) does not
+    contain it, and eq. (4) trains the multi-modal branch only: under the paper's gradient routing
+    it receives no gradient and stays at its initialisation, a fixed projection of ``f_ws``
+    (training it on eq. 3 would let the teacher move toward the student, or both collapse).
+    Its output is standardised per dimension with running statistics (``teacher_mean``,
+    ``teacher_var``, fitted on the training patients before the first step and then tracked with
+    momentum ``1 - 0.99^batch``); ``M_mul``'s output likewise (``student_mean``, ``student_var``),
+    so S->M is ``MSE(z(M_mul(f_wm)), z(M_sgl(f_ws)))``: neither shrinking nor a drifting mean
+    helps, a constant student scores 1 per dimension, and the term only falls as ``f_wm`` comes to
+    carry ``f_ws``'s patient-to-patient variation.
     ``directions`` switches S->M (eq. 3 in eq. 4) and M->S (eq. 5 in eq. 6) on or off (Table II).
     Test: clinical data present -> multi-modal branch, absent -> single-modal branch.
     """
@@ -566,6 +633,10 @@ class BidirectionalDistillation(MILModel):
             self.prompt = Prompt(prompt_length, hidden_dim)
         self.head_sgl = classifier(hidden_dim + clinical_dim)
         self.proj_sgl = nn.Linear(kept_dim, PROJECTION_DIM).requires_grad_(False)
+        self.register_buffer("teacher_mean", torch.zeros(PROJECTION_DIM))
+        self.register_buffer("teacher_var", torch.ones(PROJECTION_DIM))
+        self.register_buffer("student_mean", torch.zeros(PROJECTION_DIM))
+        self.register_buffer("student_var", torch.ones(PROJECTION_DIM))
 
     MULTI = ("pool_mul", "clin_mul", "head_mul", "proj_mul")
 
@@ -595,11 +666,37 @@ class BidirectionalDistillation(MILModel):
         f_cs = self.clin_sgl(batch.clinical)
         return {"kept_sgl": f_cs, "f_p": f_p, "logits_sgl": self.head_sgl(torch.cat([f_p, f_cs], 1))}
 
+    @torch.no_grad()
+    def fit_statistics(self, batches: Iterable[Batch]) -> None:
+        """Per-dimension mean and variance of both S->M projections over the training patients."""
+        teacher, student = [], []
+        for batch in batches:
+            out = self.branches(batch)
+            teacher.append(self.proj_sgl(out["kept_sgl"]).float())
+            student.append(self.proj_mul(out["f_wm"] if self.missing == "clinical" else out["f_c"]).float())
+        for values, mean, var in ((torch.cat(teacher), self.teacher_mean, self.teacher_var),
+                                  (torch.cat(student), self.student_mean, self.student_var)):
+            mean.copy_(values.mean(0))
+            var.copy_(values.var(0, unbiased=False) if len(values) > 1 else torch.ones_like(var))
+
+    def _momentum(self, n: int) -> float | None:
+        return 1 - 0.99**n if self.training and self.s2m else None
+
+    def teacher(self, kept_sgl: torch.Tensor) -> torch.Tensor:
+        """The standardised S->M target ``z(M_sgl(f_ws))``; training steps update the statistics."""
+        return standardise_teacher(self.proj_sgl(kept_sgl), self.teacher_mean, self.teacher_var,
+                                   self._momentum(kept_sgl.shape[0]))
+
+    def student(self, kept_mul: torch.Tensor) -> torch.Tensor:
+        """The standardised S->M student ``z(M_mul(f_wm))`` (gradients reach ``M_mul`` and ``f_wm``)."""
+        return standardise(self.proj_mul(kept_mul), self.student_mean, self.student_var,
+                           self._momentum(kept_mul.shape[0]))
+
     def losses(self, batch: Batch, stage: str) -> dict[str, torch.Tensor]:
         out = self.branches(batch)
         kept_mul, missing_mul = (out["f_wm"], out["f_c"]) if self.missing == "clinical" else (out["f_c"], out["f_wm"])
         mul = multi_modal_loss(
-            out["logits_mul"], batch.labels, self.proj_mul(kept_mul), self.proj_sgl(out["kept_sgl"]),
+            out["logits_mul"], batch.labels, self.student(kept_mul), self.teacher(out["kept_sgl"]),
             self.lambda_m if self.s2m else 0.0,
         )
         sgl = single_modal_loss(
@@ -608,6 +705,17 @@ class BidirectionalDistillation(MILModel):
             lambda_s=self.lambda_s if self.m2s else 0.0, tau=self.tau, prompt_first=self.missing == "slide",
         )
         return {"loss": mul["mul"] + sgl["sgl"], **mul, **sgl}
+
+    def loss_shares(self, means: dict[str, float]) -> dict[str, float]:
+        """Shares of L_mul (CE, lambda_m * S->M) and of L_sgl (CE, lambda_s * MSE, lambda_s * KL)."""
+        lm, ls = (self.lambda_m if self.s2m else 0.0), (self.lambda_s if self.m2s else 0.0)
+        parts = {"mul": {"mul_ce": 1.0, "mul_distill": lm}, "sgl": {"sgl_ce": 1.0, "sgl_mse": ls, "sgl_kl": ls}}
+        out = {}
+        for branch, terms in parts.items():
+            total = sum(w * means[k] for k, w in terms.items())
+            for key, weight in terms.items():
+                out[f"share_{key}"] = weight * means[key] / total if total > 0 else float("nan")
+        return out
 
     def present(self, batch: Batch) -> torch.Tensor:
         """Patients whose possibly-missing modality is there: they go to the multi-modal branch."""

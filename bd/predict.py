@@ -8,7 +8,9 @@ refused with the reason. Clinical values (raw, as in the clinical table) go thro
 saved scaler; without them the model answers from its single-modal path, and the patient is
 called N+ or N0 at the validation threshold of the branch that answered (as ``bd evaluate``).
 ``--features`` must come from this slide (level-0 size and MPP recorded by ``bd extract``); the
-slide's MPP is then taken from the store when the file has none. Writes
+slide's MPP is then taken from the store when the file has none.
+The patch features are standardised inside the model with the training patches' statistics saved in
+the checkpoint (:class:`bd.models.AttentionPool`), exactly as in training and evaluation. Writes
 ``prediction.json``, an attention heatmap and the intermediate segmentation, grid and features.
 """
 

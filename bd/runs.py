@@ -27,7 +27,7 @@ from bd.models import MILModel, create_model
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: patch-feature standardisation and S->M teacher statistics in the state
 MAX_PATCHES_PER_BATCH = 262_144  # inference batches: at most this many patches ...
 MAX_PATIENTS_PER_BATCH = 64  # ... and patients
 

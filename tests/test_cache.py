@@ -32,8 +32,8 @@ TARGET = "results/features/index.tsv"
 def write_cohort(folder: Path) -> dict:
     """A 4-patient demo cohort in ``folder`` and the config of a project reading it (demo off)."""
     config = base_config()
-    demo = {**config["demo"], "patients": SLIDES, "slide_size": 2048, "flat_jpeg_fraction": 0.25,
-            "out_dir": str(folder)}
+    demo = {**config["demo"], "patients": SLIDES, "test_patients": None, "slide_size": 2048,
+            "flat_jpeg_fraction": 0.25, "out_dir": str(folder)}
     subprocess.run([sys.executable, "-m", "bd", "demo", "--params", json.dumps(demo), "--out-dir", str(folder),
                     "--workers", "2"], check=True, capture_output=True, timeout=300)
     slides = sorted(p for p in (folder / "WSIs").iterdir())

@@ -140,8 +140,9 @@ def _section_params():
             "evaluation": EvaluationParams}
 
 
-# The demo config's features differ from FeatureParams' defaults on purpose (small random encoder).
-DEFAULTS_ARE_THE_CONFIG = {"demo", "segmentation", "tiling", "clinical", "split"}
+# The demo config's features differ from FeatureParams' defaults on purpose (small random encoder),
+# and its demo.test_patients (30; the default None keeps BCNB's ratio for small test cohorts).
+DEFAULTS_ARE_THE_CONFIG = {"segmentation", "tiling", "clinical", "split"}
 
 
 @pytest.mark.parametrize("section", sorted(_section_params()))
@@ -158,6 +159,8 @@ def test_config_schema_and_params_dataclass_agree(section):
     params = build(cls, config)
     if section in DEFAULTS_ARE_THE_CONFIG:
         assert params == cls()
+    if section == "demo":
+        assert params.test_patients == 30 and dataclasses.replace(params, test_patients=None) == cls()
     if section == "features":
         assert params.random_weights and params.weights is None  # the demo runs offline
 

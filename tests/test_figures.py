@@ -5,14 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
 from bd.cli import main
 from bd.errors import TableError
-from bd.figures import (attention_overlay, choose_patients, fig5, percentile_scores, rate_curve,
-                        read_predictions, render_slide_heatmap)
+from bd.figures import (attention_overlay, choose_patients, fig5, fig5_titles, linear_cka, percentile_scores,
+                        rate_curve, read_predictions, render_slide_heatmap)
 from bd.aggregate import read_metrics
+from bd.runs import load_run
 
 from synthetic_results import PROMPTS, write_run
 
@@ -114,12 +116,16 @@ def test_fig5_and_heatmaps_from_trained_runs(tmp_path):
     cohort = make_tiny_cohort(tmp_path)
     single = train_tiny(tmp_path, cohort, "image_only")
     multi = train_tiny(tmp_path, cohort, "filling")
+    wide = [train_tiny(tmp_path, cohort, "filling", experiment=f"filling-cx{n}", clinical_expansion=n)
+            for n in (20, 40)]
+    assert load_run(wide[0]).model.clin[-2].out_features == 20 * 3  # 3 clinical columns
     common = ["--features-dir", str(cohort["features"]), "--samples", str(cohort["samples"]),
               "--clinical", str(cohort["clinical"])]
     out = tmp_path / "fig5.png"
-    assert main(["figures", "fig5", "--checkpoint", str(single), str(multi), *common, "--out", str(out)]) == 0
+    assert main(["figures", "fig5", "--checkpoint", str(single), *map(str, wide), *common, "--out", str(out)]) == 0
     w, h = _png(out)
-    assert w > 1.5 * h
+    assert w > 2.5 * h  # three panels: (a) image only, (b) 20x, (c) 40x
+    assert fig5_titles([load_run(p) for p in wide])[1] == "multi-modal (Filling), clinical feature 40x the input width"
     heat = tmp_path / "heatmaps"
     assert main(["figures", "heatmaps", "--checkpoint", str(multi), *common, "--patients", "3", "--out-dir", str(heat)]) == 0
     names = sorted(p.name for p in heat.glob("*.png"))
@@ -127,3 +133,31 @@ def test_fig5_and_heatmaps_from_trained_runs(tmp_path):
     # chosen by sorted id, two N+ then one N0
     assert names == ["P11_S11.png", "P15_S15.png", "P23_S23.png"]
     assert main(["figures", "fig5", "--checkpoint", str(single), *common, "--out", str(out)]) == 2  # titles mismatch
+
+
+def test_linear_cka():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 6))
+    q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    assert linear_cka(x, 3 * x @ q + 1) == pytest.approx(1.0)  # rotation, scale and shift
+    assert linear_cka(x, rng.normal(size=(50, 6))) < 0.4
+    assert 0.2 < linear_cka(x, np.c_[x[:, :3], rng.normal(size=(50, 3))]) < 0.9
+
+
+def test_s2m_figure_from_trained_runs(tmp_path):
+    from synthetic_results import make_tiny_cohort, train_tiny
+
+    cohort = make_tiny_cohort(tmp_path)
+    runs = [train_tiny(tmp_path, cohort, "bd", experiment=f"bd-dir-{d}", directions=d) for d in ("none", "both")]
+    common = ["--features-dir", str(cohort["features"]), "--samples", str(cohort["samples"]),
+              "--clinical", str(cohort["clinical"])]
+    out = tmp_path / "s2m.png"
+    curves = [str(p.parent / "curve.csv") for p in runs]
+    assert main(["figures", "s2m", "--checkpoint", *map(str, runs), "--curves", *curves, *common,
+                 "--out", str(out)]) == 0
+    _png(out)
+    table = pd.read_csv(out.with_suffix(".csv"))
+    assert list(table["directions"]) == ["none", "both"] and table["cka"].between(0, 1).all()
+    single = train_tiny(tmp_path, cohort, "image_only")
+    assert main(["figures", "s2m", "--checkpoint", str(single), "--curves", curves[0], *common,
+                 "--out", str(out)]) == 2  # BD runs only

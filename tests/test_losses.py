@@ -15,6 +15,8 @@ from bd.losses import (
     kl_distillation,
     multi_modal_loss,
     single_modal_loss,
+    standardise,
+    standardise_teacher,
 )
 
 
@@ -92,7 +94,7 @@ def _single(lambda_s: float = 0.5, prompt_first: bool = False):
 def test_single_modal_loss_eq5_eq6_values(prompt_first):
     out, head, (logits, kept, prompt, t_kept, t_missing, t_logits) = _single(prompt_first=prompt_first)
     ce = math.log(1 + math.exp(-1.0))
-    mse = (1.0 + 0.0 + 1.0) / 3  # [1, 2, .5] vs [0, 2, 1.5] (same pairs either order)
+    mse = 1.0 / 3  # the prompt half of [1, 2, .5] vs [0, 2, 1.5]: (.5 - 1.5)^2 over the width 3
     student = torch.cat([prompt, kept] if prompt_first else [kept, prompt], 1).detach()
     s = head(student)[0].tolist()
     ps, pt = softmax2(s[0] / 1.2, s[1] / 1.2), softmax2(1 / 1.2, 0.0)
@@ -124,3 +126,46 @@ def test_single_modal_classification_part_trains_the_branch_not_the_teacher():
 def test_lambda_zero_switches_distillation_off():
     out, *_ = _single(lambda_s=0.0)
     assert out["sgl"].item() == pytest.approx(out["sgl_ce"].item())
+
+
+def test_eq5_mse_drops_only_the_constant_slide_half():
+    """The logged MSE is eq. (5)'s minus its constant (detached) slide half; same gradient."""
+    out, head, (logits, kept, prompt, t_kept, t_missing, t_logits) = _single()
+    full = feature_mse(torch.cat([kept.detach(), prompt], 1), torch.cat([t_kept, t_missing], 1).detach())
+    constant = ((kept - t_kept) ** 2).sum().item() / 3
+    assert out["sgl_mse"].item() == pytest.approx(full.item() - constant, rel=1e-6)
+    g_ours = torch.autograd.grad(out["sgl_mse"], prompt)[0]
+    g_full = torch.autograd.grad(full, prompt)[0]
+    torch.testing.assert_close(g_ours, g_full)
+
+
+def test_standardised_teacher_cannot_be_matched_by_shrinking():
+    """S->M against the standardised teacher: a zero (shrunk) student scores 1 per dimension, and
+    only a student carrying the teacher's variation scores less."""
+    gen = torch.Generator().manual_seed(0)
+    teacher = 0.01 * torch.randn(200, 8, generator=gen) + 3.0  # small spread, far from zero
+    mean, var = teacher.mean(0), teacher.var(0, unbiased=False)
+    target = standardise_teacher(teacher, mean.clone(), var.clone(), momentum=None)
+    assert feature_mse(torch.zeros_like(target), target).item() == pytest.approx(1.0, rel=1e-4)
+    assert feature_mse(torch.full_like(target, 3.0), target).item() > 1.0  # the raw teacher's mean
+    assert feature_mse(target * 0.9, target).item() < 0.02
+
+
+def test_standardised_teacher_running_statistics_follow_the_batches():
+    mean, var = torch.zeros(3), torch.ones(3)
+    batch = torch.tensor([[2.0, 2.0, 2.0], [4.0, 4.0, 4.0]])
+    standardise_teacher(batch, mean, var, momentum=0.5)
+    torch.testing.assert_close(mean, torch.full((3,), 1.5))
+    torch.testing.assert_close(var, torch.full((3,), 0.5 + 0.5 * 10.0))  # spread around the old mean 0
+    before = mean.clone()
+    standardise_teacher(batch, mean, var, momentum=None)  # evaluation: statistics unchanged
+    torch.testing.assert_close(mean, before)
+
+
+def test_standardised_student_passes_gradient_through_constant_statistics():
+    x = torch.tensor([[1.0, 2.0], [3.0, 6.0]], requires_grad=True)
+    mean, var = torch.tensor([2.0, 4.0]), torch.tensor([4.0, 16.0])
+    z = standardise(x, mean, var, momentum=None)
+    torch.testing.assert_close(z, torch.tensor([[-0.5, -0.5], [0.5, 0.5]]))
+    z.sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([[0.5, 0.25], [0.5, 0.25]]))

@@ -32,6 +32,16 @@ def test_f1_macro_equals_sklearn_and_hand_value():
     assert M.f1_macro(LABELS, pred) == pytest.approx(f1_score(LABELS, pred, average="macro"))
 
 
+def test_f1_macro_matches_sklearn_on_random_and_degenerate_predictions():
+    rng = np.random.default_rng(0)
+    cases = [(rng.integers(0, 2, 50), rng.integers(0, 2, 50)) for _ in range(20)]
+    cases += [(np.array([0, 1, 1]), np.zeros(3, int)), (np.zeros(4, int), np.zeros(4, int)),
+              (np.ones(4, int), np.zeros(4, int))]
+    for labels, pred in cases:
+        want = f1_score(labels, pred, labels=[0, 1], average="macro", zero_division=0.0)
+        assert M.f1_macro(labels, pred) == pytest.approx(want)
+
+
 def test_per_branch_thresholds():
     branches = np.array(["multi"] * 5 + ["single"] * 5)
     pred = M.threshold_predictions(PROBS, {"multi": 0.3, "single": 0.75}, branches)

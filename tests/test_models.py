@@ -93,7 +93,7 @@ def test_registry_holds_every_method_and_rejects_unknown_ones():
 EXPECTED_BRANCHES = {  # method -> {(clinical present, slide present): branch}
     "image_only": {COMPLETE: "image", NO_CLINICAL: "image"},
     "clinical_only": {COMPLETE: "clinical", NO_CLINICAL: "filled"},
-    "filling": {COMPLETE: "fusion", NO_CLINICAL: "filled"},
+    "filling": {COMPLETE: "fusion", NO_CLINICAL: "filled", NO_SLIDE: "slide_filled"},
     "ae": {COMPLETE: "fusion", NO_CLINICAL: "ae"},
     "ensemble": {COMPLETE: "ensemble", NO_CLINICAL: "image"},
     "smil": {COMPLETE: "fusion", NO_CLINICAL: "smil"},
@@ -107,7 +107,7 @@ def test_predict_routes_each_patient_by_its_modalities(method, cohort):
     model = build(method).eval()
     model.setup(torch.from_numpy(cohort.clinical))
     n = cohort.n_patients
-    (c1, s1), (c2, s2) = EXPECTED_BRANCHES[method]
+    (c1, s1), (c2, s2) = list(EXPECTED_BRANCHES[method])[:2]
     clin = np.arange(n) % 2 == 0
     present = np.where(clin, c1, c2), np.where(clin, s1, s2)
     with torch.no_grad():
@@ -185,8 +185,11 @@ def test_s2m_moves_only_the_multi_modal_branch(cohort):
 
 
 def test_one_backward_equals_two_separate_ones(cohort):
-    """L_mul + L_sgl in one pass gives each branch the gradient of its own loss."""
-    model, batch, out = bd_losses(cohort)
+    """L_mul + L_sgl in one pass gives each branch the gradient of its own loss (eval mode: the
+    S->M teacher's running statistics stay put between the passes)."""
+    model = build("bd").eval()
+    batch = cohort.batch(np.arange(6))
+    out = model.losses(batch, "joint")
     out["loss"].backward()
     joint = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     branches = {"mul": ("pool_mul", "clin_mul", "head_mul", "proj_mul"), "sgl": ("pool_sgl", "prompt", "head_sgl")}
@@ -249,3 +252,87 @@ def test_smil_priors_and_meta_gradient(cohort):
     out["meta_ce"].backward()
     moved = grads_by_module(model)
     assert moved["recon"] and moved["regulariser"] and moved["head"] and moved["pool"]
+
+
+# ---------------------------------------------------------------- standardisation, S->M, filling
+
+
+def test_patch_standardisation_is_applied_before_the_instance_layer():
+    pool = AttentionPool(DIM, 8, None)
+    x = torch.randn(20, DIM) * 0.15 + 0.11  # the scale of a random-weight encoder's features
+    mean, std = x.mean(0), x.std(0, unbiased=False)
+    plain = pool.instances((x - mean) / std)
+    pool.feature_mean.copy_(mean)
+    pool.feature_std.copy_(std)
+    torch.testing.assert_close(pool.instances(x), plain)
+    assert {"feature_mean", "feature_std"} <= {n.split(".")[-1] for n in pool.state_dict()}  # saved with the model
+
+
+def test_standardise_sets_every_slide_pooling():
+    model = build("bd")
+    model.standardise(torch.full((DIM,), 2.0), torch.full((DIM,), 3.0))
+    for pool in (model.pool_mul, model.pool_sgl):
+        assert torch.equal(pool.feature_mean, torch.full((DIM,), 2.0))
+        assert torch.equal(pool.feature_std, torch.full((DIM,), 3.0))
+
+
+def _fitted_bd(cohort, **kw):
+    model = build("bd", **kw)
+    model.fit_statistics([cohort.batch(np.arange(cohort.n_patients))])
+    return model
+
+
+def test_s2m_term_is_not_trivially_zero_at_initialisation(cohort):
+    """S->M's weighted share of L_mul at initialisation is at least 5 %, and shrinking M_mul to
+    zero does not make the term vanish (both projections are standardised)."""
+    model = _fitted_bd(cohort, lambda_m=0.6)
+    batch = cohort.batch(np.arange(cohort.n_patients))
+    out = model.losses(batch, "joint")
+    share = model.loss_shares({k: float(v) for k, v in out.items()})["share_mul_distill"]
+    assert share >= 0.05, share
+    with torch.no_grad():
+        model.proj_mul.weight.zero_()
+        model.proj_mul.bias.zero_()
+    model.eval()
+    shrunk = model.losses(batch, "joint")["mul_distill"].item()
+    assert shrunk >= 0.95  # a constant student scores at least 1 per dimension (unit-variance teacher)
+
+
+def test_s2m_teacher_statistics_update_only_in_training_steps(cohort):
+    model = _fitted_bd(cohort)
+    before = model.teacher_mean.clone(), model.student_mean.clone()
+    model.eval()
+    model.losses(cohort.batch([0, 1]), "joint")
+    assert torch.equal(model.teacher_mean, before[0]) and torch.equal(model.student_mean, before[1])
+    model.train()
+    model.losses(cohort.batch([0, 1]), "joint")
+    assert not torch.equal(model.teacher_mean, before[0]) and not torch.equal(model.student_mean, before[1])
+    off = _fitted_bd(cohort, directions="m2s").train()
+    kept = off.teacher_mean.clone()
+    off.losses(cohort.batch([0, 1]), "joint")
+    assert torch.equal(off.teacher_mean, kept)  # S->M off: nothing to track
+
+
+def test_loss_shares_add_up_per_branch(cohort):
+    model = _fitted_bd(cohort)
+    out = {k: float(v) for k, v in model.losses(cohort.batch(np.arange(6)), "joint").items()}
+    shares = model.loss_shares(out)
+    assert shares["share_mul_ce"] + shares["share_mul_distill"] == pytest.approx(1.0)
+    assert shares["share_sgl_ce"] + shares["share_sgl_mse"] + shares["share_sgl_kl"] == pytest.approx(1.0)
+    none = build("bd", directions="none").loss_shares(out)
+    assert none["share_mul_distill"] == 0 and none["share_sgl_mse"] == 0 and none["share_mul_ce"] == 1
+
+
+@pytest.mark.parametrize("method", ["filling", "clinical_only"])
+def test_filled_clinical_input_says_missing_in_the_indicator_columns(cohort, method):
+    """Filling's zero vector is zeros after scaling in the value columns, 1 in the indicators."""
+    model = build(method).eval()
+    columns = ["age", "age_missing", "er", "er_missing"]
+    model.set_clinical_columns(columns)
+    assert model.clinical_fill.tolist() == [0.0, 1.0, 0.0, 1.0]
+    seen = []
+    model.clin.register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))
+    with torch.no_grad():
+        model.predict(cohort.batch([0, 1], clinical_present=np.array([False, True])))
+    assert seen[0][0].tolist() == [0.0, 1.0, 0.0, 1.0]
+    torch.testing.assert_close(seen[0][1], torch.from_numpy(cohort.clinical[1]))

@@ -33,7 +33,7 @@ def tiny_config(work: Path) -> dict:
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     results = str(work / "results")
     config["results"] = results
-    config["demo"].update(out_dir=f"{results}/demo", patients=4)
+    config["demo"].update(out_dir=f"{results}/demo", patients=4, test_patients=None)
     config["cohort"].update(clinical_table=f"{results}/demo/patient-clinical-data.xlsx",
                             split_dir=f"{results}/demo/dataset-splitting")
     config["training"]["seeds"] = [0, 1]

@@ -19,7 +19,7 @@ from bd.metrics import auc
 from bd.models import CONDITION_NAMES, MODELS
 from bd.params import build
 from bd.runs import load_run, predict_patients
-from bd.train import TrainParams, choose_threshold, train_model
+from bd.train import EARLY_STOPPING, TrainParams, choose_threshold, train_model
 from synthetic_results import write_cohort_layout
 
 DIM, CLIN = 16, 4
@@ -68,27 +68,74 @@ def test_same_seed_same_checkpoint_other_seed_differs():
     pd.testing.assert_frame_equal(runs[0].curve, runs[1].curve)
 
 
-def test_early_stopping_keeps_the_best_validation_epoch():
+@pytest.mark.parametrize("rule", ["val_auc", "val_loss", "val_f1", "train_f1"])
+def test_early_stopping_keeps_the_best_epoch_of_its_rule(rule):
     cohort = synthetic_cohort(16, 6, DIM, CLIN, seed=2, signal=3.0)
-    params = TrainParams(method="image_only", max_epochs=30, patience=2, lr=0.05, batch_size=4, **TINY)
+    params = TrainParams(method="image_only", max_epochs=30, patience=2, min_epochs=3, lr=0.05, batch_size=4,
+                         early_stopping=rule, **TINY)
     result = train_model(cohort, params, 0, progress=False)
     curve = result.curve
     best = result.stage_epochs["main"]
-    assert len(curve) <= best + params.patience
-    chosen = curve.loc[curve["epoch"] == best, "val_f1"].item()
-    assert chosen == curve["val_f1"].max()
-    assert result.val["val_f1"] == pytest.approx(chosen)  # the chosen weights were restored
+    assert best >= params.min_epochs
+    assert len(curve) <= max(best, params.min_epochs) + params.patience
+    column, sign = EARLY_STOPPING[rule]
+    eligible = curve[curve["epoch"] >= params.min_epochs]
+    chosen = curve.loc[curve["epoch"] == best, column].item()
+    assert sign * chosen == (sign * eligible[column]).max()
+    val = curve.loc[curve["epoch"] == best, "val_auc"].item()
+    assert result.val["val_auc"] == pytest.approx(val)  # the chosen weights were restored
 
 
-@pytest.mark.parametrize(("method", "branches"), [("filling", {"fusion", "filled"}), ("bd", {"multi", "single"}),
-                                                  ("ensemble", {"ensemble", "image"})])
-def test_one_threshold_per_branch(method, branches):
+def test_min_epochs_are_never_kept():
+    """An epoch before min_epochs is not kept even if it scores best, and training runs that long."""
     cohort = synthetic_cohort(16, 6, DIM, CLIN, seed=2, signal=3.0)
-    params = TrainParams(method=method, max_epochs=2, lr=0.05, batch_size=4, **TINY)
+    params = TrainParams(method="image_only", max_epochs=8, patience=1, min_epochs=6, lr=1e-6, batch_size=4,
+                         early_stopping="val_loss", **TINY)
+    result = train_model(cohort, params, 0, progress=False)
+    assert result.stage_epochs["main"] >= 6
+    assert len(result.curve) >= 6
+
+
+def test_curve_logs_each_terms_share_of_its_branch_loss():
+    cohort = synthetic_cohort(16, 6, DIM, CLIN, seed=2, signal=3.0)
+    params = TrainParams(method="bd", max_epochs=2, min_epochs=1, lr=0.05, batch_size=4, **TINY)
+    curve = train_model(cohort, params, 0, progress=False).curve
+    for col in ("share_mul_ce", "share_mul_distill", "share_sgl_ce", "share_sgl_mse", "share_sgl_kl"):
+        assert col in curve and curve[col].between(0, 1).all(), col
+    assert (curve["share_mul_distill"] >= 0.05).all()  # S->M is not switched off by its own scale
+    np.testing.assert_allclose(curve["share_mul_ce"] + curve["share_mul_distill"], 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("method", "branches"), [
+    ("filling", {"fusion", "filled", "slide_filled"}), ("bd", {"multi", "single"}),
+    ("ensemble", {"ensemble", "image"}), ("clinical_only", {"clinical", "filled"})])
+def test_one_threshold_per_branch(method, branches):
+    """Every answering branch, Filling's zero-filled ones included, is tuned on validation under
+    the condition where it answers."""
+    cohort = synthetic_cohort(16, 6, DIM, CLIN, seed=2, signal=3.0)
+    params = TrainParams(method=method, max_epochs=2, min_epochs=1, lr=0.05, batch_size=4, **TINY)
     result = train_model(cohort, params, 0, progress=False)
     assert set(result.thresholds) == branches
-    if method == "filling":  # zero-filled input is outside Filling's design: it keeps the fusion threshold
-        assert result.thresholds["filled"] == result.thresholds["fusion"] == result.threshold
+    val = cohort.indices("val")
+    n = len(val)
+    conditions = {"filled": (False, True), "slide_filled": (True, False), "single": (False, True),
+                  "image": (False, True)}
+    for branch, (clin, slide) in conditions.items():
+        if branch in branches:
+            probs, answered = predict_patients(result.model, cohort, val, np.full(n, clin), np.full(n, slide))
+            assert set(answered) == {branch}
+            assert result.thresholds[branch] == choose_threshold(cohort.labels[val], probs)
+
+
+def test_standardisation_is_fitted_on_training_patches_only():
+    cohort = synthetic_cohort(16, 6, DIM, CLIN, seed=2, signal=3.0)
+    cohort.features[cohort.offsets[cohort.indices("test")[0]]] += 1000.0  # a test outlier must not matter
+    params = TrainParams(method="image_only", max_epochs=1, min_epochs=1, lr=0.05, batch_size=4, **TINY)
+    result = train_model(cohort, params, 0, progress=False)
+    train = cohort.indices("train")
+    rows = torch.cat([cohort.features[int(cohort.offsets[i]) : int(cohort.offsets[i + 1])] for i in train]).double()
+    torch.testing.assert_close(result.model.pool_img.feature_mean, rows.mean(0).float())
+    torch.testing.assert_close(result.model.pool_img.feature_std, rows.std(0, unbiased=False).float())
 
 
 def test_choose_threshold_maximises_macro_f1():
@@ -105,6 +152,8 @@ def test_choose_threshold_maximises_macro_f1():
     ({"method": "lnmp"}, "unknown method 'lnmp'"),
     ({"lr": 0}, "training.lr"),
     ({"precision": "fp8"}, "training.precision"),
+    ({"early_stopping": "test_auc"}, "training.early_stopping"),
+    ({"min_epochs": 50, "max_epochs": 10}, "training.min_epochs"),
 ])
 def test_bad_params_name_the_key(params, message):
     with pytest.raises(ConfigError, match=message):
@@ -288,3 +337,43 @@ def test_packed_step_converts_while_packing():
     assert batch.features.dtype == torch.float32
     torch.testing.assert_close(batch.features, expected, rtol=0, atol=0)
     assert batch.offsets.tolist() == [0, *np.cumsum(cohort.lengths()[idx]).tolist()]
+
+
+def _bd_runs(directions: list[str], seed: int = 0, epochs: int = 12):
+    """BD trained with each directions setting from the same seed, the last epoch kept."""
+    cohort = synthetic_cohort(40, 10, DIM, CLIN, seed=7, signal=1.5)
+    out = {}
+    for d in directions:
+        params = TrainParams(method="bd", max_epochs=epochs, min_epochs=epochs, lr=0.05, batch_size=2,
+                             directions=d, **TINY)
+        out[d] = train_model(cohort, params, seed, progress=False).model
+    return cohort, out
+
+
+def _branch_outputs(model, cohort):
+    idx = np.arange(cohort.n_patients)
+    with torch.no_grad():
+        batch = cohort.batch(idx)
+        f_wm = model.pool_mul(batch.features, batch.offsets)[0].numpy()
+        f_ws = model.pool_sgl(batch.features, batch.offsets)[0].numpy()
+    p_mul, _ = predict_patients(model, cohort, idx, np.ones(len(idx), bool))
+    p_sgl, _ = predict_patients(model, cohort, idx, np.zeros(len(idx), bool))
+    return f_wm, f_ws, p_mul, p_sgl
+
+
+def test_s2m_moves_f_wm_toward_f_ws_and_m2s_moves_the_single_branch():
+    """Same seed, same data order: S->M raises linear CKA(f_wm, f_ws) over `none` (mean of two
+    seeds) and leaves the single-modal branch as it was; M->S changes the single-modal outputs
+    and leaves the multi-modal branch as it was."""
+    from bd.figures import linear_cka
+
+    cka = {"none": [], "s2m": []}
+    for seed in (0, 1):
+        cohort, models = _bd_runs(["none", "s2m", "m2s"], seed)
+        none, s2m, m2s = (_branch_outputs(models[d], cohort) for d in ("none", "s2m", "m2s"))
+        cka["none"].append(linear_cka(none[0], none[1]))
+        cka["s2m"].append(linear_cka(s2m[0], s2m[1]))
+        np.testing.assert_allclose(s2m[3], none[3], atol=1e-6)  # single-modal branch untouched by S->M
+        np.testing.assert_allclose(m2s[2], none[2], atol=1e-6)  # multi-modal branch untouched by M->S
+        assert np.abs(m2s[3] - none[3]).max() > 1e-3
+    assert np.mean(cka["s2m"]) > np.mean(cka["none"]) + 0.02, cka

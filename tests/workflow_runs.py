@@ -23,7 +23,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = ROOT / "profiles"
 # Rules of the report stage (tables, figures, runtime summary) and the target rules.
-REPORT_RULES = {"table1", "table2", "table3", "fig1", "roc", "fig4ab", "fig4c", "fig5", "heatmaps",
+REPORT_RULES = {"table1", "table2", "table3", "fig1", "roc", "fig4ab", "fig4c", "fig5", "s2m", "heatmaps",
                 "runtime_summary"}
 TARGET_RULES = {"all", "ablations", "wsi_missing", "analysis"}
 
@@ -39,7 +39,7 @@ def tiny_config(results: str = "results") -> dict[str, Any]:
     methods, one seed, two epochs, few evaluation repeats."""
     config = base_config()
     config["results"] = results
-    config["demo"].update(out_dir=f"{results}/demo", patients=8, slide_size=2048)
+    config["demo"].update(out_dir=f"{results}/demo", patients=8, slide_size=2048, test_patients=None)
     config["cohort"].update(clinical_table=f"{results}/demo/patient-clinical-data.xlsx",
                             split_dir=f"{results}/demo/dataset-splitting")
     config["features"].update(encoder="resnet18", out_stage="layer1", input_size=32, batch_size=16,

@@ -47,7 +47,8 @@ class DemoParams:
 
     enabled: bool = True
     out_dir: str = "results/demo"
-    patients: int = 60
+    patients: int = 80
+    test_patients: int | None = None  # test split size (the rest: BCNB's 630:210 train:val); None: BCNB's ratio
     seed: int = 0
     slide_size: int = 4096
     mpp: float = 0.5
@@ -59,6 +60,7 @@ class DemoParams:
     def __post_init__(self) -> None:
         checks = {
             "patients": self.patients >= 4,
+            "test_patients": self.test_patients is None or 0 < self.test_patients < self.patients - 1,
             "slide_size": self.slide_size >= 512,
             "mpp": self.mpp > 0,
             "flat_jpeg_fraction": 0.0 <= self.flat_jpeg_fraction <= 1.0,
@@ -99,7 +101,7 @@ def write_tables(out_dir: str | Path, params: DemoParams) -> pd.DataFrame:
     with atomic_path(out_dir / "patient-clinical-data.xlsx") as tmp:
         with pd.ExcelWriter(tmp, engine="openpyxl") as writer:
             bcnb_table(patients).to_excel(writer, index=False, sheet_name="Sheet1")
-    for name, ids in official_split(patients, params.seed).items():
+    for name, ids in official_split(patients, params.seed, params.test_patients).items():
         write_text(out_dir / "dataset-splitting" / f"{name}_id.txt", "".join(f"{i}\n" for i in ids))
     write_text(out_dir / "latent_risk.csv", latent_table(patients).to_csv(index=False))
     return patients

@@ -140,11 +140,12 @@ def as_dict(result: CohortAUC) -> dict[str, object]:
     return asdict(result)
 
 
-def simulated_auc(n: int, seed: int, slide_signal: float) -> CohortAUC:
-    """The same AUCs for an in-memory cohort (table only, no files): for calibration checks."""
+def simulated_auc(n: int, seed: int, slide_signal: float, test_patients: int | None = None) -> CohortAUC:
+    """The same AUCs for an in-memory cohort (table only, no files): for calibration checks
+    (``test_patients`` as in ``demo.test_patients``)."""
     from bd.demo.patients import bcnb_table, latent_table, official_split, simulate_patients
 
     patients = simulate_patients(n, seed, slide_signal)
-    split = {k: [str(i) for i in v] for k, v in official_split(patients, seed).items()}
+    split = {k: [str(i) for i in v] for k, v in official_split(patients, seed, test_patients).items()}
     auc, n_train, n_test, positives = clinical_only_auc(bcnb_table(patients), split, "simulated table")
     return CohortAUC(auc, oracle_auc(latent_table(patients), split["test"]), n_train, n_test, positives)

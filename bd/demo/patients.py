@@ -292,13 +292,24 @@ def latent_table(p: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def official_split(p: pd.DataFrame, seed: int) -> dict[str, list[int]]:
-    """Patient ids per split in BCNB's ratio 630/210/218, stratified by ALN class: patients are
+def split_targets(n: int, test_patients: int | None = None) -> np.ndarray:
+    """Patients per split (train, val, test): BCNB's ratio 630/210/218, or ``test_patients`` in
+    the test split and the rest in BCNB's 630:210 train:val ratio."""
+    if test_patients is None:
+        return class_counts(n, tuple(BCNB_SPLIT_COUNTS.values()))
+    if not 0 < test_patients < n - 1:
+        raise ValueError(f"demo.test_patients: {test_patients} leaves no training or validation patient of {n}")
+    rest = class_counts(n - test_patients, (BCNB_SPLIT_COUNTS["train"], BCNB_SPLIT_COUNTS["val"]))
+    return np.array([*rest, test_patients])
+
+
+def official_split(p: pd.DataFrame, seed: int, test_patients: int | None = None) -> dict[str, list[int]]:
+    """Patient ids per split (see :func:`split_targets`), stratified by ALN class: patients are
     ordered by class (random within class) and dealt to splits in an even interleave."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, TABLE_STREAM, 1]))
     order = np.lexsort((rng.random(len(p)), p["aln"].to_numpy()))
     names = list(BCNB_SPLIT_COUNTS)
-    targets = class_counts(len(p), tuple(BCNB_SPLIT_COUNTS.values()))
+    targets = split_targets(len(p), test_patients)
     dealt = np.zeros(len(names))
     split: dict[str, list[int]] = {name: [] for name in names}
     for k, idx in enumerate(order):

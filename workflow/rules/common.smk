@@ -183,6 +183,11 @@ def run_files(names, name="metrics.csv"):
     return [f"{R}/evaluate/{e}/seed{s}/{name}" for e, s in runs(names)]
 
 
+def run_files_of(names, name):
+    """Files of the training runs (checkpoint.pt, curve.csv) of the given experiments."""
+    return [f"{R}/train/{e}/seed{s}/{name}" for e, s in runs(names)]
+
+
 def metrics_files(names):
     return run_files(names, "metrics.csv")
 

@@ -138,10 +138,12 @@ rule fig4ab:
         "bd figures fig4ab --metrics {input:q} --methods {params.methods} --out {output:q} > {log:q} 2>&1"
 
 
+FIG5_RUNS = target_experiments(config, "analysis")  # image_only, then filling-cx{N} (Fig. 5 a, b, c)
+
+
 rule fig5:
     input:
-        single=checkpoint_of("image_only"),
-        multi=checkpoint_of("filling"),
+        runs=[checkpoint_of(e) for e in FIG5_RUNS],
         **COHORT_INPUTS,
     output:
         report(f"{R}/figures/fig5.png", caption="../report/fig5.rst", category="Figures"),
@@ -155,9 +157,30 @@ rule fig5:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd figures fig5 --checkpoint {input.single:q} {input.multi:q} --features-dir {params.features_dir:q} "
+        "bd figures fig5 --checkpoint {input.runs:q} --features-dir {params.features_dir:q} "
         "--samples {input.samples:q} --clinical {input.clinical:q} --perplexity {params.perplexity} "
         "--out {output:q} > {log:q} 2>&1"
+
+
+rule s2m:
+    input:
+        runs=run_files_of(ablation("bd-dir-"), "checkpoint.pt"),
+        curves=run_files_of(ablation("bd-dir-"), "curve.csv"),
+        **COHORT_INPUTS,
+    output:
+        png=report(f"{R}/figures/s2m.png", caption="../report/s2m.rst", category="Figures"),
+        csv=f"{R}/figures/s2m.csv",
+    params:
+        features_dir=lambda w, input: os.path.dirname(input.features),
+    log:
+        f"{R}/logs/s2m.log",
+    benchmark:
+        f"{R}/benchmarks/s2m.tsv"
+    conda:
+        "../../envs/bd.yaml"
+    shell:
+        "bd figures s2m --checkpoint {input.runs:q} --curves {input.curves:q} --features-dir {params.features_dir:q} "
+        "--samples {input.samples:q} --clinical {input.clinical:q} --out {output.png:q} > {log:q} 2>&1"
 
 
 rule heatmaps:
@@ -191,7 +214,7 @@ FINAL_OUTPUTS = {
     "all": lambda: [f"{R}/tables/table1.csv", f"{R}/tables/table1.md", f"{R}/figures/fig1.png",
                     f"{R}/figures/roc.png"],
     "ablations": lambda: [f"{R}/tables/table2.csv", f"{R}/tables/table2.md", f"{R}/tables/table3.csv",
-                          f"{R}/tables/table3.md", f"{R}/figures/fig4c.png"],
+                          f"{R}/tables/table3.md", f"{R}/figures/fig4c.png", f"{R}/figures/s2m.png"],
     "wsi_missing": lambda: [f"{R}/figures/fig4ab.png"],
     "analysis": lambda: [f"{R}/figures/fig5.png", f"{R}/figures/heatmaps"],
 }
