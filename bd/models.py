@@ -186,11 +186,15 @@ def embed_instances(pools: tuple[AttentionPool, ...], features: torch.Tensor) ->
     are converted once and the GEMMs are ``len(pools)`` times wider, which a CPU runs closer to its
     peak (the patch layer is nearly all of a step's compute). Same values as ``pool.instances``."""
     dtypes = {pool.compute_dtype for pool in pools}
-    if len(pools) == 1 or len(dtypes) > 1:
+    first = pools[0]
+    same_stats = all(torch.equal(p.feature_mean, first.feature_mean) and torch.equal(p.feature_std, first.feature_std)
+                     for p in pools[1:])
+    if len(pools) == 1 or len(dtypes) > 1 or not same_stats:
         return [pool.instances(features) for pool in pools]
     dtype = dtypes.pop() or torch.float32
+    x = first.standardised(features.to(dtype))  # the pools share the training patches' statistics
     params = [t for pool in pools for t in (pool.embed.weight, pool.embed.bias)]
-    return [F.relu(y).float() for y in _SharedInputLinear.apply(features, dtype, *params)]
+    return [F.relu(y).float() for y in _SharedInputLinear.apply(x, dtype, *params)]
 
 
 def input_dtype(model: nn.Module) -> torch.dtype:

@@ -314,6 +314,7 @@ def test_fused_patch_layer_equals_separate_layers(precision):
 
     torch.manual_seed(0)
     model = create_model("bd", DIM, CLIN, **{**TINY, "precision": precision})
+    model.standardise(torch.linspace(-1, 1, DIM), torch.linspace(0.5, 2, DIM))  # the fused path standardises too
     x = torch.randn(50, DIM).to(torch.bfloat16 if precision == "bf16" else torch.float32)
     pools = (model.pool_mul, model.pool_sgl)
     fused = embed_instances(pools, x)
