@@ -132,7 +132,8 @@ def test_fig5_and_heatmaps_from_trained_runs(tmp_path):
     # test patients: P3, P7, ..., P23 (every 4th), N+ where (i // 4) is odd: P7, P15, P23;
     # chosen by sorted id, two N+ then one N0
     assert names == ["P11_S11.png", "P15_S15.png", "P23_S23.png"]
-    assert main(["figures", "fig5", "--checkpoint", str(single), *common, "--out", str(out)]) == 2  # titles mismatch
+    assert main(["figures", "fig5", "--checkpoint", str(single), *common, "--titles", "a", "b",
+                 "--out", str(out)]) == 2  # titles mismatch
 
 
 def test_linear_cka():
