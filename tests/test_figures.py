@@ -125,7 +125,7 @@ def test_fig5_and_heatmaps_from_trained_runs(tmp_path):
     assert main(["figures", "fig5", "--checkpoint", str(single), *map(str, wide), *common, "--out", str(out)]) == 0
     w, h = _png(out)
     assert w > 2.5 * h  # three panels: (a) image only, (b) 20x, (c) 40x
-    assert fig5_titles([load_run(p) for p in wide])[1] == "multi-modal (Filling), clinical feature 40x the input width"
+    assert fig5_titles([load_run(p) for p in wide])[1] == "Filling, clinical feature 40x input width"
     heat = tmp_path / "heatmaps"
     assert main(["figures", "heatmaps", "--checkpoint", str(multi), *common, "--patients", "3", "--out-dir", str(heat)]) == 0
     names = sorted(p.name for p in heat.glob("*.png"))
