@@ -234,7 +234,7 @@ def fig5_titles(runs: Sequence[Any]) -> list[str]:
         method = label_of(getattr(run, "method", params.get("method", "?")))
         factor = params.get("clinical_expansion")
         if factor:
-            titles.append(f"multi-modal ({method}), clinical feature {factor}x the input width")
+            titles.append(f"{method}, clinical feature {factor}x input width")
         else:
             titles.append(f"{'single' if run.method == 'image_only' else 'multi'}-modal model ({method})")
     return titles
@@ -410,7 +410,7 @@ def s2m_figure(runs: Sequence[Any], curves: Sequence[pd.DataFrame], cohort: Any,
     a.set_xticks(range(len(order)), order)
     a.set_xlabel("directions")
     a.set_ylabel("linear CKA(f_wm, f_ws), test patients")
-    a.set_title("(a) S->M pulls the multi-modal slide feature toward the single-modal one", fontsize=9)
+    a.set_title("(a) linear CKA(f_wm, f_ws) per directions setting", fontsize=9)
     for run, curve in zip(runs, curves):
         if "share_mul_distill" in curve:
             b.plot(curve["epoch"], curve["share_mul_distill"], label=f"{run.params.get('directions')} seed {run.seed}")
@@ -427,7 +427,7 @@ def s2m_figure(runs: Sequence[Any], curves: Sequence[pd.DataFrame], cohort: Any,
     c.plot([0, 1], [0, 1], color="k", lw=0.8)
     c.set_xlabel("single-modal P(N+), directions none")
     c.set_ylabel("single-modal P(N+), other setting")
-    c.set_title("(c) M->S moves the single-modal branch's outputs", fontsize=9)
+    c.set_title("(c) single-modal outputs against directions none", fontsize=9)
     c.legend(fontsize=7)
     return save(fig, out), table
 

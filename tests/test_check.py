@@ -127,7 +127,7 @@ def test_demo_config_skips_path_checks(tmp_path, monkeypatch):
     """At parse time the demo's slides and table do not exist yet: nothing is read or missing."""
     monkeypatch.chdir(tmp_path)
     result = check_cohort(yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))
-    assert result.slides == 60 and result.table_patients is None and not result.findings
+    assert result.slides == 80 and result.table_patients is None and not result.findings
 
 
 def test_bd_check_command(tmp_path, capsys):

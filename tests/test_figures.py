@@ -125,14 +125,15 @@ def test_fig5_and_heatmaps_from_trained_runs(tmp_path):
     assert main(["figures", "fig5", "--checkpoint", str(single), *map(str, wide), *common, "--out", str(out)]) == 0
     w, h = _png(out)
     assert w > 2.5 * h  # three panels: (a) image only, (b) 20x, (c) 40x
-    assert fig5_titles([load_run(p) for p in wide])[1] == "multi-modal (Filling), clinical feature 40x the input width"
+    assert fig5_titles([load_run(p) for p in wide])[1] == "Filling, clinical feature 40x input width"
     heat = tmp_path / "heatmaps"
     assert main(["figures", "heatmaps", "--checkpoint", str(multi), *common, "--patients", "3", "--out-dir", str(heat)]) == 0
     names = sorted(p.name for p in heat.glob("*.png"))
     # test patients: P3, P7, ..., P23 (every 4th), N+ where (i // 4) is odd: P7, P15, P23;
     # chosen by sorted id, two N+ then one N0
     assert names == ["P11_S11.png", "P15_S15.png", "P23_S23.png"]
-    assert main(["figures", "fig5", "--checkpoint", str(single), *common, "--out", str(out)]) == 2  # titles mismatch
+    assert main(["figures", "fig5", "--checkpoint", str(single), *common, "--titles", "a", "b",
+                 "--out", str(out)]) == 2  # titles mismatch
 
 
 def test_linear_cka():
