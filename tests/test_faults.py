@@ -508,7 +508,7 @@ def test_workflow_skips_a_broken_and_a_missing_slide_and_still_trains(tmp_path):
                             clinical_table=str(demo / "patient-clinical-data.xlsx"),
                             split_dir=str(demo / "dataset-splitting"))
     config["features"].update(TINY)
-    config["training"].update(methods=["bd"], seeds=[0], max_epochs=1, patience=1)
+    config["training"].update(methods=["bd"], seeds=[0], max_epochs=1, min_epochs=1, patience=1)
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(config))
     results = tmp_path / "results"

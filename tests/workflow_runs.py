@@ -44,7 +44,7 @@ def tiny_config(results: str = "results") -> dict[str, Any]:
                             split_dir=f"{results}/demo/dataset-splitting")
     config["features"].update(encoder="resnet18", out_stage="layer1", input_size=32, batch_size=16,
                               num_workers=0)
-    config["training"].update(methods=["clinical_only", "bd"], seeds=[0], max_epochs=2, patience=2)
+    config["training"].update(methods=["clinical_only", "bd"], seeds=[0], max_epochs=2, min_epochs=1, patience=2)
     config["evaluation"].update(repeats=2, bootstrap=0)
     return config
 
