@@ -38,7 +38,7 @@ otherwise idle machine, since the development machine is shared (its load averag
 
     python benchmarks/method.py > method.jsonl      # the full run (<= 15 min on 2 idle cores)
     python benchmarks/method.py --table method.jsonl  # the README's tables from it
-    python benchmarks/method.py --seeds 2 --patients 300 --training '{"max_epochs": 2}'  # a smoke run
+    python benchmarks/method.py --seeds 2 --patients 300 --training '{"max_epochs": 2, "min_epochs": 1}'  # a smoke run
 """
 
 from __future__ import annotations

@@ -514,10 +514,12 @@ def test_workflow_passes_the_sample_sheets_mpp_to_segment_and_tile(tmp_path):
         (tmp_path / "slides" / f"{sid}.jpg").write_bytes(b"\xff\xd8\xff")
         rows.append(f"{sid}\t{sid}\t{tmp_path / 'slides' / f'{sid}.jpg'}\t{mpp}")
     (tmp_path / "samples.tsv").write_text("\n".join(rows) + "\n")
-    (tmp_path / "clinical.csv").write_text("Patient ID,Age(years),ALN status\nA,50,N0\nB,60,N+(>2)\n")
+    table = ["Patient ID,Age(years),Tumour Size(cm),ER,PR,HER2,ALN status"]
+    table += [f"{p},{50 + i},2.{i},Positive,Negative,Negative,{'N0' if i % 2 else 'N+(>2)'}" for i, p in enumerate("ABCDEF")]
+    (tmp_path / "clinical.csv").write_text("\n".join(table) + "\n")  # a table the parse-time checks accept
     (tmp_path / "split").mkdir()
-    for name in ("train", "val", "test"):
-        (tmp_path / "split" / f"{name}_id.txt").write_text("")
+    for name, ids in (("train", "AB"), ("val", "CD"), ("test", "EF")):
+        (tmp_path / "split" / f"{name}_id.txt").write_text("\n".join(ids) + "\n")
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     config.update(results=str(tmp_path / "results"))
     config["demo"]["enabled"] = False

@@ -171,7 +171,7 @@ rule s2m:
         png=report(f"{R}/figures/s2m.png", caption="../report/s2m.rst", category="Figures"),
         csv=f"{R}/figures/s2m.csv",
     params:
-        features_dir=lambda w, input: os.path.dirname(input.features),
+        features_dir=lambda w, input: stores_dir(input.stores),
     log:
         f"{R}/logs/s2m.log",
     benchmark:
