@@ -63,16 +63,13 @@ class TileStreamBatches(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         start = index * self.batch_size
         coords = self.coords[start : start + self.batch_size]
-        r, size = self.reader, self.reader.spec.size
+        r = self.reader
         origins = self.origins(coords)
         tiles: set[int] = set()
         for lx, ly in origins.tolist():
-            x0, y0 = max(lx, 0), max(ly, 0)
-            x1, y1 = min(lx + size, r.width), min(ly + size, r.height)
-            if x0 >= x1 or y0 >= y1:
-                continue
-            for ty in range(y0 // r.tile_h, (y1 - 1) // r.tile_h + 1):
-                tiles.update(range(ty * r.tiles_x + x0 // r.tile_w, ty * r.tiles_x + (x1 - 1) // r.tile_w + 1))
+            box = r.inside(lx, ly)
+            if box is not None:
+                tiles.update(ty * r.tiles_x + tx for ty, tx in r.tiles_under(box))
         ids = sorted(t for t in tiles if r.counts[t] > 0)  # sparse tiles: never written, white
         streams = [torch.frombuffer(bytearray(full_stream(os.pread(r.fd, int(r.counts[t]), int(r.offsets[t])),
                                                           r.tables)), dtype=torch.uint8) for t in ids]

@@ -22,7 +22,7 @@ import math
 import os
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -175,6 +175,21 @@ class TiffJpegReader:
             self.cache.popitem(last=False)
         return tile
 
+    def inside(self, lx: int, ly: int) -> tuple[int, int, int, int] | None:
+        """The part ``(x0, y0, x1, y1)`` of the patch at level ``(lx, ly)`` that lies on the slide,
+        or None when none of it does."""
+        size = self.spec.size
+        x0, y0 = max(lx, 0), max(ly, 0)
+        x1, y1 = min(lx + size, self.width), min(ly + size, self.height)
+        return None if x0 >= x1 or y0 >= y1 else (x0, y0, x1, y1)
+
+    def tiles_under(self, box: tuple[int, int, int, int]) -> Iterator[tuple[int, int]]:
+        """(row, column) of every stored tile that the level box ``(x0, y0, x1, y1)`` touches."""
+        x0, y0, x1, y1 = box
+        for ty in range(y0 // self.tile_h, (y1 - 1) // self.tile_h + 1):
+            for tx in range(x0 // self.tile_w, (x1 - 1) // self.tile_w + 1):
+                yield ty, tx
+
     def read(self, x: int, y: int, out: np.ndarray | None = None) -> np.ndarray:
         """The patch at level-0 ``(x, y)``: ``size`` x ``size`` level pixels, white outside;
         written into ``out`` when given (a slot of a batch: no extra copy).
@@ -186,25 +201,24 @@ class TiffJpegReader:
             out = np.empty((size, size, 3), dtype=np.uint8)
         lx = math.floor(x / self.spec.downsample + 0.5)
         ly = math.floor(y / self.spec.downsample + 0.5)
-        x0, y0 = max(lx, 0), max(ly, 0)
-        x1, y1 = min(lx + size, self.width), min(ly + size, self.height)
-        if x0 >= x1 or y0 >= y1:
+        box = self.inside(lx, ly)
+        if box is None:
             out[:] = 255
             return out
-        if (x0, y0, x1, y1) != (lx, ly, lx + size, ly + size):
+        x0, y0, x1, y1 = box
+        if box != (lx, ly, lx + size, ly + size):
             out[:] = 255  # partly outside the slide
         tw, th = self.tile_w, self.tile_h
         try:
-            for ty in range(y0 // th, (y1 - 1) // th + 1):
-                for tx in range(x0 // tw, (x1 - 1) // tw + 1):
-                    tile = self._tile(ty * self.tiles_x + tx)
-                    sx0, sx1 = max(x0, tx * tw), min(x1, (tx + 1) * tw)
-                    sy0, sy1 = max(y0, ty * th), min(y1, (ty + 1) * th)
-                    target = out[sy0 - ly : sy1 - ly, sx0 - lx : sx1 - lx]
-                    if tile is None:
-                        target[:] = 255  # sparse tile: never written, white as in OpenSlide
-                    else:
-                        target[:] = tile[sy0 - ty * th : sy1 - ty * th, sx0 - tx * tw : sx1 - tx * tw]
+            for ty, tx in self.tiles_under(box):
+                tile = self._tile(ty * self.tiles_x + tx)
+                sx0, sx1 = max(x0, tx * tw), min(x1, (tx + 1) * tw)
+                sy0, sy1 = max(y0, ty * th), min(y1, (ty + 1) * th)
+                target = out[sy0 - ly : sy1 - ly, sx0 - lx : sx1 - lx]
+                if tile is None:
+                    target[:] = 255  # sparse tile: never written, white as in OpenSlide
+                else:
+                    target[:] = tile[sy0 - ty * th : sy1 - ty * th, sx0 - tx * tw : sx1 - tx * tw]
         except SlideError as exc:
             raise SlideError(f"{self.spec.region(x, y)}: {exc}") from None
         except OSError as exc:
