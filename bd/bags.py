@@ -258,14 +258,14 @@ def _scan_stores(
     and must be re-extracted, not silently counted as a missing slide. The one exception is a
     slide whose file is missing too (``on_slide_error: skip`` gives it no job): it counts as
     missing the slide, with a warning."""
-    from bd.store import read_store
+    from bd.store import read_store, store_path
 
     found: dict[str, list[_Slide]] = {}
     first: tuple[Path, dict[str, Any]] | None = None
     absent, lost = [], []
     for pid, slide_ids in slides_of.items():
         for sid in slide_ids:
-            path = features_dir / f"{sid}.zarr"
+            path = store_path(features_dir, sid)  # .zarr, or a CLAM/TRIDENT .h5
             if not path.exists():
                 slide_file = (paths or {}).get(sid)
                 (absent if slide_file is not None and not os.path.exists(slide_file) else lost).append((sid, path))

@@ -55,10 +55,16 @@ def _store_error(path: Path) -> Record:
     return (attrs.get("error_stage", "extract"), str(attrs["error"])) if attrs.get("error") else None
 
 
+def _store_of(results: Path, slide: str) -> Path:
+    from bd.store import store_path
+
+    return store_path(results / "features", slide)  # .zarr, or a linked CLAM/TRIDENT .h5
+
+
 # Where each stage keeps a slide's record (results/ layout), latest stage first: a later stage
 # carries an earlier stage's error forward, so the first record found answers.
 STAGE_RECORDS: list[tuple[Callable[[Path, str], Path], Callable[[Path], Record]]] = [
-    (lambda results, slide: results / "features" / f"{slide}.zarr", _store_error),
+    (lambda results, slide: _store_of(results, slide), _store_error),
     (lambda results, slide: results / "tiles" / f"{slide}.npz", _grid_error),
     (lambda results, slide: results / "segment" / slide / "mask.json", _mask_error),
 ]
@@ -97,7 +103,7 @@ def upsampled_slides(samples: pd.DataFrame, results: Path) -> list[str]:
 
     out = []
     for sid in samples["slide_id"]:
-        path = results / "features" / f"{sid}.zarr"
+        path = _store_of(results, str(sid))
         if not path.exists():
             continue
         attrs = read_store(path, with_features=False).attrs
