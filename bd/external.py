@@ -9,7 +9,9 @@ a CLAM/TRIDENT ``.h5`` with its identity file). The optional clinical table (raw
 table: CSV, TSV or XLSX, the run's id and feature columns) goes through the run's saved scaler;
 a patient without a row, or without any value, is predicted without clinical data. Writes
 ``predictions.tsv`` (one row per patient: slides, probability of N+, branch that answered, its
-validation threshold, prediction, label where the table has one), and, where labels are given,
+validation threshold, prediction, label where the table has one), every slide's per-patch attention
+(``attention/<slide>.attention.tsv`` and QuPath ``.geojson``, see :mod:`bd.exports`), and, where
+labels are given,
 ``samples.tsv`` and ``clinical.tsv`` of the labelled patients in the layout ``bd evaluate`` reads
 (split ``test``), so that the external cohort is evaluated like the test split.
 """
@@ -248,6 +250,7 @@ def predict_cohort(run: Any, sheet: pd.DataFrame, vectors: dict[str, np.ndarray 
         "clinical_present": has_clinical, "slide_present": has_slide, "label": [labels.get(p) for p in result["patient_id"]],
         "method": run.method, "run": str(run.path),
     }, columns=PREDICTION_COLUMNS)
+    write_cohort_attention(run, cohort, features_dir, out / "attention")
     with atomic_path(out / "predictions.tsv") as tmp:
         frame.to_csv(tmp, sep="\t", index=False, na_rep="")
     labelled = clinical["patient_id"].isin([p for p, y in labels.items() if y is not None])
@@ -261,6 +264,22 @@ def predict_cohort(run: Any, sheet: pd.DataFrame, vectors: dict[str, np.ndarray 
         with atomic_path(out / "slide_errors.tsv") as tmp:
             pd.DataFrame({"slide_id": list(failed), "reason": list(failed.values())}).to_csv(tmp, sep="\t", index=False)
     return frame
+
+
+def write_cohort_attention(run: Any, cohort: Any, features_dir: Path, out_dir: Path) -> None:
+    """Every slide's per-patch attention as a table and as QuPath GeoJSON (``<slide>.attention.*``)."""
+    from bd.exports import attention_table, write_attention
+    from bd.figures import patch_side_level0
+    from bd.store import read_store, store_path
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i in np.flatnonzero(cohort.has_slide):
+        att = run.attention(cohort, cohort.patient_ids[i])
+        for sid, part in att.groupby("slide_id", sort=False):
+            attrs = read_store(store_path(features_dir, sid), with_features=False).attrs
+            write_attention(out_dir, str(sid), attention_table(
+                sid, part[["x", "y"]].to_numpy(), part["attention"].to_numpy(), patch_side_level0(attrs),
+                attrs.get("patch_size"), attrs.get("target_mpp")))
 
 
 def run_cohort(args: argparse.Namespace) -> int:

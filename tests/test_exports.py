@@ -218,6 +218,10 @@ def test_cohort_predict_extracts_each_slide_with_the_encoder_built_once(trained,
     preds = pd.read_csv(out / "predictions.tsv", sep="\t")
     assert len(preds) == 2 and preds["prob_n_plus"].nunique() == 1  # the same slide twice
     assert not (out / "clinical.tsv").exists()  # no labels: nothing to evaluate
+    for sid in ("S0", "S1"):
+        geo = json.loads((out / "attention" / f"{sid}.attention.geojson").read_text())
+        _squares_match_the_grid(geo, read_store(out / "features" / f"{sid}.zarr", with_features=False).coords,
+                                patch_side_level0(read_store(out / "features" / f"{sid}.zarr", with_features=False).attrs))
 
 
 def test_cohort_predict_errors_name_file_row_and_key(trained, tmp_path, capsys):  # noqa: F811

@@ -61,13 +61,17 @@ CHECKPOINT = f"{R}/train/{{experiment}}/seed{{seed}}/checkpoint.pt"
 # declares every store: with every store on every training job the DAG of a 5,000-slide cohort
 # builds in 3.3x a bare Snakefile's time, through the index in 1.8x (benchmarks/dag.py). A lost
 # store is rebuilt either way (targets list lost per-slide outputs, lost_slide_outputs).
-STORES = [f"{FEATURES_DIR}/{slide}.zarr" for slide in SLIDES]
+# With h5_features.dir, each store is a link to a CLAM/TRIDENT .h5 file (rule h5_link), read with
+# the identity file rule h5_identity writes beside it (bd/h5store.py); otherwise bd extract's Zarr.
+H5_FEATURES = config.get("h5_features") or {}
+STORE_SUFFIX = ".h5" if H5_FEATURES.get("dir") else ".zarr"
+STORES = [f"{FEATURES_DIR}/{slide}{STORE_SUFFIX}" for slide in SLIDES]
 # Evaluation reads the test split's stores only: when the split is known at parse time (the
 # checks compute it as `bd split` will), those are its inputs; otherwise (the demo, whose table a
 # job writes; cluster jobs) every store.
 _SPLIT = COHORT_CHECK.split if COHORT_CHECK is not None else None
 TEST_STORES = STORES if _SPLIT is None else [
-    f"{FEATURES_DIR}/{s}.zarr" for s, p in zip(SAMPLES["slide_id"], SAMPLES["patient_id"])
+    f"{FEATURES_DIR}/{s}{STORE_SUFFIX}" for s, p in zip(SAMPLES["slide_id"], SAMPLES["patient_id"])
     if s not in MISSING_SLIDES and _SPLIT.get(p) == "test"
 ]
 # A table (slide_id, store) of every store, written by rule feature_index (features.smk), is the
@@ -156,7 +160,7 @@ def lost_slide_outputs():
     lost = []
     for slide in SLIDES:
         chain = [f"{R}/segment/{slide}/mask.png", f"{R}/segment/{slide}/mask.json", f"{R}/tiles/{slide}.npz",
-                 f"{FEATURES_DIR}/{slide}.zarr"]
+                 f"{FEATURES_DIR}/{slide}.zarr"] if STORE_SUFFIX == ".zarr" else [f"{FEATURES_DIR}/{slide}.h5"]
         exists = [os.path.exists(p) for p in chain]
         later = used
         for path, there in zip(reversed(chain), reversed(exists)):

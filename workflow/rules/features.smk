@@ -43,3 +43,41 @@ rule feature_index:
     localrule: True
     run:
         write_feature_index(list(input), output[0], log[0])
+
+
+# CLAM / TRIDENT .h5 feature files instead of extraction (config h5_features; bd/h5store.py): each
+# slide's store is a link to its {slide}.h5, read with the encoder identity the user gives, which
+# rule h5_identity writes beside the links. Used only when h5_features.dir is set.
+H5_IDENTITY = f"{FEATURES_DIR}/h5_identity.json"
+
+
+rule h5_identity:
+    output:
+        H5_IDENTITY,
+    params:
+        identity=section("h5_features"),  # a changed identity rewrites it (and reruns training)
+    log:
+        f"{R}/logs/h5_identity.log",
+    localrule: True
+    run:
+        from bd.h5store import H5FeatureParams, write_identity
+        from bd.io import write_text
+        from bd.params import build
+
+        write_identity(build(H5FeatureParams, params.identity), output[0])
+        write_text(log[0], f"identity of the .h5 feature files in {H5_FEATURES.get('dir')}: {params.identity}\n")
+
+
+rule h5_link:
+    input:
+        h5=lambda w: os.path.join(H5_FEATURES["dir"], f"{w.slide}.h5"),
+        identity=H5_IDENTITY,
+    output:
+        f"{R}/features/{{slide}}.h5",
+    log:
+        f"{R}/logs/h5_link/{{slide}}.log",
+    benchmark:
+        f"{R}/benchmarks/h5_link/{{slide}}.tsv"
+    localrule: True
+    shell:
+        "ln -sfn \"$(realpath {input.h5:q})\" {output:q} && echo linked {input.h5:q} > {log:q}"
