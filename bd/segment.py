@@ -324,16 +324,25 @@ def _mark(image: np.ndarray, where: np.ndarray, colour: tuple[int, int, int], al
 
 
 def _legend(image: np.ndarray, items: list[tuple[str, tuple[int, int, int]]]) -> np.ndarray:
-    """A band under ``image`` with a colour swatch and label per item."""
-    band = np.full((22, image.shape[1], 3), 255, np.uint8)
+    """Bands under ``image`` with a colour swatch and label per item (as many rows as they need)."""
+    width = max(image.shape[1], 360)
+    rows: list[list[tuple[int, str, tuple[int, int, int]]]] = [[]]
     x = 4
     for label, colour in items:
-        if x + 20 + 9 * len(label) > band.shape[1]:
-            break
-        cv2.rectangle(band, (x, 5), (x + 12, 17), colour, -1)
-        cv2.putText(band, label, (x + 16, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
-        x += 30 + 7 * len(label)
-    return np.vstack([image, band])
+        step = 24 + cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)[0][0]
+        if x + step > width and rows[-1]:
+            rows.append([])
+            x = 4
+        rows[-1].append((x, label, colour))
+        x += step
+    band = np.full((22 * len(rows), width, 3), 255, np.uint8)
+    for r, row in enumerate(rows):
+        for x, label, colour in row:
+            cv2.rectangle(band, (x, 22 * r + 5), (x + 12, 22 * r + 17), colour, -1)
+            cv2.putText(band, label, (x + 16, 22 * r + 16), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    canvas = np.full((image.shape[0], width, 3), 255, np.uint8)
+    canvas[:, : image.shape[1]] = image
+    return np.vstack([canvas, band])
 
 
 def qc_image(seg: Segmentation, title: str, params: SegmentParams | None = None) -> np.ndarray:

@@ -97,12 +97,12 @@ def test_qc_image_marks_pen_ink_and_debris_in_their_colours():
     plain = qc_image(seg, "no params")
     marked = qc_image(seg, "with params", params)
     assert marked.shape[0] > plain.shape[0]  # the legend band and the 'excluded' caption line
-    offset = marked.shape[0] - 22 - 200  # caption band above the image, legend (22 px) below
+    offset, plain_offset = 18 * 3 + 8, 18 * 2 + 8  # caption bands (3 and 2 lines) above the image
     pen_px, debris_px = marked[offset + 20, 70].astype(int), marked[offset + 170, 260].astype(int)
     pen_bgr, debris_bgr = np.array(QC_LEGEND["pen"][1]), np.array(QC_LEGEND["debris"][1])
     assert np.abs(pen_px - pen_bgr).sum() < np.abs(pen_px - debris_bgr).sum()  # magenta, not cyan
     assert np.abs(debris_px - debris_bgr).sum() < np.abs(debris_px - pen_bgr).sum()
-    assert (marked[offset + 100, 150] == plain[plain.shape[0] - 200 + 100, 150]).all()  # tissue untouched
+    assert (marked[offset + 100, 150] == plain[plain_offset + 100, 150]).all()  # tissue untouched
 
 
 @pytest.mark.parametrize(("mpp", "width", "um", "px"), [(16.0, 1000, 2000.0, 125.0), (0.5, 1024, 100.0, 200.0),
