@@ -212,3 +212,72 @@ def present(names):
 
 def checkpoint_of(name):
     return f"{R}/train/{name}/seed{seeds_for(config, name)[0]}/checkpoint.pt"
+
+
+# The external cohort (workflow/rules/external.smk; config section external).
+
+from snakemake.exceptions import WorkflowError
+
+EXTERNAL = config.get("external") or {}
+EXT = f"{R}/external"
+# Runtime settings of the run's stages that do not change the features (the run's own encoder,
+# patch size and MPP come from its checkpoint; bd predict refuses any other).
+EXT_FEATURE_RUNTIME = ("batch_size", "num_workers", "device", "reader", "decode", "precision", "compile",
+                       "on_decode_error")
+
+
+def external_setting(key):
+    """A required key of the external section; a clear error when the target is asked for without it."""
+    value = EXTERNAL.get(key)
+    if not value:
+        raise WorkflowError(f"target external: set external.{key} in the config (see config/README.md)")
+    return value
+
+
+def external_checkpoint():
+    from bd.external import ExternalParams
+
+    external_setting("run")
+    return ExternalParams(**EXTERNAL).checkpoint(R)
+
+
+def external_slides():
+    """The external sheet's slide files (inputs of the prediction job unless stores are given)."""
+    from bd.external import read_sheet
+
+    if EXTERNAL.get("features_dir"):
+        return []
+    return list(read_sheet(external_setting("sample_sheet"))["path"])
+
+
+def external_overrides():
+    feats = config.get("features") or {}
+    return json.dumps({"segmentation": config.get("segmentation") or {},
+                       "features": {k: feats[k] for k in EXT_FEATURE_RUNTIME if k in feats}}, sort_keys=True)
+
+
+def external_seed(checkpoint):
+    """The training seed of the run (its seedN folder), else 0."""
+    import re
+
+    match = re.fullmatch(r"seed(\d+)", os.path.basename(os.path.dirname(checkpoint)))
+    return int(match.group(1)) if match else 0
+
+
+def external_evaluated():
+    return bool(EXTERNAL.get("evaluate", True) and EXTERNAL.get("clinical_table"))
+
+
+# A run of this workflow (experiment/seedN) uses this workflow's scaler; a checkpoint file from
+# elsewhere, the scaler path it records.
+EXT_SCALER = [] if str(EXTERNAL.get("run") or "").endswith(".pt") else [SCALER_JSON]
+
+
+def write_h5_identity(identity, out, log):
+    """Rule h5_identity: the user's identity of the .h5 feature files, beside their links."""
+    from bd.h5store import H5FeatureParams, write_identity
+    from bd.io import write_text
+    from bd.params import build
+
+    write_identity(build(H5FeatureParams, identity), out)
+    write_text(log, f"identity of the .h5 feature files in {H5_FEATURES.get('dir')}: {identity}\n")

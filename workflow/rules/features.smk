@@ -60,12 +60,7 @@ rule h5_identity:
         f"{R}/logs/h5_identity.log",
     localrule: True
     run:
-        from bd.h5store import H5FeatureParams, write_identity
-        from bd.io import write_text
-        from bd.params import build
-
-        write_identity(build(H5FeatureParams, params.identity), output[0])
-        write_text(log[0], f"identity of the .h5 feature files in {H5_FEATURES.get('dir')}: {params.identity}\n")
+        write_h5_identity(params.identity, output[0], log[0])
 
 
 rule h5_link:
@@ -79,5 +74,7 @@ rule h5_link:
     benchmark:
         f"{R}/benchmarks/h5_link/{{slide}}.tsv"
     localrule: True
+    conda:
+        "../../envs/bd.yaml"
     shell:
         "ln -sfn \"$(realpath {input.h5:q})\" {output:q} && echo linked {input.h5:q} > {log:q}"
