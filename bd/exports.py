@@ -40,7 +40,7 @@ def attention_table(slide_id: str, coords: np.ndarray, attention: np.ndarray, si
                     patch_size: int | None = None, target_mpp: float | None = None) -> pd.DataFrame:
     """One row per patch: slide, level-0 top-left x, y, patch side (level 0 and as encoded), attention,
     min-max normalised attention and its percentile within the slide (the heatmap's colour)."""
-    from bd.figures import percentile_scores
+    from bd.paper.figures import percentile_scores
 
     coords = np.asarray(coords, np.int64).reshape(-1, 2)
     attention = np.asarray(attention, float)

@@ -61,7 +61,7 @@ class ExternalParams:
 
 def read_sheet(path: Path) -> pd.DataFrame:
     """The external sample sheet, checked (paths relative to the sheet's folder)."""
-    from bd.cohort import check_sample_sheet, read_sample_sheet
+    from bd.cohort.samples import check_sample_sheet, read_sample_sheet
 
     sheet = check_sample_sheet(read_sample_sheet(path), str(path)).reset_index(drop=True)
     if sheet.empty:
@@ -73,9 +73,9 @@ def clinical_rows(run: Any, table_path: Path | None, scaler: str | None,
                   clinical_params: dict[str, Any] | None) -> tuple[dict[str, np.ndarray | None], dict[str, int | None]]:
     """Per patient of the raw table: the run's model-input vector (None: no value) and the label
     (None: blank or no label column). Errors name the table, row and column."""
-    from bd.clinical import ClinicalParams, find_column, load_transform, parse_label, read_table
+    from bd.cohort.clinical import ClinicalParams, find_column, load_transform, parse_label, read_table
     from bd.predict import scaler_path
-    from bd.values import ValueParseError, is_missing, normalise_id
+    from bd.cohort.values import ValueParseError, is_missing, normalise_id
 
     if table_path is None:
         return {}, {}
@@ -113,7 +113,7 @@ def clinical_rows(run: Any, table_path: Path | None, scaler: str | None,
 
 def clinical_label_column(run: Any, scaler: str | None) -> str:
     """The label column the run's training table had (from its scaler)."""
-    from bd.clinical import ClinicalParams, load_transform
+    from bd.cohort.clinical import ClinicalParams, load_transform
     from bd.predict import scaler_path
 
     try:
@@ -130,7 +130,7 @@ def slide_stores(run: Any, sheet: pd.DataFrame, out: Path, features_dir: Path | 
     """Every slide's feature store (existing, or extracted here with the run's settings, the encoder
     loaded once); the folder holding them and the slides that could not be read (id -> reason)."""
     from bd.predict import check_identity
-    from bd.store import read_store, store_path
+    from bd.features.store import read_store, store_path
 
     if features_dir is not None:
         missing = [s for s in sheet["slide_id"] if not store_path(features_dir, s).exists()]
@@ -159,7 +159,7 @@ class SlideExtraction:
     """Segment, tile and encode slides with one run's settings; the encoder is built once."""
 
     def __init__(self, run: Any, out: Path, overrides: dict[str, Any]) -> None:
-        from bd.extract import Extractor
+        from bd.features.extract import Extractor
         from bd.predict import check_identity, planned_attrs, stage_params
 
         self.seg, self.tile, feat = stage_params(run.identity, overrides)
@@ -171,11 +171,11 @@ class SlideExtraction:
         self.out = out
 
     def __call__(self, slide_path: Path, slide_id: str, fallback_mpp: float | None, mpp: float | None) -> Path:
-        from bd.extract import SlideJob
-        from bd.grid import save_grid
-        from bd.segment import segment_slide, write_segmentation
-        from bd.slide import open_slide
-        from bd.tiling import tile_slide
+        from bd.features.extract import SlideJob
+        from bd.slides.grid import save_grid
+        from bd.slides.segment import segment_slide, write_segmentation
+        from bd.slides.slide import open_slide
+        from bd.slides.tiling import tile_slide
 
         store = self.out / "features" / f"{slide_id}.zarr"
         grid_path = self.out / "tiles" / f"{slide_id}.npz"
@@ -198,8 +198,8 @@ class SlideExtraction:
 def cohort_tables(run: Any, sheet: pd.DataFrame, vectors: dict[str, np.ndarray | None],
                   labels: dict[str, int | None], failed: dict[str, str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The sample sheet and the normalised clinical table (split ``test``) of the cohort, in the
-    layout :func:`bd.bags.load_cohort` reads; unlabelled patients get label 0 here (not evaluated)."""
-    from bd.values import normalise_id
+    layout :func:`bd.mil.bags.load_cohort` reads; unlabelled patients get label 0 here (not evaluated)."""
+    from bd.cohort.values import normalise_id
 
     patients = list(dict.fromkeys(normalise_id(p) for p in sheet["patient_id"]))
     unknown = sorted(set(vectors) - set(patients))
@@ -225,7 +225,7 @@ def cohort_tables(run: Any, sheet: pd.DataFrame, vectors: dict[str, np.ndarray |
 def predict_cohort(run: Any, sheet: pd.DataFrame, vectors: dict[str, np.ndarray | None],
                    labels: dict[str, int | None], features_dir: Path, failed: dict[str, str], out: Path) -> pd.DataFrame:
     """One row per patient (see :data:`PREDICTION_COLUMNS`); writes the cohort tables into ``out``."""
-    from bd.bags import load_cohort
+    from bd.mil.bags import load_cohort
     from bd.io import atomic_path
 
     samples, clinical = cohort_tables(run, sheet, vectors, labels, failed)
@@ -269,8 +269,8 @@ def predict_cohort(run: Any, sheet: pd.DataFrame, vectors: dict[str, np.ndarray 
 def write_cohort_attention(run: Any, cohort: Any, features_dir: Path, out_dir: Path) -> None:
     """Every slide's per-patch attention as a table and as QuPath GeoJSON (``<slide>.attention.*``)."""
     from bd.exports import attention_table, write_attention
-    from bd.figures import patch_side_level0
-    from bd.store import read_store, store_path
+    from bd.paper.figures import patch_side_level0
+    from bd.features.store import read_store, store_path
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for i in np.flatnonzero(cohort.has_slide):
@@ -285,7 +285,7 @@ def write_cohort_attention(run: Any, cohort: Any, features_dir: Path, out_dir: P
 def run_cohort(args: argparse.Namespace) -> int:
     """``bd predict --samples SHEET [--clinical-table TABLE]``."""
     from bd.params import read_mapping
-    from bd.runs import load_run
+    from bd.mil.runs import load_run
 
     if args.slide is not None or args.clinical is not None or args.features is not None:
         raise ConfigError("--samples predicts a cohort: leave out --slide, --clinical and --features "

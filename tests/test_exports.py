@@ -15,8 +15,8 @@ from test_predict import SLIDE, trained  # noqa: F401  (module fixture: a tiny B
 
 from bd.cli import main
 from bd.exports import attention_geojson, attention_table, draw_scale_bar, scale_bar
-from bd.figures import patch_side_level0, thumbnail_um_per_px
-from bd.store import read_store
+from bd.paper.figures import patch_side_level0, thumbnail_um_per_px
+from bd.features.store import read_store
 
 PARAMS = json.dumps({"features": {"num_workers": 0, "batch_size": 64}})
 
@@ -62,8 +62,8 @@ def test_predict_exports_attention_as_table_and_qupath_geojson(trained, tmp_path
 
 
 def test_tissue_contours_are_qupath_annotations_with_holes(tmp_path):
-    from bd.segment import SegmentParams, segment_slide, write_segmentation
-    from bd.slide import open_slide
+    from bd.slides.segment import SegmentParams, segment_slide, write_segmentation
+    from bd.slides.slide import open_slide
 
     with open_slide(SLIDE) as slide:
         seg = segment_slide(slide, SegmentParams())
@@ -82,7 +82,7 @@ def test_tissue_contours_are_qupath_annotations_with_holes(tmp_path):
 
 
 def test_qc_image_marks_pen_ink_and_debris_in_their_colours():
-    from bd.segment import QC_LEGEND, Segmentation, SegmentParams, artefact_mask, qc_image, tissue_mask
+    from bd.slides.segment import QC_LEGEND, Segmentation, SegmentParams, artefact_mask, qc_image, tissue_mask
 
     rgb = np.full((200, 300, 3), 235, np.uint8)
     cv2.circle(rgb, (150, 100), 70, (190, 90, 170), -1)  # H&E-pink tissue
@@ -119,7 +119,7 @@ def test_heatmap_scale_bar_is_drawn_at_the_slides_physical_scale():
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    from bd.slide import open_slide
+    from bd.slides.slide import open_slide
 
     with open_slide(SLIDE) as slide:
         thumb = slide.get_thumbnail((512, 512))
@@ -196,17 +196,17 @@ def test_cohort_predict_writes_one_table_and_evaluates_like_the_test_split(train
 
 
 def test_cohort_predict_extracts_each_slide_with_the_encoder_built_once(trained, tmp_path, monkeypatch):  # noqa: F811
-    import bd.extract
+    import bd.features.extract
 
     root, ckpt, fixture = trained
     built = []
-    original = bd.extract.Extractor.__init__
+    original = bd.features.extract.Extractor.__init__
 
     def counting(self, *args, **kwargs):
         built.append(1)
         original(self, *args, **kwargs)
 
-    monkeypatch.setattr(bd.extract.Extractor, "__init__", counting)
+    monkeypatch.setattr(bd.features.extract.Extractor, "__init__", counting)
     sheet, _ = _external(root, tmp_path, [0, 1], ROWS)
     out = tmp_path / "out"
     assert main(["predict", "--run", str(ckpt), "--samples", str(sheet), "--params", PARAMS, "--out-dir", str(out)]) == 0

@@ -9,13 +9,13 @@ from snakemake.logging import logger
 from snakemake.utils import validate
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
-from bd.check import check_config, missing_files, prerun
-from bd.cohort import build_sample_sheet, sheet_sha256
-from bd.experiments import experiments, seeds_for, target_experiments
+from bd.workflow.check import check_config, missing_files, prerun
+from bd.cohort.samples import build_sample_sheet, sheet_sha256
+from bd.paper.experiments import experiments, seeds_for, target_experiments
 
 
 # Numbers written as text by YAML 1.1 (`lr: 1e-4`) become numbers, then every unknown key, wrong
-# value, empty or repeated list and missing input file is named in one error (bd/check.py).
+# value, empty or repeated list and missing input file is named in one error (bd/workflow/check.py).
 check_config(config)
 validate(config, schema="../schemas/config.schema.yaml")  # Snakemake's own check; fills defaults
 
@@ -32,7 +32,7 @@ SAMPLES = build_sample_sheet(config)
 # One validator for the whole sheet (validating row by row reloads the schema each time: seconds
 # at BCNB size).
 validate(SAMPLES, schema="../schemas/samples.schema.yaml", set_default=False)
-# Pre-run cohort checks, before any job (bd/check.py): missing slide files stop the run naming them
+# Pre-run cohort checks, before any job (bd/workflow/check.py): missing slide files stop the run naming them
 # (on_slide_error: fail) or get no job and are recorded by rule slide_qc (skip); slides without a
 # clinical row, patients without a slide or a label are counted and warned about. Only in the main
 # process: cluster jobs re-parse this file and need only the list of slides.
@@ -62,7 +62,7 @@ CHECKPOINT = f"{R}/train/{{experiment}}/seed{{seed}}/checkpoint.pt"
 # builds in 3.3x a bare Snakefile's time, through the index in 1.8x (benchmarks/dag.py). A lost
 # store is rebuilt either way (targets list lost per-slide outputs, lost_slide_outputs).
 # With h5_features.dir, each store is a link to a CLAM/TRIDENT .h5 file (rule h5_link), read with
-# the identity file rule h5_identity writes beside it (bd/h5store.py); otherwise bd extract's Zarr.
+# the identity file rule h5_identity writes beside it (bd/features/h5store.py); otherwise bd extract's Zarr.
 H5_FEATURES = config.get("h5_features") or {}
 STORE_SUFFIX = ".h5" if H5_FEATURES.get("dir") else ".zarr"
 STORES = [f"{FEATURES_DIR}/{slide}{STORE_SUFFIX}" for slide in SLIDES]
@@ -275,7 +275,7 @@ EXT_SCALER = [] if str(EXTERNAL.get("run") or "").endswith(".pt") else [SCALER_J
 
 def write_h5_identity(identity, out, log):
     """Rule h5_identity: the user's identity of the .h5 feature files, beside their links."""
-    from bd.h5store import H5FeatureParams, write_identity
+    from bd.features.h5store import H5FeatureParams, write_identity
     from bd.io import write_text
     from bd.params import build
 

@@ -45,7 +45,7 @@ rule feature_index:
         write_feature_index(list(input), output[0], log[0])
 
 
-# CLAM / TRIDENT .h5 feature files instead of extraction (config h5_features; bd/h5store.py): each
+# CLAM / TRIDENT .h5 feature files instead of extraction (config h5_features; bd/features/h5store.py): each
 # slide's store is a link to its {slide}.h5, read with the encoder identity the user gives, which
 # rule h5_identity writes beside the links. Used only when h5_features.dir is set.
 H5_IDENTITY = f"{FEATURES_DIR}/h5_identity.json"

@@ -1,0 +1,104 @@
+"""Feature stores: one Zarr v3 store per slide, the contract between extraction and training.
+
+Layout: ``features`` (N x D float16, chunked by rows), ``coords`` (N x 2 int64, level-0 x, y),
+and attributes (encoder name, weights SHA-256, patch size, MPP, read level, versions, ...).
+A store is written under a temporary name and renamed when complete; ``attrs['complete']`` is
+set last, so a store without it is never taken as finished.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bd.errors import StoreError
+from bd.io import atomic_path
+
+ROW_CHUNK = 4096
+
+
+@dataclass
+class FeatureSet:
+    features: np.ndarray  # (N, D) float16
+    coords: np.ndarray  # (N, 2) int64
+    attrs: dict[str, Any]
+
+
+def write_store(
+    path: str | os.PathLike[str],
+    features: np.ndarray,
+    coords: np.ndarray,
+    attrs: dict[str, Any],
+) -> Path:
+    """Write a complete store in one go (atomic). For streaming writes see :func:`create_store`."""
+    path = Path(path)
+    features = np.asarray(features, dtype=np.float16)
+    with atomic_path(path) as tmp:
+        root = create_store(tmp, n=features.shape[0], dim=features.shape[1], attrs=attrs)
+        if features.shape[0]:
+            root["features"][:] = features
+            root["coords"][:] = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+        finish_store(root)
+    return path
+
+
+def create_store(path: str | os.PathLike[str], n: int, dim: int, attrs: dict[str, Any]) -> Any:
+    """Create an empty store at ``path`` (a temporary path: the caller renames it when done)."""
+    import zarr
+
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    root.create_array(
+        "features", shape=(n, dim), chunks=(min(ROW_CHUNK, max(n, 1)), dim), dtype="float16"
+    )
+    root.create_array("coords", shape=(n, 2), chunks=(min(ROW_CHUNK, max(n, 1)), 2), dtype="int64")
+    root.attrs.update({**attrs, "complete": False, "n_patches": int(n), "feature_dim": int(dim)})
+    return root
+
+
+def finish_store(root: Any) -> None:
+    """Mark a store complete: the last write before the rename."""
+    root.attrs["complete"] = True
+
+
+STORE_SUFFIXES = (".zarr", ".h5", ".hdf5")
+
+
+def store_path(features_dir: str | os.PathLike[str], slide_id: str) -> Path:
+    """The feature store of ``slide_id`` in ``features_dir``: ``{slide}.zarr`` (bd extract's), else a
+    CLAM/TRIDENT ``{slide}.h5`` (:mod:`bd.features.h5store`); the ``.zarr`` path when neither exists."""
+    for suffix in STORE_SUFFIXES:
+        candidate = Path(features_dir) / f"{slide_id}{suffix}"
+        if candidate.exists():
+            return candidate
+    return Path(features_dir) / f"{slide_id}.zarr"
+
+
+def store_slide_id(path: str | os.PathLike[str]) -> str:
+    """The slide id a store's file name carries."""
+    name = Path(path).name
+    return next((name[: -len(s)] for s in STORE_SUFFIXES if name.endswith(s)), name)
+
+
+def read_store(path: str | os.PathLike[str], with_features: bool = True) -> FeatureSet:
+    """Read a complete store (Zarr, or a CLAM/TRIDENT .h5 file through :mod:`bd.features.h5store`); an
+    incomplete or unreadable one raises :class:`StoreError`."""
+    import zarr
+
+    from bd.features.h5store import is_h5, read_h5_store
+
+    path = Path(path)
+    if is_h5(path):
+        return read_h5_store(path, with_features)
+    try:
+        root = zarr.open_group(str(path), mode="r")
+        attrs = dict(root.attrs)
+    except Exception as exc:  # zarr raises several types for a missing or damaged store
+        raise StoreError(f"{path}: not a readable feature store ({exc})") from exc
+    if not attrs.get("complete"):
+        raise StoreError(f"{path}: feature store is incomplete (interrupted extraction?)")
+    feats = root["features"][:] if with_features else np.zeros((0, 0), np.float16)
+    return FeatureSet(features=feats, coords=root["coords"][:], attrs=attrs)
