@@ -139,4 +139,17 @@ def test_train_and_evaluate_from_h5_files(h5_cohort, tmp_path):
     preds = pd.read_csv(tmp_path / "eval" / "predictions.csv")
     assert set(preds["patient_id"]) == {"P9", "P10", "P11"}  # the test split
     metrics = pd.read_csv(tmp_path / "eval" / "metrics.csv")
-    assert {"auc", "f1"} <= set(metrics.columns) or "metric" in metrics.columns
+    assert {"auc", "f1", "rate"} <= set(metrics.columns) and metrics["n"].iloc[0] == 3
+    # bd predict takes an .h5 store of the slide as --features (the identity file beside it)
+    slide = Path(__file__).resolve().parents[1] / "data" / "cmu-1-small-region.svs"
+    single = tmp_path / "h5one"
+    clam_h5(single / f"{slide.stem}.h5", 12, 5, shift=1.5)
+    write_identity(IDENTITY, single / IDENTITY_FILE)
+    assert main(["predict", "--run", str(tmp_path / "run" / "checkpoint.pt"), "--slide", str(slide),
+                 "--features", str(single / f"{slide.stem}.h5"), "--out-dir", str(tmp_path / "pred")]) == 0
+    rec = json.loads((tmp_path / "pred" / "prediction.json").read_text())
+    assert rec["patches"] == 12 and rec["features"].endswith(".h5") and 0 <= rec["prob_n_plus"] <= 1
+    # a run trained on .h5 features refuses features of another identity
+    write_identity(H5FeatureParams(encoder="uni_v1", target_mpp=0.5), single / IDENTITY_FILE)
+    assert main(["predict", "--run", str(tmp_path / "run" / "checkpoint.pt"), "--slide", str(slide),
+                 "--features", str(single / f"{slide.stem}.h5"), "--out-dir", str(tmp_path / "pred2")]) == 2
