@@ -7,7 +7,8 @@ feature settings into ``OUT/features/{slide}.zarr`` (a complete store with the s
 kept, so an interrupted run resumes), unless ``--features-dir`` already holds its store (Zarr, or
 a CLAM/TRIDENT ``.h5`` with its identity file). The optional clinical table (raw, as the training
 table: CSV, TSV or XLSX, the run's id and feature columns) goes through the run's saved scaler;
-a patient without a row, or without any value, is predicted without clinical data. Writes
+a patient without a row, or without any value, is predicted without clinical data, and one with
+neither a slide with tissue nor clinical data is listed without a prediction (branch ``none``). Writes
 ``predictions.tsv`` (one row per patient: slides, probability of N+, branch that answered, its
 validation threshold, prediction, label where the table has one), every slide's per-patch attention
 (``attention/<slide>.attention.tsv`` and QuPath ``.geojson``, see :mod:`bd.exports`), and, where
@@ -185,8 +186,9 @@ class SlideExtraction:
             seg = segment_slide(slide, self.seg)
             write_segmentation(seg, self.seg, self.out / "segment" / slide_id, f"{slide_id} ({slide_path.name})")
             grid = tile_slide(slide, seg.mask, seg.scale, self.tile, slide_id, artefacts=seg.artefacts)
-        if len(grid) == 0:
-            raise SlideError(f"{slide_path}: no patch reaches tiling.tissue_threshold ({self.tile.tissue_threshold})")
+        if len(grid) == 0:  # an empty store, as bd extract writes: the patient counts as missing the slide
+            log.warning("%s: no patch reaches tiling.tissue_threshold (%s); counted as missing the slide (see %s)",
+                        slide_path, self.tile.tissue_threshold, self.out / "segment" / slide_id / "qc.png")
         save_grid(grid, grid_path)
         log.info("%s: %d patches", slide_id, len(grid))
         return self.extractor.run(SlideJob(str(slide_path), str(grid_path), str(store)), resume=True)
@@ -250,6 +252,12 @@ def predict_cohort(run: Any, sheet: pd.DataFrame, vectors: dict[str, np.ndarray 
         "clinical_present": has_clinical, "slide_present": has_slide, "label": [labels.get(p) for p in result["patient_id"]],
         "method": run.method, "run": str(run.path),
     }, columns=PREDICTION_COLUMNS)
+    nothing = ~has_clinical & ~has_slide  # no modality at all: no prediction rather than the model's prior
+    if nothing.any():
+        log.warning("%d patient(s) have neither a slide with tissue nor clinical data: not predicted, e.g. %s",
+                    int(nothing.sum()), ", ".join(frame["patient_id"][nothing].head(5)))
+        frame["prob_n_plus"] = frame["prob_n_plus"].where(~nothing)
+        frame.loc[nothing, ["branch", "prediction"]] = ["none", ""]
     write_cohort_attention(run, cohort, features_dir, out / "attention")
     with atomic_path(out / "predictions.tsv") as tmp:
         frame.to_csv(tmp, sep="\t", index=False, na_rep="")

@@ -11,7 +11,10 @@ called N+ or N0 at the validation threshold of the branch that answered (as ``bd
 slide's MPP is then taken from the store when the file has none.
 The patch features are standardised inside the model with the training patches' statistics saved in
 the checkpoint (:class:`bd.mil.models.AttentionPool`), exactly as in training and evaluation. Writes
-``prediction.json``, an attention heatmap and the intermediate segmentation, grid and features.
+``prediction.json``, an attention heatmap (with a scale bar), the per-patch attention as a table
+and as QuPath GeoJSON (``patches.attention.tsv`` / ``.geojson``, :mod:`bd.exports`) and the
+intermediate segmentation, grid and features. ``--samples SHEET`` predicts a whole cohort instead,
+with the model and the encoder loaded once (:mod:`bd.external`).
 """
 
 from __future__ import annotations

@@ -246,3 +246,23 @@ def test_cohort_predict_errors_name_file_row_and_key(trained, tmp_path, capsys):
     assert "no patient has a label (column 'ALN status')" in capsys.readouterr().err
     assert main([*base, "--slide", str(SLIDE)]) == 2
     assert "--samples predicts a cohort" in capsys.readouterr().err
+
+
+def test_cohort_patient_without_any_modality_gets_no_prediction(trained, tmp_path):  # noqa: F811
+    import shutil
+
+    from bd.features.store import write_store
+
+    root, ckpt, _ = trained
+    stores = tmp_path / "stores"
+    shutil.copytree(root / "features" / "S12.zarr", stores / "S12.zarr")
+    attrs = read_store(stores / "S12.zarr", with_features=False).attrs
+    write_store(stores / "S98.zarr", np.zeros((0, attrs["feature_dim"])), np.zeros((0, 2)), dict(attrs))  # no tissue
+    sheet = tmp_path / "sheet.tsv"
+    pd.DataFrame({"slide_id": ["S12", "S98"], "patient_id": ["E0", "E9"], "path": [str(SLIDE)] * 2}).to_csv(
+        sheet, sep="\t", index=False)
+    assert main(["predict", "--run", str(ckpt), "--samples", str(sheet), "--features-dir", str(stores),
+                 "--out-dir", str(tmp_path / "out")]) == 0
+    preds = pd.read_csv(tmp_path / "out" / "predictions.tsv", sep="\t", keep_default_na=False)
+    assert preds["branch"].tolist() == ["single", "none"] and preds["prediction"].tolist()[1] == ""
+    assert preds["prob_n_plus"].tolist()[1] == "" and preds["slide_present"].tolist() == [True, False]
