@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,15 +232,11 @@ def predict_cohort(run: Any, sheet: pd.DataFrame, vectors: dict[str, np.ndarray 
     from bd.io import atomic_path
 
     samples, clinical = cohort_tables(run, sheet, vectors, labels, failed)
-    tmp_samples, tmp_clinical = out / ".cohort.samples.tsv", out / ".cohort.clinical.tsv"
-    out.mkdir(parents=True, exist_ok=True)
-    samples.to_csv(tmp_samples, sep="\t", index=False)
-    clinical.to_csv(tmp_clinical, sep="\t", index=False)
-    try:
+    with tempfile.TemporaryDirectory(prefix="bd-cohort-") as tmp:
+        tmp_samples, tmp_clinical = Path(tmp) / "samples.tsv", Path(tmp) / "clinical.tsv"
+        samples.to_csv(tmp_samples, sep="\t", index=False)
+        clinical.to_csv(tmp_clinical, sep="\t", index=False)
         cohort = load_cohort(features_dir, tmp_samples, tmp_clinical, progress=False)
-    finally:
-        tmp_samples.unlink(missing_ok=True)
-        tmp_clinical.unlink(missing_ok=True)
     has_clinical = np.asarray(cohort.has_clinical, bool)
     has_slide = np.asarray(cohort.has_slide, bool)
     result = run.predict(cohort, clinical_present=has_clinical, slide_present=has_slide)
