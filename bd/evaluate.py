@@ -289,17 +289,22 @@ def branch_thresholds(run: Any) -> float | dict[str, float]:
     return {**per_branch, "*": float(run.threshold)} if per_branch else float(run.threshold)
 
 
-def run_predictor(run: Any, cohort: Any) -> PredictFn:
+def run_predictor(run: Any, cohort: Any, cache: bool = True) -> PredictFn:
     """Adapt ``TrainedRun.predict`` (per-modality presence of every patient) to one sweep kind:
-    the other modality stays present (a patient without a stored slide never has one)."""
+    the other modality stays present (a patient without a stored slide never has one). With
+    ``cache``, every prediction of this predictor shares one :class:`bd.runs.PooledCache`: each
+    patient's slide is pooled once, whatever the masks."""
+    from bd.runs import PooledCache
+
     ids = [str(p) for p in cohort.patient_ids]
     all_on = np.ones(len(ids), bool)
+    pooled = {"cache": PooledCache(len(ids))} if cache else {}
 
     def predict(kind: str, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if kind == "clinical":
-            df = run.predict(cohort, clinical_present=present, slide_present=all_on)
+            df = run.predict(cohort, clinical_present=present, slide_present=all_on, **pooled)
         else:
-            df = run.predict(cohort, clinical_present=all_on, slide_present=present)
+            df = run.predict(cohort, clinical_present=all_on, slide_present=present, **pooled)
         got = df["patient_id"].astype(str).tolist()
         if got != ids:
             df = df.assign(patient_id=df["patient_id"].astype(str)).set_index("patient_id").reindex(ids)

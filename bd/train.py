@@ -75,10 +75,10 @@ from bd.models import (
     MILModel,
     Stage,
     create_model,
-    input_dtype,
     model_class,
     model_kwargs,
 )
+from bd.packing import Packer, largest_step
 from bd.params import build, to_dict
 from bd.runs import CHECKPOINT_FORMAT, patient_chunks, predict_patients
 
@@ -303,17 +303,17 @@ def run_epoch(model: MILModel, cohort: Cohort, idx: np.ndarray, stage: Stage, op
               rng: np.random.Generator, batch_size: int, device: torch.device) -> dict[str, float]:
     """One pass over the training patients in a seeded random order; mean of each loss term."""
     model.train()
-    dtype = input_dtype(model)
     order = rng.permutation(idx)
     sums: dict[str, float] = {}
-    for start in range(0, len(order), batch_size):
-        batch = cohort.batch(order[start : start + batch_size], device=device, dtype=dtype)
-        losses = model.losses(batch, stage.name)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        optimizer.step()
-        for key, value in losses.items():
-            sums[key] = sums.get(key, 0.0) + float(value.detach()) * batch.size
+    with Packer(model, cohort, device, largest_step(cohort, idx, batch_size)) as packer:
+        for start in range(0, len(order), batch_size):
+            batch = packer.batch(order[start : start + batch_size])
+            losses = model.losses(batch, stage.name)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            optimizer.step()
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach()) * batch.size
     means = {k: v / len(order) for k, v in sums.items()}
     if not math.isfinite(means["loss"]):
         raise BDError(f"stage {stage.name}: the training loss is not finite (lower training.lr?)")
