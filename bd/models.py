@@ -109,12 +109,14 @@ def segment_softmax_pool(
 
 
 def _pool_bag_by_bag(scores: torch.Tensor, values: torch.Tensor, offsets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`segment_softmax_pool` as a loop over the bags' slices: no padded copies, which on a
-    CPU cost more than the few small ops per bag."""
+    """:func:`segment_softmax_pool` as a loop over the bags' parts: no padded copies, which on a
+    CPU cost more than the few small ops per bag. ``split``, not slicing: the backward of a
+    split is one concatenation, that of B slices B full-size zero tensors."""
+    lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
     pooled, weights = [], []
-    for a, b in zip(offsets[:-1], offsets[1:]):
-        w = torch.softmax(scores[a:b], dim=0)
-        pooled.append(w @ values[a:b] if b > a else values.new_zeros(values.shape[1]))
+    for s, v in zip(scores.split(lengths), values.split(lengths)):
+        w = torch.softmax(s, dim=0)
+        pooled.append(w @ v if len(s) else values.new_zeros(values.shape[1]))
         weights.append(w)
     return torch.stack(pooled), torch.cat(weights)
 
@@ -189,7 +191,7 @@ class _SharedInputLinear(torch.autograd.Function):
         ctx.save_for_backward(xd, *weights)
         ctx.sizes, ctx.dtype = [w.shape[0] for w in weights], dtype
         ctx.set_materialize_grads(False)
-        return tuple(part.contiguous() for part in y.split(ctx.sizes, dim=1))
+        return tuple(y.split(ctx.sizes, dim=1))  # column views: the ReLU after writes them out contiguous
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
