@@ -5,7 +5,10 @@ training stage (two-stage methods such as AE train their parts in turn). A step 
 ``batch_size`` patients' bags, packed (not padded) into one tensor, each bag pooled on its own;
 ``auto`` (the default) is the classic one bag per step, except for BCNB-sized cohorts with wide
 features, which take ~16 k patches a step (8 bags of 2,000) so that the patch layer's matmul uses
-every core (:func:`auto_batch_size`). ``precision: auto`` computes the patch layer in bf16 only
+every core (:func:`auto_batch_size`). A step's bags are packed by :class:`bd.packing.Packer`:
+into one buffer reused across steps, converted and standardised in the same pass (on a CPU
+these passes, not the matmuls, were what made a packed step slow), and each bag is pooled on
+its own part of the packed tensors. ``precision: auto`` computes the patch layer in bf16 only
 where the device does so natively (``bd.device``). Both choices are logged and recorded in the
 checkpoint (``resolved``). Training uses the training patients with a slide and clinical data (the
 paper's modality-complete training set).

@@ -16,7 +16,9 @@ packing, which shows what ``auto`` avoids on a CPU without native bf16.
 
 Evaluation: ``bd evaluate``'s work (``bd.evaluate.evaluate`` with the default settings: 10 masks
 per rate, 1,000 bootstrap resamples) for each of the seven methods x 3 seeds on the test split
-(~210 patients x 2,000 patches), untrained models (the cost does not depend on the weights).
+(~210 patients x 2,000 patches), untrained models (the cost does not depend on the weights). A
+run pools each test patient's slide once for all its masks (``bd.runs.PooledCache``: the masks
+change only what the clinical side sees), so the patch layer runs once per run.
 
 OpenMP threads sleep when they wait (``OMP_WAIT_POLICY=PASSIVE``, as ``bd train`` sets it): on a
 busy machine spinning threads steal the time slice their partner needs. Figures from a shared
