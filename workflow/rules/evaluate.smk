@@ -1,5 +1,5 @@
 # Evaluation of each trained run at clinical-data (and slide) missing rates: the same seeded masks
-# for every method and seed (see bd/masks.py), test split only.
+# for every method and seed (see bd/evaluation/missing.py), test split only.
 
 
 rule evaluate:
