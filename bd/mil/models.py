@@ -108,7 +108,8 @@ def segment_softmax_pool(
     return pooled, w_pad[bag, pos]
 
 
-def _pool_bag_by_bag(scores: torch.Tensor, values: torch.Tensor, offsets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _pool_bag_by_bag(scores: torch.Tensor, values: torch.Tensor,
+                     offsets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`segment_softmax_pool` as a loop over the bags' parts: no padded copies, which on a
     CPU cost more than the few small ops per bag. ``split``, not slicing: the backward of a
     split is one concatenation, that of B slices B full-size zero tensors."""

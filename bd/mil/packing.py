@@ -50,7 +50,8 @@ class Packer:
     def _grow(self, rows: int) -> torch.Tensor:
         if self.buffer is None or self.buffer.shape[0] < rows:
             self.buffer = None  # free the old one first
-            self.buffer = torch.empty((rows, self.cohort.feature_dim), dtype=self.dtype, device=self.cohort.features.device)
+            self.buffer = torch.empty((rows, self.cohort.feature_dim), dtype=self.dtype,
+                                      device=self.cohort.features.device)
         return self.buffer
 
     def batch(self, indices: Sequence[int] | np.ndarray, clinical_present: np.ndarray | None = None,

@@ -103,7 +103,8 @@ class PooledCache:
     def store(self, pool: AttentionPool, offsets: torch.Tensor, pooled: torch.Tensor) -> None:
         filled, rows = self._bags(offsets)
         if id(pool) not in self.tables:
-            self.tables[id(pool)] = (pooled.new_zeros((self.n_patients, pooled.shape[1])), np.zeros(self.n_patients, bool))
+            self.tables[id(pool)] = (pooled.new_zeros((self.n_patients, pooled.shape[1])),
+                                     np.zeros(self.n_patients, bool))
         values, cached = self.tables[id(pool)]
         values[torch.from_numpy(rows).to(values.device)] = pooled.detach()[torch.from_numpy(filled).to(values.device)]
         cached[rows] = True

@@ -160,7 +160,7 @@ def test_column_metrics_equal_scikit_learn_with_ties_and_one_class_columns():
     """The vectorised AUC (mid-rank U) and macro F1 give scikit-learn's figures column by column."""
     from sklearn.metrics import f1_score, roc_auc_score
 
-    from bd.metrics import auc_columns, f1_macro_columns
+    from bd.evaluation.metrics import auc_columns, f1_macro_columns
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, size=(40, 6))
@@ -176,4 +176,5 @@ def test_column_metrics_equal_scikit_learn_with_ties_and_one_class_columns():
             assert aucs[j] == pytest.approx(roc_auc_score(labels[:, j], probs[:, j]), abs=1e-12)
         assert f1s[j] == pytest.approx(f1_score(labels[:, j], predicted[:, j], average="macro", zero_division=0.0),
                                        abs=1e-12)
-    np.testing.assert_allclose(auc_columns(labels[:, 0], probs), [roc_auc_score(labels[:, 0], probs[:, j]) for j in range(6)])
+    one_label = [roc_auc_score(labels[:, 0], probs[:, j]) for j in range(6)]
+    np.testing.assert_allclose(auc_columns(labels[:, 0], probs), one_label)

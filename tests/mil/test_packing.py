@@ -84,7 +84,7 @@ def test_the_buffer_is_reused_and_sized_for_the_largest_step():
 def test_packed_bags_get_the_outputs_and_gradients_of_one_bag_steps():
     """BD on 3 packed bags: per-bag features and logits, and the gradient of the per-bag
     cross-entropies summed, equal those of three one-bag batches the model standardises itself."""
-    from bd.losses import classification_loss
+    from bd.mil.losses import classification_loss
 
     cohort = synthetic_cohort(6, 40, DIM, CLIN, seed=3, dtype=torch.float16)
     model = _model("bd").eval()  # eval: the S->M statistics stay put
