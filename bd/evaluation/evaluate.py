@@ -224,14 +224,15 @@ def evaluate(
                 "n_positive": int(labels[keep].sum()), "auc": aucs[k], "f1": f1s[k],
                 **{name: int(v[k]) for name, v in counts.items()},
             })
-            pred_frames.append(pd.DataFrame({
+            pred_frames.append({
                 **{key: [v] * int(keep.sum()) for key, v in info.items()},
-                "kind": kind, "rate": sw.rates[k], "repeat": int(sw.repeats[k]),
+                "kind": [kind] * int(keep.sum()), "rate": np.full(int(keep.sum()), sw.rates[k]),
+                "repeat": np.full(int(keep.sum()), int(sw.repeats[k])),
                 "patient_id": np.asarray(patient_ids)[keep], "label": labels[keep],
                 "present": sw.present[k][keep].astype(int), "has_slide": modalities.has_slide[keep].astype(int),
                 "has_clinical": modalities.has_clinical[keep].astype(int),
                 "branch": sw.branches[k][keep], "prob": sw.probs[k][keep], "pred": predicted[k][keep],
-            }))
+            })
         for rate in np.unique(sw.rates):
             sel = sw.rates == rate
             ci = {}
@@ -249,7 +250,18 @@ def evaluate(
                 "f1_ci_low": ci.get("f1_ci_low", np.nan), "f1_ci_high": ci.get("f1_ci_high", np.nan),
                 "bootstrap": params.bootstrap if ci else 0,
             })
-    return pd.DataFrame(metric_rows), pd.concat(pred_frames, ignore_index=True), pd.DataFrame(summary_rows)
+    return pd.DataFrame(metric_rows), _stack_columns(pred_frames), pd.DataFrame(summary_rows)
+
+
+def _stack_columns(parts: list[dict[str, Any]]) -> pd.DataFrame:
+    """One table from per-mask column dicts (one DataFrame built, not one per mask and a concat:
+    an evaluation has hundreds of masks)."""
+    if not parts:
+        return pd.DataFrame()
+    columns = {key: np.concatenate([np.asarray(part[key], dtype=object if isinstance(part[key], list) else None)
+                                    for part in parts]) for key in parts[0]}
+    frame = pd.DataFrame({key: list(v) if v.dtype == object else v for key, v in columns.items()})
+    return frame.infer_objects()
 
 
 # ---------------------------------------------------------------- the trained-run adapter
@@ -289,17 +301,22 @@ def branch_thresholds(run: Any) -> float | dict[str, float]:
     return {**per_branch, "*": float(run.threshold)} if per_branch else float(run.threshold)
 
 
-def run_predictor(run: Any, cohort: Any) -> PredictFn:
+def run_predictor(run: Any, cohort: Any, cache: bool = True) -> PredictFn:
     """Adapt ``TrainedRun.predict`` (per-modality presence of every patient) to one sweep kind:
-    the other modality stays present (a patient without a stored slide never has one)."""
+    the other modality stays present (a patient without a stored slide never has one). With
+    ``cache``, every prediction of this predictor shares one :class:`bd.mil.runs.PooledCache`: each
+    patient's slide is pooled once, whatever the masks."""
+    from bd.mil.runs import PooledCache
+
     ids = [str(p) for p in cohort.patient_ids]
     all_on = np.ones(len(ids), bool)
+    pooled = {"cache": PooledCache(len(ids))} if cache else {}
 
     def predict(kind: str, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if kind == "clinical":
-            df = run.predict(cohort, clinical_present=present, slide_present=all_on)
+            df = run.predict(cohort, clinical_present=present, slide_present=all_on, **pooled)
         else:
-            df = run.predict(cohort, clinical_present=all_on, slide_present=present)
+            df = run.predict(cohort, clinical_present=all_on, slide_present=present, **pooled)
         got = df["patient_id"].astype(str).tolist()
         if got != ids:
             df = df.assign(patient_id=df["patient_id"].astype(str)).set_index("patient_id").reindex(ids)

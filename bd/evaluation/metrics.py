@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from sklearn.metrics import f1_score, roc_auc_score, roc_curve
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from bd.errors import BDError
 
@@ -63,23 +63,35 @@ def threshold_predictions(
 
 def auc_columns(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     """AUC of every column of ``probs`` (n x k) against ``labels`` (n x k, or n); NaN where a
-    column holds one class only."""
+    column holds one class only. The Mann-Whitney U from mid-ranks, all columns at once (the
+    same figure as scikit-learn's ``roc_auc_score``, ties counting one half; ~50x faster over
+    the hundreds of masks of an evaluation; a test checks it)."""
+    from scipy.stats import rankdata
+
     probs = np.asarray(probs, float)
-    y = np.broadcast_to(np.asarray(labels, int).reshape(probs.shape[0], -1), probs.shape)
+    y = np.broadcast_to(np.asarray(labels, int).reshape(probs.shape[0], -1), probs.shape) == 1
+    n_pos = y.sum(axis=0)
+    n_neg = y.shape[0] - n_pos
     out = np.full(probs.shape[1], np.nan)
-    ok = np.array([_both_classes(y[:, j]) for j in range(y.shape[1])], dtype=bool)
+    ok = (n_pos > 0) & (n_neg > 0)
     if ok.any():
-        out[ok] = roc_auc_score(np.ascontiguousarray(y[:, ok]), probs[:, ok], average=None)
+        ranks = rankdata(probs[:, ok], axis=0)
+        u = (ranks * y[:, ok]).sum(axis=0) - n_pos[ok] * (n_pos[ok] + 1) / 2.0
+        out[ok] = u / (n_pos[ok] * n_neg[ok])
     return out
 
 
 def f1_macro_columns(labels: np.ndarray, predicted: np.ndarray) -> np.ndarray:
-    """Macro F1 (N0 and N+) of every column of ``predicted`` (n x k) against ``labels``."""
-    yhat = np.asarray(predicted, int)
-    y = np.ascontiguousarray(np.broadcast_to(np.asarray(labels, int).reshape(yhat.shape[0], -1), yhat.shape))
-    pos = f1_score(y, yhat, average=None, zero_division=0.0)
-    neg = f1_score(1 - y, 1 - yhat, average=None, zero_division=0.0)
-    return (np.asarray(pos) + np.asarray(neg)) / 2.0
+    """Macro F1 (N0 and N+) of every column of ``predicted`` (n x k) against ``labels``, counted
+    in numpy as :func:`f1_macro` does (a class never seen nor predicted scores 0)."""
+    p = np.asarray(predicted, int) == 1
+    y = np.broadcast_to(np.asarray(labels, int).reshape(p.shape[0], -1), p.shape) == 1
+    scores = []
+    for truth, guess in ((y, p), (~y, ~p)):
+        tp = np.count_nonzero(truth & guess, axis=0)
+        denominator = 2 * tp + np.count_nonzero(truth ^ guess, axis=0)
+        scores.append(np.divide(2.0 * tp, denominator, out=np.zeros(len(tp)), where=denominator > 0))
+    return (scores[0] + scores[1]) / 2.0
 
 
 def stratified_resamples(labels: np.ndarray, n_boot: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -5,7 +5,10 @@ training stage (two-stage methods such as AE train their parts in turn). A step 
 ``batch_size`` patients' bags, packed (not padded) into one tensor, each bag pooled on its own;
 ``auto`` (the default) is the classic one bag per step, except for BCNB-sized cohorts with wide
 features, which take ~16 k patches a step (8 bags of 2,000) so that the patch layer's matmul uses
-every core (:func:`auto_batch_size`). ``precision: auto`` computes the patch layer in bf16 only
+every core (:func:`auto_batch_size`). A step's bags are packed by :class:`bd.mil.packing.Packer`:
+into one buffer reused across steps, converted and standardised in the same pass (on a CPU
+these passes, not the matmuls, were what made a packed step slow), and each bag is pooled on
+its own part of the packed tensors. ``precision: auto`` computes the patch layer in bf16 only
 where the device does so natively (``bd.device``). Both choices are logged and recorded in the
 checkpoint (``resolved``). Training uses the training patients with a slide and clinical data (the
 paper's modality-complete training set).
@@ -75,10 +78,10 @@ from bd.mil.models import (
     MILModel,
     Stage,
     create_model,
-    input_dtype,
     model_class,
     model_kwargs,
 )
+from bd.mil.packing import Packer, largest_step
 from bd.params import build, to_dict
 from bd.mil.runs import CHECKPOINT_FORMAT, patient_chunks, predict_patients
 
@@ -303,17 +306,17 @@ def run_epoch(model: MILModel, cohort: Cohort, idx: np.ndarray, stage: Stage, op
               rng: np.random.Generator, batch_size: int, device: torch.device) -> dict[str, float]:
     """One pass over the training patients in a seeded random order; mean of each loss term."""
     model.train()
-    dtype = input_dtype(model)
     order = rng.permutation(idx)
     sums: dict[str, float] = {}
-    for start in range(0, len(order), batch_size):
-        batch = cohort.batch(order[start : start + batch_size], device=device, dtype=dtype)
-        losses = model.losses(batch, stage.name)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        optimizer.step()
-        for key, value in losses.items():
-            sums[key] = sums.get(key, 0.0) + float(value.detach()) * batch.size
+    with Packer(model, cohort, device, largest_step(cohort, idx, batch_size)) as packer:
+        for start in range(0, len(order), batch_size):
+            batch = packer.batch(order[start : start + batch_size])
+            losses = model.losses(batch, stage.name)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            optimizer.step()
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach()) * batch.size
     means = {k: v / len(order) for k, v in sums.items()}
     if not math.isfinite(means["loss"]):
         raise BDError(f"stage {stage.name}: the training loss is not finite (lower training.lr?)")
