@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("bd.evaluate", "evaluate a trained run at clinical/slide missing rates"),
     "aggregate": ("bd.aggregate", "the paper's tables from all evaluations"),
     "figures": ("bd.figures", "the paper's figures from all evaluations"),
+    "clinical-report": ("bd.clinical_report", "calibration, decision-curve, operating-point and subgroup tables and figures"),
     "runtime-summary": ("bd.aggregate", "per-rule runtime and memory from Snakemake benchmark files"),
     "predict": ("bd.predict", "probability of N+ for a new slide, with or without clinical data"),
     "check": ("bd.check", "check a workflow config and its cohort before running (ids, files, clinical rows)"),

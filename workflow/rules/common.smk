@@ -62,13 +62,13 @@ CHECKPOINT = f"{R}/train/{{experiment}}/seed{{seed}}/checkpoint.pt"
 # builds in 3.3x a bare Snakefile's time, through the index in 1.8x (benchmarks/dag.py). A lost
 # store is rebuilt either way (targets list lost per-slide outputs, lost_slide_outputs).
 STORES = [f"{FEATURES_DIR}/{slide}.zarr" for slide in SLIDES]
-# Evaluation reads the test split's stores only: when the split is known at parse time (the
-# checks compute it as `bd split` will), those are its inputs; otherwise (the demo, whose table a
-# job writes; cluster jobs) every store.
+# Evaluation reads the test and validation splits' stores only (validation: the clinical report's
+# operating point): when the split is known at parse time (the checks compute it as `bd split`
+# will), those are its inputs; otherwise (the demo, whose table a job writes; cluster jobs) every store.
 _SPLIT = COHORT_CHECK.split if COHORT_CHECK is not None else None
 TEST_STORES = STORES if _SPLIT is None else [
     f"{FEATURES_DIR}/{s}.zarr" for s, p in zip(SAMPLES["slide_id"], SAMPLES["patient_id"])
-    if s not in MISSING_SLIDES and _SPLIT.get(p) == "test"
+    if s not in MISSING_SLIDES and _SPLIT.get(p) in ("test", "val")
 ]
 # A table (slide_id, store) of every store, written by rule feature_index (features.smk), is the
 # input through which training depends on every store.
