@@ -496,7 +496,13 @@ class ModalityDropout(Fusion):
         if not 0 <= modality_dropout_rate < 1:
             raise ConfigError(f"training.modality_dropout_rate: {modality_dropout_rate} must be in [0, 1)")
         self.rate = float(modality_dropout_rate)
-        self.missing_token = nn.Parameter(0.1 * torch.randn(clinical_dim))
+        # a module, so that training stages (lists of submodules) train it with the rest
+        self.missing = nn.ParameterDict({"token": nn.Parameter(0.1 * torch.randn(clinical_dim))})
+
+    @property
+    def missing_token(self) -> nn.Parameter:
+        """The learned "missing" clinical feature."""
+        return self.missing["token"]
 
     def drop_mask(self, batch: Batch) -> torch.Tensor:
         """Bags whose clinical feature is the token in this training step: drawn, or absent."""
