@@ -2,11 +2,7 @@
 # reliability diagrams and decision curves, from each run's evaluation (bd/clinical_report.py).
 
 
-def clinical_report_files(name):
-    """One clinical-report table (calibration, decision_curve, ...) of every main run."""
-    return run_files(target_experiments(config, "all"), f"{name}.csv")
-
-
+MAIN_RUNS = target_experiments(config, "all")
 CLINICAL_REPORT_OUTPUTS = [
     f"{R}/tables/operating_point.csv", f"{R}/tables/operating_point.md",
     f"{R}/tables/subgroup_auc.csv", f"{R}/tables/subgroup_auc.md",
@@ -16,8 +12,8 @@ CLINICAL_REPORT_OUTPUTS = [
 
 rule clinical_tables:
     input:
-        operating_points=clinical_report_files("operating_point"),
-        subgroups=clinical_report_files("subgroups"),
+        operating_points=run_files(MAIN_RUNS, "operating_point.csv"),
+        subgroups=run_files(MAIN_RUNS, "subgroups.csv"),
     output:
         operating=report(f"{R}/tables/operating_point.csv", caption="../report/operating_point.rst", category="Clinical report"),
         operating_md=f"{R}/tables/operating_point.md",
@@ -36,13 +32,13 @@ rule clinical_tables:
 
 rule clinical_figures:
     input:
-        calibration=clinical_report_files("calibration"),
-        decision_curves=clinical_report_files("decision_curve"),
+        calibration=run_files(MAIN_RUNS, "calibration.csv"),
+        decision_curves=run_files(MAIN_RUNS, "decision_curve.csv"),
     output:
         calibration=report(f"{R}/figures/calibration.png", caption="../report/calibration.rst", category="Clinical report"),
         decision=report(f"{R}/figures/decision_curve.png", caption="../report/decision_curve.rst", category="Clinical report"),
     params:
-        methods=target_experiments(config, "all"),
+        methods=MAIN_RUNS,
     log:
         f"{R}/logs/clinical_figures.log",
     benchmark:
