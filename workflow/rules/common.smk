@@ -66,7 +66,7 @@ STORES = [f"{FEATURES_DIR}/{slide}.zarr" for slide in SLIDES]
 # operating point): when the split is known at parse time (the checks compute it as `bd split`
 # will), those are its inputs; otherwise (the demo, whose table a job writes; cluster jobs) every store.
 _SPLIT = COHORT_CHECK.split if COHORT_CHECK is not None else None
-TEST_STORES = STORES if _SPLIT is None else [
+EVAL_STORES = STORES if _SPLIT is None else [
     f"{FEATURES_DIR}/{s}.zarr" for s, p in zip(SAMPLES["slide_id"], SAMPLES["patient_id"])
     if s not in MISSING_SLIDES and _SPLIT.get(p) in ("test", "val")
 ]

@@ -6,7 +6,7 @@
 rule evaluate:
     input:
         checkpoint=CHECKPOINT,
-        stores=TEST_STORES,  # the test and validation splits' (common.smk)
+        stores=EVAL_STORES,  # the test and validation splits' (common.smk)
         samples=SAMPLES_TSV,
         clinical=CLINICAL_TSV,
         scaler=SCALER_JSON,
