@@ -1,5 +1,5 @@
 # The clinical report over the main runs (target `all`): operating-point and subgroup-AUC tables,
-# reliability diagrams and decision curves, from each run's evaluation (bd/clinical_report.py).
+# reliability diagrams and decision curves, from each run's evaluation (bd/evaluation/clinical_report.py).
 
 
 MAIN_RUNS = target_experiments(config, "all")

@@ -1,6 +1,6 @@
 # Evaluation of each trained run at clinical-data (and slide) missing rates: the same seeded masks
-# for every method and seed (see bd/masks.py), test split; and its clinical report (calibration,
-# decision curve, operating point chosen on the validation split, subgroup AUCs; bd/clinical_report.py).
+# for every method and seed (see bd/evaluation/missing.py), test split; and its clinical report (calibration,
+# decision curve, operating point chosen on the validation split, subgroup AUCs; bd/evaluation/clinical_report.py).
 
 
 rule evaluate:

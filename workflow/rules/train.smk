@@ -1,4 +1,4 @@
-# Training: one job per experiment (method + overrides, see bd/experiments.py) and seed. The job
+# Training: one job per experiment (method + overrides, see bd/paper/experiments.py) and seed. The job
 # gets the training section merged with the experiment's overrides as --params; every patient's
 # features are loaded into memory once (the BCNB cohort: about 4.3 GB as bf16), so an epoch does
 # no file I/O. Outputs: checkpoint.pt (model + everything evaluation checks its inputs against),
