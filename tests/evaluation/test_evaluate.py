@@ -317,7 +317,7 @@ def test_bd_evaluate_writes_the_clinical_report(named_clinical, method):
     from bd.mil.runs import load_run
 
     run = load_run(runs[method])
-    from bd.evaluate import load_split_cohort
+    from bd.evaluation.evaluate import load_split_cohort
 
     vc = load_split_cohort(str(cohort["features"]), str(cohort["samples"]), str(cohort["clinical"]), "val", None)
     for rate, present in ((0.0, True), (100.0, False)):

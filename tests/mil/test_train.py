@@ -392,7 +392,7 @@ def test_modality_dropout_learns_both_paths_and_its_dropping_is_seeded():
     first, again, other = (r.model.state_dict() for r in runs)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not torch.equal(first["missing.token"], other["missing.token"])
-    from bd.models import create_model
+    from bd.mil.models import create_model
 
     torch.manual_seed(0)
     init = create_model("modality_dropout", DIM, CLIN, **vars(params)).missing_token
