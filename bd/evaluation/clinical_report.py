@@ -307,6 +307,7 @@ def calibration_figure(frame: pd.DataFrame, methods: Sequence[str], out: Path) -
     axes[0].legend(frameon=False, fontsize=7)
     n_bins = int(frame["bin"].max()) + 1 if len(frame) else 0
     fig.suptitle(f"Reliability on the test split ({n_bins} equal-width bins, seeds pooled)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     return save(fig, out)
 
 
@@ -337,6 +338,7 @@ def decision_figure(frame: pd.DataFrame, methods: Sequence[str], out: Path) -> P
         ax.grid(alpha=0.3)
     axes[0].legend(frameon=False, fontsize=7)
     fig.suptitle("Decision curves on the test split (mean over seeds)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     return save(fig, out)
 
 
