@@ -20,6 +20,7 @@ include: "workflow/rules/clinical.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/clinical_report.smk"
 include: "workflow/rules/qc.smk"
 include: "workflow/rules/external.smk"
 

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROFILES = ROOT / "profiles"
 # Rules of the report stage (tables, figures, runtime summary) and the target rules.
 REPORT_RULES = {"table1", "table2", "table3", "fig1", "roc", "fig4ab", "fig4c", "fig5", "s2m", "heatmaps",
-                "runtime_summary"}
+                "runtime_summary", "clinical_tables", "clinical_figures"}
 TARGET_RULES = {"all", "ablations", "wsi_missing", "analysis"}
 
 

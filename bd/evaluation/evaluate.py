@@ -8,7 +8,10 @@ asked twice per kind (all present, all missing) and the masks pick per patient; 
 predicted directly to check that, falling back to one prediction per mask if it does not hold.
 
 Writes ``metrics.csv`` (one row per kind, rate, repeat), ``predictions.csv`` (one row per patient
-and mask) and ``summary.csv`` (mean, sd and bootstrap 95 % CI per kind and rate).
+and mask) and ``summary.csv`` (mean, sd and bootstrap 95 % CI per kind and rate); and the clinical
+report of :mod:`bd.evaluation.clinical_report` at 0 % and 100 % missing (``calibration.csv``,
+``decision_curve.csv``, ``operating_point.csv`` with the operating point chosen on the validation
+split, ``subgroups.csv``).
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ class EvaluationParams:
         default_factory=lambda: {"bd_wsi": ["slide"], "filling": ["clinical", "slide"],
                                  "clinical_only": ["clinical", "slide"]}
     )
+    target_sensitivity: float = 0.9  # clinical report: operating point chosen on validation for this sensitivity
+    calibration_bins: int = 10  # clinical report: equal-width bins of the reliability table and ECE
     # Figure settings of the section (read by `bd figures`; accepted so the section passes whole).
     figures: dict[str, Any] = field(default_factory=dict)
 
@@ -59,6 +64,10 @@ class EvaluationParams:
                 raise ConfigError(f"evaluation.{key}: rate {bad[0]!r} is outside 0-100 (percent)")
         if self.repeats < 1:
             raise ConfigError(f"evaluation.repeats: {self.repeats} must be at least 1")
+        if not 0 < self.target_sensitivity <= 1:
+            raise ConfigError(f"evaluation.target_sensitivity: {self.target_sensitivity} must be in (0, 1]")
+        if self.calibration_bins < 1:
+            raise ConfigError(f"evaluation.calibration_bins: {self.calibration_bins} must be at least 1")
         for method, kinds in self.missing_kinds.items():
             bad = [k for k in kinds if k not in MISSING_KINDS]
             if bad:
@@ -354,7 +363,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", required=True, help="sample sheet TSV (slide_id, patient_id, path)")
     parser.add_argument("--clinical", required=True, help="normalised clinical table (clinical.tsv)")
     parser.add_argument("--params", default=None, help="evaluation section (JSON or file)")
-    parser.add_argument("--out-dir", required=True, help="folder for metrics.csv, predictions.csv, summary.csv")
+    parser.add_argument("--scaler", default=None, help="scaler.json of bd clinical (subgroups by raw age, ER, HER2)")
+    parser.add_argument("--out-dir", required=True, help="folder for metrics.csv, predictions.csv, summary.csv "
+                        "and the clinical report's tables")
     parser.add_argument("--experiment", default=None, help="experiment name (default: from the checkpoint path)")
     parser.add_argument("--seed", type=int, default=None, help="training seed (default: from the checkpoint path)")
 
@@ -362,6 +373,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def write_csv(path: Path, frame: pd.DataFrame) -> None:
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
+
+
+def modalities_of(cohort: Any, trained: Any, kinds: list[str]) -> Modalities:
+    """What each patient of ``cohort`` has, and what the run can do without a slide."""
+    return Modalities(
+        has_slide=np.asarray(cohort.has_slide, bool), has_clinical=np.asarray(cohort.has_clinical, bool),
+        uses_slide=bool(getattr(trained.model, "slide_pools", None)), answers_without_slide="slide" in kinds,
+    )
+
+
+def clinical_report(trained: Any, cohort: Any, labels: np.ndarray, modalities: Modalities, kinds: list[str],
+                    params: EvaluationParams, info: Mapping[str, Any], args: argparse.Namespace,
+                    dtype: Any) -> dict[str, pd.DataFrame]:
+    """The per-run clinical tables (:mod:`bd.evaluation.clinical_report`): test predictions at 0 % and
+    100 % missing, the operating point from the validation split's under the same condition."""
+    from bd.evaluation import clinical_report as C
+
+    val_cohort = load_split_cohort(args.features_dir, args.samples, args.clinical, "val", dtype)
+    val_mod = modalities_of(val_cohort, trained, kinds)
+    val = C.condition_frame(run_predictor(trained, val_cohort), [str(p) for p in val_cohort.patient_ids],
+                            np.asarray(val_cohort.labels).astype(int), kinds, val_mod.scored)
+    test = C.condition_frame(run_predictor(trained, cohort), [str(p) for p in cohort.patient_ids], labels, kinds,
+                             modalities.scored)
+    from bd.mil.bags import read_clinical
+
+    table, _ = read_clinical(args.clinical)
+    return C.run_tables(test, val, table, C.read_scaler(args.scaler), params.target_sensitivity,
+                        params.calibration_bins, info)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -381,10 +420,7 @@ def run(args: argparse.Namespace) -> int:
     kinds = params.kinds(info["method"])
     log.info("%s seed %d: %d test patients (%d N+), kinds %s, %d rates x %d repeats",
              experiment, seed, len(ids), labels.sum(), kinds, len(params.rates()), params.repeats)
-    modalities = Modalities(
-        has_slide=np.asarray(cohort.has_slide, bool), has_clinical=np.asarray(cohort.has_clinical, bool),
-        uses_slide=bool(getattr(trained.model, "slide_pools", None)), answers_without_slide="slide" in kinds,
-    )
+    modalities = modalities_of(cohort, trained, kinds)
     if not modalities.has_slide.all() or not modalities.has_clinical.all():
         log.warning("%d test patient(s) without a slide, %d without clinical data: scored only from what they have%s",
                     int((~modalities.has_slide).sum()), int((~modalities.has_clinical).sum()),
@@ -394,8 +430,11 @@ def run(args: argparse.Namespace) -> int:
         run_predictor(trained, cohort), ids, labels, branch_thresholds(trained), kinds, params, info, modalities
     )
     out = Path(args.out_dir)
+    clinical_tables = clinical_report(trained, cohort, labels, modalities, kinds, params, info, args, dtype)
     write_csv(out / "predictions.csv", predictions)
     write_csv(out / "summary.csv", summary)
+    for name, frame in clinical_tables.items():
+        write_csv(out / f"{name}.csv", frame)
     write_csv(out / "metrics.csv", metrics)
     for row in summary[summary["rate"].isin([float(r) for r in params.missing_rates])].itertuples():
         print(f"{row.kind:8s} missing {row.rate:5.1f} %: AUC {row.auc_mean:.3f} ± {row.auc_sd:.3f} "

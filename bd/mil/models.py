@@ -543,6 +543,52 @@ class AutoEncoder(Fusion):
         return probs_of(self.fuse(f_w, f_c)), branch_names(batch.clinical_present, "fusion", "ae")
 
 
+@register("modality_dropout")
+class ModalityDropout(Fusion):
+    """The fusion model trained with the clinical input dropped at random (modality dropout).
+
+    During training each bag's clinical feature ``f_c`` is replaced, with probability
+    ``modality_dropout_rate`` (drawn per bag from torch's generator, which ``bd train`` seeds), by
+    a learned "missing" token: a ``clinical_dim`` vector trained with the rest, not zeros. A
+    patient without clinical data always gets the token. At test time a patient without clinical
+    data is answered through the token ("token" branch), one with it as by the fusion model."""
+
+    conditions = (COMPLETE, NO_CLINICAL)
+
+    def __init__(self, in_dim: int, clin_dim: int, hidden_dim: int = 128, clinical_dim: int = 50,
+                 precision: str = "bf16", modality_dropout_rate: float = 0.5):
+        super().__init__(in_dim, clin_dim, hidden_dim, clinical_dim, precision)
+        if not 0 <= modality_dropout_rate < 1:
+            raise ConfigError(f"training.modality_dropout_rate: {modality_dropout_rate} must be in [0, 1)")
+        self.rate = float(modality_dropout_rate)
+        # a module, so that training stages (lists of submodules) train it with the rest
+        self.missing = nn.ParameterDict({"token": nn.Parameter(0.1 * torch.randn(clinical_dim))})
+
+    @property
+    def missing_token(self) -> nn.Parameter:
+        """The learned "missing" clinical feature."""
+        return self.missing["token"]
+
+    def drop_mask(self, batch: Batch) -> torch.Tensor:
+        """Bags whose clinical feature is the token in this training step: drawn, or absent."""
+        drawn = torch.rand(batch.size, device=batch.clinical_present.device) < self.rate
+        return drawn | ~batch.clinical_present
+
+    def clinical_feature(self, batch: Batch, use_token: torch.Tensor) -> torch.Tensor:
+        """``f_c``, with the missing token for the bags of ``use_token``."""
+        return pick(~use_token, self.clin(batch.clinical), self.missing_token.expand(batch.size, -1))
+
+    def losses(self, batch: Batch, stage: str) -> dict[str, torch.Tensor]:
+        f_w = self.pool(batch.features, batch.offsets)[0]
+        ce = classification_loss(self.fuse(f_w, self.clinical_feature(batch, self.drop_mask(batch))), batch.labels)
+        return {"loss": ce, "ce": ce}
+
+    def predict(self, batch: Batch) -> tuple[torch.Tensor, list[str]]:
+        f_w = self.pool(batch.features, batch.offsets)[0]
+        probs = probs_of(self.fuse(f_w, self.clinical_feature(batch, ~batch.clinical_present)))
+        return probs, branch_names(batch.clinical_present, "fusion", "token")
+
+
 @register("ensemble")
 class Ensemble(MILModel):
     """Two separate networks (slide, clinical), trained in turn; their N+ probabilities are

@@ -87,7 +87,7 @@ from bd.mil.runs import CHECKPOINT_FORMAT, patient_chunks, predict_patients
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METHODS = ["image_only", "clinical_only", "filling", "ae", "ensemble", "smil", "bd"]
+DEFAULT_METHODS = ["image_only", "clinical_only", "filling", "ae", "ensemble", "smil", "bd", "modality_dropout"]
 # batch_size auto: bags are packed several to a step only for cohorts whose patch layer is big
 # enough for one bag's matmul to leave a CPU core idle (BCNB: 630 x ~2,000 patches x 1,024-d);
 # smaller cohorts (the demo, low-dimensional features) keep one bag per step.
@@ -119,6 +119,7 @@ class TrainParams:
     clinical_dim: int = 50  # clinical feature f_c (= prompt feature f_p) size
     clinical_expansion: int | None = None  # Fig. 5 b/c: f_c = this many times the clinical input width
     smil_priors: int = 8  # SMIL: k-means priors of the clinical vector
+    modality_dropout_rate: float = 0.5  # modality_dropout: share of training bags given the missing token
     early_stopping: str = "val_auc"  # val_auc | val_loss | val_f1 | train_f1 (the paper's rule)
     min_epochs: int = 1  # no epoch before this one is kept, and training runs at least this long
     precision: str = "auto"  # auto | bf16 | fp32: the patch-feature layer's compute type (bd.device)
@@ -135,6 +136,8 @@ class TrainParams:
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"training.{key}: {getattr(self, key)} must be at least 1")
+        if not 0 <= self.modality_dropout_rate < 1:
+            raise ConfigError(f"training.modality_dropout_rate: {self.modality_dropout_rate} must be in [0, 1)")
         for key in ("lr", "tau"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"training.{key}: {getattr(self, key)} must be positive")

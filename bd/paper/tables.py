@@ -35,6 +35,7 @@ METHOD_LABELS = {
     "smil": "SMIL",
     "bd": "BD",
     "bd_wsi": "BD (slide missing)",
+    "modality_dropout": "modality dropout",
 }
 # Single-modality references: Table I shows them at 0 % only, as the paper does.
 REFERENCE_METHODS = ("image_only", "clinical_only")

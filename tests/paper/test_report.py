@@ -20,12 +20,14 @@ import numpy as np
 import pytest
 import yaml
 
+from bd.evaluation.clinical_report import OUTPUTS as CLINICAL_OUTPUTS
 from synthetic_results import write_run
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGETS = ["all", "ablations", "wsi_missing", "analysis"]
 # Rules whose outputs this test leaves to Snakemake (the rules under test).
-RUN_BY_SNAKEMAKE = {"table1", "table2", "table3", "fig1", "roc", "fig4ab", "fig4c", "runtime_summary"}
+RUN_BY_SNAKEMAKE = {"table1", "table2", "table3", "fig1", "roc", "fig4ab", "fig4c", "runtime_summary",
+                    "clinical_tables", "clinical_figures"}
 pytestmark = pytest.mark.slow
 
 
@@ -90,7 +92,8 @@ def finish_upstream(work: Path, outputs: list[tuple[str, str]]) -> None:
         if rule == "evaluate":
             exp, seed = p.parent.parent.name, int(p.parent.name.removeprefix("seed"))
             write_run(results, exp, seed)
-            done.update(p.parent / n for n in ("metrics.csv", "predictions.csv", "summary.csv"))
+            done.update(p.parent / n for n in ("metrics.csv", "predictions.csv", "summary.csv",
+                                                *(f"{t}.csv" for t in CLINICAL_OUTPUTS)))
         elif rule in ("fig5", "heatmaps"):
             if not (results / "figures" / "fig5.png").exists():
                 analysis_figures(results)
@@ -135,6 +138,8 @@ def test_report_contains_every_item(tmp_path):
     results = work / "results"
     for name in ("table1", "table2", "table3"):
         assert (results / "tables" / f"{name}.md").read_text().startswith("| Missing rate (%)")
+    assert (results / "tables" / "operating_point.md").read_text().startswith("| Method | Missing |")
+    assert (results / "figures" / "decision_curve.png").stat().st_size > 10_000
     runtime = (results / "runtime" / "all.csv").read_text()
     assert "segment" in runtime and "evaluate" in runtime
 
@@ -144,8 +149,9 @@ def test_report_contains_every_item(tmp_path):
     html = report.read_text(errors="replace")
     items = ["table1.csv", "table2.csv", "table3.csv", "fig1.png", "roc.png", "fig4ab.png", "fig4c.png",
              "fig5.png", "1_1.png", "2_2.png", "all.csv", "all.png", "ablations.png", "wsi_missing.png",
-             "analysis.png", "qc.png", "1.qc.png", "curve.png", "summary.csv"]
+             "analysis.png", "qc.png", "1.qc.png", "curve.png", "summary.csv", "operating_point.csv",
+             "subgroup_auc.csv", "calibration.png", "decision_curve.png"]
     missing = [item for item in items if item not in html]
     assert not missing, f"report lacks {missing}"
-    for category in ("Tables", "Figures", "Runtime", "Quality control", "Attention heatmaps"):
+    for category in ("Tables", "Figures", "Runtime", "Quality control", "Attention heatmaps", "Clinical report"):
         assert category in html

@@ -66,13 +66,13 @@ CHECKPOINT = f"{R}/train/{{experiment}}/seed{{seed}}/checkpoint.pt"
 H5_FEATURES = config.get("h5_features") or {}
 STORE_SUFFIX = ".h5" if H5_FEATURES.get("dir") else ".zarr"
 STORES = [f"{FEATURES_DIR}/{slide}{STORE_SUFFIX}" for slide in SLIDES]
-# Evaluation reads the test split's stores only: when the split is known at parse time (the
-# checks compute it as `bd split` will), those are its inputs; otherwise (the demo, whose table a
-# job writes; cluster jobs) every store.
+# Evaluation reads the test and validation splits' stores only (validation: the clinical report's
+# operating point): when the split is known at parse time (the checks compute it as `bd split`
+# will), those are its inputs; otherwise (the demo, whose table a job writes; cluster jobs) every store.
 _SPLIT = COHORT_CHECK.split if COHORT_CHECK is not None else None
-TEST_STORES = STORES if _SPLIT is None else [
+EVAL_STORES = STORES if _SPLIT is None else [
     f"{FEATURES_DIR}/{s}{STORE_SUFFIX}" for s, p in zip(SAMPLES["slide_id"], SAMPLES["patient_id"])
-    if s not in MISSING_SLIDES and _SPLIT.get(p) == "test"
+    if s not in MISSING_SLIDES and _SPLIT.get(p) in ("test", "val")
 ]
 # A table (slide_id, store) of every store, written by rule feature_index (features.smk), is the
 # input through which training depends on every store.

@@ -39,11 +39,11 @@ rule table1:
 
 rule fig1:
     input:
-        metrics_files(present(["image_only", "filling", "bd"])),
+        metrics_files(present(["image_only", "filling", "bd", "modality_dropout"])),
     output:
         report(f"{R}/figures/fig1.png", caption="../report/fig1.rst", category="Figures"),
     params:
-        methods=present(["image_only", "filling", "bd"]),
+        methods=present(["image_only", "filling", "bd", "modality_dropout"]),
     log:
         f"{R}/logs/fig1.log",
     benchmark:
@@ -212,7 +212,7 @@ rule heatmaps:
 
 FINAL_OUTPUTS = {
     "all": lambda: [f"{R}/tables/table1.csv", f"{R}/tables/table1.md", f"{R}/figures/fig1.png",
-                    f"{R}/figures/roc.png"],
+                    f"{R}/figures/roc.png", *CLINICAL_REPORT_OUTPUTS],  # clinical_report.smk
     "ablations": lambda: [f"{R}/tables/table2.csv", f"{R}/tables/table2.md", f"{R}/tables/table3.csv",
                           f"{R}/tables/table3.md", f"{R}/figures/fig4c.png", f"{R}/figures/s2m.png"],
     "wsi_missing": lambda: [f"{R}/figures/fig4ab.png"],
