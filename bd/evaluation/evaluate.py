@@ -383,6 +383,23 @@ def modalities_of(cohort: Any, trained: Any, kinds: list[str]) -> Modalities:
     )
 
 
+def validation_frame(trained: Any, args: argparse.Namespace, kinds: list[str], dtype: Any) -> pd.DataFrame:
+    """The validation split's predictions per condition (the operating point is chosen on them);
+    empty, so that the operating point is NaN, for a cohort without one (an external cohort)."""
+    from bd.evaluation import clinical_report as C
+    from bd.mil.bags import read_clinical
+
+    table, _ = read_clinical(args.clinical)
+    if not (table["split"] == "val").any():
+        log.warning("%s: no validation patients; the clinical report's operating point is left empty "
+                    "(it is chosen on validation)", args.clinical)
+        return pd.DataFrame({"kind": [], "rate": [], "label": [], "prob": []})
+    val_cohort = load_split_cohort(args.features_dir, args.samples, args.clinical, "val", dtype)
+    return C.condition_frame(run_predictor(trained, val_cohort), [str(p) for p in val_cohort.patient_ids],
+                             np.asarray(val_cohort.labels).astype(int), kinds,
+                             modalities_of(val_cohort, trained, kinds).scored)
+
+
 def clinical_report(trained: Any, cohort: Any, labels: np.ndarray, modalities: Modalities, kinds: list[str],
                     params: EvaluationParams, info: Mapping[str, Any], args: argparse.Namespace,
                     dtype: Any) -> dict[str, pd.DataFrame]:
@@ -390,10 +407,7 @@ def clinical_report(trained: Any, cohort: Any, labels: np.ndarray, modalities: M
     100 % missing, the operating point from the validation split's under the same condition."""
     from bd.evaluation import clinical_report as C
 
-    val_cohort = load_split_cohort(args.features_dir, args.samples, args.clinical, "val", dtype)
-    val_mod = modalities_of(val_cohort, trained, kinds)
-    val = C.condition_frame(run_predictor(trained, val_cohort), [str(p) for p in val_cohort.patient_ids],
-                            np.asarray(val_cohort.labels).astype(int), kinds, val_mod.scored)
+    val = validation_frame(trained, args, kinds, dtype)
     test = C.condition_frame(run_predictor(trained, cohort), [str(p) for p in cohort.patient_ids], labels, kinds,
                              modalities.scored)
     from bd.mil.bags import read_clinical
