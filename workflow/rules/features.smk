@@ -3,32 +3,89 @@
 # records why; its patient counts as missing the slide.
 
 
-rule extract:
-    cache: CACHE_MODE  # between-workflow output cache with --cache (common.smk)
-    input:
-        slide=slide_path,
-        grid=rules.tile.output.grid,
-        weights=(config.get("features") or {}).get("weights") or [],  # a new checkpoint reruns extraction
-    output:
-        store=directory(f"{R}/features/{{slide}}.zarr"),
-    params:
-        on_error=ON_SLIDE_ERROR,
-        features=section("features"),
-        version=stage_version("extract"),
-    log:
-        f"{R}/logs/extract/{{slide}}.log",
-    benchmark:
-        f"{R}/benchmarks/extract/{{slide}}.tsv"
-    threads: max(1, (config.get("features") or {}).get("num_workers", 2))  # DataLoader workers
-    resources:
-        # One GPU per job: `snakemake --resources gpu=N` runs N extractions side by side on an
-        # N-GPU node, and `bd extract` gives each its own device (CUDA_VISIBLE_DEVICES, bd.device.claim_gpu).
-        gpu=1,
-    conda:
-        "../../envs/bd.yaml"
-    shell:
-        "bd extract --slide {input.slide:q} --grid {input.grid:q} --out {output.store:q} "
-        "--params {params.features:q} --on-error {params.on_error} --threads {threads} > {log:q} 2>&1"
+# extract_slides_per_job (config, default 1): 1 gives rule `extract`, one job per slide (cached
+# with --cache, grouped on clusters). N > 1 gives rules extract_batch_0, extract_batch_1, ...: N
+# slides per `bd extract` call, the encoder and torch loaded once (about 4 CPU s a process on a
+# CPU), each slide still its own store. The demo sets 40: its 80 slides in 2 jobs, one per core.
+# A batch job reruns all its slides when one of them changes; these rules are not cached.
+EXTRACT_PER_JOB = int(config.get("extract_slides_per_job", 1))
+EXTRACT_COMMON = dict(
+    params=dict(on_error=ON_SLIDE_ERROR, features=section("features"), version=stage_version("extract")),
+    threads=max(1, (config.get("features") or {}).get("num_workers", 2)),
+    weights=(config.get("features") or {}).get("weights") or [],
+)
+
+
+def extract_batches():
+    """The slides in consecutive batches of EXTRACT_PER_JOB (sheet order)."""
+    return [SLIDES[i:i + EXTRACT_PER_JOB] for i in range(0, len(SLIDES), EXTRACT_PER_JOB)]
+
+
+def extract_jobs_tsv(slides):
+    """`bd extract --jobs` table text (slide, grid, out) for a batch."""
+    rows = [f"{SLIDE_PATHS[s]}\t{R}/tiles/{s}.npz\t{FEATURES_DIR}/{s}.zarr\n" for s in slides]
+    return "slide\tgrid\tout\n" + "".join(rows)
+
+
+if EXTRACT_PER_JOB > 1:
+    for _k, _batch in enumerate(extract_batches()):
+
+        rule:
+            name:
+                f"extract_batch_{_k}"
+            input:
+                slides=[SLIDE_PATHS[s] for s in _batch],
+                grids=[f"{R}/tiles/{s}.npz" for s in _batch],
+                weights=EXTRACT_COMMON["weights"],
+            output:
+                stores=[directory(f"{FEATURES_DIR}/{s}.zarr") for s in _batch],
+                jobs=f"{FEATURES_DIR}/batches/{_k}.tsv",
+            params:
+                **EXTRACT_COMMON["params"],
+                table=extract_jobs_tsv(_batch),
+            log:
+                f"{R}/logs/extract/batch-{_k}.log",
+            benchmark:
+                f"{R}/benchmarks/extract/batch-{_k}.tsv"
+            threads: EXTRACT_COMMON["threads"]
+            resources:
+                gpu=1,
+            conda:
+                "../../envs/bd.yaml"
+            shell:
+                "printf '%s' {params.table:q} > {output.jobs:q} && "
+                "bd extract --jobs {output.jobs:q} --params {params.features:q} --on-error {params.on_error} "
+                "--threads {threads} > {log:q} 2>&1"
+
+
+if EXTRACT_PER_JOB == 1:
+
+    rule extract:
+        cache: CACHE_MODE  # between-workflow output cache with --cache (common.smk)
+        input:
+            slide=slide_path,
+            grid=rules.tile.output.grid,
+            weights=(config.get("features") or {}).get("weights") or [],  # a new checkpoint reruns extraction
+        output:
+            store=directory(f"{R}/features/{{slide}}.zarr"),
+        params:
+            on_error=ON_SLIDE_ERROR,
+            features=section("features"),
+            version=stage_version("extract"),
+        log:
+            f"{R}/logs/extract/{{slide}}.log",
+        benchmark:
+            f"{R}/benchmarks/extract/{{slide}}.tsv"
+        threads: max(1, (config.get("features") or {}).get("num_workers", 2))  # DataLoader workers
+        resources:
+            # One GPU per job: `snakemake --resources gpu=N` runs N extractions side by side on an
+            # N-GPU node, and `bd extract` gives each its own device (CUDA_VISIBLE_DEVICES, bd.device.claim_gpu).
+            gpu=1,
+        conda:
+            "../../envs/bd.yaml"
+        shell:
+            "bd extract --slide {input.slide:q} --grid {input.grid:q} --out {output.store:q} "
+            "--params {params.features:q} --on-error {params.on_error} --threads {threads} > {log:q} 2>&1"
 
 
 # One file listing every slide's store (slide_id, store): training's input for every store
