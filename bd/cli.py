@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "runtime-summary": ("bd.aggregate", "per-rule runtime and memory from Snakemake benchmark files"),
     "predict": ("bd.predict", "probability of N+ for a new slide, with or without clinical data"),
     "check": ("bd.check", "check a workflow config and its cohort before running (ids, files, clinical rows)"),
+    "report-table": ("bd.report_tables", "a table (CSV, TSV or Markdown) as an HTML page for the Snakemake report"),
+    "report-images": ("bd.report_images", "compact JPEG copies of the slides' QC images for the Snakemake report"),
     "qc": ("bd.qc", "gather the slides that could not be read and the cohort checks into QC tables"),
 }
 

@@ -127,6 +127,26 @@ def stores_dir(stores):
     return os.path.dirname(stores[0]) if stores else FEATURES_DIR
 
 
+# Extraction in batches (features.smk): extract_slides_per_job slides per `bd extract` job.
+EXTRACT_PER_JOB = int(config.get("extract_slides_per_job", 1))
+EXTRACT_COMMON = dict(
+    params=dict(on_error=ON_SLIDE_ERROR, features=section("features"), version=stage_version("extract")),
+    threads=max(1, (config.get("features") or {}).get("num_workers", 2)),
+    weights=(config.get("features") or {}).get("weights") or [],
+)
+
+
+def extract_batches():
+    """The slides in consecutive batches of EXTRACT_PER_JOB (sheet order)."""
+    return [SLIDES[i:i + EXTRACT_PER_JOB] for i in range(0, len(SLIDES), EXTRACT_PER_JOB)]
+
+
+def extract_jobs_tsv(slides):
+    """`bd extract --jobs` table text (slide, grid, out) for a batch."""
+    rows = [f"{SLIDE_PATHS[s]}\t{R}/tiles/{s}.npz\t{FEATURES_DIR}/{s}.zarr\n" for s in slides]
+    return "slide\tgrid\tout\n" + "".join(rows)
+
+
 def slide_path(wildcards):
     return SLIDE_PATHS[wildcards.slide]
 

@@ -8,25 +8,6 @@
 # slides per `bd extract` call, the encoder and torch loaded once (about 4 CPU s a process on a
 # CPU), each slide still its own store. The demo sets 40: its 80 slides in 2 jobs, one per core.
 # A batch job reruns all its slides when one of them changes; these rules are not cached.
-EXTRACT_PER_JOB = int(config.get("extract_slides_per_job", 1))
-EXTRACT_COMMON = dict(
-    params=dict(on_error=ON_SLIDE_ERROR, features=section("features"), version=stage_version("extract")),
-    threads=max(1, (config.get("features") or {}).get("num_workers", 2)),
-    weights=(config.get("features") or {}).get("weights") or [],
-)
-
-
-def extract_batches():
-    """The slides in consecutive batches of EXTRACT_PER_JOB (sheet order)."""
-    return [SLIDES[i:i + EXTRACT_PER_JOB] for i in range(0, len(SLIDES), EXTRACT_PER_JOB)]
-
-
-def extract_jobs_tsv(slides):
-    """`bd extract --jobs` table text (slide, grid, out) for a batch."""
-    rows = [f"{SLIDE_PATHS[s]}\t{R}/tiles/{s}.npz\t{FEATURES_DIR}/{s}.zarr\n" for s in slides]
-    return "slide\tgrid\tout\n" + "".join(rows)
-
-
 if EXTRACT_PER_JOB > 1:
     for _k, _batch in enumerate(extract_batches()):
 
