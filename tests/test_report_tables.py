@@ -93,3 +93,28 @@ def test_two_stage_curve_has_a_column_per_stage(tmp_path, stages):
             for s in stages for e in range(1, 6)]
     plot_curve(pd.DataFrame(rows), {s: 3 for s in stages}, tmp_path / "c.png", "ae, seed 0")
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_batch_runs_commands_in_turn_each_with_its_log_and_stops_at_a_failure(tmp_path, capsys):
+    import json
+
+    good = tmp_path / "t.csv"
+    good.write_text("a,b\n1,2\n")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1\n")
+    jobs = tmp_path / "jobs.jsonl"
+    lines = [{"argv": ["report-table", "--table", str(good), "--out", str(tmp_path / f"{i}.html")],
+              "log": str(tmp_path / "logs" / f"{i}.log")} for i in range(2)]
+    lines.append({"argv": ["report-table", "--table", str(bad), "--out", str(tmp_path / "x.html")],
+                  "log": str(tmp_path / "logs" / "bad.log")})
+    lines.append({"argv": ["report-table", "--table", str(good), "--out", str(tmp_path / "never.html")],
+                  "log": str(tmp_path / "logs" / "never.log")})
+    jobs.write_text("".join(json.dumps(j) + "\n" for j in lines))
+    assert cli.main(["batch", "--jobs", str(jobs)]) == 2
+    assert (tmp_path / "0.html").exists() and (tmp_path / "1.html").exists()
+    assert not (tmp_path / "never.html").exists()  # the batch stopped at the failure
+    assert "row 2 has 1 fields" in (tmp_path / "logs" / "bad.log").read_text()  # the job's error, in its log
+    assert "job 3 of 4" in capsys.readouterr().err
+    jobs.write_text('{"argv": "train"}\n')
+    assert cli.main(["batch", "--jobs", str(jobs)]) == 2
+    assert "line 1: needs 'argv'" in capsys.readouterr().err

@@ -39,34 +39,34 @@ if EXTRACT_PER_JOB > 1:
                 "--threads {threads} > {log:q} 2>&1"
 
 
-if EXTRACT_PER_JOB == 1:
-
-    rule extract:
-        cache: CACHE_MODE  # between-workflow output cache with --cache (common.smk)
-        input:
-            slide=slide_path,
-            grid=rules.tile.output.grid,
-            weights=(config.get("features") or {}).get("weights") or [],  # a new checkpoint reruns extraction
-        output:
-            store=directory(f"{R}/features/{{slide}}.zarr"),
-        params:
-            on_error=ON_SLIDE_ERROR,
-            features=section("features"),
-            version=stage_version("extract"),
-        log:
-            f"{R}/logs/extract/{{slide}}.log",
-        benchmark:
-            f"{R}/benchmarks/extract/{{slide}}.tsv"
-        threads: max(1, (config.get("features") or {}).get("num_workers", 2))  # DataLoader workers
-        resources:
-            # One GPU per job: `snakemake --resources gpu=N` runs N extractions side by side on an
-            # N-GPU node, and `bd extract` gives each its own device (CUDA_VISIBLE_DEVICES, bd.device.claim_gpu).
-            gpu=1,
-        conda:
-            "../../envs/bd.yaml"
-        shell:
-            "bd extract --slide {input.slide:q} --grid {input.grid:q} --out {output.store:q} "
-            "--params {params.features:q} --on-error {params.on_error} --threads {threads} > {log:q} 2>&1"
+rule extract:
+    cache: CACHE_MODE  # between-workflow output cache with --cache (common.smk)
+    input:
+        slide=slide_path,
+        grid=rules.tile.output.grid,
+        weights=(config.get("features") or {}).get("weights") or [],  # a new checkpoint reruns extraction
+    wildcard_constraints:
+        slide="(?!)" if EXTRACT_PER_JOB > 1 else "[A-Za-z0-9._-]+",  # batched: rules extract_batch_* (above)
+    output:
+        store=directory(f"{R}/features/{{slide}}.zarr"),
+    params:
+        on_error=ON_SLIDE_ERROR,
+        features=section("features"),
+        version=stage_version("extract"),
+    log:
+        f"{R}/logs/extract/{{slide}}.log",
+    benchmark:
+        f"{R}/benchmarks/extract/{{slide}}.tsv"
+    threads: max(1, (config.get("features") or {}).get("num_workers", 2))  # DataLoader workers
+    resources:
+        # One GPU per job: `snakemake --resources gpu=N` runs N extractions side by side on an
+        # N-GPU node, and `bd extract` gives each its own device (CUDA_VISIBLE_DEVICES, bd.device.claim_gpu).
+        gpu=1,
+    conda:
+        "../../envs/bd.yaml"
+    shell:
+        "bd extract --slide {input.slide:q} --grid {input.grid:q} --out {output.store:q} "
+        "--params {params.features:q} --on-error {params.on_error} --threads {threads} > {log:q} 2>&1"
 
 
 # One file listing every slide's store (slide_id, store): training's input for every store
