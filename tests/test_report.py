@@ -175,7 +175,7 @@ def report_items(html: str) -> dict[str, tuple[str, bytes]]:
     import json
     import re
 
-    start = html.index("var results = ") + len("var results = ")
+    start = html.index("var results = {") + len("var results = ")
     results, _ = json.JSONDecoder().raw_decode(html[start:])
     out = {}
     for path, entry in results.items():
