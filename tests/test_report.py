@@ -34,6 +34,7 @@ def tiny_config(work: Path) -> dict:
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     results = str(work / "results")
     config["results"] = results
+    config["train_runs_per_job"] = 1  # rule evaluate per run (finish_upstream writes its outputs)
     config["demo"].update(out_dir=f"{results}/demo", patients=4, test_patients=None)
     config["cohort"].update(clinical_table=f"{results}/demo/patient-clinical-data.xlsx",
                             split_dir=f"{results}/demo/dataset-splitting")
