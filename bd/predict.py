@@ -10,7 +10,7 @@ called N+ or N0 at the validation threshold of the branch that answered (as ``bd
 ``--features`` must come from this slide (level-0 size and MPP recorded by ``bd extract``); the
 slide's MPP is then taken from the store when the file has none.
 The patch features are standardised inside the model with the training patches' statistics saved in
-the checkpoint (:class:`bd.models.AttentionPool`), exactly as in training and evaluation. Writes
+the checkpoint (:class:`bd.mil.models.AttentionPool`), exactly as in training and evaluation. Writes
 ``prediction.json``, an attention heatmap and the intermediate segmentation, grid and features.
 """
 
@@ -49,8 +49,8 @@ def _same(a: Any, b: Any) -> bool:
 
 def identity_mismatches(run_identity: Mapping[str, Any], attrs: Mapping[str, Any]) -> list[str]:
     """Why features with ``attrs`` cannot go into a run trained on ``run_identity`` (empty: they
-    can): every attribute of :data:`bd.bags.IDENTITY_KEYS` that both record must agree."""
-    from bd.bags import IDENTITY_KEYS
+    can): every attribute of :data:`bd.mil.bags.IDENTITY_KEYS` that both record must agree."""
+    from bd.mil.bags import IDENTITY_KEYS
 
     return [f"{key} is {attrs.get(key)!r}, the run's is {run_identity[key]!r}"
             for key in IDENTITY_KEYS if key in run_identity and key in attrs
@@ -69,9 +69,9 @@ def check_identity(run_identity: Mapping[str, Any], attrs: Mapping[str, Any], wh
 
 def stage_params(identity: Mapping[str, Any], overrides: Mapping[str, Any]) -> tuple[Any, Any, Any]:
     """Segmentation, tiling and feature parameters: the run's feature identity, then overrides."""
-    from bd.extract import FeatureParams
-    from bd.segment import SegmentParams
-    from bd.tiling import TileParams
+    from bd.features.extract import FeatureParams
+    from bd.slides.segment import SegmentParams
+    from bd.slides.tiling import TileParams
 
     unknown = sorted(set(overrides) - {"segmentation", "tiling", "features"})
     if unknown:
@@ -120,8 +120,8 @@ def parse_clinical(items: Sequence[str] | None) -> dict[str, Any] | None:
 def clinical_vector(run: Any, raw: Mapping[str, Any], scaler: str | None) -> np.ndarray | None:
     """Raw clinical values -> the run's model-input vector, through the scaler it was trained with
     (None when no value is given: the patient has no clinical data)."""
-    from bd.clinical import load_transform
-    from bd.values import category_key
+    from bd.cohort.clinical import load_transform
+    from bd.cohort.values import category_key
 
     recorded = run.scaler or {}
     path = Path(scaler or recorded.get("path") or "")
@@ -172,8 +172,8 @@ def store_slide_problems(attrs: Mapping[str, Any], slide: Any) -> list[str]:
 
 @contextlib.contextmanager
 def store_mpp_quiet(quiet: bool) -> Iterator[None]:
-    """Silence bd.slide's fallback-MPP warning when the MPP comes from the feature store (logged instead)."""
-    from bd.slide import SlideWarning
+    """Silence bd.slides.slide's fallback-MPP warning when the MPP comes from the feature store (logged instead)."""
+    from bd.slides.slide import SlideWarning
 
     with warnings.catch_warnings():
         if quiet:
@@ -184,7 +184,7 @@ def store_mpp_quiet(quiet: bool) -> Iterator[None]:
 def check_store_slide(store: Path, attrs: Mapping[str, Any], slide_path: Path, fallback_mpp: float | None) -> float | None:
     """Refuse ``--features`` made from another slide, naming both; the MPP to open the slide with
     (the store's when the slide has none in its metadata and no --fallback-mpp was given)."""
-    from bd.slide import open_slide
+    from bd.slides.slide import open_slide
 
     fallback = fallback_mpp if fallback_mpp is not None else attrs.get("mpp")
     with store_mpp_quiet(fallback_mpp is None), open_slide(slide_path, fallback_mpp=fallback) as slide:
@@ -207,11 +207,11 @@ def check_store_slide(store: Path, attrs: Mapping[str, Any], slide_path: Path, f
 def features_for_slide(slide_path: Path, out_dir: Path, slide_id: str, run: Any, overrides: Mapping[str, Any],
                        fallback_mpp: float | None) -> Path:
     """Segment, tile and encode ``slide_path`` with the run's settings; the feature store's path."""
-    from bd.extract import Extractor, SlideJob
-    from bd.grid import save_grid
-    from bd.segment import segment_slide, write_segmentation
-    from bd.slide import open_slide
-    from bd.tiling import tile_slide
+    from bd.features.extract import Extractor, SlideJob
+    from bd.slides.grid import save_grid
+    from bd.slides.segment import segment_slide, write_segmentation
+    from bd.slides.slide import open_slide
+    from bd.slides.tiling import tile_slide
 
     seg_params, tile_params, feat_params = stage_params(run.identity, overrides)
     check_identity(run.identity, planned_attrs(tile_params, feat_params), "--params")
@@ -231,9 +231,9 @@ def features_for_slide(slide_path: Path, out_dir: Path, slide_id: str, run: Any,
 
 
 def one_patient_cohort(run: Any, store: Path, slide_path: Path, clinical: np.ndarray | None) -> Any:
-    """A :class:`bd.bags.Cohort` of the new patient: the store's patches and the clinical vector."""
-    from bd.bags import load_cohort
-    from bd.store import read_store
+    """A :class:`bd.mil.bags.Cohort` of the new patient: the store's patches and the clinical vector."""
+    from bd.mil.bags import load_cohort
+    from bd.features.store import read_store
 
     attrs = read_store(store, with_features=False).attrs
     check_identity(run.identity, attrs, f"feature store {store}")
@@ -269,9 +269,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bd.figures import patch_side_level0, render_slide_heatmap
-    from bd.runs import load_run
-    from bd.store import read_store
+    from bd.paper.figures import patch_side_level0, render_slide_heatmap
+    from bd.mil.runs import load_run
+    from bd.features.store import read_store
 
     trained = load_run(args.run)
     raw = parse_clinical(args.clinical)

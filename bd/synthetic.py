@@ -40,9 +40,9 @@ import numpy as np
 import torch
 from scipy.stats import norm
 
-from bd.bags import Cohort
+from bd.mil.bags import Cohort
 from bd.errors import ConfigError
-from bd.metrics import auc
+from bd.evaluation.metrics import auc
 
 BCNB_PATIENTS = 1058
 BCNB_SPLIT = (630, 210, 218)  # train, val, test

@@ -80,7 +80,7 @@ def write_cohort_files(folder: Path, paths: list[str]) -> dict:
     n = len(paths)
     sheet = folder / "samples.tsv"
     sheet.write_text("slide_id\tpatient_id\tpath\n" + "".join(f"{i}\t{i}\t{p}\n" for i, p in enumerate(paths, 1)))
-    # a real clinical table: the workflow reads and checks it once at parse time (bd/check.py)
+    # a real clinical table: the workflow reads and checks it once at parse time (bd/workflow/check.py)
     ids = range(1, n + 1)
     pd.DataFrame({"Patient ID": ids, "Age(years)": [30 + i % 50 for i in ids], "Tumour Size(cm)": 2.5,
                   "ER": "Positive", "PR": "Negative", "HER2": "Negative",

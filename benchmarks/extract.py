@@ -3,9 +3,9 @@ coordinates, in one run (the machine is noisy: compare the ratios).
 
 CLAM-style: per patch ``openslide.read_region`` -> RGB -> PIL resize -> torchvision ToTensor +
 Normalize on the CPU, fp32 NCHW batches (then the encoder, fp32). bd: stored JPEG tiles decoded
-once each (``bd.readers``), uint8 batches, resize + normalise on the device, encoder in
-``features.precision: auto`` (bf16 weights + channels_last on CUDA) (``bd.extract``). On CUDA
-also: the tiles decoded on the GPU (``bd.device_decode``: nvJPEG, batched) against the CPU
+once each (``bd.slides.readers``), uint8 batches, resize + normalise on the device, encoder in
+``features.precision: auto`` (bf16 weights + channels_last on CUDA) (``bd.features.extract``). On CUDA
+also: the tiles decoded on the GPU (``bd.slides.device_decode``: nvJPEG, batched) against the CPU
 reader, the encoder alone in fp32, bf16 channels_last and compiled, and ``bd extract`` end to end
 with and without ``features.compile``.
 
@@ -38,13 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from record import Recorder, device_slug  # noqa: E402
 
-from bd.encoders import create_encoder  # noqa: E402
-from bd.extract import Extractor, FeatureParams, PatchBatches, Preprocess  # noqa: E402
-from bd.extract import SlideJob, patch_loader  # noqa: E402
-from bd.grid import PatchGrid, save_grid  # noqa: E402
+from bd.features.encoders import create_encoder  # noqa: E402
+from bd.features.extract import Extractor, FeatureParams, PatchBatches, Preprocess  # noqa: E402
+from bd.features.extract import SlideJob, patch_loader  # noqa: E402
+from bd.slides.grid import PatchGrid, save_grid  # noqa: E402
 from bd.device import cpu_summary  # noqa: E402
-from bd.device_decode import TileStreamBatches, assemble, decode_tiles  # noqa: E402
-from bd.readers import open_reader, plan_reader  # noqa: E402
+from bd.slides.device_decode import TileStreamBatches, assemble, decode_tiles  # noqa: E402
+from bd.slides.readers import open_reader, plan_reader  # noqa: E402
 
 PATCH, INPUT, TILE, MPP = 256, 224, 256, 0.5
 

@@ -16,8 +16,8 @@ Steps timed:
   reader of every pixel must pay;
 - segment: ``bd segment --slide big.jpg`` (a 1/8 DCT-scaled decode, box shrink to 1:32, masks);
 - tile: ``bd tile`` (mask, grid, QC thumbnail);
-- convert: ``bd.slide.write_pyramid`` (the pyramidal JPEG-tiled TIFF that extraction reads);
-- read: ``bd.readers.plan_reader`` on the JPEG (the conversion, as ``bd extract`` does it) and
+- convert: ``bd.slides.slide.write_pyramid`` (the pyramidal JPEG-tiled TIFF that extraction reads);
+- read: ``bd.slides.readers.plan_reader`` on the JPEG (the conversion, as ``bd extract`` does it) and
   2,000 patches of the grid through the stored-tile reader.
 
 Prints one JSON object per line: {"metric", "value", "unit", "target", "better"}.
@@ -85,14 +85,14 @@ def child(step: str, args: list[str]) -> None:
         if cli.main([step, *args]) != 0:
             raise SystemExit(f"bd {step} failed")
     elif step == "convert":
-        from bd.slide import write_pyramid
+        from bd.slides.slide import write_pyramid
 
         write_pyramid(Path(args[0]), Path(args[1]), 0.5)
     elif step == "read":
         import numpy as np
 
-        from bd.grid import load_grid
-        from bd.readers import open_reader, plan_reader
+        from bd.slides.grid import load_grid
+        from bd.slides.readers import open_reader, plan_reader
 
         grid = load_grid(args[1])
         spec = plan_reader(args[0], grid.read_level, grid.read_downsample, grid.read_size, grid.mpp)
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         emit("plan_and_read_2000_patches_time", read["seconds"], "s")
         emit("plan_and_read_2000_patches_cpu_time", read["cpu_seconds"], "s")
         emit("plan_and_read_peak_memory", read["peak_mb"], "MB", 1000.0, "lower")
-        from bd.grid import load_grid
+        from bd.slides.grid import load_grid
 
         emit("patches_kept", len(load_grid(grid)), "patches")
     return 0

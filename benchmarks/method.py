@@ -5,15 +5,15 @@ features, a hidden per-patient tumour fraction driving tumour-like patches), in 
 ``independent`` and ``shortcut`` (see :mod:`bd.synthetic`). Seed ``s`` draws cohort ``s`` and
 trains every method with seed ``s``, so the methods of one seed are paired.
 
-Training: ``bd.train.train_model`` with :data:`TRAINING` (``TrainParams``' defaults otherwise:
+Training: ``bd.mil.train.train_model`` with :data:`TRAINING` (``TrainParams``' defaults otherwise:
 weight decay 1e-3, tau 1.2, lambda_m 0.6, lambda_s 0.5, prompt length 50, early stopping on
 validation AUC). The recipe (SGD, lr 3e-2, momentum 0.9, 32 bags a step, 5-40 epochs, patience 8,
 64-d slide features, fp32: the CPU has no native bf16) was chosen on image-only runs only, for the
 learning targets below and the time limit, before any claim was looked at, and is the same for
 every method; it is not the paper's optimiser, which ``paper_optimiser_*`` reports on its own.
 Evaluation as ``bd evaluate`` does it: each run goes through a checkpoint and
-``bd.runs.load_run``, then ``bd.evaluate.evaluate`` on the test split with the masks of
-``bd.masks`` (the same for every method), each answering branch at its own validation threshold,
+``bd.mil.runs.load_run``, then ``bd.evaluation.evaluate.evaluate`` on the test split with the masks of
+``bd.evaluation.missing`` (the same for every method), each answering branch at its own validation threshold,
 clinical missing rates 0 / 50 / 80 / 100 % with ``--repeats`` masks each.
 
 Printed, one JSON object per line ({"metric", "value", "unit", "target", "better"}, plus
@@ -64,7 +64,7 @@ from bd.synthetic import REGIMES, SyntheticCohort, method_cohort  # noqa: E402
 
 METHODS = ("image_only", "clinical_only", "filling", "ae", "ensemble", "smil", "bd")
 RATES = (0.0, 50.0, 80.0, 100.0)
-# The benchmark's training recipe; every other key keeps the config's default (bd.train.TrainParams).
+# The benchmark's training recipe; every other key keeps the config's default (bd.mil.train.TrainParams).
 TRAINING: dict[str, Any] = {"lr": 3e-2, "momentum": 0.9, "batch_size": 32, "max_epochs": 40, "patience": 8,
                             "min_epochs": 5, "hidden_dim": 64, "precision": "fp32"}
 PAPER_OPTIMISER: dict[str, Any] = {"lr": 1e-4, "momentum": 0.3, "batch_size": 1}
@@ -204,9 +204,9 @@ def evaluate_like_bd(result: Any, cohort: Any, params: Any, seed: int, rates: Se
     """``bd evaluate``'s summary table of a trained result: checkpoint -> load_run -> evaluate."""
     import torch
 
-    from bd.evaluate import EvaluationParams, branch_thresholds, evaluate, run_info, run_predictor
-    from bd.runs import load_run
-    from bd.train import checkpoint_payload
+    from bd.evaluation.evaluate import EvaluationParams, branch_thresholds, evaluate, run_info, run_predictor
+    from bd.mil.runs import load_run
+    from bd.mil.train import checkpoint_payload
 
     test = cohort.select(cohort.indices("test"))
     with tempfile.TemporaryDirectory(prefix="bd-method-") as tmp:
@@ -223,7 +223,7 @@ def evaluate_like_bd(result: Any, cohort: Any, params: Any, seed: int, rates: Se
 def train_job(job: dict[str, Any]) -> dict[str, Any]:
     """Train one method on one cohort and evaluate it; a plain dict of figures comes back."""
     from bd.params import build
-    from bd.train import TrainParams, train_model
+    from bd.mil.train import TrainParams, train_model
 
     start, cpu = time.perf_counter(), time.process_time()
     syn = cohort_of(job["regime"], job["seed"], job["patients"])
@@ -252,7 +252,7 @@ def reference_job(job: dict[str, Any]) -> dict[str, Any]:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from bd.metrics import auc
+    from bd.evaluation.metrics import auc
 
     cpu = time.process_time()
     syn = cohort_of(job["regime"], job["seed"], job["patients"])

@@ -1,7 +1,7 @@
 """Segmentation and tiling time on a generated 51,200 x 51,200 px pyramidal slide, against a
 CLAM-style per-contour point-in-polygon patch filter on the same mask, in the same run.
 
-The slide is an in-memory object with the ``bd.slide.Slide`` interface and levels at 1x, 4x,
+The slide is an in-memory object with the ``bd.slides.slide.Slide`` interface and levels at 1x, 4x,
 16x and 32x (20x scan, 0.5 um/px). Only its 1,600 x 1,600 px 32x level holds pixels, stored as
 JPEG bytes and decoded on every ``read_level`` call (so the decode is timed, as it would be for a
 pyramidal TIFF); reading any other level raises, which shows that segmentation and tiling never
@@ -9,9 +9,9 @@ touch level 0. The tissue is several ragged core-needle-biopsy strips with tears
 and dust, drawn once before timing.
 
 Timed (median of ``--repeats``):
-- segmentation: ``bd.segment.segment_slide`` (decode the 32x level, threshold, artefacts,
+- segmentation: ``bd.slides.segment.segment_slide`` (decode the 32x level, threshold, artefacts,
   morphology, area filters, contours to level 0);
-- tiling: ``bd.tiling.tile_slide`` on that mask (geometry, exact per-cell tissue fractions for the
+- tiling: ``bd.slides.tiling.tile_slide`` on that mask (geometry, exact per-cell tissue fractions for the
   whole slide, selection; 256 px patches at 0.5 um/px);
 - CLAM-style filter: for each tissue contour, every grid point in its bounding box is tested with
   ``cv2.pointPolygonTest`` at four points around the patch centre (CLAM's ``four_pt`` check), then
@@ -34,8 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bd.segment import SegmentParams, segment_slide  # noqa: E402
-from bd.tiling import TileParams, tile_slide  # noqa: E402
+from bd.slides.segment import SegmentParams, segment_slide  # noqa: E402
+from bd.slides.tiling import TileParams, tile_slide  # noqa: E402
 
 BACKGROUND = np.array([236, 234, 240])
 

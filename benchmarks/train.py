@@ -14,7 +14,7 @@ Reference, in the same run: the classic attention-MIL loop -- one bag per step, 
 scaled to the whole epoch by patch count. Also on that subset: the epoch in bf16 with the same
 packing, which shows what ``auto`` avoids on a CPU without native bf16.
 
-Evaluation: ``bd evaluate``'s work (``bd.evaluate.evaluate`` with the default settings: 10 masks
+Evaluation: ``bd evaluate``'s work (``bd.evaluation.evaluate.evaluate`` with the default settings: 10 masks
 per rate, 1,000 bootstrap resamples) for each of the seven methods x 3 seeds on the test split
 (~210 patients x 2,000 patches), untrained models (the cost does not depend on the weights).
 
@@ -45,10 +45,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from record import Recorder, device_slug  # noqa: E402
 
-from bd.bags import Cohort, synthetic_cohort  # noqa: E402
+from bd.mil.bags import Cohort, synthetic_cohort  # noqa: E402
 from bd.device import cpu_info, cpu_summary  # noqa: E402
-from bd.models import create_model  # noqa: E402
-from bd.train import DEFAULT_METHODS, TrainParams, resolve_settings, run_epoch  # noqa: E402
+from bd.mil.models import create_model  # noqa: E402
+from bd.mil.train import DEFAULT_METHODS, TrainParams, resolve_settings, run_epoch  # noqa: E402
 
 TARGET_EPOCH_S = 30.0
 
@@ -79,8 +79,8 @@ def epoch_seconds(cohort: Cohort, idx: np.ndarray, params: TrainParams, device: 
 
 def evaluation_seconds(cohort: Cohort, precision: str, device: torch.device, seeds: int) -> float:
     """Wall time of ``bd evaluate``'s computation for every default method x ``seeds`` seeds."""
-    from bd.evaluate import EvaluationParams, branch_thresholds, evaluate, run_info, run_predictor
-    from bd.runs import TrainedRun
+    from bd.evaluation.evaluate import EvaluationParams, branch_thresholds, evaluate, run_info, run_predictor
+    from bd.mil.runs import TrainedRun
 
     test = cohort.select(cohort.indices("test"))
     ids, labels = [str(p) for p in test.patient_ids], test.labels.astype(int)

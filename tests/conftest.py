@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 40))  # as bd.slide, if cv2 loads first
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 40))  # as bd.slides.slide, if cv2 loads first
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402

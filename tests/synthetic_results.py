@@ -1,7 +1,7 @@
 """Synthetic evaluations for the aggregation, figure and report tests.
 
 Each synthetic "run" predicts from a per-method signal strength, through the real
-``bd.evaluate.evaluate`` (seeded masks, scikit-learn metrics), so the tables and figures are
+``bd.evaluation.evaluate.evaluate`` (seeded masks, scikit-learn metrics), so the tables and figures are
 built from files of exactly the shape ``bd evaluate`` writes.
 """
 
@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bd.bags import synthetic_cohort
-from bd.evaluate import EvaluationParams, evaluate, write_csv
-from bd.store import write_store
+from bd.mil.bags import synthetic_cohort
+from bd.evaluation.evaluate import EvaluationParams, evaluate, write_csv
+from bd.features.store import write_store
 
 N_TEST = 40
 IDS = [f"P{i:03d}" for i in range(N_TEST)]
@@ -88,7 +88,7 @@ def make_tiny_cohort(root: Path, n_patients: int = 24, dim: int = 16, seed: int 
     patients have a shifted mean in a few feature and clinical columns, so models learn quickly."""
     import pandas as pd
 
-    from bd.store import write_store
+    from bd.features.store import write_store
 
     rng = np.random.default_rng(seed)
     features_dir = root / "features"

@@ -12,7 +12,7 @@ import pytest
 
 from bd import cli
 from bd.errors import BDError, ConfigError, StoreError
-from bd.grid import PatchGrid, load_grid, save_grid
+from bd.slides.grid import PatchGrid, load_grid, save_grid
 from bd.io import atomic_path, write_json
 from bd.params import build
 
@@ -127,13 +127,13 @@ def test_output_folder_that_cannot_be_created_is_a_clear_error(tmp_path):
 
 
 def _section_params():
-    from bd.clinical import ClinicalParams
+    from bd.cohort.clinical import ClinicalParams
     from bd.demo import DemoParams
-    from bd.evaluate import EvaluationParams
-    from bd.extract import FeatureParams
-    from bd.segment import SegmentParams
-    from bd.split import SplitParams
-    from bd.tiling import TileParams
+    from bd.evaluation.evaluate import EvaluationParams
+    from bd.features.extract import FeatureParams
+    from bd.slides.segment import SegmentParams
+    from bd.cohort.split import SplitParams
+    from bd.slides.tiling import TileParams
 
     return {"demo": DemoParams, "segmentation": SegmentParams, "tiling": TileParams,
             "features": FeatureParams, "clinical": ClinicalParams, "split": SplitParams,
@@ -166,7 +166,7 @@ def test_config_schema_and_params_dataclass_agree(section):
 
 
 def _whole_sections():
-    from bd.train import TrainParams
+    from bd.mil.train import TrainParams
 
     return {**_section_params(), "training": TrainParams}
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from bd.cli import main
-from bd.cohort import demo_slides
+from bd.cohort.samples import demo_slides
 from bd.demo import DemoParams, generate_cohort
 from bd.demo.auc import simulated_auc
 from bd.demo.patients import BCNB_COLUMNS, bcnb_table, official_split, simulate_patients
@@ -66,7 +66,7 @@ def test_flat_jpegs_have_no_slide_metadata(cohort):
 
 
 def test_bd_slide_opens_both_formats(cohort):
-    from bd.slide import SlideWarning, open_slide
+    from bd.slides.slide import SlideWarning, open_slide
 
     for path in sorted((cohort / "WSIs").iterdir()):
         if path.suffix == ".jpg":  # no MPP in the file: the configured fallback, with a warning
@@ -240,10 +240,10 @@ def test_demo_scale_slide_model_outputs_are_not_constant():
     import torch
     import yaml
 
-    from bd.bags import synthetic_cohort
-    from bd.metrics import auc
-    from bd.runs import predict_patients
-    from bd.train import TrainParams, train_model
+    from bd.mil.bags import synthetic_cohort
+    from bd.evaluation.metrics import auc
+    from bd.mil.runs import predict_patients
+    from bd.mil.train import TrainParams, train_model
 
     training = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["training"]
     params = build(TrainParams, {**training, "method": "image_only", "precision": "fp32"})

@@ -13,7 +13,7 @@ import pytest
 from scipy.stats import norm
 
 from bd.errors import ConfigError
-from bd.metrics import auc
+from bd.evaluation.metrics import auc
 from bd.synthetic import LOGIT_SD, LOGIT_SHIFT, REGIMES, method_cohort, split_counts
 
 ROOT = Path(__file__).resolve().parents[1]

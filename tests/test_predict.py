@@ -12,7 +12,7 @@ import pytest
 
 from bd.cli import main
 from bd.predict import identity_mismatches, parse_clinical
-from bd.store import read_store, write_store
+from bd.features.store import read_store, write_store
 
 SLIDE = Path(__file__).parent / "data" / "cmu-1-small-region.svs"
 FEATURES = {"encoder": "resnet18", "out_stage": "layer1", "random_weights": True, "input_size": 32,
@@ -24,11 +24,11 @@ CLINICAL = ["Age(years)=55", "Tumour Size(cm)=2.4", "ER=Positive", "PR=Negative"
 def extract_fixture(out: Path, slide_path: Path = SLIDE, fallback_mpp: float | None = None,
                     slide_id: str = "fixture") -> Path:
     """The fixture slide segmented, tiled and encoded by the pipeline's own functions."""
-    from bd.extract import Extractor, FeatureParams, SlideJob
-    from bd.grid import save_grid
-    from bd.segment import SegmentParams, segment_slide
-    from bd.slide import open_slide
-    from bd.tiling import TileParams, tile_slide
+    from bd.features.extract import Extractor, FeatureParams, SlideJob
+    from bd.slides.grid import save_grid
+    from bd.slides.segment import SegmentParams, segment_slide
+    from bd.slides.slide import open_slide
+    from bd.slides.tiling import TileParams, tile_slide
 
     with open_slide(slide_path, fallback_mpp=fallback_mpp) as slide:
         seg = segment_slide(slide, SegmentParams())
@@ -157,7 +157,7 @@ def test_the_answering_branch_threshold_decides(trained, tmp_path):
     assert _predict(trained, tmp_path / "a", "--features", str(store)) == 0
     first = json.loads((tmp_path / "a" / "prediction.json").read_text())
     prob, branch = first["prob_n_plus"], first["branch"]
-    from bd.runs import load_run
+    from bd.mil.runs import load_run
 
     run = load_run(ckpt)
     assert first["threshold"] == pytest.approx(run.thresholds.get(branch, run.threshold))

@@ -4,7 +4,7 @@ one ingest path.
 ``bd demo --params JSON --out-dir DIR`` writes under DIR:
 
 - ``WSIs/{i}.tif`` (pyramidal JPEG-tiled TIFF, Aperio layout, MPP and objective power in the
-  metadata) or ``WSIs/{i}.jpg`` (flat JPEG, no metadata), as :func:`bd.cohort.demo_slides` lists;
+  metadata) or ``WSIs/{i}.jpg`` (flat JPEG, no metadata), as :func:`bd.cohort.samples.demo_slides` lists;
 - ``patient-clinical-data.xlsx`` with BCNB's exact columns and messy values;
 - ``dataset-splitting/{train,val,test}_id.txt`` (BCNB's ratio 630/210/218, stratified);
 - ``latent_risk.csv`` (patient id, latent risk = oracle log odds of N+, label, and its parts);
@@ -172,7 +172,7 @@ def write_annotations(folder: Path, truths: list[dict[str, Any]]) -> None:
 
 def generate_cohort(params: DemoParams, out_dir: str | Path, workers: int = 1, slides: bool = True) -> dict[str, Any]:
     """Write the whole demo cohort under ``out_dir`` (see the module docstring); return a summary."""
-    from bd.cohort import demo_slides
+    from bd.cohort.samples import demo_slides
     from bd.io import write_json
 
     out_dir = Path(out_dir)

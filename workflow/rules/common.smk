@@ -9,13 +9,13 @@ from snakemake.logging import logger
 from snakemake.utils import validate
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
-from bd.check import check_config, missing_files, prerun
-from bd.cohort import build_sample_sheet, sheet_sha256
-from bd.experiments import experiments, seeds_for, target_experiments
+from bd.workflow.check import check_config, missing_files, prerun
+from bd.cohort.samples import build_sample_sheet, sheet_sha256
+from bd.paper.experiments import experiments, seeds_for, target_experiments
 
 
 # Numbers written as text by YAML 1.1 (`lr: 1e-4`) become numbers, then every unknown key, wrong
-# value, empty or repeated list and missing input file is named in one error (bd/check.py).
+# value, empty or repeated list and missing input file is named in one error (bd/workflow/check.py).
 check_config(config)
 validate(config, schema="../schemas/config.schema.yaml")  # Snakemake's own check; fills defaults
 
@@ -32,7 +32,7 @@ SAMPLES = build_sample_sheet(config)
 # One validator for the whole sheet (validating row by row reloads the schema each time: seconds
 # at BCNB size).
 validate(SAMPLES, schema="../schemas/samples.schema.yaml", set_default=False)
-# Pre-run cohort checks, before any job (bd/check.py): missing slide files stop the run naming them
+# Pre-run cohort checks, before any job (bd/workflow/check.py): missing slide files stop the run naming them
 # (on_slide_error: fail) or get no job and are recorded by rule slide_qc (skip); slides without a
 # clinical row, patients without a slide or a label are counted and warned about. Only in the main
 # process: cluster jobs re-parse this file and need only the list of slides.
@@ -148,7 +148,7 @@ def extract_jobs_tsv(slides):
 
 
 # Training and evaluation in batches (train.smk, evaluate.smk): train_runs_per_job runs per
-# `bd batch` job (bd/batch.py), the imports and start-up paid once a job. 1: one job per run.
+# `bd batch` job (bd/workflow/batch.py), the imports and start-up paid once a job. 1: one job per run.
 RUNS_PER_JOB = int(config.get("train_runs_per_job", 1))
 BATCHED = RUNS_PER_JOB > 1
 # Rules train and evaluate take no run when the runs are batched (the batch rules make them).

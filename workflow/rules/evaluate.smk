@@ -1,5 +1,5 @@
 # Evaluation of each trained run at clinical-data (and slide) missing rates: the same seeded masks
-# for every method and seed (see bd/masks.py), test split only.
+# for every method and seed (see bd/evaluation/missing.py), test split only.
 
 
 rule evaluate:
@@ -32,7 +32,7 @@ rule evaluate:
 
 
 # train_runs_per_job > 1 (the demo): rules evaluate_batch_0, ...: that many evaluations per
-# `bd batch` job, each exactly rule evaluate's command with its own log (bd/batch.py).
+# `bd batch` job, each exactly rule evaluate's command with its own log (bd/workflow/batch.py).
 if BATCHED:
     for _k, _batch in enumerate(run_batches(["all", "ablations", "wsi_missing"], RUNS_PER_JOB)):
 

@@ -1,6 +1,6 @@
 # Quality control of the cohort, as report tables: the slides that could not be read
 # (on_slide_error: skip; recorded by segment, tile and extract in their outputs, and slide files
-# missing on disk) and the pre-run cohort checks with their counts (bd/check.py). Every workflow
+# missing on disk) and the pre-run cohort checks with their counts (bd/workflow/check.py). Every workflow
 # target builds them: included after report.smk, this file adds them to TARGET_OUTPUTS.
 
 QC_OUTPUTS = [f"{R}/qc/slide_errors.tsv", f"{R}/qc/cohort_checks.tsv"]
@@ -49,7 +49,7 @@ rule slide_qc:
 
 
 # The report's QC images: one compact JPEG per slide and kind (segmentation, patch grid), at most
-# 640 px a side (bd/report_images.py), so that the demo's report stays under 15 MB; the full-size
+# 640 px a side (bd/paper/report_images.py), so that the demo's report stays under 15 MB; the full-size
 # PNGs stay beside the masks and grids. One job for the cohort.
 REPORT_QC = [f"{R}/report_qc/segment", f"{R}/report_qc/tiles"]
 

@@ -2,7 +2,7 @@
 # segment: mask.png (0/255 at ~32x), artefacts.png (pen ink and debris at the same scale, read by
 # tile to drop patches holding them), mask.json (its exact scale to level 0, read by tile),
 # contours.geojson (level-0 polygons with holes), qc.png. Flat images (BCNB's JPEGs) are read
-# directly, in bounded memory (bd/slide.py). A sample sheet's optional `mpp` column gives a
+# directly, in bounded memory (bd/slides/slide.py). A sample sheet's optional `mpp` column gives a
 # slide's microns per pixel (--mpp, overriding its metadata); cohort.fallback_mpp stands in for
 # missing metadata. With on_slide_error: skip, an unreadable
 # slide gets empty outputs and a QC image saying so; tile then writes an empty grid for it (as it
@@ -10,7 +10,7 @@
 # policy is in the command, not in params: switching it does not rerun slides that were read.
 
 
-from bd.cohort import mpp_option
+from bd.cohort.samples import mpp_option
 
 
 rule segment:

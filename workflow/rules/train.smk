@@ -1,4 +1,4 @@
-# Training: one job per experiment (method + overrides, see bd/experiments.py) and seed. The job
+# Training: one job per experiment (method + overrides, see bd/paper/experiments.py) and seed. The job
 # gets the training section merged with the experiment's overrides as --params; every patient's
 # features are loaded into memory once (the BCNB cohort: about 4.3 GB as bf16), so an epoch does
 # no file I/O. Outputs: checkpoint.pt (model + everything evaluation checks its inputs against),
@@ -47,7 +47,7 @@ rule train:
 
 
 # train_runs_per_job > 1 (the demo): rules train_batch_0, ...: that many runs per `bd batch` job,
-# each run exactly rule train's command with its own log (bd/batch.py); the same outputs.
+# each run exactly rule train's command with its own log (bd/workflow/batch.py); the same outputs.
 TRAIN_THREADS = 1 if len(SLIDES) < 256 else 4
 if BATCHED:
     for _k, _batch in enumerate(run_batches(["all", "ablations", "wsi_missing", "analysis"], RUNS_PER_JOB)):
