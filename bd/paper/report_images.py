@@ -3,7 +3,7 @@
 The report embeds every item as base64 (4/3 of the file's size). The segmentation and tiling QC
 PNGs (up to 1,024 px a side, a few hundred KB each) made 37 MB of a 55 MB report for 60 slides:
 about 0.9 GB at BCNB's size. ``bd report-images`` writes one JPEG per slide and kind, at most
-``--max-side`` px a side (default 640) and JPEG quality ``--quality`` (default 80), about 20-40 KB
+``--max-side`` px a side (default 360) and JPEG quality ``--quality`` (default 65), about 11 KB
 each; the full-size PNGs stay in ``results/segment`` and ``results/tiles`` for review. One call
 for the cohort (one workflow job), reading the sample sheet for the slide ids.
 """
@@ -22,8 +22,8 @@ QC_SOURCES = {
     "segment": "segment/{slide}/qc.png",
     "tiles": "tiles/{slide}.qc.png",
 }
-MAX_SIDE = 640
-QUALITY = 80
+MAX_SIDE = 360
+QUALITY = 65
 
 
 def slide_ids(samples: Path) -> list[str]:

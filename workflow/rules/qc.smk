@@ -49,7 +49,7 @@ rule slide_qc:
 
 
 # The report's QC images: one compact JPEG per slide and kind (segmentation, patch grid), at most
-# 640 px a side (bd/paper/report_images.py), so that the demo's report stays under 15 MB; the full-size
+# 360 px a side (bd/paper/report_images.py), so that the demo's report stays under 15 MB; the full-size
 # PNGs stay beside the masks and grids. One job for the cohort.
 REPORT_QC = [f"{R}/report_qc/segment", f"{R}/report_qc/tiles"]
 
