@@ -466,43 +466,10 @@ CURVE_VALIDATION = ("val_auc", "val_f1", "val_loss", "val_prob_sd", "trainset_f1
 
 
 def plot_curve(curve: pd.DataFrame, stage_epochs: dict[str, int], path: Path, title: str) -> None:
-    """Per stage (columns): training losses; each loss term's share of its branch's loss (BD);
-    validation AUC, tuned-threshold F1, log loss and the sd of the predicted probabilities."""
-    import matplotlib
+    """The curve figure: one row of panels per group of series, one legend a row (bd/mil/curve_plot.py)."""
+    from bd.mil.curve_plot import plot_curve as draw
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    stages = list(dict.fromkeys(curve["stage"]))
-    shares = [c for c in curve.columns if c.startswith("share_") and curve[c].notna().any()]
-    rows_n = 3 if shares else 2
-    fig, axes = plt.subplots(rows_n, len(stages), figsize=(5 * len(stages), 3 * rows_n), squeeze=False,
-                             sharex="col")
-    for col, stage in enumerate(stages):
-        rows = curve[curve["stage"] == stage]
-        top, bottom = axes[0, col], axes[-1, col]
-        for key in [c for c in rows.columns if c.startswith("train_") and rows[c].notna().any()]:
-            top.plot(rows["epoch"], rows[key], label=key.removeprefix("train_"), lw=2 if key == "train_loss" else 1)
-        top.set_title(f"{stage}: training losses")
-        top.legend(fontsize=7)
-        if shares:
-            for key in shares:
-                axes[1, col].plot(rows["epoch"], rows[key], label=key.removeprefix("share_"))
-            axes[1, col].set_ylim(0, 1)
-            axes[1, col].set_title(f"{stage}: share of the branch loss")
-            axes[1, col].legend(fontsize=7)
-        for key in [c for c in CURVE_VALIDATION if c in rows.columns and rows[c].notna().any()]:
-            bottom.plot(rows["epoch"], rows[key], label=key, lw=2 if key == "val_auc" else 1)
-        bottom.axvline(stage_epochs[stage], color="k", ls="--", lw=1, label=f"kept epoch {stage_epochs[stage]}")
-        bottom.set_ylim(0, max(1.0, float(np.nanmax(rows["val_loss"])) if "val_loss" in rows else 1.0))
-        bottom.set_xlabel("epoch")
-        bottom.set_title(f"{stage}: validation")
-        bottom.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    draw(curve, stage_epochs, path, title)
 
 
 def write_outputs(result: TrainResult, cohort: Cohort, params: TrainParams, seed: int, out_dir: Path,

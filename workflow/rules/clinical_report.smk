@@ -4,8 +4,8 @@
 
 MAIN_RUNS = target_experiments(config, "all")
 CLINICAL_REPORT_OUTPUTS = [
-    f"{R}/tables/operating_point.csv", f"{R}/tables/operating_point.md",
-    f"{R}/tables/subgroup_auc.csv", f"{R}/tables/subgroup_auc.md",
+    f"{R}/tables/operating_point.csv", f"{R}/tables/operating_point.md", f"{R}/tables/operating_point.html",
+    f"{R}/tables/subgroup_auc.csv", f"{R}/tables/subgroup_auc.md", f"{R}/tables/subgroup_auc.html",
     f"{R}/figures/calibration.png", f"{R}/figures/decision_curve.png",
 ]
 
@@ -15,10 +15,12 @@ rule clinical_tables:
         operating_points=run_files(MAIN_RUNS, "operating_point.csv"),
         subgroups=run_files(MAIN_RUNS, "subgroups.csv"),
     output:
-        operating=report(f"{R}/tables/operating_point.csv", caption="../report/operating_point.rst", category="Clinical report"),
+        operating=f"{R}/tables/operating_point.csv",
         operating_md=f"{R}/tables/operating_point.md",
-        subgroups=report(f"{R}/tables/subgroup_auc.csv", caption="../report/subgroup_auc.rst", category="Clinical report"),
+        operating_html=report(f"{R}/tables/operating_point.html", caption="../report/operating_point.rst", category="Clinical report"),
+        subgroups=f"{R}/tables/subgroup_auc.csv",
         subgroups_md=f"{R}/tables/subgroup_auc.md",
+        subgroups_html=report(f"{R}/tables/subgroup_auc.html", caption="../report/subgroup_auc.rst", category="Clinical report"),
     log:
         f"{R}/logs/clinical_tables.log",
     benchmark:
@@ -26,8 +28,11 @@ rule clinical_tables:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd clinical-report tables --operating-points {input.operating_points:q} --subgroups {input.subgroups:q} "
-        "--out-dir \"$(dirname {output.operating:q})\" > {log:q} 2>&1"
+        "{{ bd clinical-report tables --operating-points {input.operating_points:q} --subgroups {input.subgroups:q} "
+        "--out-dir \"$(dirname {output.operating:q})\" && "
+        "bd report-table --table {output.operating_md:q} --out {output.operating_html:q} --title 'Operating point' && "
+        "bd report-table --table {output.subgroups_md:q} --out {output.subgroups_html:q} --title 'AUC by subgroup'; }} "
+        "> {log:q} 2>&1"
 
 
 rule clinical_figures:

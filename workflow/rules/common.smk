@@ -131,6 +131,68 @@ def stores_dir(stores):
     return os.path.dirname(stores[0]) if stores else FEATURES_DIR
 
 
+# Extraction in batches (features.smk): extract_slides_per_job slides per `bd extract` job.
+EXTRACT_PER_JOB = int(config.get("extract_slides_per_job", 1))
+EXTRACT_COMMON = dict(
+    params=dict(on_error=ON_SLIDE_ERROR, features=section("features"), version=stage_version("extract")),
+    threads=max(1, (config.get("features") or {}).get("num_workers", 2)),
+    weights=(config.get("features") or {}).get("weights") or [],
+)
+
+
+def extract_batches():
+    """The slides in consecutive batches of EXTRACT_PER_JOB (sheet order)."""
+    return [SLIDES[i:i + EXTRACT_PER_JOB] for i in range(0, len(SLIDES), EXTRACT_PER_JOB)]
+
+
+def extract_jobs_tsv(slides):
+    """`bd extract --jobs` table text (slide, grid, out) for a batch."""
+    rows = [f"{SLIDE_PATHS[s]}\t{R}/tiles/{s}.npz\t{FEATURES_DIR}/{s}.zarr\n" for s in slides]
+    return "slide\tgrid\tout\n" + "".join(rows)
+
+
+# Training and evaluation in batches (train.smk, evaluate.smk): train_runs_per_job runs per
+# `bd batch` job (bd/workflow/batch.py), the imports and start-up paid once a job. 1: one job per run.
+RUNS_PER_JOB = int(config.get("train_runs_per_job", 1))
+BATCHED = RUNS_PER_JOB > 1
+# Rules train and evaluate take no run when the runs are batched (the batch rules make them).
+RUN_RULE_EXPERIMENTS = "(?!)" if BATCHED else "[A-Za-z0-9._-]+"
+
+
+def run_batches(targets, per_job):
+    """(experiment, seed) runs of the targets in batches of at most ``per_job``: each target's
+    runs not in an earlier target, in order, so a target never waits for another's runs."""
+    seen, batches = set(), []
+    for target in targets:
+        todo = [r for r in runs(target_experiments(config, target)) if r not in seen]
+        seen.update(todo)
+        n = -(-len(todo) // per_job) if todo else 0  # as many batches as needed, of near-equal size
+        batches += [todo[i::n] for i in range(n)]
+    return batches
+
+
+def training_argv(experiment, seed, threads):
+    """The `bd train` command of one run, as rule train runs it (a list of arguments)."""
+    params = json.dumps({**config["training"], **EXPERIMENTS[experiment]}, sort_keys=True)
+    return ["train", "--features-dir", FEATURES_DIR, "--samples", SAMPLES_TSV, "--clinical", CLINICAL_TSV,
+            "--scaler", SCALER_JSON, "--seed", str(seed), "--params", params, "--threads", str(threads),
+            "--no-progress", "--out-dir", f"{R}/train/{experiment}/seed{seed}"]
+
+
+def evaluation_argv(experiment, seed):
+    """The `bd evaluate` command of one run, as rule evaluate runs it."""
+    return ["evaluate", "--checkpoint", f"{R}/train/{experiment}/seed{seed}/checkpoint.pt",
+            "--features-dir", FEATURES_DIR, "--samples", SAMPLES_TSV, "--clinical", CLINICAL_TSV,
+            "--scaler", SCALER_JSON, "--params", evaluation_params(), "--experiment", experiment, "--seed", str(seed),
+            "--out-dir", f"{R}/evaluate/{experiment}/seed{seed}"]
+
+
+def batch_jobs(stage, batch, argv):
+    """`bd batch --jobs` text: one JSON line per run (its command and its own log)."""
+    return "".join(json.dumps({"argv": argv(e, s), "log": f"{R}/logs/{stage}/{e}/seed{s}.log"}) + "\n"
+                   for e, s in batch)
+
+
 def slide_path(wildcards):
     return SLIDE_PATHS[wildcards.slide]
 

@@ -10,6 +10,8 @@ rule evaluate:
         samples=SAMPLES_TSV,
         clinical=CLINICAL_TSV,
         scaler=SCALER_JSON,
+    wildcard_constraints:
+        experiment=RUN_RULE_EXPERIMENTS,  # no run when batched (train_runs_per_job > 1): rules evaluate_batch_*
     output:
         metrics=f"{R}/evaluate/{{experiment}}/seed{{seed}}/metrics.csv",
         predictions=f"{R}/evaluate/{{experiment}}/seed{{seed}}/predictions.csv",
@@ -33,3 +35,39 @@ rule evaluate:
         "--samples {input.samples:q} --clinical {input.clinical:q} --scaler {input.scaler:q} --params {params.evaluation:q} "
         "--experiment {wildcards.experiment} --seed {wildcards.seed} "
         "--out-dir \"$(dirname {output.metrics:q})\" > {log:q} 2>&1"
+
+
+# train_runs_per_job > 1 (the demo): rules evaluate_batch_0, ...: that many evaluations per
+# `bd batch` job, each exactly rule evaluate's command with its own log (bd/workflow/batch.py).
+if BATCHED:
+    for _k, _batch in enumerate(run_batches(["all", "ablations", "wsi_missing"], RUNS_PER_JOB)):
+
+        rule:
+            name:
+                f"evaluate_batch_{_k}"
+            input:
+                checkpoints=[f"{R}/train/{e}/seed{s}/checkpoint.pt" for e, s in _batch],
+                stores=EVAL_STORES,
+                samples=SAMPLES_TSV,
+                clinical=CLINICAL_TSV,
+                scaler=SCALER_JSON,
+            output:
+                metrics=[f"{R}/evaluate/{e}/seed{s}/metrics.csv" for e, s in _batch],
+                predictions=[f"{R}/evaluate/{e}/seed{s}/predictions.csv" for e, s in _batch],
+                summary=[f"{R}/evaluate/{e}/seed{s}/summary.csv" for e, s in _batch],
+                calibration=[f"{R}/evaluate/{e}/seed{s}/calibration.csv" for e, s in _batch],
+                decision_curve=[f"{R}/evaluate/{e}/seed{s}/decision_curve.csv" for e, s in _batch],
+                operating_point=[f"{R}/evaluate/{e}/seed{s}/operating_point.csv" for e, s in _batch],
+                subgroups=[f"{R}/evaluate/{e}/seed{s}/subgroups.csv" for e, s in _batch],
+                jobs=f"{R}/evaluate/batches/{_k}.jsonl",
+            params:
+                jobs=batch_jobs("evaluate", _batch, evaluation_argv),
+                version=stage_version("evaluate"),
+            log:
+                f"{R}/logs/evaluate/batch-{_k}.log",
+            benchmark:
+                f"{R}/benchmarks/evaluate/batch-{_k}.tsv"
+            conda:
+                "../../envs/bd.yaml"
+            shell:
+                "printf '%s' {params.jobs:q} > {output.jobs:q} && bd batch --jobs {output.jobs:q} > {log:q} 2>&1"

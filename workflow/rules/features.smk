@@ -3,12 +3,50 @@
 # records why; its patient counts as missing the slide.
 
 
+# extract_slides_per_job (config, default 1): 1 gives rule `extract`, one job per slide (cached
+# with --cache, grouped on clusters). N > 1 gives rules extract_batch_0, extract_batch_1, ...: N
+# slides per `bd extract` call, the encoder and torch loaded once (about 4 CPU s a process on a
+# CPU), each slide still its own store. The demo sets 40: its 80 slides in 2 jobs, one per core.
+# A batch job reruns all its slides when one of them changes; these rules are not cached.
+if EXTRACT_PER_JOB > 1:
+    for _k, _batch in enumerate(extract_batches()):
+
+        rule:
+            name:
+                f"extract_batch_{_k}"
+            input:
+                slides=[SLIDE_PATHS[s] for s in _batch],
+                grids=[f"{R}/tiles/{s}.npz" for s in _batch],
+                weights=EXTRACT_COMMON["weights"],
+            output:
+                stores=[directory(f"{FEATURES_DIR}/{s}.zarr") for s in _batch],
+                jobs=f"{FEATURES_DIR}/batches/{_k}.tsv",
+            params:
+                **EXTRACT_COMMON["params"],
+                table=extract_jobs_tsv(_batch),
+            log:
+                f"{R}/logs/extract/batch-{_k}.log",
+            benchmark:
+                f"{R}/benchmarks/extract/batch-{_k}.tsv"
+            threads: EXTRACT_COMMON["threads"]
+            resources:
+                gpu=1,
+            conda:
+                "../../envs/bd.yaml"
+            shell:
+                "printf '%s' {params.table:q} > {output.jobs:q} && "
+                "bd extract --jobs {output.jobs:q} --params {params.features:q} --on-error {params.on_error} "
+                "--threads {threads} > {log:q} 2>&1"
+
+
 rule extract:
     cache: CACHE_MODE  # between-workflow output cache with --cache (common.smk)
     input:
         slide=slide_path,
         grid=rules.tile.output.grid,
         weights=(config.get("features") or {}).get("weights") or [],  # a new checkpoint reruns extraction
+    wildcard_constraints:
+        slide="(?!)" if EXTRACT_PER_JOB > 1 else "[A-Za-z0-9._-]+",  # batched: rules extract_batch_* (above)
     output:
         store=directory(f"{R}/features/{{slide}}.zarr"),
     params:

@@ -22,8 +22,9 @@ rule table1:
     input:
         metrics_files(target_experiments(config, "all")),
     output:
-        csv=report(f"{R}/tables/table1.csv", caption="../report/table1.rst", category="Tables"),
+        csv=f"{R}/tables/table1.csv",
         md=f"{R}/tables/table1.md",
+        html=report(f"{R}/tables/table1.html", caption="../report/table1.rst", category="Tables"),
     params:
         rates=json.dumps(EVAL["missing_rates"]),
     log:
@@ -33,8 +34,8 @@ rule table1:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd aggregate table1 --metrics {input:q} --rates {params.rates:q} "
-        "--out \"$(dirname {output.csv:q})\" > {log:q} 2>&1"
+        "{{ bd aggregate table1 --metrics {input:q} --rates {params.rates:q} --out \"$(dirname {output.csv:q})\" && "
+        "bd report-table --table {output.md:q} --out {output.html:q} --title 'Table I'; }} > {log:q} 2>&1"
 
 
 rule fig1:
@@ -75,8 +76,9 @@ rule table2:
     input:
         metrics_files(ablation("bd-dir-")),
     output:
-        csv=report(f"{R}/tables/table2.csv", caption="../report/table2.rst", category="Tables"),
+        csv=f"{R}/tables/table2.csv",
         md=f"{R}/tables/table2.md",
+        html=report(f"{R}/tables/table2.html", caption="../report/table2.rst", category="Tables"),
     log:
         f"{R}/logs/table2.log",
     benchmark:
@@ -84,15 +86,17 @@ rule table2:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd aggregate table2 --metrics {input:q} --rates '[0, 80]' --out \"$(dirname {output.csv:q})\" > {log:q} 2>&1"
+        "{{ bd aggregate table2 --metrics {input:q} --rates '[0, 80]' --out \"$(dirname {output.csv:q})\" && "
+        "bd report-table --table {output.md:q} --out {output.html:q} --title 'Table II'; }} > {log:q} 2>&1"
 
 
 rule table3:
     input:
         metrics_files(ablation("bd-lm-")),
     output:
-        csv=report(f"{R}/tables/table3.csv", caption="../report/table3.rst", category="Tables"),
+        csv=f"{R}/tables/table3.csv",
         md=f"{R}/tables/table3.md",
+        html=report(f"{R}/tables/table3.html", caption="../report/table3.rst", category="Tables"),
     log:
         f"{R}/logs/table3.log",
     benchmark:
@@ -100,7 +104,8 @@ rule table3:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd aggregate table3 --metrics {input:q} --rates '[100]' --out \"$(dirname {output.csv:q})\" > {log:q} 2>&1"
+        "{{ bd aggregate table3 --metrics {input:q} --rates '[100]' --out \"$(dirname {output.csv:q})\" && "
+        "bd report-table --table {output.md:q} --out {output.html:q} --title 'Table III'; }} > {log:q} 2>&1"
 
 
 rule fig4c:
@@ -229,8 +234,9 @@ rule runtime_summary:
     input:
         lambda wc: FINAL_OUTPUTS[wc.target](),
     output:
-        csv=report(f"{R}/runtime/{{target}}.csv", caption="../report/runtime.rst", category="Runtime",
-                   labels={"target": "{target}", "what": "table"}),
+        csv=f"{R}/runtime/{{target}}.csv",
+        html=report(f"{R}/runtime/{{target}}.html", caption="../report/runtime.rst", category="Runtime",
+                    labels={"target": "{target}", "what": "table"}),
         png=report(f"{R}/runtime/{{target}}.png", caption="../report/runtime.rst", category="Runtime",
                    labels={"target": "{target}", "what": "figure"}),
         jobs=f"{R}/runtime/{{target}}.jobs.csv",
@@ -245,6 +251,8 @@ rule runtime_summary:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd runtime-summary --benchmarks {params.benchmarks:q} --out-csv {output.csv:q} "
-        "--out-png {output.png:q} --jobs-csv {output.jobs:q} > {log:q} 2>&1"
+        "{{ bd runtime-summary --benchmarks {params.benchmarks:q} --out-csv {output.csv:q} "
+        "--out-png {output.png:q} --jobs-csv {output.jobs:q} && "
+        "bd report-table --table {output.csv:q} --out {output.html:q} --title 'Runtime per rule ({wildcards.target})'; }} "
+        "> {log:q} 2>&1"
 

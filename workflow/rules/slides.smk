@@ -22,13 +22,7 @@ rule segment:
         artefacts=f"{R}/segment/{{slide}}/artefacts.png",
         info=f"{R}/segment/{{slide}}/mask.json",
         contours=f"{R}/segment/{{slide}}/contours.geojson",
-        qc=report(
-            f"{R}/segment/{{slide}}/qc.png",
-            caption="../report/segment_qc.rst",
-            category="Quality control",
-            subcategory="Tissue segmentation",
-            labels={"slide": "{slide}"},
-        ),
+        qc=f"{R}/segment/{{slide}}/qc.png",  # full size; the report shows a compact copy (rule report_qc_images)
     params:
         on_error=ON_SLIDE_ERROR,
         seg=section("segmentation"),
@@ -56,13 +50,7 @@ rule tile:
         info=rules.segment.output.info,
     output:
         grid=f"{R}/tiles/{{slide}}.npz",
-        qc=report(
-            f"{R}/tiles/{{slide}}.qc.png",
-            caption="../report/tile_qc.rst",
-            category="Quality control",
-            subcategory="Patch grid",
-            labels={"slide": "{slide}"},
-        ),
+        qc=f"{R}/tiles/{{slide}}.qc.png",  # full size; the report shows a compact copy (rule report_qc_images)
     params:
         on_error=ON_SLIDE_ERROR,
         tiling=section("tiling"),
