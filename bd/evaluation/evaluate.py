@@ -29,6 +29,7 @@ from bd.evaluation import metrics as M
 from bd.errors import BDError, ConfigError
 from bd.io import atomic_path
 from bd.evaluation.missing import missing_mask
+from bd.methods import default_missing_kinds
 from bd.params import build
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,7 @@ class EvaluationParams:
     seed: int = 0
     bootstrap: int = 1000
     # method -> the modalities to remove; methods not listed are swept over clinical data only.
-    missing_kinds: dict[str, list[str]] = field(
-        default_factory=lambda: {"bd_wsi": ["slide"], "filling": ["clinical", "slide"],
-                                 "clinical_only": ["clinical", "slide"]}
-    )
+    missing_kinds: dict[str, list[str]] = field(default_factory=default_missing_kinds)  # the registry's
     # Figure settings of the section (read by `bd figures`; accepted so the section passes whole).
     figures: dict[str, Any] = field(default_factory=dict)
 

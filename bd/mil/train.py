@@ -79,12 +79,13 @@ from bd.mil.models import (
     model_class,
     model_kwargs,
 )
+from bd.methods import list_methods
 from bd.params import build, to_dict
 from bd.mil.runs import CHECKPOINT_FORMAT, patient_chunks, predict_patients
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METHODS = ["image_only", "clinical_only", "filling", "ae", "ensemble", "smil", "bd"]
+DEFAULT_METHODS = list_methods(default=True)  # training.methods by default (the registry of methods)
 # batch_size auto: bags are packed several to a step only for cohorts whose patch layer is big
 # enough for one bag's matmul to leave a CPU core idle (BCNB: 630 x ~2,000 patches x 1,024-d);
 # smaller cohorts (the demo, low-dimensional features) keep one bag per step.

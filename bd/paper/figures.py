@@ -33,26 +33,12 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from bd.evaluation import metrics as M  # noqa: E402
-from bd.paper.tables import METHOD_LABELS, read_metrics, read_summaries  # noqa: E402
+from bd.methods import colour_of as color_of, label_of, list_methods  # noqa: E402
+from bd.paper.tables import read_metrics, read_summaries  # noqa: E402
 from bd.errors import BDError, TableError  # noqa: E402
 from bd.io import atomic_path  # noqa: E402
 
 log = logging.getLogger(__name__)
-
-# Filling is green as in the paper's Fig. 4; BD red; the rest from a qualitative palette.
-METHOD_COLORS = {
-    "image_only": "tab:blue", "clinical_only": "tab:purple", "filling": "tab:green", "ae": "tab:olive",
-    "ensemble": "tab:orange", "smil": "tab:brown", "bd": "tab:red", "bd_wsi": "tab:red",
-}
-
-
-def label_of(method: str) -> str:
-    return METHOD_LABELS.get(method, method)
-
-
-def color_of(method: str, i: int = 0) -> str:
-    return METHOD_COLORS.get(method, f"C{i % 10}")
-
 
 def save(fig: plt.Figure, path: str | Path, dpi: int = 150) -> Path:
     """Write a figure as PNG atomically and close it."""
@@ -493,13 +479,15 @@ def _cmd_heatmaps(args: argparse.Namespace) -> Path:
 
 def _add_fig1(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics", nargs="+", required=True, help="metrics.csv files of `bd evaluate`")
-    p.add_argument("--methods", nargs="+", default=["image_only", "filling", "bd"])
+    p.add_argument("--methods", nargs="+", default=list_methods(figure="fig1"),
+                   help="methods to draw, in legend order (default: the registry's for Fig. 1)")
     p.add_argument("--out", required=True, help="PNG to write")
 
 
 def _add_fig4ab(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics", nargs="+", required=True, help="metrics.csv files of `bd evaluate`")
-    p.add_argument("--methods", nargs="+", default=["bd_wsi", "filling", "clinical_only"])
+    p.add_argument("--methods", nargs="+", default=list_methods(figure="wsi_missing"),
+                   help="methods to draw, in legend order (default: the registry's for Fig. 4 a/b)")
     p.add_argument("--out", required=True, help="PNG to write")
 
 

@@ -23,22 +23,14 @@ import pandas as pd
 
 from bd.errors import BDError, TableError
 from bd.io import atomic_path, write_text
+from bd.methods import label_of, list_methods
 
 log = logging.getLogger(__name__)
 
-METHOD_LABELS = {
-    "image_only": "image only",
-    "clinical_only": "clinical only",
-    "filling": "Filling",
-    "ae": "AE",
-    "ensemble": "Ensemble",
-    "smil": "SMIL",
-    "bd": "BD",
-    "bd_wsi": "BD (slide missing)",
-}
-# Single-modality references: Table I shows them at 0 % only, as the paper does.
-REFERENCE_METHODS = ("image_only", "clinical_only")
-BASELINE = "filling"
+# Single-modality references: Table I shows them at 0 % only, as the paper does; the change
+# columns are against the baseline (both from the registry of methods).
+REFERENCE_METHODS = tuple(list_methods(role="reference"))
+BASELINE = list_methods(role="baseline")[0]
 
 # The paper's published numbers (percent), shown beside ours in the Markdown tables.
 PAPER_TABLE1 = {  # (rate, method) -> (AUC, F1)
@@ -149,7 +141,7 @@ def table1(metrics: pd.DataFrame, rates: Sequence[float], summaries: pd.DataFram
     t["delta_auc_pct"] = t["auc_pct"] - t["rate"].map(base["auc_pct"])
     t["delta_f1_pct"] = t["f1_pct"] - t["rate"].map(base["f1_pct"])
     t.loc[t["method"].isin([*REFERENCE_METHODS, BASELINE]), ["delta_auc_pct", "delta_f1_pct"]] = np.nan
-    t["label"] = t["method"].map(lambda x: METHOD_LABELS.get(x, x))
+    t["label"] = t["method"].map(label_of)
     t["paper_auc_pct"] = [PAPER_TABLE1.get((int(r), x), (np.nan,))[0] for r, x in zip(t["rate"], t["method"])]
     t["paper_f1_pct"] = [PAPER_TABLE1.get((int(r), x), (np.nan, np.nan))[1] for r, x in zip(t["rate"], t["method"])]
     t["_order"] = t["method"].map({x: i for i, x in enumerate(order)})

@@ -11,6 +11,7 @@ from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 from bd.workflow.check import check_config, missing_files, prerun
 from bd.cohort.samples import build_sample_sheet, sheet_sha256
+from bd.methods import list_methods
 from bd.paper.experiments import experiments, seeds_for, target_experiments
 
 
@@ -202,8 +203,9 @@ def ablation(prefix):
 
 
 def present(names):
-    """The experiments of ``names`` that the config defines."""
-    return [n for n in names if n in EXPERIMENTS and (n in config["training"]["methods"] or n == "bd_wsi")]
+    """The experiments of ``names`` that the config defines (bd_wsi, not a default method, always)."""
+    always = list_methods(default=False)
+    return [n for n in names if n in EXPERIMENTS and (n in config["training"]["methods"] or n in always)]
 
 
 def checkpoint_of(name):

@@ -6,9 +6,9 @@ EVAL = config.get("evaluation") or {}
 FIGS = EVAL.get("figures") or {}
 
 
-# Attention heatmaps come from BD, or from the first slide-based method the config trains.
-HEATMAP_METHOD = next((m for m in ["bd", "filling", "image_only", "ensemble", "ae", "smil"]
-                       if m in config["training"]["methods"]), "bd")
+# Attention heatmaps come from BD, or from the first slide-based method the config trains (the
+# registry's order for "heatmaps").
+HEATMAP_METHOD = next((m for m in list_methods(figure="heatmaps") if m in config["training"]["methods"]), "bd")
 
 
 COHORT_INPUTS = dict(
@@ -39,11 +39,11 @@ rule table1:
 
 rule fig1:
     input:
-        metrics_files(present(["image_only", "filling", "bd"])),
+        metrics_files(present(list_methods(figure="fig1"))),
     output:
         report(f"{R}/figures/fig1.png", caption="../report/fig1.rst", category="Figures"),
     params:
-        methods=present(["image_only", "filling", "bd"]),
+        methods=present(list_methods(figure="fig1")),
     log:
         f"{R}/logs/fig1.log",
     benchmark:
