@@ -34,7 +34,7 @@ import pandas as pd  # noqa: E402
 
 from bd.evaluation import metrics as M  # noqa: E402
 from bd.methods import colour_of as color_of, label_of, list_methods  # noqa: E402
-from bd.paper.tables import read_metrics, read_summaries  # noqa: E402
+from bd.paper.tables import read_metrics, summaries_of  # noqa: E402
 from bd.errors import BDError, TableError  # noqa: E402
 from bd.io import atomic_path  # noqa: E402
 
@@ -330,7 +330,7 @@ def _cmd_fig4ab(args: argparse.Namespace) -> Path:
 
 
 def _cmd_fig4c(args: argparse.Namespace) -> Path:
-    return fig4c(read_predictions(args.predictions), read_summaries(args.predictions), args.rate, Path(args.out))
+    return fig4c(read_predictions(args.predictions), summaries_of(args, args.predictions), args.rate, Path(args.out))
 
 
 def _cmd_roc(args: argparse.Namespace) -> Path:
@@ -493,6 +493,8 @@ def _add_fig4ab(p: argparse.ArgumentParser) -> None:
 
 def _add_fig4c(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictions", nargs="+", required=True, help="predictions.csv files of the bd-prompt-* runs")
+    p.add_argument("--summaries", nargs="+", default=None,
+                   help="their summary.csv files (AUC CIs; default: those beside the predictions files)")
     p.add_argument("--rate", type=float, default=100.0, help="clinical missing rate (%%)")
     p.add_argument("--out", required=True, help="PNG to write")
 

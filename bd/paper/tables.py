@@ -1,6 +1,6 @@
 """The paper's tables from the evaluations of all runs, and the workflow's runtime summary.
 
-``bd aggregate table1|table2|table3 --metrics .../metrics.csv ... --out DIR`` writes
+``bd aggregate table1|table2|table3 --metrics .../metrics.csv ... --out-dir DIR`` writes
 ``DIR/<table>.csv`` and ``DIR/<table>.md``. Values are percentages, as in the paper: the mean and
 standard deviation over every mask (repeat) and training seed; the CI columns are the mean over
 seeds of each run's bootstrap 95 % interval (from the ``summary.csv`` beside each metrics file).
@@ -78,8 +78,21 @@ def read_metrics(paths: Sequence[str | Path]) -> pd.DataFrame:
 
 def read_summaries(metric_paths: Sequence[str | Path]) -> pd.DataFrame:
     """The summary.csv files beside the metrics files (bootstrap CIs); empty if none exist."""
-    frames = [pd.read_csv(Path(p).with_name("summary.csv")) for p in metric_paths
-              if Path(p).with_name("summary.csv").is_file()]
+    beside = [Path(p).with_name("summary.csv") for p in metric_paths]
+    return read_summary_files([p for p in beside if p.is_file()])
+
+
+def summaries_of(args: argparse.Namespace, beside: Sequence[str | Path]) -> pd.DataFrame:
+    """A command's ``--summaries`` files (the workflow declares them), else those beside ``beside``."""
+    return read_summary_files(args.summaries) if args.summaries else read_summaries(beside)
+
+
+def read_summary_files(paths: Sequence[str | Path]) -> pd.DataFrame:
+    """Concatenate summary.csv files of `bd evaluate` (bootstrap CIs); each must exist."""
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing:
+        raise TableError(f"{missing[0]}: summary file does not exist (run `bd evaluate` first)")
+    frames = [pd.read_csv(p) for p in paths]
     if not frames:
         return pd.DataFrame(columns=["experiment", "seed", "kind", "rate", *CI_COLUMNS])
     out = pd.concat(frames, ignore_index=True)
@@ -271,8 +284,10 @@ def write_table(frame: pd.DataFrame, md: str, out_dir: Path, name: str) -> tuple
 def add_arguments_aggregate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("table", choices=sorted(TABLES), help="which of the paper's tables")
     parser.add_argument("--metrics", nargs="+", required=True, help="metrics.csv files of `bd evaluate`")
+    parser.add_argument("--summaries", nargs="+", default=None,
+                        help="their summary.csv files (bootstrap CIs; default: those beside the metrics files)")
     parser.add_argument("--rates", default=None, help="clinical missing rates as a JSON list (default: the paper's)")
-    parser.add_argument("--out", required=True, help="output folder for <table>.csv and <table>.md")
+    parser.add_argument("--out-dir", required=True, help="output folder for <table>.csv and <table>.md")
 
 
 def run_aggregate(args: argparse.Namespace) -> int:
@@ -280,9 +295,9 @@ def run_aggregate(args: argparse.Namespace) -> int:
     rates = json.loads(args.rates) if args.rates else default_rates
     if not isinstance(rates, list) or not rates:
         raise BDError(f"--rates: expected a non-empty JSON list of percentages, got {args.rates!r}")
-    table = build(read_metrics(args.metrics), rates, read_summaries(args.metrics))
+    table = build(read_metrics(args.metrics), rates, summaries_of(args, args.metrics))
     md = to_md(table)
-    csv_path, md_path = write_table(table, md, Path(args.out), args.table)
+    csv_path, md_path = write_table(table, md, Path(args.out_dir), args.table)
     print(md)
     print(f"-> {csv_path}, {md_path}")
     return 0

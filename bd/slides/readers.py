@@ -1,7 +1,7 @@
 """Patch readers: the pixels of one patch (``size`` x ``size`` at a pyramid level) as RGB uint8.
 
 Reading, not the encoder, decides extraction speed, and most of OpenSlide's cost is its own
-pixel-format conversion, not the JPEG decode (DESIGN.md). So for TIFF-family slides whose tiles
+pixel-format conversion, not the JPEG decode. So for TIFF-family slides whose tiles
 are JPEG (SVS, generic tiled TIFF, the demo's slides) :class:`TiffJpegReader` reads the stored
 tile bytes with ``os.pread`` and decodes each tile once with libjpeg-turbo
 (``imagecodecs.jpeg8_decode`` with the page's shared JPEG tables and its colour space from the

@@ -29,6 +29,7 @@ import pandas as pd
 
 from bd.cohort.samples import read_samples
 from bd.errors import BDError, StoreError
+from bd.workflow.layout import slide_output
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +58,16 @@ def _store_error(path: Path) -> Record:
 
 # Where each stage keeps a slide's record (results/ layout), latest stage first: a later stage
 # carries an earlier stage's error forward, so the first record found answers.
-STAGE_RECORDS: list[tuple[Callable[[Path, str], Path], Callable[[Path], Record]]] = [
-    (lambda results, slide: results / "features" / f"{slide}.zarr", _store_error),
-    (lambda results, slide: results / "tiles" / f"{slide}.npz", _grid_error),
-    (lambda results, slide: results / "segment" / slide / "mask.json", _mask_error),
+STAGE_RECORDS: list[tuple[str, Callable[[Path], Record]]] = [
+    ("store", _store_error), ("grid", _grid_error), ("mask_info", _mask_error),
 ]
 
 
 def slide_record(results: Path, slide_id: str, path: str) -> Record:
     """(stage, reason) if the slide was not read (``input`` when its file is missing and no stage
     has a record of it), else None."""
-    for where, read in STAGE_RECORDS:
-        record_path = where(results, slide_id)
+    for kind, read in STAGE_RECORDS:
+        record_path = Path(slide_output(results, kind, slide_id))
         if record_path.exists():
             try:
                 return read(record_path)
@@ -97,7 +96,7 @@ def upsampled_slides(samples: pd.DataFrame, results: Path) -> list[str]:
 
     out = []
     for sid in samples["slide_id"]:
-        path = results / "features" / f"{sid}.zarr"
+        path = Path(slide_output(results, "store", sid))
         if not path.exists():
             continue
         attrs = read_store(path, with_features=False).attrs

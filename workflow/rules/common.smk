@@ -13,6 +13,7 @@ from bd.workflow.check import check_config, missing_files, prerun
 from bd.cohort.samples import build_sample_sheet, sheet_sha256
 from bd.methods import list_methods
 from bd.paper.experiments import experiments, seeds_for, target_experiments
+from bd.workflow.layout import FEATURE_INDEX as FEATURE_INDEX_FILE, FEATURES, QC_TABLES, slide_output, slide_pattern
 
 
 # Numbers written as text by YAML 1.1 (`lr: 1e-4`) become numbers, then every unknown key, wrong
@@ -50,7 +51,7 @@ SLIDES = [s for s in SAMPLES["slide_id"] if s not in MISSING_SLIDES]
 # The sheet's content hash: a parameter of rule samples (a changed sheet reruns it, whatever the
 # timestamps) and the check that its job builds the sheet the workflow was parsed with.
 SAMPLES_SHA256 = sheet_sha256(SAMPLES)
-FEATURES_DIR = f"{R}/features"
+FEATURES_DIR = f"{R}/{FEATURES}"
 # Cohort tables, named by path (not rules.X.output) in the rules that also take every store: with
 # a rule reference there, Snakemake hashes the whole store list once per store, per job (quadratic).
 SAMPLES_TSV = f"{R}/samples.tsv"
@@ -62,18 +63,20 @@ CHECKPOINT = f"{R}/train/{{experiment}}/seed{{seed}}/checkpoint.pt"
 # declares every store: with every store on every training job the DAG of a 5,000-slide cohort
 # builds in 3.3x a bare Snakefile's time, through the index in 1.8x (benchmarks/dag.py). A lost
 # store is rebuilt either way (targets list lost per-slide outputs, lost_slide_outputs).
-STORES = [f"{FEATURES_DIR}/{slide}.zarr" for slide in SLIDES]
+STORES = [slide_output(R, "store", slide) for slide in SLIDES]
 # Evaluation reads the test split's stores only: when the split is known at parse time (the
 # checks compute it as `bd split` will), those are its inputs; otherwise (the demo, whose table a
 # job writes; cluster jobs) every store.
 _SPLIT = COHORT_CHECK.split if COHORT_CHECK is not None else None
 TEST_STORES = STORES if _SPLIT is None else [
-    f"{FEATURES_DIR}/{s}.zarr" for s, p in zip(SAMPLES["slide_id"], SAMPLES["patient_id"])
+    slide_output(R, "store", s) for s, p in zip(SAMPLES["slide_id"], SAMPLES["patient_id"])
     if s not in MISSING_SLIDES and _SPLIT.get(p) == "test"
 ]
 # A table (slide_id, store) of every store, written by rule feature_index (features.smk), is the
 # input through which training depends on every store.
-FEATURE_INDEX = f"{FEATURES_DIR}/index.tsv"
+FEATURE_INDEX = f"{R}/{FEATURE_INDEX_FILE}"
+# The QC tables of rule slide_qc (qc.smk): part of every target.
+QC_OUTPUTS = [f"{R}/{table}" for table in QC_TABLES]
 EXPERIMENTS = experiments(config)
 
 
@@ -156,8 +159,7 @@ def lost_slide_outputs():
     used = os.path.exists(QC_OUTPUTS[0]) or bool(glob.glob(os.path.join(glob.escape(R), "train", "*", "seed*", "checkpoint.pt")))
     lost = []
     for slide in SLIDES:
-        chain = [f"{R}/segment/{slide}/mask.png", f"{R}/segment/{slide}/mask.json", f"{R}/tiles/{slide}.npz",
-                 f"{FEATURES_DIR}/{slide}.zarr"]
+        chain = [slide_output(R, kind, slide) for kind in ("mask", "mask_info", "grid", "store")]
         exists = [os.path.exists(p) for p in chain]
         later = used
         for path, there in zip(reversed(chain), reversed(exists)):
@@ -167,9 +169,27 @@ def lost_slide_outputs():
     return lost
 
 
+# The workflow's targets (rules in the Snakefile) and the paper's files each one makes.
+TARGETS = ("all", "ablations", "wsi_missing", "analysis")
+
+
+def final_outputs(target):
+    """The tables and figures of a target (rule runtime_summary waits for them)."""
+    tables = lambda *names: [f"{R}/tables/{n}.{ext}" for n in names for ext in ("csv", "md")]
+    figures = lambda *names: [f"{R}/figures/{n}" for n in names]
+    return {
+        "all": lambda: [*tables("table1"), *figures("fig1.png", "roc.png")],
+        "ablations": lambda: [*tables("table2", "table3"), *figures("fig4c.png", "s2m.png")],
+        "wsi_missing": lambda: figures("fig4ab.png"),
+        "analysis": lambda: figures("fig5.png", "heatmaps"),
+    }[target]()
+
+
 def target_files(target):
-    """Final outputs of a workflow target (see the Snakefile header), and the lost per-slide outputs."""
-    return [*TARGET_OUTPUTS[target](), *lost_slide_outputs()]
+    """Everything a workflow target (see the Snakefile header) builds: its tables and figures, its
+    runtime summary, the QC tables, and the lost per-slide outputs (the one target function)."""
+    runtime = [f"{R}/runtime/{target}.csv", f"{R}/runtime/{target}.png"]
+    return [*final_outputs(target), *runtime, *QC_OUTPUTS, *lost_slide_outputs()]
 
 
 # Inputs and params of the evaluation and report rules.

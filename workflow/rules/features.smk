@@ -10,7 +10,7 @@ rule extract:
         grid=rules.tile.output.grid,
         weights=(config.get("features") or {}).get("weights") or [],  # a new checkpoint reruns extraction
     output:
-        store=directory(f"{R}/features/{{slide}}.zarr"),
+        store=directory(slide_pattern(R, "store")),
     params:
         on_error=ON_SLIDE_ERROR,
         features=section("features"),

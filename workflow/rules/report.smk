@@ -1,6 +1,6 @@
 # The paper's tables and figures from all evaluations, and the report's runtime summary.
-# Targets (rule all in the Snakefile, and rules ablations, wsi_missing, analysis) take their final
-# files from TARGET_OUTPUTS; each target also gets a runtime summary of every job run before it.
+# Targets (rule all in the Snakefile, and rules ablations, wsi_missing, analysis) take their files
+# from target_files (common.smk); each target also gets a runtime summary of every job run before it.
 
 EVAL = config.get("evaluation") or {}
 FIGS = EVAL.get("figures") or {}
@@ -20,7 +20,8 @@ COHORT_INPUTS = dict(
 
 rule table1:
     input:
-        metrics_files(target_experiments(config, "all")),
+        metrics=metrics_files(target_experiments(config, "all")),
+        summaries=run_files(target_experiments(config, "all"), "summary.csv"),
     output:
         csv=report(f"{R}/tables/table1.csv", caption="../report/table1.rst", category="Tables"),
         md=f"{R}/tables/table1.md",
@@ -33,8 +34,8 @@ rule table1:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd aggregate table1 --metrics {input:q} --rates {params.rates:q} "
-        "--out \"$(dirname {output.csv:q})\" > {log:q} 2>&1"
+        "bd aggregate table1 --metrics {input.metrics:q} --summaries {input.summaries:q} --rates {params.rates:q} "
+        "--out-dir \"$(dirname {output.csv:q})\" > {log:q} 2>&1"
 
 
 rule fig1:
@@ -73,7 +74,8 @@ rule roc:
 
 rule table2:
     input:
-        metrics_files(ablation("bd-dir-")),
+        metrics=metrics_files(ablation("bd-dir-")),
+        summaries=run_files(ablation("bd-dir-"), "summary.csv"),
     output:
         csv=report(f"{R}/tables/table2.csv", caption="../report/table2.rst", category="Tables"),
         md=f"{R}/tables/table2.md",
@@ -84,12 +86,14 @@ rule table2:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd aggregate table2 --metrics {input:q} --rates '[0, 80]' --out \"$(dirname {output.csv:q})\" > {log:q} 2>&1"
+        "bd aggregate table2 --metrics {input.metrics:q} --summaries {input.summaries:q} "
+        "--out-dir \"$(dirname {output.csv:q})\" > {log:q} 2>&1"
 
 
 rule table3:
     input:
-        metrics_files(ablation("bd-lm-")),
+        metrics=metrics_files(ablation("bd-lm-")),
+        summaries=run_files(ablation("bd-lm-"), "summary.csv"),
     output:
         csv=report(f"{R}/tables/table3.csv", caption="../report/table3.rst", category="Tables"),
         md=f"{R}/tables/table3.md",
@@ -100,17 +104,16 @@ rule table3:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd aggregate table3 --metrics {input:q} --rates '[100]' --out \"$(dirname {output.csv:q})\" > {log:q} 2>&1"
+        "bd aggregate table3 --metrics {input.metrics:q} --summaries {input.summaries:q} "
+        "--out-dir \"$(dirname {output.csv:q})\" > {log:q} 2>&1"
 
 
 rule fig4c:
     input:
-        prediction_files(ablation("bd-prompt-")),
-        run_files(ablation("bd-prompt-"), "summary.csv"),
+        predictions=prediction_files(ablation("bd-prompt-")),
+        summaries=run_files(ablation("bd-prompt-"), "summary.csv"),
     output:
         report(f"{R}/figures/fig4c.png", caption="../report/fig4c.rst", category="Figures"),
-    params:
-        predictions=prediction_files(ablation("bd-prompt-")),
     log:
         f"{R}/logs/fig4c.log",
     benchmark:
@@ -118,7 +121,7 @@ rule fig4c:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd figures fig4c --predictions {params.predictions:q} --rate 100 --out {output:q} > {log:q} 2>&1"
+        "bd figures fig4c --predictions {input.predictions:q} --summaries {input.summaries:q} --rate 100 --out {output:q} > {log:q} 2>&1"
 
 
 rule fig4ab:
@@ -210,24 +213,10 @@ rule heatmaps:
         "--fallback-mpp {params.fallback_mpp} --out-dir {output:q} > {log:q} 2>&1"
 
 
-FINAL_OUTPUTS = {
-    "all": lambda: [f"{R}/tables/table1.csv", f"{R}/tables/table1.md", f"{R}/figures/fig1.png",
-                    f"{R}/figures/roc.png"],
-    "ablations": lambda: [f"{R}/tables/table2.csv", f"{R}/tables/table2.md", f"{R}/tables/table3.csv",
-                          f"{R}/tables/table3.md", f"{R}/figures/fig4c.png", f"{R}/figures/s2m.png"],
-    "wsi_missing": lambda: [f"{R}/figures/fig4ab.png"],
-    "analysis": lambda: [f"{R}/figures/fig5.png", f"{R}/figures/heatmaps"],
-}
-# What `target_files` (common.smk) gives each target rule: its final files and its runtime summary.
-TARGET_OUTPUTS = {
-    t: (lambda t=t: [*FINAL_OUTPUTS[t](), f"{R}/runtime/{t}.csv", f"{R}/runtime/{t}.png"]) for t in FINAL_OUTPUTS
-}
-
-
 rule runtime_summary:
     """Per-rule runtime and memory of every job finished before this target's last outputs."""
     input:
-        lambda wc: FINAL_OUTPUTS[wc.target](),
+        lambda wc: final_outputs(wc.target),
     output:
         csv=report(f"{R}/runtime/{{target}}.csv", caption="../report/runtime.rst", category="Runtime",
                    labels={"target": "{target}", "what": "table"}),
@@ -237,7 +226,7 @@ rule runtime_summary:
     params:
         benchmarks=f"{R}/benchmarks",
     wildcard_constraints:
-        target="|".join(FINAL_OUTPUTS),
+        target="|".join(TARGETS),
     log:
         f"{R}/logs/runtime_summary/{{target}}.log",
     benchmark:

@@ -18,12 +18,12 @@ rule segment:
     input:
         slide=slide_path,
     output:
-        mask=f"{R}/segment/{{slide}}/mask.png",
-        artefacts=f"{R}/segment/{{slide}}/artefacts.png",
-        info=f"{R}/segment/{{slide}}/mask.json",
-        contours=f"{R}/segment/{{slide}}/contours.geojson",
+        mask=slide_pattern(R, "mask"),
+        artefacts=slide_pattern(R, "artefacts"),
+        info=slide_pattern(R, "mask_info"),
+        contours=slide_pattern(R, "contours"),
         qc=report(
-            f"{R}/segment/{{slide}}/qc.png",
+            slide_pattern(R, "segment_qc"),
             caption="../report/segment_qc.rst",
             category="Quality control",
             subcategory="Tissue segmentation",
@@ -55,9 +55,9 @@ rule tile:
         artefacts=rules.segment.output.artefacts,
         info=rules.segment.output.info,
     output:
-        grid=f"{R}/tiles/{{slide}}.npz",
+        grid=slide_pattern(R, "grid"),
         qc=report(
-            f"{R}/tiles/{{slide}}.qc.png",
+            slide_pattern(R, "grid_qc"),
             caption="../report/tile_qc.rst",
             category="Quality control",
             subcategory="Patch grid",
