@@ -75,7 +75,7 @@ TEST_STORES = STORES if _SPLIT is None else [
 # A table (slide_id, store) of every store, written by rule feature_index (features.smk), is the
 # input through which training depends on every store.
 FEATURE_INDEX = f"{R}/{FEATURE_INDEX_FILE}"
-# The QC tables of rule slide_qc (qc.smk): part of every target.
+# The QC tables that rule slide_qc (qc.smk) writes, part of every target.
 QC_OUTPUTS = [f"{R}/{table}" for table in QC_TABLES]
 EXPERIMENTS = experiments(config)
 
