@@ -31,10 +31,10 @@ import pandas as pd
 
 from bd.cohort import values as V
 from bd.errors import ConfigError, TableError
+from bd.cohort.split import SPLITS
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 ID_COLUMNS = ["patient_id", "split", "label"]
 PRESENT_COLUMN = "clinical_present"  # 0: no clinical value at all (the patient misses clinical data)
 FORMAT_VERSION = 1

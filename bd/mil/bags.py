@@ -24,13 +24,13 @@ import torch
 from bd.cohort.samples import read_samples
 from bd.errors import StoreError, TableError
 from bd.cohort.values import normalise_id
+from bd.cohort.split import SPLITS
 
 log = logging.getLogger(__name__)
 
 CLINICAL_KEYS = ("patient_id", "split", "label")
 PRESENT_COLUMN = "clinical_present"  # written by bd clinical: 0 for a patient without any clinical value
 NON_FEATURE_COLUMNS = frozenset({*CLINICAL_KEYS, "fold", "clinical_present"})
-SPLITS = ("train", "val", "test")
 # Store attributes that say how features were made, and must agree across every store of a cohort
 # and with a trained run: encoder, weights, preprocessing, patch size and magnification. Per-slide
 # attributes (slide path, reader, read level, patch counts, extraction device, versions) are not.
