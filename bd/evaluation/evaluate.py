@@ -308,30 +308,17 @@ def run_predictor(run: Any, cohort: Any) -> PredictFn:
     return predict
 
 
-def load_split_cohort(features_dir: str, samples: str, clinical: str, split: str, dtype: Any) -> Any:
+def load_split_cohort(features: str, samples: str, clinical: str, split: str, dtype: Any) -> Any:
     """The cohort restricted to one split: only that split's feature stores are read."""
-    import tempfile
+    from bd.mil.bags import load_cohort
 
-    from bd.mil.bags import load_cohort, read_clinical
-    from bd.cohort.samples import read_samples
-
-    table, _ = read_clinical(clinical)
-    raw = pd.read_csv(clinical, sep="\t", dtype={"patient_id": str})
-    part = raw[table["split"] == split]
-    if part.empty:
-        raise BDError(f"{clinical}: no patient in the {split} split")
-    sheet = read_samples(samples)
-    with tempfile.TemporaryDirectory(prefix="bd-evaluate-") as tmp:
-        table_path, sheet_path = Path(tmp) / "clinical.tsv", Path(tmp) / "samples.tsv"
-        part.to_csv(table_path, sep="\t", index=False)
-        sheet[sheet["patient_id"].isin(set(part["patient_id"]))].to_csv(sheet_path, sep="\t", index=False)
-        kwargs = {"dtype": dtype} if dtype is not None else {}
-        return load_cohort(features_dir, sheet_path, table_path, progress=False, **kwargs)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    return load_cohort(features, samples, clinical, progress=False, split=split, **kwargs)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="trained run (checkpoint.pt)")
-    parser.add_argument("--features-dir", required=True, help="folder of {slide}.zarr feature stores")
+    parser.add_argument("--run", required=True, help="trained run (checkpoint.pt of bd train)")
+    parser.add_argument("--feature-index", required=True, help="the feature index (index.tsv: slide_id, store) or a folder of {slide}.zarr stores")
     parser.add_argument("--samples", required=True, help="sample sheet TSV (slide_id, patient_id, path)")
     parser.add_argument("--clinical", required=True, help="normalised clinical table (clinical.tsv)")
     parser.add_argument("--params", default=None, help="evaluation section (JSON or file)")
@@ -351,11 +338,11 @@ def run(args: argparse.Namespace) -> int:
     from bd.mil.runs import load_run
 
     params = build(EvaluationParams, args.params)
-    checkpoint = Path(args.checkpoint)
+    checkpoint = Path(args.run)
     experiment, seed = run_identity(checkpoint, args.experiment, args.seed)
     trained = load_run(checkpoint)
     dtype = torch.bfloat16 if trained.params.get("precision", "bf16") == "bf16" else torch.float16
-    cohort = load_split_cohort(args.features_dir, args.samples, args.clinical, "test", dtype)
+    cohort = load_split_cohort(args.feature_index, args.samples, args.clinical, "test", dtype)
     ids = [str(p) for p in cohort.patient_ids]
     labels = np.asarray(cohort.labels).astype(int)
     info = run_info(trained, experiment, seed)

@@ -78,3 +78,22 @@ def read_store(path: str | os.PathLike[str], with_features: bool = True) -> Feat
         raise StoreError(f"{path}: feature store is incomplete (interrupted extraction?)")
     feats = root["features"][:] if with_features else np.zeros((0, 0), np.float16)
     return FeatureSet(features=feats, coords=root["coords"][:], attrs=attrs)
+
+
+def store_paths(features: str | os.PathLike[str], slide_ids: list[str]) -> dict[str, Path]:
+    """Each slide's feature store: from the feature index (``index.tsv``: slide_id, store, written
+    by the workflow) or, given a folder, ``{folder}/{slide}.zarr``. A slide the index does not
+    list gets the folder's path (it will be reported as missing, naming it)."""
+    import pandas as pd
+
+    features = Path(features)
+    if not features.is_file():  # a folder of stores (one that does not exist holds none)
+        return {sid: features / f"{sid}.zarr" for sid in slide_ids}
+    try:
+        index = pd.read_csv(features, sep="\t", dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise StoreError(f"{features}: cannot read the feature index ({exc}); give the index or a folder of stores") from exc
+    if not {"slide_id", "store"} <= set(index.columns):
+        raise StoreError(f"{features}: a feature index needs columns slide_id and store (has {list(index.columns)})")
+    listed = dict(zip(index["slide_id"], index["store"]))
+    return {sid: Path(listed[sid]) if sid in listed else features.parent / f"{sid}.zarr" for sid in slide_ids}

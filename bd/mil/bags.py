@@ -249,7 +249,7 @@ def _check_consistent(first: tuple[Path, dict[str, Any]], path: Path, attrs: dic
 
 
 def _scan_stores(
-    features_dir: Path, slides_of: dict[str, list[str]], paths: dict[str, str] | None = None
+    features: Path, stores: dict[str, Path], slides_of: dict[str, list[str]], paths: dict[str, str] | None = None
 ) -> tuple[dict[str, list[_Slide]], dict[str, Any], int]:
     """Attributes of every patient's stores (no features read): sizes, identity, consistency.
 
@@ -265,7 +265,7 @@ def _scan_stores(
     absent, lost = [], []
     for pid, slide_ids in slides_of.items():
         for sid in slide_ids:
-            path = features_dir / f"{sid}.zarr"
+            path = stores[sid]
             if not path.exists():
                 slide_file = (paths or {}).get(sid)
                 (absent if slide_file is not None and not os.path.exists(slide_file) else lost).append((sid, path))
@@ -294,28 +294,36 @@ def _scan_stores(
         log.warning("%d slide(s) whose file is missing have no feature store (counted as missing the slide), e.g. %s",
                     len(absent), ", ".join(s for s, _ in absent[:5]))
     if first is None:
-        raise StoreError(f"{features_dir}: no non-empty feature store for any patient of the cohort")
+        raise StoreError(f"{features}: no non-empty feature store for any patient of the cohort")
     return found, first[1], int(first[1].get("feature_dim", 0))
 
 
 def load_cohort(
-    features_dir: str | os.PathLike[str],
+    features: str | os.PathLike[str],
     samples_tsv: str | os.PathLike[str],
     clinical_tsv: str | os.PathLike[str],
     dtype: torch.dtype = torch.float16,
     progress: bool = True,
+    split: str | None = None,
 ) -> Cohort:
-    """Every patient of ``clinical_tsv`` with its slides' features (``samples_tsv`` maps slides to
-    patients), packed in memory as ``dtype``. Stores are read twice: attributes first (to size one
-    preallocated tensor and check that all stores come from the same encoder), then features."""
+    """Every patient of ``clinical_tsv`` (of one ``split`` when given: only its stores are read)
+    with its slides' features (``samples_tsv`` maps slides to patients; ``features`` is the
+    feature index or a folder of stores), packed in memory as ``dtype``. Stores are read twice:
+    attributes first (to size one preallocated tensor and check that all stores come from the
+    same encoder), then features."""
     from tqdm import tqdm
 
-    from bd.features.store import read_store
+    from bd.features.store import read_store, store_paths
 
-    features_dir = Path(features_dir)
+    features = Path(features)
     table, columns = read_clinical(clinical_tsv)
     sheet = read_samples(samples_tsv)
     sheet["patient_id"] = [normalise_id(p) for p in sheet["patient_id"]]
+    if split is not None:
+        table = table[table["split"] == split].reset_index(drop=True)
+        if table.empty:
+            raise TableError(f"{clinical_tsv}: no patient in the {split} split")
+        sheet = sheet[sheet["patient_id"].isin(set(table["patient_id"]))].reset_index(drop=True)
     patients = table["patient_id"].tolist()
     known = set(patients)
     orphans = sorted(set(sheet["patient_id"]) - known)
@@ -326,7 +334,8 @@ def load_cohort(
     for sid, pid in zip(sheet["slide_id"], sheet["patient_id"]):
         if pid in known:
             slides_of[pid].append(sid)
-    found, attrs, dim = _scan_stores(features_dir, slides_of, dict(zip(sheet["slide_id"], sheet["path"])))
+    stores = store_paths(features, list(sheet["slide_id"]))
+    found, attrs, dim = _scan_stores(features, stores, slides_of, dict(zip(sheet["slide_id"], sheet["path"])))
 
     counts = np.array([sum(s.n for s in found.get(p, [])) for p in patients], dtype=np.int64)
     total = int(counts.sum())

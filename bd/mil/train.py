@@ -517,7 +517,7 @@ def write_outputs(result: TrainResult, cohort: Cohort, params: TrainParams, seed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--features-dir", required=True, help="folder of {slide}.zarr feature stores")
+    parser.add_argument("--feature-index", required=True, help="the feature index (index.tsv: slide_id, store) or a folder of {slide}.zarr stores")
     parser.add_argument("--samples", required=True, help="sample sheet TSV (slide_id, patient_id, path)")
     parser.add_argument("--clinical", required=True, help="normalised clinical table (clinical.tsv)")
     parser.add_argument("--scaler", default=None,
@@ -549,7 +549,7 @@ def run(args: argparse.Namespace) -> int:
     scaler = _scaler_path(args)
     precision, _ = resolve_precision(params.precision, device, "training.precision")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16  # fp16: the stores' own type
-    cohort = load_cohort(args.features_dir, args.samples, args.clinical, dtype=dtype, progress=not args.no_progress)
+    cohort = load_cohort(args.feature_index, args.samples, args.clinical, dtype=dtype, progress=not args.no_progress)
     if device.type == "cuda":
         cohort.features = cohort.features.to(device)  # one copy up front: an epoch then reads GPU memory
     result = train_model(cohort, params, args.seed, device, progress=not args.no_progress)

@@ -341,16 +341,16 @@ def _cmd_roc(args: argparse.Namespace) -> Path:
 def _load(args: argparse.Namespace) -> Any:
     from bd.mil.bags import load_cohort
 
-    return load_cohort(args.features_dir, args.samples, args.clinical, progress=False)
+    return load_cohort(args.feature_index, args.samples, args.clinical, progress=False)
 
 
 def _cmd_fig5(args: argparse.Namespace) -> Path:
     from bd.mil.runs import load_run
 
-    runs = [load_run(path) for path in args.checkpoint]
+    runs = [load_run(path) for path in args.run]
     titles = args.titles or fig5_titles(runs)
-    if len(args.checkpoint) != len(titles):
-        raise BDError(f"give one --titles entry per --checkpoint ({len(args.checkpoint)} checkpoints)")
+    if len(args.run) != len(titles):
+        raise BDError(f"give one --titles entry per --run ({len(args.run)} runs)")
     cohort = _load(args)
     cohort = cohort.select(np.flatnonzero(cohort.has_slide & np.isin(cohort.split, args.splits)))
     embeddings = [(title, np.asarray(run.slide_embeddings(cohort))) for run, title in zip(runs, titles)]
@@ -421,10 +421,10 @@ def s2m_figure(runs: Sequence[Any], curves: Sequence[pd.DataFrame], cohort: Any,
 def _cmd_s2m(args: argparse.Namespace) -> Path:
     from bd.mil.runs import load_run
 
-    if len(args.curves) != len(args.checkpoint):
-        raise BDError(f"give one --curves file per --checkpoint ({len(args.checkpoint)} checkpoints)")
-    runs = [load_run(path) for path in args.checkpoint]
-    bad = [str(p) for p, r in zip(args.checkpoint, runs) if r.method != "bd"]
+    if len(args.curves) != len(args.run):
+        raise BDError(f"give one --curves file per --run ({len(args.run)} runs)")
+    runs = [load_run(path) for path in args.run]
+    bad = [str(p) for p, r in zip(args.run, runs) if r.method != "bd"]
     if bad:
         raise BDError(f"the s2m figure takes BD runs; {bad[0]} is not one")
     cohort = _load(args)
@@ -438,17 +438,18 @@ def _cmd_s2m(args: argparse.Namespace) -> Path:
     return path
 
 
-def write_heatmaps(run: Any, cohort: Any, patient: str, samples: pd.DataFrame, features_dir: Path,
+def write_heatmaps(run: Any, cohort: Any, patient: str, samples: pd.DataFrame, features: Path,
                    out_dir: Path, fallback_mpp: float | None = None) -> list[Path]:
-    """One attention heatmap PNG per slide of ``patient`` (``<patient>_<slide>.png``)."""
-    from bd.features.store import read_store
+    """One attention heatmap PNG per slide of ``patient`` (``<patient>_<slide>.png``); ``features``
+    is the feature index or a folder of stores."""
+    from bd.features.store import read_store, store_paths
 
     att = run.attention(cohort, patient)
     i = cohort.index(patient)
     label = {0: "N0", 1: "N+"}.get(int(cohort.labels[i]), "?")
     out = []
     for sid, part in att.groupby("slide_id", sort=False):
-        attrs = read_store(features_dir / f"{sid}.zarr", with_features=False).attrs
+        attrs = read_store(store_paths(features, [sid])[sid], with_features=False).attrs
         out.append(render_slide_heatmap(
             samples.loc[sid, "path"], part[["x", "y"]].to_numpy(), patch_side_level0(attrs),
             part["attention"].to_numpy(), f"patient {patient} ({label}), slide {sid}",
@@ -462,8 +463,8 @@ def _cmd_heatmaps(args: argparse.Namespace) -> Path:
 
     from bd.evaluation.evaluate import load_split_cohort
 
-    run = load_run(args.checkpoint)
-    cohort = load_split_cohort(args.features_dir, args.samples, args.clinical, "test", None)
+    run = load_run(args.run)
+    cohort = load_split_cohort(args.feature_index, args.samples, args.clinical, "test", None)
     test = np.flatnonzero(cohort.has_slide)
     if not len(test):
         raise BDError(f"{args.clinical}: no test patient with a slide")
@@ -473,7 +474,7 @@ def _cmd_heatmaps(args: argparse.Namespace) -> Path:
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         for pid in chosen:
-            write_heatmaps(run, cohort, pid, samples, Path(args.features_dir), tmp, args.fallback_mpp)
+            write_heatmaps(run, cohort, pid, samples, Path(args.feature_index), tmp, args.fallback_mpp)
     return out_dir
 
 
@@ -506,32 +507,32 @@ def _add_roc(p: argparse.ArgumentParser) -> None:
 
 
 def _add_cohort(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--features-dir", required=True)
-    p.add_argument("--samples", required=True)
-    p.add_argument("--clinical", required=True)
+    p.add_argument("--feature-index", required=True, help="the feature index (index.tsv: slide_id, store) or a folder of {slide}.zarr stores")
+    p.add_argument("--samples", required=True, help="sample sheet TSV (slide_id, patient_id, path)")
+    p.add_argument("--clinical", required=True, help="normalised clinical table (clinical.tsv)")
 
 
 def _add_fig5(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", nargs="+", required=True, help="runs to compare (single-modal first)")
+    p.add_argument("--run", nargs="+", required=True, help="trained runs (checkpoint.pt) to compare, single-modal first")
     p.add_argument("--titles", nargs="+", default=None, help="panel titles (default: from the runs)")
     _add_cohort(p)
     p.add_argument("--splits", nargs="+", default=["train", "val", "test"], help="patients to embed")
-    p.add_argument("--perplexity", type=float, default=30.0)
+    p.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity")
     p.add_argument("--out", required=True, help="PNG to write")
 
 
 def _add_s2m(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", nargs="+", required=True, help="BD runs (directions none, m2s, s2m, both)")
+    p.add_argument("--run", nargs="+", required=True, help="trained BD runs (checkpoint.pt; directions none, m2s, s2m, both)")
     p.add_argument("--curves", nargs="+", required=True, help="their curve.csv files, in the same order")
     _add_cohort(p)
     p.add_argument("--out", required=True, help="PNG to write (and the CKA table beside it as .csv)")
 
 
 def _add_heatmaps(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--run", required=True, help="trained run (checkpoint.pt) whose attention is drawn")
     _add_cohort(p)
     p.add_argument("--patients", type=int, default=4, help="test patients to draw (half N+, half N0)")
-    p.add_argument("--fallback-mpp", type=float, default=None)
+    p.add_argument("--fallback-mpp", type=float, default=None, help="microns per pixel of slides without any")
     p.add_argument("--out-dir", required=True, help="folder of <patient>_<slide>.png")
 
 

@@ -570,7 +570,7 @@ def _open(path: Path, fallback_mpp: float | None, mpp: float | None) -> Slide:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("slide", type=Path, help="slide file (any OpenSlide format, JPEG, PNG, TIFF)")
+    parser.add_argument("--slide", type=Path, required=True, help="slide file (any OpenSlide format, JPEG, PNG, TIFF)")
     parser.add_argument("--fallback-mpp", type=float, default=None,
                         help="microns per pixel to assume when the metadata has none")
     parser.add_argument("--mpp", type=float, default=None, help="microns per pixel (overrides the metadata)")

@@ -20,7 +20,7 @@ SLIDE_OUTPUTS: dict[str, str] = {
     "grid_qc": "tiles/{slide}.qc.png",
     "store": "features/{slide}.zarr",
 }
-FEATURES = "features"  # the folder of the stores, and of their index
+FEATURES = "features"  # the folder of the stores and of their index
 FEATURE_INDEX = "features/index.tsv"
 QC_TABLES = ("qc/slide_errors.tsv", "qc/cohort_checks.tsv")
 

@@ -131,7 +131,7 @@ def tiny(tmp_path_factory):
 
 def _evaluate(root, cohort, checkpoint, params):
     out = checkpoint.parent.parent.parent.parent / "evaluate" / checkpoint.parent.parent.name / checkpoint.parent.name
-    rc = main(["evaluate", "--checkpoint", str(checkpoint), "--features-dir", str(cohort["features"]),
+    rc = main(["evaluate", "--run", str(checkpoint), "--feature-index", str(cohort["features"]),
                "--samples", str(cohort["samples"]), "--clinical", str(cohort["clinical"]),
                "--params", params, "--out-dir", str(out)])
     assert rc == 0

@@ -175,7 +175,7 @@ def trained(tmp_path_factory):
     out = root / "run"
     params = {**TINY, "method": "bd", "max_epochs": 4, "patience": 4, "lr": 0.05, "batch_size": 4,
               "methods": ["bd"], "seeds": [0]}
-    rc = main(["train", "--features-dir", str(paths["features"]), "--samples", str(paths["samples"]),
+    rc = main(["train", "--feature-index", str(paths["features"]), "--samples", str(paths["samples"]),
                "--clinical", str(paths["clinical"]), "--seed", "3", "--params", json.dumps(params),
                "--out-dir", str(out), "--no-progress", "--threads", "1"])
     assert rc == 0

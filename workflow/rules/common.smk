@@ -13,7 +13,7 @@ from bd.workflow.check import check_config, missing_files, prerun
 from bd.cohort.samples import build_sample_sheet, sheet_sha256
 from bd.methods import list_methods
 from bd.paper.experiments import experiments, seeds_for, target_experiments
-from bd.workflow.layout import FEATURE_INDEX as FEATURE_INDEX_FILE, FEATURES, QC_TABLES, slide_output, slide_pattern
+from bd.workflow.layout import FEATURE_INDEX as FEATURE_INDEX_FILE, QC_TABLES, slide_output, slide_pattern
 
 
 # Numbers written as text by YAML 1.1 (`lr: 1e-4`) become numbers, then every unknown key, wrong
@@ -51,7 +51,6 @@ SLIDES = [s for s in SAMPLES["slide_id"] if s not in MISSING_SLIDES]
 # The sheet's content hash: a parameter of rule samples (a changed sheet reruns it, whatever the
 # timestamps) and the check that its job builds the sheet the workflow was parsed with.
 SAMPLES_SHA256 = sheet_sha256(SAMPLES)
-FEATURES_DIR = f"{R}/{FEATURES}"
 # Cohort tables, named by path (not rules.X.output) in the rules that also take every store: with
 # a rule reference there, Snakemake hashes the whole store list once per store, per job (quadratic).
 SAMPLES_TSV = f"{R}/samples.tsv"
@@ -124,11 +123,6 @@ def write_feature_index(stores, out, log):
 
     write_text(out, "slide_id\tstore\n" + "".join(f"{s}\t{p}\n" for s, p in zip(SLIDES, stores)))
     write_text(log, f"{len(stores)} feature stores listed in {out}\n")
-
-
-def stores_dir(stores):
-    """The folder of the feature stores (a rule's input.stores)."""
-    return os.path.dirname(stores[0]) if stores else FEATURES_DIR
 
 
 def slide_path(wildcards):

@@ -5,6 +5,7 @@
 rule evaluate:
     input:
         checkpoint=CHECKPOINT,
+        index=FEATURE_INDEX,  # where each store is; the command reads the test split's only
         stores=TEST_STORES,  # the test split's (common.smk)
         samples=SAMPLES_TSV,
         clinical=CLINICAL_TSV,
@@ -15,7 +16,6 @@ rule evaluate:
     params:
         evaluation=evaluation_params(),
         version=stage_version("evaluate"),
-        features_dir=lambda w, input: stores_dir(input.stores),
     log:
         f"{R}/logs/evaluate/{{experiment}}/seed{{seed}}.log",
     benchmark:
@@ -23,7 +23,7 @@ rule evaluate:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd evaluate --checkpoint {input.checkpoint:q} --features-dir {params.features_dir:q} "
+        "bd evaluate --run {input.checkpoint:q} --feature-index {input.index:q} "
         "--samples {input.samples:q} --clinical {input.clinical:q} --params {params.evaluation:q} "
         "--experiment {wildcards.experiment} --seed {wildcards.seed} "
         "--out-dir \"$(dirname {output.metrics:q})\" > {log:q} 2>&1"

@@ -12,6 +12,7 @@ HEATMAP_METHOD = next((m for m in list_methods(figure="heatmaps") if m in config
 
 
 COHORT_INPUTS = dict(
+    index=FEATURE_INDEX,
     stores=STORES,
     samples=SAMPLES_TSV,
     clinical=CLINICAL_TSV,
@@ -151,7 +152,6 @@ rule fig5:
     output:
         report(f"{R}/figures/fig5.png", caption="../report/fig5.rst", category="Figures"),
     params:
-        features_dir=lambda w, input: stores_dir(input.stores),
         perplexity=FIGS.get("tsne_perplexity", 30),
     log:
         f"{R}/logs/fig5.log",
@@ -160,7 +160,7 @@ rule fig5:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd figures fig5 --checkpoint {input.runs:q} --features-dir {params.features_dir:q} "
+        "bd figures fig5 --run {input.runs:q} --feature-index {input.index:q} "
         "--samples {input.samples:q} --clinical {input.clinical:q} --perplexity {params.perplexity} "
         "--out {output:q} > {log:q} 2>&1"
 
@@ -174,7 +174,6 @@ rule s2m:
         png=report(f"{R}/figures/s2m.png", caption="../report/s2m.rst", category="Figures"),
         csv=f"{R}/figures/s2m.csv",
     params:
-        features_dir=lambda w, input: stores_dir(input.stores),
     log:
         f"{R}/logs/s2m.log",
     benchmark:
@@ -182,7 +181,7 @@ rule s2m:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd figures s2m --checkpoint {input.runs:q} --curves {input.curves:q} --features-dir {params.features_dir:q} "
+        "bd figures s2m --run {input.runs:q} --curves {input.curves:q} --feature-index {input.index:q} "
         "--samples {input.samples:q} --clinical {input.clinical:q} --out {output.png:q} > {log:q} 2>&1"
 
 
@@ -198,7 +197,6 @@ rule heatmaps:
             category="Attention heatmaps",
         ),
     params:
-        features_dir=lambda w, input: stores_dir(input.stores),
         patients=FIGS.get("heatmap_patients", 4),
         fallback_mpp=config["cohort"].get("fallback_mpp", 0.5),
     log:
@@ -208,7 +206,7 @@ rule heatmaps:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd figures heatmaps --checkpoint {input.checkpoint:q} --features-dir {params.features_dir:q} "
+        "bd figures heatmaps --run {input.checkpoint:q} --feature-index {input.index:q} "
         "--samples {input.samples:q} --clinical {input.clinical:q} --patients {params.patients} "
         "--fallback-mpp {params.fallback_mpp} --out-dir {output:q} > {log:q} 2>&1"
 
