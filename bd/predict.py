@@ -21,7 +21,6 @@ import contextlib
 import logging
 import math
 import re
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -241,13 +240,9 @@ def one_patient_cohort(run: Any, store: Path, slide_path: Path, clinical: np.nda
         raise StoreError(f"{store}: holds no patch (no tissue): nothing to predict from")
     slide_id = store.name.removesuffix(".zarr")
     values = clinical if clinical is not None else np.zeros(len(run.clinical_columns), np.float32)
-    with tempfile.TemporaryDirectory(prefix="bd-predict-") as tmp:
-        samples, table = Path(tmp) / "samples.tsv", Path(tmp) / "clinical.tsv"
-        pd.DataFrame({"slide_id": [slide_id], "patient_id": [PATIENT], "path": [str(slide_path)]}).to_csv(
-            samples, sep="\t", index=False)
-        row = {"patient_id": PATIENT, "split": "test", "label": 0, **dict(zip(run.clinical_columns, values))}
-        pd.DataFrame([row]).to_csv(table, sep="\t", index=False)
-        return load_cohort(store.parent, samples, table, progress=False)
+    samples = pd.DataFrame({"slide_id": [slide_id], "patient_id": [PATIENT], "path": [str(slide_path)]})
+    row = {"patient_id": PATIENT, "split": "test", "label": 0, **dict(zip(run.clinical_columns, values))}
+    return load_cohort(store.parent, samples, pd.DataFrame([row]), progress=False)
 
 
 # ---------------------------------------------------------------- command line

@@ -174,13 +174,17 @@ class Cohort:
 # ---------------------------------------------------------------- reading the tables
 
 
-def read_clinical(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, list[str]]:
-    """The normalised clinical table and its model-input columns; errors name file, row, column."""
-    path = Path(path)
-    try:
-        table = pd.read_csv(path, sep="\t", dtype={"patient_id": str})
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise TableError(f"{path}: cannot read the clinical table ({exc})") from exc
+def read_clinical(path: str | os.PathLike[str] | pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The normalised clinical table (a clinical.tsv, or its rows in memory) and its model-input
+    columns; errors name file, row, column."""
+    if isinstance(path, pd.DataFrame):
+        table, path = path.assign(patient_id=path["patient_id"].astype(str)), Path("clinical table")
+    else:
+        path = Path(path)
+        try:
+            table = pd.read_csv(path, sep="\t", dtype={"patient_id": str})
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+            raise TableError(f"{path}: cannot read the clinical table ({exc})") from exc
     for col in CLINICAL_KEYS:
         if col not in table.columns:
             raise TableError(f"{path}: column '{col}' is missing (have: {', '.join(table.columns)})")
@@ -300,24 +304,24 @@ def _scan_stores(
 
 def load_cohort(
     features: str | os.PathLike[str],
-    samples_tsv: str | os.PathLike[str],
-    clinical_tsv: str | os.PathLike[str],
+    samples_tsv: str | os.PathLike[str] | pd.DataFrame,
+    clinical_tsv: str | os.PathLike[str] | pd.DataFrame,
     dtype: torch.dtype = torch.float16,
     progress: bool = True,
     split: str | None = None,
 ) -> Cohort:
     """Every patient of ``clinical_tsv`` (of one ``split`` when given: only its stores are read)
-    with its slides' features (``samples_tsv`` maps slides to patients; ``features`` is the
-    feature index or a folder of stores), packed in memory as ``dtype``. Stores are read twice:
-    attributes first (to size one preallocated tensor and check that all stores come from the
-    same encoder), then features."""
+    with its slides' features (``samples_tsv`` maps slides to patients; both tables are files or
+    their rows in memory; ``features`` is the feature index or a folder of stores), packed in
+    memory as ``dtype``. Stores are read twice: attributes first (to size one preallocated tensor
+    and check that all stores come from the same encoder), then features."""
     from tqdm import tqdm
 
     from bd.features.store import read_store, store_paths
 
     features = Path(features)
     table, columns = read_clinical(clinical_tsv)
-    sheet = read_samples(samples_tsv)
+    sheet = samples_tsv.copy() if isinstance(samples_tsv, pd.DataFrame) else read_samples(samples_tsv)
     sheet["patient_id"] = [normalise_id(p) for p in sheet["patient_id"]]
     if split is not None:
         table = table[table["split"] == split].reset_index(drop=True)
