@@ -19,7 +19,7 @@ def test_the_model_registry_has_exactly_the_registered_methods():
 
 
 def test_the_config_schema_lists_the_registered_methods():
-    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    schema = yaml.safe_load((ROOT / "bd" / "schemas" / "config.schema.yaml").read_text())
     enum = schema["properties"]["training"]["properties"]["methods"]["items"]["enum"]
     assert enum == list_methods()
 
@@ -53,3 +53,11 @@ def test_a_method_is_registered_once_and_has_a_known_role():
         register_method(Method("bd", "BD", "tab:red", "proposed"))
     with pytest.raises(ValueError, match="role"):
         Method("x", "X", "k", "star")
+
+
+def test_the_public_api_resolves_every_name():
+    import bd
+
+    assert all(getattr(bd, name) is not None for name in bd.__all__)
+    with pytest.raises(AttributeError):
+        bd.nothing_here  # noqa: B018

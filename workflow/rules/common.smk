@@ -9,7 +9,7 @@ from snakemake.logging import logger
 from snakemake.utils import validate
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
-from bd.workflow.check import check_config, missing_files, prerun
+from bd.workflow.check import SAMPLES_SCHEMA, SCHEMA, check_config, missing_files, prerun
 from bd.cohort.samples import build_sample_sheet, sheet_sha256
 from bd.methods import list_methods
 from bd.paper.experiments import experiments, seeds_for, target_experiments
@@ -19,7 +19,7 @@ from bd.workflow.layout import FEATURE_INDEX as FEATURE_INDEX_FILE, QC_TABLES, s
 # Numbers written as text by YAML 1.1 (`lr: 1e-4`) become numbers, then every unknown key, wrong
 # value, empty or repeated list and missing input file is named in one error (bd/workflow/check.py).
 check_config(config)
-validate(config, schema="../schemas/config.schema.yaml")  # Snakemake's own check; fills defaults
+validate(config, schema=str(SCHEMA))  # Snakemake's own check (the schema in bd/schemas); fills defaults
 
 # Rules run `bd` from the Python environment Snakemake itself runs in, so `.venv/bin/snakemake`
 # works without activating the venv and no other `bd` on PATH is picked up: every shell command
@@ -33,7 +33,7 @@ R = config["results"]
 SAMPLES = build_sample_sheet(config)
 # One validator for the whole sheet (validating row by row reloads the schema each time: seconds
 # at BCNB size).
-validate(SAMPLES, schema="../schemas/samples.schema.yaml", set_default=False)
+validate(SAMPLES, schema=str(SAMPLES_SCHEMA), set_default=False)
 # Pre-run cohort checks, before any job (bd/workflow/check.py): missing slide files stop the run naming them
 # (on_slide_error: fail) or get no job and are recorded by rule slide_qc (skip); slides without a
 # clinical row, patients without a slide or a label are counted and warned about. Only in the main
