@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bd.paper.tables import read_benchmarks, read_metrics, read_summaries, runtime_summary, table1, table2, table3
+from bd.paper.tables import read_metrics, read_summaries, table1, table2, table3
+from bd.workflow.runtime import read_benchmarks, runtime_summary
 from bd.cli import main
 from bd.errors import TableError
 
