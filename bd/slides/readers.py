@@ -8,7 +8,7 @@ tile bytes with ``os.pread`` and decodes each tile once with libjpeg-turbo
 TIFF photometric tag), keeping decoded tiles in an LRU cache sized for one row of patches. Every other format goes
 through :class:`SlideReader` (``bd.slides.slide``: OpenSlide and flat images). Both give the same pixels
 (white beyond the slide's borders); tests compare them with OpenSlide. A large flat image (a
-BCNB JPEG) is read from its pyramidal JPEG-tiled copy (``bd.slides.slide.pyramid_copy``, written once
+BCNB JPEG) is read from its pyramidal JPEG-tiled copy (``bd.slides.flat.pyramid_copy``, written once
 in the planning process), through the stored-tile reader.
 
 A reader is described by a picklable :class:`ReadSpec` and opened with :func:`open_reader`, so

@@ -196,7 +196,7 @@ def test_slide_info_command(svs_path: Path, data_dir: Path, capsys: pytest.Captu
 @pytest.fixture
 def streamed(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make 'large' small: images above 2**20 pixels are streamed, never decoded whole."""
-    import bd.slides.slide as slide_mod
+    import bd.slides.flat as slide_mod
 
     monkeypatch.setattr(slide_mod, "STREAM_PIXELS", 1 << 20)
     monkeypatch.setattr(slide_mod, "BASE_PIXELS", 1 << 18)
