@@ -264,7 +264,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bd.paper.figures import patch_side_level0, render_slide_heatmap
+    from bd.paper.heatmaps import patch_side_level0, render_slide_heatmap
     from bd.mil.runs import load_run
     from bd.features.store import read_store
 

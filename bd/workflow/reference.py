@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bd.io import write_text
 from bd.workflow.check import SCHEMA, load_schema
 
 BEGIN = "<!-- keys: generated from bd/schemas/config.schema.yaml by `python -m bd.workflow.reference`; do not edit -->"
@@ -51,7 +52,7 @@ def rewrite(readme: Path) -> bool:
     start, end = text.index(BEGIN), text.index(END) + len(END)
     new = text[:start] + reference() + text[end:]
     if new != text:
-        readme.write_text(new)
+        write_text(readme, new)
     return new != text
 
 

@@ -366,7 +366,7 @@ def test_s2m_moves_f_wm_toward_f_ws_and_m2s_moves_the_single_branch():
     """Same seed, same data order: S->M raises linear CKA(f_wm, f_ws) over `none` (mean of two
     seeds) and leaves the single-modal branch as it was; M->S changes the single-modal outputs
     and leaves the multi-modal branch as it was."""
-    from bd.paper.figures import linear_cka
+    from bd.paper.s2m import linear_cka
 
     cka = {"none": [], "s2m": []}
     for seed in (0, 1):

@@ -11,8 +11,9 @@ from PIL import Image
 
 from bd.cli import main
 from bd.errors import TableError
-from bd.paper.figures import (attention_overlay, choose_patients, fig5, fig5_titles, linear_cka, percentile_scores,
-                        rate_curve, read_predictions, render_slide_heatmap)
+from bd.paper.figures import fig5, fig5_titles, rate_curve, read_predictions
+from bd.paper.heatmaps import attention_overlay, choose_patients, percentile_scores, render_slide_heatmap
+from bd.paper.s2m import linear_cka
 from bd.paper.tables import read_metrics
 from bd.mil.runs import load_run
 

@@ -435,7 +435,7 @@ def _is_write(call: ast.Call) -> bool:
     if name == "open":
         mode = call.args[1] if len(call.args) > 1 else next((k.value for k in call.keywords if k.arg == "mode"), None)
         return isinstance(mode, ast.Constant) and any(c in str(mode.value) for c in "wax")
-    if name in ("save", "dump"):  # np.save, torch.save, json.dump, pickle.dump (not bd.paper.figures.save)
+    if name in ("save", "dump"):  # np.save, torch.save, json.dump, pickle.dump (not bd.paper.plot.save)
         modules = ("np", "numpy", "torch", "json", "pickle", "yaml")
         return isinstance(func, ast.Attribute) and _name(func.value) in modules
     if name == "open_group":
