@@ -1,7 +1,8 @@
 # bd: bidirectional distillation for lymph-node metastasis prediction from WSIs + clinical data.
 # Usage: snakemake --profile profiles/default            (demo cohort, local)
 #        snakemake --profile slurm --configfile config/bcnb.yaml   (cluster, real cohort)
-# Targets: all (default: Table I, Fig. 1), ablations, wsi_missing, analysis.
+# Targets: all (default: Table I, Fig. 1), ablations, wsi_missing, analysis; external (a trained run
+# on another cohort, config section external).
 
 from snakemake.utils import min_version
 
@@ -19,7 +20,9 @@ include: "workflow/rules/clinical.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/clinical_report.smk"
 include: "workflow/rules/qc.smk"
+include: "workflow/rules/external.smk"
 
 
 # Targets take their files from a function: only the targets asked for are expanded (each lists

@@ -32,8 +32,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "aggregate": ("bd.paper.tables", "the paper's tables from all evaluations"),
     "figures": ("bd.paper.figures", "the paper's figures from all evaluations"),
     "runtime-summary": ("bd.workflow.runtime", "per-rule runtime and memory from Snakemake benchmark files"),
-    "predict": ("bd.predict", "probability of N+ for a new slide, with or without clinical data"),
+    "clinical-report": ("bd.evaluation.clinical_report", "calibration, decision-curve, operating-point and subgroup tables and figures"),
+    "predict": ("bd.predict", "probability of N+ for a new slide (or a cohort: --samples), with or without clinical data"),
     "check": ("bd.workflow.check", "check a workflow config and its cohort before running (ids, files, clinical rows)"),
+    "report-table": ("bd.paper.report_tables", "a table (CSV, TSV or Markdown) as an HTML page for the Snakemake report"),
+    "report-images": ("bd.paper.report_images", "compact JPEG copies of the slides' QC images for the Snakemake report"),
+    "batch": ("bd.workflow.batch", "several bd commands in one process, each with its own log (the workflow's batch rules)"),
     "qc": ("bd.workflow.qc", "gather the slides that could not be read and the cohort checks into QC tables"),
 }
 
@@ -59,6 +63,10 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_DATEFMT = "%H:%M:%S"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -66,8 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
+        format=LOG_FORMAT,
+        datefmt=LOG_DATEFMT,
     )
     try:
         return int(args.func(args) or 0)

@@ -92,3 +92,4 @@ register_method(Method("smil", "SMIL", "tab:brown", "compared", figures={"heatma
 register_method(Method("bd", "BD", "tab:red", "proposed", figures={"fig1": 2, "heatmaps": 0}))
 register_method(Method("bd_wsi", "BD (slide missing)", "tab:red", "variant", missing_kinds=("slide",),
                        default=False, figures={"wsi_missing": 0}))
+register_method(Method("modality_dropout", "modality dropout", "tab:cyan", "compared", figures={"fig1": 3}))

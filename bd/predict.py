@@ -11,7 +11,10 @@ called N+ or N0 at the validation threshold of the branch that answered (as ``bd
 slide's MPP is then taken from the store when the file has none.
 The patch features are standardised inside the model with the training patches' statistics saved in
 the checkpoint (:class:`bd.mil.models.AttentionPool`), exactly as in training and evaluation. Writes
-``prediction.json``, an attention heatmap and the intermediate segmentation, grid and features.
+``prediction.json``, an attention heatmap (with a scale bar), the per-patch attention as a table
+and as QuPath GeoJSON (``patches.attention.tsv`` / ``.geojson``, :mod:`bd.exports`) and the
+intermediate segmentation, grid and features. ``--samples SHEET`` predicts a whole cohort instead,
+with the model and the encoder loaded once (:mod:`bd.external`).
 """
 
 from __future__ import annotations
@@ -116,12 +119,8 @@ def parse_clinical(items: Sequence[str] | None) -> dict[str, Any] | None:
     return out
 
 
-def clinical_vector(run: Any, raw: Mapping[str, Any], scaler: str | None) -> np.ndarray | None:
-    """Raw clinical values -> the run's model-input vector, through the scaler it was trained with
-    (None when no value is given: the patient has no clinical data)."""
-    from bd.cohort.clinical import load_transform
-    from bd.cohort.values import category_key
-
+def scaler_path(run: Any, scaler: str | None) -> Path:
+    """The run's clinical scaler: ``--scaler`` or the path the run records, checked by its SHA-256."""
     recorded = run.scaler or {}
     path = Path(scaler or recorded.get("path") or "")
     if not str(path) or str(path) == ".":
@@ -131,6 +130,16 @@ def clinical_vector(run: Any, raw: Mapping[str, Any], scaler: str | None) -> np.
     if recorded.get("sha256") and file_sha256(path) != recorded["sha256"]:
         raise TableError(f"{path}: not the scaler the run was trained with (SHA-256 differs from "
                          f"{recorded['sha256'][:12]}...); give the run's own scaler.json with --scaler")
+    return path
+
+
+def clinical_vector(run: Any, raw: Mapping[str, Any], scaler: str | None) -> np.ndarray | None:
+    """Raw clinical values -> the run's model-input vector, through the scaler it was trained with
+    (None when no value is given: the patient has no clinical data)."""
+    from bd.cohort.clinical import load_transform
+    from bd.cohort.values import category_key
+
+    path = scaler_path(run, scaler)
     transform = load_transform(path)
     if list(transform.columns) != list(run.clinical_columns):
         raise TableError(f"{path}: its columns {transform.columns} are not the run's {run.clinical_columns}")
@@ -232,13 +241,13 @@ def features_for_slide(slide_path: Path, out_dir: Path, slide_id: str, run: Any,
 def one_patient_cohort(run: Any, store: Path, slide_path: Path, clinical: np.ndarray | None) -> Any:
     """A :class:`bd.mil.bags.Cohort` of the new patient: the store's patches and the clinical vector."""
     from bd.mil.bags import load_cohort
-    from bd.features.store import read_store
+    from bd.features.store import read_store, store_slide_id
 
     attrs = read_store(store, with_features=False).attrs
     check_identity(run.identity, attrs, f"feature store {store}")
     if int(attrs.get("n_patches", 0)) == 0:
         raise StoreError(f"{store}: holds no patch (no tissue): nothing to predict from")
-    slide_id = store.name.removesuffix(".zarr")
+    slide_id = store_slide_id(store)
     values = clinical if clinical is not None else np.zeros(len(run.clinical_columns), np.float32)
     samples = pd.DataFrame({"slide_id": [slide_id], "patient_id": [PATIENT], "path": [str(slide_path)]})
     row = {"patient_id": PATIENT, "split": "test", "label": 0, **dict(zip(run.clinical_columns, values))}
@@ -250,7 +259,20 @@ def one_patient_cohort(run: Any, store: Path, slide_path: Path, clinical: np.nda
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="trained run (checkpoint.pt of bd train)")
-    parser.add_argument("--slide", required=True, type=Path, help="the new slide (any format bd reads)")
+    parser.add_argument("--slide", type=Path, default=None, help="the new slide (any format bd reads)")
+    parser.add_argument("--samples", type=Path, default=None,
+                        help="a cohort instead of one slide: TSV sample sheet (slide_id, patient_id, path[, mpp]); "
+                             "writes predictions.tsv (see bd.external)")
+    parser.add_argument("--clinical-table", type=Path, default=None,
+                        help="with --samples: raw clinical table (CSV/TSV/XLSX) with the training table's columns")
+    parser.add_argument("--clinical-params", default=None,
+                        help="with --samples: the clinical section (JSON or file) for label values (default BCNB's)")
+    parser.add_argument("--features-dir", type=Path, default=None,
+                        help="with --samples: existing stores ({slide}.zarr or CLAM/TRIDENT {slide}.h5)")
+    parser.add_argument("--require-labels", action="store_true",
+                        help="with --samples: refuse a clinical table without labels (the cohort is to be evaluated)")
+    parser.add_argument("--on-slide-error", choices=["fail", "skip"], default="fail",
+                        help="with --samples: a slide that cannot be read stops the run, or counts as missing")
     parser.add_argument("--clinical", nargs="*", default=None,
                         help="raw clinical values: column=value pairs (e.g. 'Age(years)=54' ER=Positive), "
                              "or one JSON object or file; leave out when there is none")
@@ -260,14 +282,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default=None,
                         help="overrides: {'segmentation': {...}, 'tiling': {...}, 'features': {...}} (JSON or file)")
     parser.add_argument("--fallback-mpp", type=float, default=None, help="microns per pixel if the slide has none")
-    parser.add_argument("--out-dir", required=True, type=Path, help="folder for prediction.json, heatmap.png, ...")
+    parser.add_argument("--out-dir", required=True, type=Path,
+                        help="folder for prediction.json, heatmap.png, patches.attention.tsv/.geojson, ...")
+    parser.add_argument("--object-type", choices=["tile", "detection"], default="tile",
+                        help="QuPath object type of the patches in patches.attention.geojson")
 
 
 def run(args: argparse.Namespace) -> int:
+    from bd.exports import attention_table, write_attention
     from bd.paper.heatmaps import patch_side_level0, render_slide_heatmap
     from bd.mil.runs import load_run
     from bd.features.store import read_store
 
+    if args.samples is not None:
+        from bd.external import run_cohort
+
+        return run_cohort(args)
+    if args.slide is None:
+        raise ConfigError("give --slide (one slide) or --samples (a sample sheet of many)")
     trained = load_run(args.run)
     raw = parse_clinical(args.clinical)
     clinical = clinical_vector(trained, raw, args.scaler) if raw is not None else None
@@ -285,11 +317,15 @@ def run(args: argparse.Namespace) -> int:
     result = trained.predict(cohort, clinical_present=np.array([clinical is not None]), slide_present=np.array([True]))
     prob, branch = float(result["prob"].iloc[0]), str(result["branch"].iloc[0])
     att = trained.attention(cohort, PATIENT)
+    attrs = read_store(store, with_features=False).attrs
     with store_mpp_quiet(bool(args.features) and args.fallback_mpp is None):
         heatmap = render_slide_heatmap(
-            args.slide, att[["x", "y"]].to_numpy(), patch_side_level0(read_store(store, with_features=False).attrs),
+            args.slide, att[["x", "y"]].to_numpy(), patch_side_level0(attrs),
             att["attention"].to_numpy(), f"{args.slide.name}: P(N+) = {prob:.3f} ({branch} branch)",
             out / "heatmap.png", fallback_mpp=fallback_mpp)
+    exports = write_attention(out, "patches", attention_table(
+        slide_id, att[["x", "y"]].to_numpy(), att["attention"].to_numpy(), patch_side_level0(attrs),
+        attrs.get("patch_size"), attrs.get("target_mpp")), args.object_type)
     threshold = float(result["threshold"].iloc[0])  # the answering branch's own, as in bd evaluate
     record = {
         "slide": str(args.slide), "run": str(args.run), "method": trained.method,
@@ -297,6 +333,7 @@ def run(args: argparse.Namespace) -> int:
         "pooled_threshold": float(trained.threshold), "branch": branch, "clinical_present": clinical is not None, "clinical_raw": raw,
         "clinical_input": None if clinical is None else dict(zip(trained.clinical_columns, clinical.tolist())),
         "patches": int(len(att)), "features": str(store), "heatmap": str(heatmap),
+        "attention_table": str(exports[0]), "attention_geojson": str(exports[1]),
     }
     write_json(out / "prediction.json", record)
     print(f"{args.slide.name}: P(N+) = {prob:.3f} -> {record['prediction']} (validation threshold {threshold:.3f} "

@@ -9,15 +9,32 @@
 3. BCNB-sized cohorts (1,058 patients, tables only): the clinical-only test AUC for seed 0 and
    its mean and in-range share over ``--seeds`` seeds, and the mean oracle AUC.
 
-Prints one JSON object per line: {"metric", "value", "unit", "target", "better"}. AUCs that must
-lie in a range (the real cohort's 0.55-0.72) have that range as target and better "in range".
+4. (first, unless ``--no-pipeline``) ``make demo`` from a fresh clone of this repository's HEAD in
+   a temporary folder, venv included: wall minutes (target <= 10; issue 18 allows 12), the CPU
+   seconds of every process it ran (``RUSAGE_CHILDREN``), the sum of the jobs' ``cpu_time`` in
+   Snakemake's benchmark files, the job count, the load average before and after, the report's
+   size (target <= 15 MB), and the learning checks of the run: image-only test AUC (mean over
+   seeds, target >= 0.80), the smallest test-probability sd of any slide-using run with complete
+   data and with all clinical data missing (target >= 0.05), the number of test patients
+   (target >= 30), every table and figure present. ``--results DIR`` checks an existing run's
+   results folder instead of running (``--report FILE`` its report).
+
+Prints one JSON object per line: {"metric", "value", "unit", "target", "better"}, and a first
+line naming the CPU. AUCs that must lie in a range (the real cohort's 0.55-0.72) have that range
+as target and better "in range".
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import glob
 import json
+import os
+import platform
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,12 +71,118 @@ def write_only_seconds(params: DemoParams, folder: Path, repeats: int = 3) -> fl
     return statistics.median(times)
 
 
+# What `make demo` must produce (issue 18): Tables I-III, Figs. 1, 4a-c, 5, ROC, S->M, heatmaps, report.
+DEMO_OUTPUTS = ["tables/table1.md", "tables/table2.md", "tables/table3.md", "figures/fig1.png",
+                "figures/fig4ab.png", "figures/fig4c.png", "figures/fig5.png", "figures/roc.png",
+                "figures/s2m.png", "figures/heatmaps", "report.html"]
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def run_make_demo(folder: Path) -> dict[str, float]:
+    """``make demo`` in a fresh clone of this repository's HEAD: wall s, children's CPU s, loads."""
+    clone = folder / "bd"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    before = os.getloadavg()[0]
+    usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.run(["make", "demo"], cwd=clone, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    usage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+        raise SystemExit(f"make demo failed ({proc.returncode})")
+    cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
+    return {"wall_s": wall, "cpu_s": cpu, "load_before": before, "load_after": os.getloadavg()[0],
+            "results": str(clone / "results")}
+
+
+def benchmark_totals(results: Path) -> tuple[int, float]:
+    """(jobs, sum of cpu_time) over the Snakemake benchmark files of a run."""
+    jobs, cpu = 0, 0.0
+    for path in glob.glob(str(results / "benchmarks" / "**" / "*.tsv"), recursive=True):
+        with open(path, newline="") as fh:
+            for row in csv.DictReader(fh, delimiter="\t"):
+                jobs += 1
+                cpu += float(row.get("cpu_time") or 0)
+    return jobs, cpu
+
+
+def learning_checks(results: Path) -> dict[str, float]:
+    """Image-only test AUC (mean over seeds), the smallest test-probability sd of the slide-using
+    runs with complete data and with every clinical value missing, and the test split's size."""
+    import pandas as pd
+
+    image_only, sd_full, sd_missing, patients = [], [], [], 0
+    for path in sorted(results.glob("evaluate/*/seed*/predictions.csv")):
+        pred = pd.read_csv(path)
+        if pred["method"].iloc[0] == "clinical_only":
+            continue
+        first = pred[(pred["repeat"] == 0)]
+        full = first[(first["rate"] == 0) & (first["kind"] == first["kind"].iloc[0])]
+        sd_full.append(float(full["prob"].std(ddof=0)))
+        patients = max(patients, int(full["patient_id"].nunique()))
+        gone = first[(first["kind"] == "clinical") & (first["rate"] == 100)]
+        if len(gone):
+            sd_missing.append(float(gone["prob"].std(ddof=0)))
+    for path in sorted(results.glob("evaluate/image_only/seed*/summary.csv")):
+        summary = pd.read_csv(path)
+        image_only.append(float(summary[(summary["kind"] == "clinical") & (summary["rate"] == 0)]["auc_mean"].iloc[0]))
+    return {"image_only_auc": statistics.mean(image_only) if image_only else float("nan"),
+            "image_only_seeds": len(image_only), "min_sd_full": min(sd_full, default=float("nan")),
+            "min_sd_missing": min(sd_missing, default=float("nan")), "runs": len(sd_full),
+            "test_patients": patients}
+
+
+def pipeline_figures(results: Path, report: Path, timing: dict[str, float] | None) -> None:
+    """The JSON lines of a finished demo run (timed when ``timing`` is given)."""
+    if timing:
+        emit("make_demo_fresh_clone_minutes", timing["wall_s"] / 60, "min", 10, "lower")
+        emit("make_demo_cpu_seconds", timing["cpu_s"], "s", None, "lower")
+        emit("load_average_before", timing["load_before"], "load", None, None)
+        emit("load_average_after", timing["load_after"], "load", None, None)
+    jobs, job_cpu = benchmark_totals(results)
+    emit("demo_jobs", jobs, "jobs", None, "lower")
+    emit("demo_jobs_cpu_time_sum", job_cpu, "s", None, "lower")
+    missing = [name for name in DEMO_OUTPUTS if not (report if name == "report.html" else results / name).exists()]
+    emit("demo_outputs_missing", len(missing), "files", 0, "lower")
+    if report.exists():
+        emit("demo_report_mb", report.stat().st_size / 1e6, "MB", 15, "lower")
+    checks = learning_checks(results)
+    emit(f"demo_image_only_test_auc_mean_{checks['image_only_seeds']}_seeds", checks["image_only_auc"], "AUC", 0.80,
+         "higher")
+    emit(f"demo_min_test_prob_sd_complete_{checks['runs']}_runs", checks["min_sd_full"], "sd", 0.05, "higher")
+    emit("demo_min_test_prob_sd_clinical_missing", checks["min_sd_missing"], "sd", 0.05, "higher")
+    emit("demo_test_patients", checks["test_patients"], "patients", 30, "higher")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=available_cpus())
     parser.add_argument("--seeds", type=int, default=20, help="BCNB-sized cohorts to average over")
     parser.add_argument("--patients", type=int, default=None, help="override the config's demo.patients")
+    parser.add_argument("--no-pipeline", action="store_true", help="skip the timed `make demo` from a fresh clone")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="check this finished run's results folder instead of running make demo")
+    parser.add_argument("--report", type=Path, default=None, help="its report (default: RESULTS/report.html)")
     args = parser.parse_args()
+    print(json.dumps({"cpu": cpu_name(), "cores": os.cpu_count()}), flush=True)
+    if args.results:
+        pipeline_figures(args.results, args.report or args.results / "report.html", None)
+    elif not args.no_pipeline:
+        with tempfile.TemporaryDirectory() as tmp:
+            timing = run_make_demo(Path(tmp))
+            results = Path(timing["results"])
+            pipeline_figures(results, results / "report.html", timing)
 
     section = yaml.safe_load((ROOT / "config/config.yaml").read_text())["demo"]
     if args.patients:

@@ -1,4 +1,4 @@
-"""Method benchmark: the seven methods of Table I on a BCNB-sized synthetic cohort, and the paper's claims.
+"""Method benchmark: the seven methods of Table I and modality dropout on a BCNB-sized synthetic cohort, and the paper's claims.
 
 Cohort: :func:`bd.synthetic.method_cohort` (1,058 patients, 630 / 210 / 218, 38 % N+, 32-d patch
 features, a hidden per-patient tumour fraction driving tumour-like patches), in two regimes,
@@ -29,6 +29,8 @@ Printed, one JSON object per line ({"metric", "value", "unit", "target", "better
 * ``auc_*`` / ``f1_*``: every method's mean test AUC and macro F1 (in points) per regime and rate;
 * ``claim_*``: per regime and rate, each claim of the paper as the mean paired difference over
   seeds (AUC points), its 95 % t interval and a verdict (:func:`verdict`); claims carry no target;
+  ``modality_dropout`` (not in the paper) is compared the same way with BD and Filling (``paper``
+  null);
 * ``paper_optimiser_*``: BD trained with the paper's SGD (lr 1e-4, momentum 0.3, one bag per step)
   on the ``independent`` cohort of seed 0: test AUC (complete data) and the kept epoch.
 
@@ -62,7 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bd.synthetic import REGIMES, SyntheticCohort, method_cohort  # noqa: E402
 
-METHODS = ("image_only", "clinical_only", "filling", "ae", "ensemble", "smil", "bd")
+METHODS = ("image_only", "clinical_only", "filling", "ae", "ensemble", "smil", "bd", "modality_dropout")
 RATES = (0.0, 50.0, 80.0, 100.0)
 # The benchmark's training recipe; every other key keeps the config's default (bd.mil.train.TrainParams).
 TRAINING: dict[str, Any] = {"lr": 3e-2, "momentum": 0.9, "batch_size": 32, "max_epochs": 40, "patience": 8,
@@ -79,7 +81,8 @@ PAPER_AUC = {
 }
 PROGRESS_KEYS = ("auc", "epoch", "seconds", "cpu_seconds", "s2m_share", "prob_sd")  # per-job stderr lines
 LR_C = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # the mean-pool logistic regression's inverse L2 strengths
-ORDER = {m: i for i, m in enumerate(("smil", "bd", "ae", "ensemble", "filling", "image_only", "clinical_only"))}
+ORDER = {m: i for i, m in enumerate(("smil", "bd", "ae", "ensemble", "modality_dropout", "filling", "image_only",
+                                      "clinical_only"))}
 
 
 def emit(metric: str, value: float, unit: str, target: object = None, better: str | None = None,
@@ -136,7 +139,11 @@ class Claim:
         return np.minimum(auc[self.a] - auc[self.b], auc[self.c] - auc[self.a])
 
     def paper(self, rate: float) -> float | None:
-        """The same difference in the paper's Table I (image-only taken at its one figure)."""
+        """The same difference in the paper's Table I (image-only taken at its one figure); None
+        for a method the paper does not have."""
+        if not {self.a, self.b, *([self.c] if self.c else [])} <= set(PAPER_AUC):
+            return None
+
         def at(method: str) -> float:
             figures = PAPER_AUC[method]
             return figures.get(rate, figures[0.0])
@@ -150,6 +157,8 @@ CLAIMS = (
     Claim("bd_minus_image_only", (100.0,), "bd", "image_only"),
     Claim("filling_minus_image_only", (100.0,), "filling", "image_only", sign=-1),
     Claim("ensemble_between_filling_and_bd", RATES, "ensemble", "filling", c="bd"),
+    Claim("modality_dropout_minus_bd", RATES, "modality_dropout", "bd"),  # not the paper's: no paper figure
+    Claim("modality_dropout_minus_filling", RATES, "modality_dropout", "filling"),
 )
 
 
@@ -319,7 +328,7 @@ def report(results: list[dict[str, Any]], regimes: Sequence[str], seeds: int, ra
                     vals = [by[(m, s)][key][rate] for s in seed_list]
                     emit(f"{key}_{regime}_{m}_{rate:g}", np.mean(vals), f"{key.upper()} points", regime=regime,
                          rate=rate, method=m, sd=round(float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, 2),
-                         paper=PAPER_AUC[m].get(rate) if key == "auc" else None)
+                         paper=PAPER_AUC.get(m, {}).get(rate) if key == "auc" else None)
         for claim in CLAIMS:
             needed = {claim.a, claim.b, *([claim.c] if claim.c else [])}
             if not needed <= set(methods):
@@ -341,10 +350,12 @@ def report(results: list[dict[str, Any]], regimes: Sequence[str], seeds: int, ra
 
 
 LABELS = {"image_only": "image only", "clinical_only": "clinical only", "filling": "Filling", "ae": "AE",
-          "ensemble": "Ensemble", "smil": "SMIL", "bd": "BD"}
+          "ensemble": "Ensemble", "smil": "SMIL", "bd": "BD", "modality_dropout": "modality dropout"}
 CLAIM_TEXT = {"bd_minus_filling": "BD - Filling", "bd_minus_image_only": "BD - image only",
               "filling_minus_image_only": "Filling - image only (paper: negative)",
-              "ensemble_between_filling_and_bd": "Ensemble between Filling and BD (smaller margin)"}
+              "ensemble_between_filling_and_bd": "Ensemble between Filling and BD (smaller margin)",
+              "modality_dropout_minus_bd": "modality dropout - BD (not in the paper)",
+              "modality_dropout_minus_filling": "modality dropout - Filling (not in the paper)"}
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -360,7 +371,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             if not any(cells):
                 continue
             text = [f"{c['value']:.1f} ± {c['sd']:.1f}" if c else "" for c in cells]
-            paper = " / ".join(f"{PAPER_AUC[m][r]:.1f}" for r in RATES if r in PAPER_AUC[m])
+            paper = " / ".join(f"{PAPER_AUC[m][r]:.1f}" for r in RATES if r in PAPER_AUC.get(m, {})) or "-"
             out.append(f"| {g} | {LABELS[m]} | " + " | ".join(text) + f" | {paper} |")
     out += ["", "| Regime | Claim | Rate (%) | Mean paired difference [95 % CI] | Verdict | Paper |",
             "|---|---|---|---|---|---|"]
@@ -370,7 +381,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             lo, hi = r["ci"]
             ci = f"[{lo:+.1f}, {hi:+.1f}]" if lo is not None else "[-]"
             out.append(f"| {r['regime']} | {CLAIM_TEXT[name]} | {r['rate']:g} | {r['value']:+.1f} {ci} "
-                       f"| {r['verdict']} | {r['paper']:+.1f} |")
+                       f"| {r['verdict']} | {'-' if r['paper'] is None else format(r['paper'], '+.1f')} |")
     return "\n".join(out)
 
 

@@ -16,7 +16,9 @@ packing, which shows what ``auto`` avoids on a CPU without native bf16.
 
 Evaluation: ``bd evaluate``'s work (``bd.evaluation.evaluate.evaluate`` with the default settings: 10 masks
 per rate, 1,000 bootstrap resamples) for each of the seven methods x 3 seeds on the test split
-(~210 patients x 2,000 patches), untrained models (the cost does not depend on the weights).
+(~210 patients x 2,000 patches), untrained models (the cost does not depend on the weights). A
+run pools each test patient's slide once for all its masks (``bd.mil.runs.PooledCache``: the masks
+change only what the clinical side sees), so the patch layer runs once per run.
 
 OpenMP threads sleep when they wait (``OMP_WAIT_POLICY=PASSIVE``, as ``bd train`` sets it): on a
 busy machine spinning threads steal the time slice their partner needs. Figures from a shared
@@ -78,14 +80,15 @@ def epoch_seconds(cohort: Cohort, idx: np.ndarray, params: TrainParams, device: 
 
 
 def evaluation_seconds(cohort: Cohort, precision: str, device: torch.device, seeds: int) -> float:
-    """Wall time of ``bd evaluate``'s computation for every default method x ``seeds`` seeds."""
+    """Wall time of ``bd evaluate``'s computation for every default method x ``seeds`` seeds
+    (its process CPU time goes to ``LAST_CPU_S``)."""
     from bd.evaluation.evaluate import EvaluationParams, branch_thresholds, evaluate, run_info, run_predictor
     from bd.mil.runs import TrainedRun
 
     test = cohort.select(cohort.indices("test"))
     ids, labels = [str(p) for p in test.patient_ids], test.labels.astype(int)
     params = EvaluationParams()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for method in DEFAULT_METHODS:
         for seed in range(seeds):
             torch.manual_seed(seed)
@@ -96,6 +99,7 @@ def evaluation_seconds(cohort: Cohort, precision: str, device: torch.device, see
                              in_dim=cohort.feature_dim, device=device)
             evaluate(run_predictor(run, test), ids, labels, branch_thresholds(run), params.kinds(method),
                      params, run_info(run, method, seed))
+    LAST_CPU_S[0] = time.process_time() - cpu
     return time.perf_counter() - start
 
 
@@ -132,8 +136,12 @@ def cpu_figures(emit: Recorder, cohort: Cohort, args: argparse.Namespace) -> Non
     emit(f"{other}_epoch_s_cpu", alt / share, "s (extrapolated)", precision=other, batch_size=params.batch_size,
          threads=threads, patients=len(sub), note="the precision auto did not choose")
     if args.eval_seeds:
+        test = cohort.indices("test")
         emit("evaluate_7x3_s_cpu", evaluation_seconds(cohort, params.precision, cpu, args.eval_seeds), "s",
-             methods=len(DEFAULT_METHODS), seeds=args.eval_seeds, test_patients=len(cohort.indices("test")))
+             methods=len(DEFAULT_METHODS), seeds=args.eval_seeds, test_patients=len(test),
+             test_patches=int(cohort.lengths()[test].sum()), threads=threads,
+             note="each run pools every test patient's slide once (bd.mil.runs.PooledCache)")
+        emit("evaluate_7x3_cpu_time_s_cpu", LAST_CPU_S[0], "CPU s (all threads)")
 
 
 def gpu_figures(emit: Recorder, cohort: Cohort, args: argparse.Namespace) -> None:
@@ -172,12 +180,15 @@ def main() -> None:
     emit = Recorder("train", f"cuda: {torch.cuda.get_device_name(0)}" if cuda else f"cpu: {cpu_summary()}",
                     args.save, slug=None if cuda else "cpu-" + _slug(cpu_info().model))
 
+    emit("load_average_start", os.getloadavg()[0], "runnable tasks (1 min)", cores=os.cpu_count(),
+         note="above the core count, other jobs share the cores: wall times are inflated, CPU s less so")
     start = time.perf_counter()
     cohort = synthetic_cohort(args.patients, args.patches, args.dim, 5, seed=0, signal=0.5, dtype=torch.bfloat16)
     emit("generate_s", time.perf_counter() - start, "s")
     emit("patches", int(cohort.offsets[-1]), "patches", patients=cohort.n_patients, dim=args.dim)
     if not args.skip_cpu:
         cpu_figures(emit, cohort, args)
+    emit("load_average_end", os.getloadavg()[0], "runnable tasks (1 min)", cores=os.cpu_count())
     if torch.cuda.is_available():
         emit.set_device(f"cuda: {torch.cuda.get_device_name(0)}", device_slug(torch.cuda.get_device_name(0)))
         gpu_figures(emit, cohort, args)

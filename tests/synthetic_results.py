@@ -25,6 +25,7 @@ LABELS = (np.arange(N_TEST) % 3 == 0).astype(int)
 STRENGTH = {
     "image_only": (1.4, 1.4), "clinical_only": (0.8, 0.0), "filling": (1.8, 1.1), "ae": (1.8, 1.2),
     "ensemble": (1.9, 1.4), "smil": (1.7, 1.3), "bd": (2.1, 1.7), "bd_wsi": (1.9, 1.0),
+    "modality_dropout": (1.9, 1.5),
 }
 PARAMS = EvaluationParams(missing_rates=[0, 50, 80, 100], curve_rates=[0, 20, 40, 60, 80, 100],
                           repeats=3, seed=0, bootstrap=100)
@@ -54,8 +55,33 @@ def experiment_info(name: str) -> dict:
     return info
 
 
+# Test patients' clinical rows (scaled as bd clinical writes them) and the scaler, for the subgroups.
+_RNG = np.random.default_rng(11)
+CLINICAL_ROWS = pd.DataFrame({"patient_id": IDS, "split": "test", "label": LABELS,
+                              "Age(years)": _RNG.normal(size=N_TEST), "ER": np.where(_RNG.random(N_TEST) < 0.7, 1.0, -1.0),
+                              "HER2": np.where(_RNG.random(N_TEST) < 0.3, 1.0, -1.0), "clinical_present": True})
+SCALER = {"features": [{"column": "Age(years)", "kind": "numeric", "mean": 52.0, "std": 10.0},
+                       {"column": "ER", "kind": "binary", "mean": 0.5, "std": 0.5},
+                       {"column": "HER2", "kind": "binary", "mean": 0.5, "std": 0.5}]}
+
+
+def write_clinical_report(out: Path, base: tuple[float, float], seed: int, kinds: list[str], info: dict,
+                          params: EvaluationParams) -> None:
+    """The clinical-report tables of `bd evaluate` (bd.evaluation.clinical_report.run_tables) for a synthetic
+    run; validation predictions from the same predictor with another seed."""
+    from bd.evaluation import clinical_report as C
+
+    everyone = lambda kind, present: np.ones(present.shape, bool)  # noqa: E731
+    test = C.condition_frame(predictor(base, seed), IDS, LABELS, kinds, everyone)
+    val = C.condition_frame(predictor(base, seed + 100), IDS, LABELS, kinds, everyone)
+    tables = C.run_tables(test, val, CLINICAL_ROWS, SCALER, params.target_sensitivity, params.calibration_bins, info)
+    for name, frame in tables.items():
+        write_csv(out / f"{name}.csv", frame)
+
+
 def write_run(results: Path, name: str, seed: int, params: EvaluationParams = PARAMS) -> Path:
-    """results/evaluate/{name}/seed{seed}/{metrics,predictions,summary}.csv; returns metrics.csv."""
+    """results/evaluate/{name}/seed{seed}/{metrics,predictions,summary}.csv and the clinical
+    report's tables; returns metrics.csv."""
     info = {**experiment_info(name), "seed": seed}
     method = info["method"]
     base = STRENGTH.get(name, STRENGTH.get(method, (1.5, 1.0)))
@@ -66,11 +92,12 @@ def write_run(results: Path, name: str, seed: int, params: EvaluationParams = PA
     out = results / "evaluate" / name / f"seed{seed}"
     write_csv(out / "predictions.csv", preds)
     write_csv(out / "summary.csv", summary)
+    write_clinical_report(out, base, seed, kinds, info, params)
     write_csv(out / "metrics.csv", metrics)
     return out / "metrics.csv"
 
 
-MAIN = ["image_only", "clinical_only", "filling", "ae", "ensemble", "smil", "bd"]
+MAIN = ["image_only", "clinical_only", "filling", "ae", "ensemble", "smil", "bd", "modality_dropout"]
 DIRECTIONS = ["bd-dir-none", "bd-dir-m2s", "bd-dir-s2m", "bd-dir-both"]
 PROMPTS = ["bd-prompt-10", "bd-prompt-50"]
 LAMBDAS = ["bd-lm-0.2-ls-0.5", "bd-lm-0.6-ls-0.5", "bd-lm-0.6-ls-0.8"]

@@ -130,19 +130,21 @@ def _section_params():
     from bd.cohort.clinical import ClinicalParams
     from bd.demo import DemoParams
     from bd.evaluation.evaluate import EvaluationParams
+    from bd.external import ExternalParams
     from bd.features.extract import FeatureParams
+    from bd.features.h5store import H5FeatureParams
     from bd.slides.segment import SegmentParams
     from bd.cohort.split import SplitParams
     from bd.slides.tiling import TileParams
 
     return {"demo": DemoParams, "segmentation": SegmentParams, "tiling": TileParams,
             "features": FeatureParams, "clinical": ClinicalParams, "split": SplitParams,
-            "evaluation": EvaluationParams}
+            "evaluation": EvaluationParams, "h5_features": H5FeatureParams, "external": ExternalParams}
 
 
 # The demo config's features differ from FeatureParams' defaults on purpose (small random encoder),
 # and its demo.test_patients (30; the default None keeps BCNB's ratio for small test cohorts).
-DEFAULTS_ARE_THE_CONFIG = {"segmentation", "tiling", "clinical", "split"}
+DEFAULTS_ARE_THE_CONFIG = {"segmentation", "tiling", "clinical", "split", "h5_features", "external"}
 
 
 @pytest.mark.parametrize("section", sorted(_section_params()))

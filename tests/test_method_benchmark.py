@@ -122,6 +122,7 @@ def test_claims_and_the_papers_figures():
     assert claims["bd_minus_image_only"].paper(100.0) == 0.4
     assert claims["filling_minus_image_only"].paper(100.0) == -3.4
     assert claims["ensemble_between_filling_and_bd"].paper(0.0) == 1.0  # min(85.1 - 84.1, 86.1 - 85.1)
+    assert claims["modality_dropout_minus_bd"].paper(0.0) is None  # not a method of the paper
     between = claims["ensemble_between_filling_and_bd"]
     aucs = {"filling": np.array([80.0, 80.0]), "ensemble": np.array([81.0, 79.0]), "bd": np.array([83.0, 82.0])}
     assert between.differences(aucs).tolist() == [1.0, -1.0]  # the smaller margin, negative if outside
@@ -144,7 +145,7 @@ def test_tiny_run_prints_valid_json_lines():
         for method in bench.METHODS:
             assert f"auc_{regime}_{method}_100" in names
     claims = [r for r in rows if r["metric"].startswith("claim_")]
-    assert len(claims) == 2 * (4 + 1 + 1 + 4)
+    assert len(claims) == 2 * (4 + 1 + 1 + 4 + 4 + 4)  # the last two: modality dropout vs BD and Filling
     assert {r["verdict"] for r in claims} <= {"holds", "not shown", "contradicted"}
     assert all(r["target"] is None and len(r["ci"]) == 2 and r["seeds"] == 2 for r in claims)
     assert {"paper_optimiser_bd_test_auc", "paper_optimiser_bd_kept_epoch"} <= set(names)

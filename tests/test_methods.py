@@ -28,14 +28,15 @@ def test_defaults_come_from_the_registry():
     from bd.evaluation.evaluate import EvaluationParams
     from bd.mil.train import TrainParams
 
-    assert TrainParams().methods == ["image_only", "clinical_only", "filling", "ae", "ensemble", "smil", "bd"]
+    assert TrainParams().methods == ["image_only", "clinical_only", "filling", "ae", "ensemble", "smil", "bd",
+                                    "modality_dropout"]
     assert EvaluationParams().missing_kinds == {"bd_wsi": ["slide"], "filling": ["clinical", "slide"],
                                                 "clinical_only": ["clinical", "slide"]}
     assert default_missing_kinds() == EvaluationParams().missing_kinds
 
 
 def test_figure_and_target_lists_keep_their_order():
-    assert list_methods(figure="fig1") == ["image_only", "filling", "bd"]
+    assert list_methods(figure="fig1") == ["image_only", "filling", "bd", "modality_dropout"]
     assert list_methods(figure="wsi_missing") == ["bd_wsi", "filling", "clinical_only"]
     assert list_methods(figure="heatmaps") == ["bd", "filling", "image_only", "ensemble", "ae", "smil"]
     assert list_methods(role="reference") == ["image_only", "clinical_only"]

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROFILES = ROOT / "profiles"
 # Rules of the report stage (tables, figures, runtime summary) and the target rules.
 REPORT_RULES = {"table1", "table2", "table3", "fig1", "roc", "fig4ab", "fig4c", "fig5", "s2m", "heatmaps",
-                "runtime_summary"}
+                "runtime_summary", "clinical_tables", "clinical_figures"}
 TARGET_RULES = {"all", "ablations", "wsi_missing", "analysis"}
 
 
@@ -39,6 +39,8 @@ def tiny_config(results: str = "results") -> dict[str, Any]:
     methods, one seed, two epochs, few evaluation repeats."""
     config = base_config()
     config["results"] = results
+    config["extract_slides_per_job"] = 1  # rules extract, train, evaluate: one job per slide or run (what
+    config["train_runs_per_job"] = 1  # these tests count; tests/test_batch_rules.py checks the batches)
     config["demo"].update(out_dir=f"{results}/demo", patients=8, slide_size=2048, test_patients=None)
     config["cohort"].update(clinical_table=f"{results}/demo/patient-clinical-data.xlsx",
                             split_dir=f"{results}/demo/dataset-splitting")

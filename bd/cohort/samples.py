@@ -167,6 +167,17 @@ def config_path_errors(config: dict[str, Any]) -> list[str]:
     weights = (config.get("features") or {}).get("weights")
     if weights and not Path(weights).is_file():
         errors.append(f"features.weights: {weights} does not exist")
+    return errors + optional_path_errors(config)
+
+
+def optional_path_errors(config: dict[str, Any]) -> list[str]:
+    """Files and folders of the h5_features and external sections that do not exist (run is checked
+    when the target external runs: it may be a checkpoint this workflow trains)."""
+    h5_dir = (config.get("h5_features") or {}).get("dir")
+    errors = [f"h5_features.dir: {h5_dir} is not a folder"] if h5_dir and not Path(h5_dir).is_dir() else []
+    external = config.get("external") or {}
+    errors += [f"external.{key}: {external[key]} does not exist" for key in
+               ("sample_sheet", "clinical_table", "features_dir") if external.get(key) and not Path(external[key]).exists()]
     return errors
 
 

@@ -8,7 +8,10 @@ asked twice per kind (all present, all missing) and the masks pick per patient; 
 predicted directly to check that, falling back to one prediction per mask if it does not hold.
 
 Writes ``metrics.csv`` (one row per kind, rate, repeat), ``predictions.csv`` (one row per patient
-and mask) and ``summary.csv`` (mean, sd and bootstrap 95 % CI per kind and rate).
+and mask) and ``summary.csv`` (mean, sd and bootstrap 95 % CI per kind and rate); and the clinical
+report of :mod:`bd.evaluation.clinical_report` at 0 % and 100 % missing (``calibration.csv``,
+``decision_curve.csv``, ``operating_point.csv`` with the operating point chosen on the validation
+split, ``subgroups.csv``).
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ class EvaluationParams:
     bootstrap: int = 1000
     # method -> the modalities to remove; methods not listed are swept over clinical data only.
     missing_kinds: dict[str, list[str]] = field(default_factory=default_missing_kinds)  # the registry's
+    target_sensitivity: float = 0.9  # clinical report: operating point chosen on validation for this sensitivity
+    calibration_bins: int = 10  # clinical report: equal-width bins of the reliability table and ECE
     # Figure settings of the section (read by `bd figures`; accepted so the section passes whole).
     figures: dict[str, Any] = field(default_factory=dict)
 
@@ -57,6 +62,10 @@ class EvaluationParams:
                 raise ConfigError(f"evaluation.{key}: rate {bad[0]!r} is outside 0-100 (percent)")
         if self.repeats < 1:
             raise ConfigError(f"evaluation.repeats: {self.repeats} must be at least 1")
+        if not 0 < self.target_sensitivity <= 1:
+            raise ConfigError(f"evaluation.target_sensitivity: {self.target_sensitivity} must be in (0, 1]")
+        if self.calibration_bins < 1:
+            raise ConfigError(f"evaluation.calibration_bins: {self.calibration_bins} must be at least 1")
         for method, kinds in self.missing_kinds.items():
             bad = [k for k in kinds if k not in MISSING_KINDS]
             if bad:
@@ -222,14 +231,15 @@ def evaluate(
                 "n_positive": int(labels[keep].sum()), "auc": aucs[k], "f1": f1s[k],
                 **{name: int(v[k]) for name, v in counts.items()},
             })
-            pred_frames.append(pd.DataFrame({
+            pred_frames.append({
                 **{key: [v] * int(keep.sum()) for key, v in info.items()},
-                "kind": kind, "rate": sw.rates[k], "repeat": int(sw.repeats[k]),
+                "kind": [kind] * int(keep.sum()), "rate": np.full(int(keep.sum()), sw.rates[k]),
+                "repeat": np.full(int(keep.sum()), int(sw.repeats[k])),
                 "patient_id": np.asarray(patient_ids)[keep], "label": labels[keep],
                 "present": sw.present[k][keep].astype(int), "has_slide": modalities.has_slide[keep].astype(int),
                 "has_clinical": modalities.has_clinical[keep].astype(int),
                 "branch": sw.branches[k][keep], "prob": sw.probs[k][keep], "pred": predicted[k][keep],
-            }))
+            })
         for rate in np.unique(sw.rates):
             sel = sw.rates == rate
             ci = {}
@@ -247,7 +257,18 @@ def evaluate(
                 "f1_ci_low": ci.get("f1_ci_low", np.nan), "f1_ci_high": ci.get("f1_ci_high", np.nan),
                 "bootstrap": params.bootstrap if ci else 0,
             })
-    return pd.DataFrame(metric_rows), pd.concat(pred_frames, ignore_index=True), pd.DataFrame(summary_rows)
+    return pd.DataFrame(metric_rows), _stack_columns(pred_frames), pd.DataFrame(summary_rows)
+
+
+def _stack_columns(parts: list[dict[str, Any]]) -> pd.DataFrame:
+    """One table from per-mask column dicts (one DataFrame built, not one per mask and a concat:
+    an evaluation has hundreds of masks)."""
+    if not parts:
+        return pd.DataFrame()
+    columns = {key: np.concatenate([np.asarray(part[key], dtype=object if isinstance(part[key], list) else None)
+                                    for part in parts]) for key in parts[0]}
+    frame = pd.DataFrame({key: list(v) if v.dtype == object else v for key, v in columns.items()})
+    return frame.infer_objects()
 
 
 # ---------------------------------------------------------------- the trained-run adapter
@@ -287,17 +308,22 @@ def branch_thresholds(run: Any) -> float | dict[str, float]:
     return {**per_branch, "*": float(run.threshold)} if per_branch else float(run.threshold)
 
 
-def run_predictor(run: Any, cohort: Any) -> PredictFn:
+def run_predictor(run: Any, cohort: Any, cache: bool = True) -> PredictFn:
     """Adapt ``TrainedRun.predict`` (per-modality presence of every patient) to one sweep kind:
-    the other modality stays present (a patient without a stored slide never has one)."""
+    the other modality stays present (a patient without a stored slide never has one). With
+    ``cache``, every prediction of this predictor shares one :class:`bd.mil.runs.PooledCache`: each
+    patient's slide is pooled once, whatever the masks."""
+    from bd.mil.runs import PooledCache
+
     ids = [str(p) for p in cohort.patient_ids]
     all_on = np.ones(len(ids), bool)
+    pooled = {"cache": PooledCache(len(ids))} if cache else {}
 
     def predict(kind: str, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if kind == "clinical":
-            df = run.predict(cohort, clinical_present=present, slide_present=all_on)
+            df = run.predict(cohort, clinical_present=present, slide_present=all_on, **pooled)
         else:
-            df = run.predict(cohort, clinical_present=all_on, slide_present=present)
+            df = run.predict(cohort, clinical_present=all_on, slide_present=present, **pooled)
         got = df["patient_id"].astype(str).tolist()
         if got != ids:
             df = df.assign(patient_id=df["patient_id"].astype(str)).set_index("patient_id").reindex(ids)
@@ -322,7 +348,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", required=True, help="sample sheet TSV (slide_id, patient_id, path)")
     parser.add_argument("--clinical", required=True, help="normalised clinical table (clinical.tsv)")
     parser.add_argument("--params", default=None, help="evaluation section (JSON or file)")
-    parser.add_argument("--out-dir", required=True, help="folder for metrics.csv, predictions.csv, summary.csv")
+    parser.add_argument("--scaler", default=None, help="scaler.json of bd clinical (subgroups by raw age, ER, HER2)")
+    parser.add_argument("--out-dir", required=True, help="folder for metrics.csv, predictions.csv, summary.csv "
+                        "and the clinical report's tables")
     parser.add_argument("--experiment", default=None, help="experiment name (default: from the checkpoint path)")
     parser.add_argument("--seed", type=int, default=None, help="training seed (default: from the checkpoint path)")
 
@@ -330,6 +358,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def write_csv(path: Path, frame: pd.DataFrame) -> None:
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
+
+
+def modalities_of(cohort: Any, trained: Any, kinds: list[str]) -> Modalities:
+    """What each patient of ``cohort`` has, and what the run can do without a slide."""
+    return Modalities(
+        has_slide=np.asarray(cohort.has_slide, bool), has_clinical=np.asarray(cohort.has_clinical, bool),
+        uses_slide=bool(getattr(trained.model, "slide_pools", None)), answers_without_slide="slide" in kinds,
+    )
+
+
+def validation_frame(trained: Any, args: argparse.Namespace, kinds: list[str], dtype: Any) -> pd.DataFrame:
+    """The validation split's predictions per condition (the operating point is chosen on them);
+    empty, so that the operating point is NaN, for a cohort without one (an external cohort)."""
+    from bd.evaluation import clinical_report as C
+    from bd.mil.bags import read_clinical
+
+    table, _ = read_clinical(args.clinical)
+    if not (table["split"] == "val").any():
+        log.warning("%s: no validation patients; the clinical report's operating point is left empty "
+                    "(it is chosen on validation)", args.clinical)
+        return pd.DataFrame({"kind": [], "rate": [], "label": [], "prob": []})
+    val_cohort = load_split_cohort(args.feature_index, args.samples, args.clinical, "val", dtype)
+    return C.condition_frame(run_predictor(trained, val_cohort), [str(p) for p in val_cohort.patient_ids],
+                             np.asarray(val_cohort.labels).astype(int), kinds,
+                             modalities_of(val_cohort, trained, kinds).scored)
+
+
+def clinical_report(trained: Any, cohort: Any, labels: np.ndarray, modalities: Modalities, kinds: list[str],
+                    params: EvaluationParams, info: Mapping[str, Any], args: argparse.Namespace,
+                    dtype: Any) -> dict[str, pd.DataFrame]:
+    """The per-run clinical tables (:mod:`bd.evaluation.clinical_report`): test predictions at 0 % and
+    100 % missing, the operating point from the validation split's under the same condition."""
+    from bd.evaluation import clinical_report as C
+
+    val = validation_frame(trained, args, kinds, dtype)
+    test = C.condition_frame(run_predictor(trained, cohort), [str(p) for p in cohort.patient_ids], labels, kinds,
+                             modalities.scored)
+    from bd.mil.bags import read_clinical
+
+    table, _ = read_clinical(args.clinical)
+    return C.run_tables(test, val, table, C.read_scaler(args.scaler), params.target_sensitivity,
+                        params.calibration_bins, info)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -349,10 +419,7 @@ def run(args: argparse.Namespace) -> int:
     kinds = params.kinds(info["method"])
     log.info("%s seed %d: %d test patients (%d N+), kinds %s, %d rates x %d repeats",
              experiment, seed, len(ids), labels.sum(), kinds, len(params.rates()), params.repeats)
-    modalities = Modalities(
-        has_slide=np.asarray(cohort.has_slide, bool), has_clinical=np.asarray(cohort.has_clinical, bool),
-        uses_slide=bool(getattr(trained.model, "slide_pools", None)), answers_without_slide="slide" in kinds,
-    )
+    modalities = modalities_of(cohort, trained, kinds)
     if not modalities.has_slide.all() or not modalities.has_clinical.all():
         log.warning("%d test patient(s) without a slide, %d without clinical data: scored only from what they have%s",
                     int((~modalities.has_slide).sum()), int((~modalities.has_clinical).sum()),
@@ -362,8 +429,11 @@ def run(args: argparse.Namespace) -> int:
         run_predictor(trained, cohort), ids, labels, branch_thresholds(trained), kinds, params, info, modalities
     )
     out = Path(args.out_dir)
+    clinical_tables = clinical_report(trained, cohort, labels, modalities, kinds, params, info, args, dtype)
     write_csv(out / "predictions.csv", predictions)
     write_csv(out / "summary.csv", summary)
+    for name, frame in clinical_tables.items():
+        write_csv(out / f"{name}.csv", frame)
     write_csv(out / "metrics.csv", metrics)
     for row in summary[summary["rate"].isin([float(r) for r in params.missing_rates])].itertuples():
         print(f"{row.kind:8s} missing {row.rate:5.1f} %: AUC {row.auc_mean:.3f} ± {row.auc_sd:.3f} "

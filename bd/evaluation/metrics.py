@@ -1,10 +1,13 @@
-"""Classification metrics (scikit-learn), column-wise for many masks at once, and bootstrap CIs.
+"""Classification metrics, column-wise for many masks at once, and bootstrap CIs.
 
 AUC is the area under the ROC curve of the N+ probability; F1 is the macro average of the F1
 scores of N0 and N+ (the paper's "averaged" F1), with N+ predicted where the probability reaches
 the run's validation-chosen threshold. Column-wise versions evaluate one column per mask or per
-bootstrap resample in one vectorised call (scikit-learn's multilabel mode for F1, scipy's
-Mann-Whitney U for bootstrap AUCs), which keeps a 1,000-sample bootstrap well under a second.
+bootstrap resample in one vectorised call (counts in numpy for F1, scipy's Mann-Whitney U for
+bootstrap AUCs), which keeps a 1,000-sample bootstrap well under a second. AUC and F1 are counted
+in numpy (equal to scikit-learn's ``roc_auc_score`` and ``f1_score``; tests compare them), so that
+``bd train`` and ``bd evaluate`` do not import scikit-learn (about 2 CPU s a process, paid once per
+workflow job); ``roc`` imports it when called.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from sklearn.metrics import f1_score, roc_auc_score, roc_curve
 
 from bd.errors import BDError
 
@@ -23,8 +25,19 @@ def _both_classes(labels: np.ndarray) -> bool:
 
 def auc(labels: Sequence[int], probs: Sequence[float]) -> float:
     """ROC AUC; NaN when only one class is present (AUC is undefined there)."""
-    y = np.asarray(labels, dtype=int)
-    return float(roc_auc_score(y, np.asarray(probs, float))) if _both_classes(y) else float("nan")
+    y = np.asarray(labels, dtype=int).reshape(-1)
+    return _auc_1d(y, np.asarray(probs, float).reshape(-1)) if _both_classes(y) else float("nan")
+
+
+def _auc_1d(y: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC of one score vector with both classes present: the rank-sum (Mann-Whitney U)
+    statistic with tied scores at their average rank, as scikit-learn's ``roc_auc_score``."""
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    ranks = (ends - (counts - 1) / 2.0)[inverse.reshape(-1)]  # 1-based average ranks
+    n_pos = int(np.count_nonzero(y == 1))
+    n_neg = y.size - n_pos
+    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def f1_macro(labels: Sequence[int], predicted: Sequence[int]) -> float:
@@ -68,8 +81,8 @@ def auc_columns(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     y = np.broadcast_to(np.asarray(labels, int).reshape(probs.shape[0], -1), probs.shape)
     out = np.full(probs.shape[1], np.nan)
     ok = np.array([_both_classes(y[:, j]) for j in range(y.shape[1])], dtype=bool)
-    if ok.any():
-        out[ok] = roc_auc_score(np.ascontiguousarray(y[:, ok]), probs[:, ok], average=None)
+    for j in np.flatnonzero(ok):
+        out[j] = _auc_1d(y[:, j], probs[:, j])
     return out
 
 
@@ -77,9 +90,14 @@ def f1_macro_columns(labels: np.ndarray, predicted: np.ndarray) -> np.ndarray:
     """Macro F1 (N0 and N+) of every column of ``predicted`` (n x k) against ``labels``."""
     yhat = np.asarray(predicted, int)
     y = np.ascontiguousarray(np.broadcast_to(np.asarray(labels, int).reshape(yhat.shape[0], -1), yhat.shape))
-    pos = f1_score(y, yhat, average=None, zero_division=0.0)
-    neg = f1_score(1 - y, 1 - yhat, average=None, zero_division=0.0)
-    return (np.asarray(pos) + np.asarray(neg)) / 2.0
+    truth, guess = y == 1, yhat == 1
+    tp = np.count_nonzero(truth & guess, axis=0)
+    tn = np.count_nonzero(~truth & ~guess, axis=0)
+    wrong = np.count_nonzero(truth ^ guess, axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):  # an empty class scores 0, as zero_division=0
+        pos = np.where(2 * tp + wrong > 0, 2 * tp / (2 * tp + wrong), 0.0)
+        neg = np.where(2 * tn + wrong > 0, 2 * tn / (2 * tn + wrong), 0.0)
+    return (pos + neg) / 2.0
 
 
 def stratified_resamples(labels: np.ndarray, n_boot: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -137,6 +155,8 @@ def bootstrap_ci(
 
 def roc(labels: Sequence[int], probs: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """False- and true-positive rates of the ROC curve (scikit-learn's ``roc_curve``)."""
+    from sklearn.metrics import roc_curve
+
     fpr, tpr, _ = roc_curve(np.asarray(labels, int), np.asarray(probs, float))
     return fpr, tpr
 

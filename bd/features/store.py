@@ -64,11 +64,35 @@ def finish_store(root: Any) -> None:
     root.attrs["complete"] = True
 
 
+STORE_SUFFIXES = (".zarr", ".h5", ".hdf5")
+
+
+def store_path(features_dir: str | os.PathLike[str], slide_id: str) -> Path:
+    """The feature store of ``slide_id`` in ``features_dir``: ``{slide}.zarr`` (bd extract's), else a
+    CLAM/TRIDENT ``{slide}.h5`` (:mod:`bd.features.h5store`); the ``.zarr`` path when neither exists."""
+    for suffix in STORE_SUFFIXES:
+        candidate = Path(features_dir) / f"{slide_id}{suffix}"
+        if candidate.exists():
+            return candidate
+    return Path(features_dir) / f"{slide_id}.zarr"
+
+
+def store_slide_id(path: str | os.PathLike[str]) -> str:
+    """The slide id a store's file name carries."""
+    name = Path(path).name
+    return next((name[: -len(s)] for s in STORE_SUFFIXES if name.endswith(s)), name)
+
+
 def read_store(path: str | os.PathLike[str], with_features: bool = True) -> FeatureSet:
-    """Read a complete store; an incomplete or unreadable one raises :class:`StoreError`."""
+    """Read a complete store (Zarr, or a CLAM/TRIDENT .h5 file through :mod:`bd.features.h5store`); an
+    incomplete or unreadable one raises :class:`StoreError`."""
     import zarr
 
+    from bd.features.h5store import is_h5, read_h5_store
+
     path = Path(path)
+    if is_h5(path):
+        return read_h5_store(path, with_features)
     try:
         root = zarr.open_group(str(path), mode="r")
         attrs = dict(root.attrs)
@@ -82,13 +106,13 @@ def read_store(path: str | os.PathLike[str], with_features: bool = True) -> Feat
 
 def store_paths(features: str | os.PathLike[str], slide_ids: list[str]) -> dict[str, Path]:
     """Each slide's feature store: from the feature index (``index.tsv``: slide_id, store, written
-    by the workflow) or, given a folder, ``{folder}/{slide}.zarr``. A slide the index does not
+    by the workflow) or, given a folder, :func:`store_path` in it. A slide the index does not
     list gets the folder's path (it will be reported as missing, naming it)."""
     import pandas as pd
 
     features = Path(features)
     if not features.is_file():  # a folder of stores (one that does not exist holds none)
-        return {sid: features / f"{sid}.zarr" for sid in slide_ids}
+        return {sid: store_path(features, sid) for sid in slide_ids}
     try:
         index = pd.read_csv(features, sep="\t", dtype=str, keep_default_na=False)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:

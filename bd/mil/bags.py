@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 CLINICAL_KEYS = ("patient_id", "split", "label")
 PRESENT_COLUMN = "clinical_present"  # written by bd clinical: 0 for a patient without any clinical value
 NON_FEATURE_COLUMNS = frozenset({*CLINICAL_KEYS, "fold", "clinical_present"})
+PACK_CHUNK_ROWS = 256  # Cohort.pack_into: rows converted and standardised at a time (~1 MB at 1,024-d fp32)
 # Store attributes that say how features were made, and must agree across every store of a cohort
 # and with a trained run: encoder, weights, preprocessing, patch size and magnification. Per-slide
 # attributes (slide path, reader, read level, patch counts, extraction device, versions) are not.
@@ -118,10 +119,14 @@ class Cohort:
         slide_present: np.ndarray | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
+        out: torch.Tensor | None = None,
+        standardise: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> Batch:
         """Pack the patients at ``indices``. Absent clinical data is zeroed and absent slides give
         empty bags, so no model can read a modality it is told is missing; a patient without any
-        clinical value or without a stored slide never has that modality."""
+        clinical value or without a stored slide never has that modality. ``out``: a buffer to
+        pack the features into (its dtype; reused across steps, see :mod:`bd.mil.packing`), with
+        ``standardise`` = (mean, scale) applied while packing."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         clin_on = np.ones(len(idx), bool) if clinical_present is None else np.asarray(clinical_present, bool)
         clin_on = clin_on & self.has_clinical[idx]
@@ -129,7 +134,9 @@ class Cohort:
         starts = self.offsets[idx].numpy()
         stops = self.offsets[idx + 1].numpy()
         lengths = np.where(slide_on, stops - starts, 0)
-        if len(idx) == 1 or not slide_on.any():
+        if out is not None:
+            feats = self.pack_into(out, starts.tolist(), lengths.tolist(), standardise)
+        elif len(idx) == 1 or not slide_on.any():
             feats = self.features[int(starts[0]) : int(starts[0] + lengths[0])] if len(idx) else self.features[:0]
         else:  # packed straight into the dtype asked for: one pass over the rows, not two
             feats = self.features.new_empty((int(lengths.sum()), self.feature_dim), dtype=dtype or self.features.dtype)
@@ -148,6 +155,29 @@ class Cohort:
             slide_present=torch.from_numpy(slide_on.copy()).to(device),
             labels=torch.from_numpy(self.labels[idx].astype(np.int64)).to(device),
         )
+
+    def pack_into(self, out: torch.Tensor, starts: list[int], lengths: list[int],
+                  standardise: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The rows ``starts[i]:starts[i] + lengths[i]`` one after another in ``out`` (converted to
+        its dtype), z-scored as ``(x - mean) * scale`` in the same pass when ``standardise`` is
+        given -- the ops :meth:`bd.mil.models.AttentionPool.standardised` applies, in chunks that stay
+        in cache; returns the filled rows of ``out``."""
+        need = sum(lengths)
+        if out.shape[0] < need or out.shape[1] != self.feature_dim:
+            raise ValueError(f"pack buffer {tuple(out.shape)} is too small for {need} x {self.feature_dim}")
+        row = 0
+        for a, n in zip(starts, lengths):
+            for c in range(0, n, PACK_CHUNK_ROWS):
+                m = min(PACK_CHUNK_ROWS, n - c)
+                src, dst = self.features[a + c : a + c + m], out[row : row + m]
+                if standardise is None:
+                    dst.copy_(src)
+                elif src.dtype == dst.dtype or dst.dtype == torch.float32:  # exact: promoted, then rounded once
+                    torch.sub(src, standardise[0], out=dst).mul_(standardise[1])
+                else:  # the model converts first, then standardises in its dtype
+                    dst.copy_(src).sub_(standardise[0]).mul_(standardise[1])
+                row += m
+        return out[:row]
 
     def select(self, indices: Sequence[int] | np.ndarray) -> Cohort:
         """A new cohort of the patients at ``indices`` (bags copied and repacked)."""
@@ -269,7 +299,7 @@ def _scan_stores(
     absent, lost = [], []
     for pid, slide_ids in slides_of.items():
         for sid in slide_ids:
-            path = stores[sid]
+            path = stores[sid]  # .zarr, or a CLAM/TRIDENT .h5
             if not path.exists():
                 slide_file = (paths or {}).get(sid)
                 (absent if slide_file is not None and not os.path.exists(slide_file) else lost).append((sid, path))

@@ -18,9 +18,10 @@ method is meant for; validation and the decision threshold use them).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -82,13 +83,17 @@ def segment_softmax_pool(
     scores: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax of ``scores`` [n] within each bag, and the weighted sum of ``values`` [n, d] per
-    bag: (pooled [B, d], weights [n]). Bags are padded to the longest one (only the small
-    per-patch tensors, not the input features); an empty bag pools to zeros."""
+    bag: (pooled [B, d], weights [n]); an empty bag pools to zeros. On CPU each bag is pooled on
+    its own slice of the packed tensors (the ops of a one-bag step, so the same values);
+    elsewhere bags are padded to the longest one (only the small per-patch tensors, not the input
+    features), one kernel per op."""
     lengths = offsets[1:] - offsets[:-1]
     n_bags, n = lengths.numel(), scores.numel()
     if n_bags == 1:
         weights = torch.softmax(scores, dim=0)
         return (weights @ values).unsqueeze(0) if n else values.new_zeros(1, values.shape[1]), weights
+    if scores.device.type == "cpu":
+        return _pool_bag_by_bag(scores, values, offsets.tolist())
     longest = int(lengths.max()) if n else 0
     if longest == 0:
         return values.new_zeros(n_bags, values.shape[1]), scores
@@ -101,6 +106,20 @@ def segment_softmax_pool(
     v_pad = values.new_zeros(n_bags, longest, values.shape[1]).index_put((bag, pos), values)
     pooled = torch.bmm(w_pad.unsqueeze(1), v_pad).squeeze(1)
     return pooled, w_pad[bag, pos]
+
+
+def _pool_bag_by_bag(scores: torch.Tensor, values: torch.Tensor,
+                     offsets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`segment_softmax_pool` as a loop over the bags' parts: no padded copies, which on a
+    CPU cost more than the few small ops per bag. ``split``, not slicing: the backward of a
+    split is one concatenation, that of B slices B full-size zero tensors."""
+    lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+    pooled, weights = [], []
+    for s, v in zip(scores.split(lengths), values.split(lengths)):
+        w = torch.softmax(s, dim=0)
+        pooled.append(w @ v if len(s) else values.new_zeros(values.shape[1]))
+        weights.append(w)
+    return torch.stack(pooled), torch.cat(weights)
 
 
 class AttentionPool(nn.Module):
@@ -124,6 +143,8 @@ class AttentionPool(nn.Module):
         self.score = nn.Sequential(*mlp([dim, max(dim // 2, 2), max(dim // 4, 1)]), nn.Linear(max(dim // 4, 1), 1))
         self.compute_dtype = compute_dtype
         self.dim = dim
+        self.inputs_standardised = False  # set by standardised_inputs(): features come z-scored already
+        self.pooled_cache: Any = None  # set by bd.mil.runs.PooledCache during evaluation
 
     def instances(self, features: torch.Tensor) -> torch.Tensor:
         """Instance embeddings [n, dim] (FC + ReLU), fp32."""
@@ -135,16 +156,27 @@ class AttentionPool(nn.Module):
 
     def standardised(self, features: torch.Tensor) -> torch.Tensor:
         """Patch features z-scored with the training patches' statistics, in ``features``' dtype."""
+        if self.inputs_standardised:
+            return features
         dtype = features.dtype
         return (features - self.feature_mean.to(dtype)) * (1.0 / self.feature_std).to(dtype)
 
     def forward(self, features: torch.Tensor, offsets: torch.Tensor,
                 instances: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(slide features [B, dim], attention weights [n]); ``instances``: this pool's
-        embeddings of ``features`` when already computed (see :func:`embed_instances`)."""
+        embeddings of ``features`` when already computed (see :func:`embed_instances`). Under a
+        ``pooled_cache`` a batch whose bags are all cached returns their features and no weights."""
+        cache = self.pooled_cache
+        if cache is not None:
+            hit = cache.lookup(self, offsets)
+            if hit is not None:
+                return hit, None
         h = self.instances(features) if instances is None else instances
         scores = self.score(h).squeeze(1)
-        return segment_softmax_pool(scores, h, offsets)
+        pooled, weights = segment_softmax_pool(scores, h, offsets)
+        if cache is not None:
+            cache.store(self, offsets, pooled)
+        return pooled, weights
 
 
 class _SharedInputLinear(torch.autograd.Function):
@@ -160,7 +192,7 @@ class _SharedInputLinear(torch.autograd.Function):
         ctx.save_for_backward(xd, *weights)
         ctx.sizes, ctx.dtype = [w.shape[0] for w in weights], dtype
         ctx.set_materialize_grads(False)
-        return tuple(part.contiguous() for part in y.split(ctx.sizes, dim=1))
+        return tuple(y.split(ctx.sizes, dim=1))  # column views: the ReLU after writes them out contiguous
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -189,6 +221,8 @@ def embed_instances(pools: tuple[AttentionPool, ...], features: torch.Tensor) ->
     first = pools[0]
     same_stats = all(torch.equal(p.feature_mean, first.feature_mean) and torch.equal(p.feature_std, first.feature_std)
                      for p in pools[1:])
+    if any(pool.pooled_cache is not None for pool in pools):
+        return [None] * len(pools)  # each pool computes what its cache lacks (bd.mil.runs.PooledCache)
     if len(pools) == 1 or len(dtypes) > 1 or not same_stats:
         return [pool.instances(features) for pool in pools]
     dtype = dtypes.pop() or torch.float32
@@ -202,6 +236,37 @@ def input_dtype(model: nn.Module) -> torch.dtype:
     packing a step's bags straight into it saves one conversion pass over the features."""
     dtypes = {m.compute_dtype or torch.float32 for m in model.modules() if isinstance(m, AttentionPool)}
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def input_standardisation(model: nn.Module) -> tuple[torch.dtype, torch.Tensor, torch.Tensor] | None:
+    """(dtype, mean, scale) with which every attention pool of ``model`` converts and z-scores
+    its patch features, so that a batch can be packed already transformed (:mod:`bd.mil.packing`);
+    None when the pools differ in either (each then does its own)."""
+    pools = [m for m in model.modules() if isinstance(m, AttentionPool)]
+    if not pools:
+        return None
+    first, dtypes = pools[0], {p.compute_dtype or torch.float32 for p in pools}
+    same = all(torch.equal(p.feature_mean, first.feature_mean) and torch.equal(p.feature_std, first.feature_std)
+               for p in pools[1:])
+    if len(dtypes) > 1 or not same:
+        return None
+    dtype = dtypes.pop()
+    return dtype, first.feature_mean.to(dtype), (1.0 / first.feature_std).to(dtype)
+
+
+@contextlib.contextmanager
+def standardised_inputs(model: nn.Module) -> Iterator[None]:
+    """Within: ``model``'s attention pools take features that are already converted and z-scored
+    (packed so by :class:`bd.mil.packing.Packer`) and skip that pass over the patches."""
+    pools = [m for m in model.modules() if isinstance(m, AttentionPool)]
+    before = [pool.inputs_standardised for pool in pools]
+    for pool in pools:
+        pool.inputs_standardised = True
+    try:
+        yield
+    finally:
+        for pool, was in zip(pools, before):
+            pool.inputs_standardised = was
 
 
 class Prompt(nn.Module):
@@ -476,6 +541,52 @@ class AutoEncoder(Fusion):
         f_w = self.pool(batch.features, batch.offsets)[0]
         f_c = pick(batch.clinical_present, self.clin(batch.clinical), self.autoencoder(f_w))
         return probs_of(self.fuse(f_w, f_c)), branch_names(batch.clinical_present, "fusion", "ae")
+
+
+@register("modality_dropout")
+class ModalityDropout(Fusion):
+    """The fusion model trained with the clinical input dropped at random (modality dropout).
+
+    During training each bag's clinical feature ``f_c`` is replaced, with probability
+    ``modality_dropout_rate`` (drawn per bag from torch's generator, which ``bd train`` seeds), by
+    a learned "missing" token: a ``clinical_dim`` vector trained with the rest, not zeros. A
+    patient without clinical data always gets the token. At test time a patient without clinical
+    data is answered through the token ("token" branch), one with it as by the fusion model."""
+
+    conditions = (COMPLETE, NO_CLINICAL)
+
+    def __init__(self, in_dim: int, clin_dim: int, hidden_dim: int = 128, clinical_dim: int = 50,
+                 precision: str = "bf16", modality_dropout_rate: float = 0.5):
+        super().__init__(in_dim, clin_dim, hidden_dim, clinical_dim, precision)
+        if not 0 <= modality_dropout_rate < 1:
+            raise ConfigError(f"training.modality_dropout_rate: {modality_dropout_rate} must be in [0, 1)")
+        self.rate = float(modality_dropout_rate)
+        # a module, so that training stages (lists of submodules) train it with the rest
+        self.missing = nn.ParameterDict({"token": nn.Parameter(0.1 * torch.randn(clinical_dim))})
+
+    @property
+    def missing_token(self) -> nn.Parameter:
+        """The learned "missing" clinical feature."""
+        return self.missing["token"]
+
+    def drop_mask(self, batch: Batch) -> torch.Tensor:
+        """Bags whose clinical feature is the token in this training step: drawn, or absent."""
+        drawn = torch.rand(batch.size, device=batch.clinical_present.device) < self.rate
+        return drawn | ~batch.clinical_present
+
+    def clinical_feature(self, batch: Batch, use_token: torch.Tensor) -> torch.Tensor:
+        """``f_c``, with the missing token for the bags of ``use_token``."""
+        return pick(~use_token, self.clin(batch.clinical), self.missing_token.expand(batch.size, -1))
+
+    def losses(self, batch: Batch, stage: str) -> dict[str, torch.Tensor]:
+        f_w = self.pool(batch.features, batch.offsets)[0]
+        ce = classification_loss(self.fuse(f_w, self.clinical_feature(batch, self.drop_mask(batch))), batch.labels)
+        return {"loss": ce, "ce": ce}
+
+    def predict(self, batch: Batch) -> tuple[torch.Tensor, list[str]]:
+        f_w = self.pool(batch.features, batch.offsets)[0]
+        probs = probs_of(self.fuse(f_w, self.clinical_feature(batch, ~batch.clinical_present)))
+        return probs, branch_names(batch.clinical_present, "fusion", "token")
 
 
 @register("ensemble")

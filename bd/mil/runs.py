@@ -9,6 +9,7 @@ or whose clinical columns differ from the training table's, is refused with the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterator
@@ -23,7 +24,8 @@ import torch
 from bd.mil.bags import Cohort
 from bd.device import resolve_device
 from bd.errors import ConfigError, StoreError, TableError
-from bd.mil.models import MILModel, create_model
+from bd.mil.models import AttentionPool, MILModel, create_model
+from bd.mil.packing import Packer
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,60 @@ def _presence(cohort: Cohort, values: np.ndarray | None, what: str, n: int) -> n
     return values
 
 
+class PooledCache:
+    """Each attention pool's slide feature per patient of one cohort, computed once for a fixed
+    model. Under any presence mask a patient's bag is all its patches or none, and a bag is
+    pooled on its own, so a run's pooled slide features do not depend on the masks: evaluating
+    the missing-rate sweeps then runs the patch layer once per pool and patient, and only the
+    clinical side is recomputed per mask. Valid while the model's weights do not change."""
+
+    def __init__(self, n_patients: int):
+        self.n_patients = n_patients
+        self.tables: dict[int, tuple[torch.Tensor, np.ndarray]] = {}  # id(pool) -> (features [P, d], cached [P])
+        self.rows: np.ndarray | None = None  # cohort rows of the batch being predicted
+
+    @contextlib.contextmanager
+    def serving(self, model: MILModel, rows: np.ndarray) -> Iterator[None]:
+        """Within: ``model``'s pools look up and store the slide features of the patients at
+        ``rows`` (the batch's bags, in order)."""
+        pools = [m for m in model.modules() if isinstance(m, AttentionPool)]
+        self.rows = np.asarray(rows, np.int64)
+        for pool in pools:
+            pool.pooled_cache = self
+        try:
+            yield
+        finally:
+            for pool in pools:
+                pool.pooled_cache = None
+            self.rows = None
+
+    def _bags(self, offsets: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(positions in the batch, cohort rows) of the batch's non-empty bags."""
+        if self.rows is None or offsets.numel() - 1 != len(self.rows):
+            raise RuntimeError("PooledCache used outside serving() or with another batch")
+        filled = np.flatnonzero((offsets[1:] - offsets[:-1]).cpu().numpy() > 0)
+        return filled, self.rows[filled]
+
+    def lookup(self, pool: AttentionPool, offsets: torch.Tensor) -> torch.Tensor | None:
+        """The batch's pooled features [B, d] if every non-empty bag is cached (empty bags: zeros)."""
+        filled, rows = self._bags(offsets)
+        table = self.tables.get(id(pool))
+        if table is None or not table[1][rows].all():
+            return None
+        out = table[0].new_zeros((len(self.rows), table[0].shape[1]))
+        out[torch.from_numpy(filled).to(out.device)] = table[0][torch.from_numpy(rows).to(out.device)]
+        return out
+
+    def store(self, pool: AttentionPool, offsets: torch.Tensor, pooled: torch.Tensor) -> None:
+        filled, rows = self._bags(offsets)
+        if id(pool) not in self.tables:
+            self.tables[id(pool)] = (pooled.new_zeros((self.n_patients, pooled.shape[1])),
+                                     np.zeros(self.n_patients, bool))
+        values, cached = self.tables[id(pool)]
+        values[torch.from_numpy(rows).to(values.device)] = pooled.detach()[torch.from_numpy(filled).to(values.device)]
+        cached[rows] = True
+
+
 @torch.no_grad()
 def predict_patients(
     model: MILModel,
@@ -62,9 +118,12 @@ def predict_patients(
     clinical_present: np.ndarray | None = None,
     slide_present: np.ndarray | None = None,
     device: torch.device | str = "cpu",
+    cache: PooledCache | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """N+ probabilities and answering branches of the patients at ``indices`` (presence arrays
-    are aligned with ``indices``; a patient without a stored slide never has one)."""
+    are aligned with ``indices``; a patient without a stored slide never has one). ``cache``:
+    the slide features pooled in earlier calls on the same cohort and model (see
+    :class:`PooledCache`)."""
     indices = np.asarray(indices, dtype=np.int64)
     clin = _presence(cohort, clinical_present, "clinical_present", len(indices))
     slide = _presence(cohort, slide_present, "slide_present", len(indices)) & cohort.has_slide[indices]
@@ -72,11 +131,13 @@ def predict_patients(
     model.eval()
     probs = np.zeros(len(indices), dtype=np.float64)
     branches = np.empty(len(indices), dtype=object)
-    for part in patient_chunks(cohort, indices, slide):
-        batch = cohort.batch(indices[part], clin[part], slide[part], device=device)
-        p, b = model.predict(batch)
-        probs[part] = p.float().cpu().numpy()
-        branches[part] = b
+    with Packer(model, cohort, device) as packer:
+        for part in patient_chunks(cohort, indices, slide):
+            batch = packer.batch(indices[part], clin[part], slide[part])
+            with cache.serving(model, indices[part]) if cache is not None else contextlib.nullcontext():
+                p, b = model.predict(batch)
+            probs[part] = p.float().cpu().numpy()
+            branches[part] = b
     model.train(was_training)
     return probs, branches.astype(str)
 
@@ -121,13 +182,16 @@ class TrainedRun:
             )
 
     def predict(
-        self, cohort: Cohort, clinical_present: np.ndarray, slide_present: np.ndarray | None = None
+        self, cohort: Cohort, clinical_present: np.ndarray, slide_present: np.ndarray | None = None,
+        cache: PooledCache | None = None,
     ) -> pd.DataFrame:
         """One row per patient of ``cohort``: patient_id, prob (of N+), branch, label, split, and
-        threshold (the validation threshold of the branch that answered)."""
+        threshold (the validation threshold of the branch that answered). ``cache``: one
+        :class:`PooledCache` per cohort across calls (the evaluation's sweeps)."""
         self.check(cohort)
         idx = np.arange(cohort.n_patients)
-        probs, branches = predict_patients(self.model, cohort, idx, clinical_present, slide_present, self.device)
+        probs, branches = predict_patients(self.model, cohort, idx, clinical_present, slide_present, self.device,
+                                           cache)
         return pd.DataFrame({
             "patient_id": cohort.patient_ids, "prob": probs, "branch": branches,
             "label": cohort.labels.astype(int), "split": cohort.split,

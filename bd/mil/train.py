@@ -5,7 +5,10 @@ training stage (two-stage methods such as AE train their parts in turn). A step 
 ``batch_size`` patients' bags, packed (not padded) into one tensor, each bag pooled on its own;
 ``auto`` (the default) is the classic one bag per step, except for BCNB-sized cohorts with wide
 features, which take ~16 k patches a step (8 bags of 2,000) so that the patch layer's matmul uses
-every core (:func:`auto_batch_size`). ``precision: auto`` computes the patch layer in bf16 only
+every core (:func:`auto_batch_size`). A step's bags are packed by :class:`bd.mil.packing.Packer`:
+into one buffer reused across steps, converted and standardised in the same pass (on a CPU
+these passes, not the matmuls, were what made a packed step slow), and each bag is pooled on
+its own part of the packed tensors. ``precision: auto`` computes the patch layer in bf16 only
 where the device does so natively (``bd.device``). Both choices are logged and recorded in the
 checkpoint (``resolved``). Training uses the training patients with a slide and clinical data (the
 paper's modality-complete training set).
@@ -75,11 +78,11 @@ from bd.mil.models import (
     MILModel,
     Stage,
     create_model,
-    input_dtype,
     model_class,
     model_kwargs,
 )
 from bd.methods import list_methods
+from bd.mil.packing import Packer, largest_step
 from bd.params import build, to_dict
 from bd.mil.runs import CHECKPOINT_FORMAT, patient_chunks, predict_patients
 
@@ -117,6 +120,7 @@ class TrainParams:
     clinical_dim: int = 50  # clinical feature f_c (= prompt feature f_p) size
     clinical_expansion: int | None = None  # Fig. 5 b/c: f_c = this many times the clinical input width
     smil_priors: int = 8  # SMIL: k-means priors of the clinical vector
+    modality_dropout_rate: float = 0.5  # modality_dropout: share of training bags given the missing token
     early_stopping: str = "val_auc"  # val_auc | val_loss | val_f1 | train_f1 (the paper's rule)
     min_epochs: int = 1  # no epoch before this one is kept, and training runs at least this long
     precision: str = "auto"  # auto | bf16 | fp32: the patch-feature layer's compute type (bd.device)
@@ -133,6 +137,8 @@ class TrainParams:
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"training.{key}: {getattr(self, key)} must be at least 1")
+        if not 0 <= self.modality_dropout_rate < 1:
+            raise ConfigError(f"training.modality_dropout_rate: {self.modality_dropout_rate} must be in [0, 1)")
         for key in ("lr", "tau"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"training.{key}: {getattr(self, key)} must be positive")
@@ -304,17 +310,17 @@ def run_epoch(model: MILModel, cohort: Cohort, idx: np.ndarray, stage: Stage, op
               rng: np.random.Generator, batch_size: int, device: torch.device) -> dict[str, float]:
     """One pass over the training patients in a seeded random order; mean of each loss term."""
     model.train()
-    dtype = input_dtype(model)
     order = rng.permutation(idx)
     sums: dict[str, float] = {}
-    for start in range(0, len(order), batch_size):
-        batch = cohort.batch(order[start : start + batch_size], device=device, dtype=dtype)
-        losses = model.losses(batch, stage.name)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        optimizer.step()
-        for key, value in losses.items():
-            sums[key] = sums.get(key, 0.0) + float(value.detach()) * batch.size
+    with Packer(model, cohort, device, largest_step(cohort, idx, batch_size)) as packer:
+        for start in range(0, len(order), batch_size):
+            batch = packer.batch(order[start : start + batch_size])
+            losses = model.losses(batch, stage.name)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            optimizer.step()
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach()) * batch.size
     means = {k: v / len(order) for k, v in sums.items()}
     if not math.isfinite(means["loss"]):
         raise BDError(f"stage {stage.name}: the training loss is not finite (lower training.lr?)")
@@ -461,43 +467,10 @@ CURVE_VALIDATION = ("val_auc", "val_f1", "val_loss", "val_prob_sd", "trainset_f1
 
 
 def plot_curve(curve: pd.DataFrame, stage_epochs: dict[str, int], path: Path, title: str) -> None:
-    """Per stage (columns): training losses; each loss term's share of its branch's loss (BD);
-    validation AUC, tuned-threshold F1, log loss and the sd of the predicted probabilities."""
-    import matplotlib
+    """The curve figure: one row of panels per group of series, one legend a row (bd/mil/curve_plot.py)."""
+    from bd.mil.curve_plot import plot_curve as draw
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    stages = list(dict.fromkeys(curve["stage"]))
-    shares = [c for c in curve.columns if c.startswith("share_") and curve[c].notna().any()]
-    rows_n = 3 if shares else 2
-    fig, axes = plt.subplots(rows_n, len(stages), figsize=(5 * len(stages), 3 * rows_n), squeeze=False,
-                             sharex="col")
-    for col, stage in enumerate(stages):
-        rows = curve[curve["stage"] == stage]
-        top, bottom = axes[0, col], axes[-1, col]
-        for key in [c for c in rows.columns if c.startswith("train_") and rows[c].notna().any()]:
-            top.plot(rows["epoch"], rows[key], label=key.removeprefix("train_"), lw=2 if key == "train_loss" else 1)
-        top.set_title(f"{stage}: training losses")
-        top.legend(fontsize=7)
-        if shares:
-            for key in shares:
-                axes[1, col].plot(rows["epoch"], rows[key], label=key.removeprefix("share_"))
-            axes[1, col].set_ylim(0, 1)
-            axes[1, col].set_title(f"{stage}: share of the branch loss")
-            axes[1, col].legend(fontsize=7)
-        for key in [c for c in CURVE_VALIDATION if c in rows.columns and rows[c].notna().any()]:
-            bottom.plot(rows["epoch"], rows[key], label=key, lw=2 if key == "val_auc" else 1)
-        bottom.axvline(stage_epochs[stage], color="k", ls="--", lw=1, label=f"kept epoch {stage_epochs[stage]}")
-        bottom.set_ylim(0, max(1.0, float(np.nanmax(rows["val_loss"])) if "val_loss" in rows else 1.0))
-        bottom.set_xlabel("epoch")
-        bottom.set_title(f"{stage}: validation")
-        bottom.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    draw(curve, stage_epochs, path, title)
 
 
 def write_outputs(result: TrainResult, cohort: Cohort, params: TrainParams, seed: int, out_dir: Path,

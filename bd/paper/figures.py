@@ -2,7 +2,7 @@
 
 ``bd figures NAME ...`` with NAME one of:
 
-- ``fig1``: AUC against the clinical missing rate (image only, Filling, BD), mean line and a
+- ``fig1``: AUC against the clinical missing rate (image only, Filling, BD, modality dropout), mean line and a
   band of one standard deviation over masks and seeds.
 - ``fig4ab``: AUC (a) and F1 (b) against the rate of missing slides (Section III-E).
 - ``fig4c``: ROC curves at 100 % clinical data missing, one per prompt length, with AUC and CI.

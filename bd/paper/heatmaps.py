@@ -12,16 +12,8 @@ import numpy as np
 import pandas as pd
 
 from bd.errors import BDError
+from bd.exports import percentile_scores  # the heatmap colours (the attention exports share them)
 from bd.paper.plot import plt, save
-
-
-def percentile_scores(scores: np.ndarray) -> np.ndarray:
-    """Attention as percentiles in [0, 1]: comparable across slides of different bag sizes."""
-    scores = np.asarray(scores, float)
-    if scores.size <= 1:
-        return np.ones_like(scores)
-    ranks = scores.argsort().argsort()
-    return ranks / (scores.size - 1)
 
 
 def attention_overlay(
@@ -45,9 +37,13 @@ def attention_overlay(
 
 
 def heatmap_figure(
-    thumbnail: np.ndarray, overlay: np.ndarray, title: str, out: Path, cmap: str = "jet"
+    thumbnail: np.ndarray, overlay: np.ndarray, title: str, out: Path, cmap: str = "jet",
+    um_per_px: float | None = None,
 ) -> Path:
-    """Thumbnail and attention overlay side by side, with a colour bar of attention percentiles."""
+    """Thumbnail and attention overlay side by side, with a colour bar of attention percentiles and,
+    given the thumbnail's microns per pixel, a scale bar on both."""
+    from bd.exports import draw_scale_bar
+
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.6))
     axes[0].imshow(thumbnail)
     axes[0].set_title("slide", fontsize=9)
@@ -55,6 +51,8 @@ def heatmap_figure(
     axes[1].set_title("attention (percentile)", fontsize=9)
     for ax in axes:
         ax.set_axis_off()
+        if um_per_px:
+            draw_scale_bar(ax, um_per_px, thumbnail.shape)
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=matplotlib.colors.Normalize(0, 1))
     fig.colorbar(sm, ax=axes[1], fraction=0.046, pad=0.02)
     fig.suptitle(title, fontsize=10)
@@ -81,9 +79,14 @@ def render_slide_heatmap(
 
     with open_slide(slide_path, fallback_mpp=fallback_mpp) as slide:
         thumb = slide.get_thumbnail((max_thumbnail, max_thumbnail))
-        size = slide.dimensions
+        size, mpp = slide.dimensions, float(slide.mpp)
     overlay = attention_overlay(thumb, coords, side_level0, percentile_scores(attention), size)
-    return heatmap_figure(thumb, overlay, title, out)
+    return heatmap_figure(thumb, overlay, title, out, um_per_px=thumbnail_um_per_px(mpp, size, thumb.shape))
+
+
+def thumbnail_um_per_px(mpp: float, level0_size: Sequence[int], thumb_shape: Sequence[int]) -> float:
+    """Microns per thumbnail pixel: the slide's level-0 MPP times the thumbnail's downsample (x)."""
+    return float(mpp) * float(level0_size[0]) / float(thumb_shape[1])
 
 
 def choose_patients(ids: Sequence[str], labels: np.ndarray, n: int) -> list[str]:
@@ -100,8 +103,10 @@ def choose_patients(ids: Sequence[str], labels: np.ndarray, n: int) -> list[str]
 
 def write_heatmaps(run: Any, cohort: Any, patient: str, samples: pd.DataFrame, features: Path,
                    out_dir: Path, fallback_mpp: float | None = None) -> list[Path]:
-    """One attention heatmap PNG per slide of ``patient`` (``<patient>_<slide>.png``); ``features``
-    is the feature index or a folder of stores."""
+    """One attention heatmap PNG per slide of ``patient`` (``<patient>_<slide>.png``), with its patches'
+    attention as a table and as QuPath GeoJSON (``<patient>_<slide>.attention.tsv`` / ``.geojson``);
+    ``features`` is the feature index or a folder of stores."""
+    from bd.exports import attention_table, write_attention
     from bd.features.store import read_store, store_paths
 
     att = run.attention(cohort, patient)
@@ -114,4 +119,7 @@ def write_heatmaps(run: Any, cohort: Any, patient: str, samples: pd.DataFrame, f
             samples.loc[sid, "path"], part[["x", "y"]].to_numpy(), patch_side_level0(attrs),
             part["attention"].to_numpy(), f"patient {patient} ({label}), slide {sid}",
             out_dir / f"{patient}_{sid}.png", fallback_mpp=fallback_mpp))
+        write_attention(out_dir, f"{patient}_{sid}", attention_table(
+            sid, part[["x", "y"]].to_numpy(), part["attention"].to_numpy(), patch_side_level0(attrs),
+            attrs.get("patch_size"), attrs.get("target_mpp")))
     return out

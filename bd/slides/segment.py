@@ -239,15 +239,18 @@ def polygon_area_um2(polygon: list[np.ndarray], mpp: float) -> float:
 
 
 def to_geojson(seg: Segmentation | None, properties: dict[str, Any]) -> dict[str, Any]:
-    """A GeoJSON FeatureCollection of tissue polygons (level-0 pixel coordinates, holes kept)."""
+    """A GeoJSON FeatureCollection of tissue polygons (level-0 pixel coordinates, holes kept as polygon
+    interiors), each a QuPath annotation of class "Tissue" (File > Import objects from file)."""
+    from bd.exports import tissue_annotation
+
     features = []
     for i, polygon in enumerate(seg.polygons if seg else []):
         rings = [np.vstack([r, r[:1]]).round(2).tolist() for r in polygon]
         features.append({
             "type": "Feature",
             "geometry": {"type": "Polygon", "coordinates": rings},
-            "properties": {"id": i, "holes": len(polygon) - 1,
-                           "area_um2": round(polygon_area_um2(polygon, seg.mpp), 1)},
+            "properties": tissue_annotation({"id": i, "holes": len(polygon) - 1,
+                                             "area_um2": round(polygon_area_um2(polygon, seg.mpp), 1)}),
         })
     return {"type": "FeatureCollection", "properties": properties, "features": features}
 
@@ -287,9 +290,71 @@ def _caption(image: np.ndarray, lines: list[str]) -> np.ndarray:
     return np.vstack([band, canvas])
 
 
-def qc_image(seg: Segmentation, title: str) -> np.ndarray:
-    """Thumbnail (BGR) with tissue outlines in orange and holes in blue (ink and debris stay outside)."""
+# What the QC image marks, as (label, BGR colour): outlines, and the excluded pixels filled.
+QC_LEGEND = {"tissue": ("tissue outline", (0, 140, 255)), "hole": ("hole", (255, 80, 0)),
+             "pen": ("excluded: pen ink", (255, 0, 255)), "debris": ("excluded: dark debris", (255, 255, 0))}
+
+
+def artefact_kinds(seg: Segmentation, params: SegmentParams) -> tuple[np.ndarray, np.ndarray]:
+    """The artefact mask split into pen ink and dark debris (bool, mask size): pixels darker than
+    ``dark_value`` are debris, pixels of a pen colour rule are ink, and the grown halo around each
+    goes to the kind it surrounds (ink first)."""
+    hsv = cv2.cvtColor(np.ascontiguousarray(seg.image), cv2.COLOR_RGB2HSV)
+    if hsv.shape[:2] != seg.artefacts.shape[:2]:
+        hsv = cv2.resize(hsv, seg.artefacts.shape[::-1], interpolation=cv2.INTER_NEAREST)
+    h, s, v = (hsv[..., i].astype(np.int16) for i in range(3))
+    excluded = seg.artefacts > 0
+    debris = v < params.dark_value
+    colour = seg.meta.get("channel", "saturation") == "saturation"
+    ink = np.zeros_like(debris)
+    for name in params.pen_colors if colour else ():
+        ink |= PEN_COLORS[name](h, s, v)
+    ink &= ~debris
+    size = 2 * max(params.artefact_dilate, 1) + 1
+    grown = cv2.dilate(ink.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))) > 0
+    pen = excluded & grown
+    return pen, excluded & ~pen
+
+
+def _mark(image: np.ndarray, where: np.ndarray, colour: tuple[int, int, int], alpha: float = 0.6) -> None:
+    """Tint the pixels of ``where`` (any size; resized to the image) with ``colour``, in place."""
+    if where.shape[:2] != image.shape[:2]:
+        where = cv2.resize(where.astype(np.uint8), image.shape[1::-1], interpolation=cv2.INTER_NEAREST) > 0
+    image[where] = ((1 - alpha) * image[where] + alpha * np.asarray(colour)).astype(np.uint8)
+
+
+def _legend(image: np.ndarray, items: list[tuple[str, tuple[int, int, int]]]) -> np.ndarray:
+    """Bands under ``image`` with a colour swatch and label per item (as many rows as they need)."""
+    width = max(image.shape[1], 360)
+    rows: list[list[tuple[int, str, tuple[int, int, int]]]] = [[]]
+    x = 4
+    for label, colour in items:
+        step = 24 + cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)[0][0]
+        if x + step > width and rows[-1]:
+            rows.append([])
+            x = 4
+        rows[-1].append((x, label, colour))
+        x += step
+    band = np.full((22 * len(rows), width, 3), 255, np.uint8)
+    for r, row in enumerate(rows):
+        for x, label, colour in row:
+            cv2.rectangle(band, (x, 22 * r + 5), (x + 12, 22 * r + 17), colour, -1)
+            cv2.putText(band, label, (x + 16, 22 * r + 16), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    canvas = np.full((image.shape[0], width, 3), 255, np.uint8)
+    canvas[:, : image.shape[1]] = image
+    return np.vstack([canvas, band])
+
+
+def qc_image(seg: Segmentation, title: str, params: SegmentParams | None = None) -> np.ndarray:
+    """Thumbnail (BGR) with tissue outlines in orange and holes in blue; with ``params``, the excluded
+    pen ink (magenta) and dark debris (cyan) filled in their colours, and a legend."""
     image, factor = _fit(cv2.cvtColor(seg.image, cv2.COLOR_RGB2BGR))
+    excluded = []
+    if params is not None and seg.artefacts.size > 1:
+        pen, debris = artefact_kinds(seg, params)
+        for key, where in (("pen", pen), ("debris", debris)):
+            _mark(image, where, QC_LEGEND[key][1])
+            excluded.append(f"{QC_LEGEND[key][0].split(': ')[1]} {100 * where.mean():.2f}%")
     sx, sy = seg.scale[0] / factor, seg.scale[1] / factor
     to_px = lambda r: np.round(r / (sx, sy) - 0.5).astype(np.int32).reshape(-1, 1, 2)  # noqa: E731
     cv2.polylines(image, [to_px(p[0]) for p in seg.polygons], True, (0, 140, 255), 2, cv2.LINE_AA)
@@ -299,6 +364,9 @@ def qc_image(seg: Segmentation, title: str) -> np.ndarray:
         f"tissue {100 * seg.tissue_fraction:.1f}% | {len(seg.polygons)} regions | "
         f"mpp {seg.mpp:.3g} ({seg.meta.get('mpp_source', '?')}) | mask 1:{seg.scale[0]:.1f}",
     ]
+    if params is not None:
+        lines.append("excluded: " + ", ".join(excluded))
+        image = _legend(image, list(QC_LEGEND.values()))
     return _caption(image, lines)
 
 
@@ -325,7 +393,7 @@ def write_segmentation(seg: Segmentation, params: SegmentParams, out_dir: Path, 
     write_png(out_dir / "artefacts.png", seg.artefacts)
     write_json(out_dir / "mask.json", info)
     write_json(out_dir / "contours.geojson", to_geojson(seg, info))
-    write_png(out_dir / "qc.png", qc_image(seg, title))
+    write_png(out_dir / "qc.png", qc_image(seg, title, params))
 
 
 def write_failure(out_dir: Path, title: str, reason: str) -> None:

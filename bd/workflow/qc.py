@@ -56,18 +56,26 @@ def _store_error(path: Path) -> Record:
     return (attrs.get("error_stage", "extract"), str(attrs["error"])) if attrs.get("error") else None
 
 
+def _store_of(results: Path, slide: str) -> Path:
+    from bd.features.store import store_path
+
+    return store_path(results / "features", slide)  # .zarr, or a linked CLAM/TRIDENT .h5
+
+
 # Where each stage keeps a slide's record (results/ layout), latest stage first: a later stage
 # carries an earlier stage's error forward, so the first record found answers.
-STAGE_RECORDS: list[tuple[str, Callable[[Path], Record]]] = [
-    ("store", _store_error), ("grid", _grid_error), ("mask_info", _mask_error),
+STAGE_RECORDS: list[tuple[Callable[[Path, str], Path], Callable[[Path], Record]]] = [
+    (lambda results, slide: _store_of(results, slide), _store_error),
+    (lambda results, slide: Path(slide_output(results, "grid", slide)), _grid_error),
+    (lambda results, slide: Path(slide_output(results, "mask_info", slide)), _mask_error),
 ]
 
 
 def slide_record(results: Path, slide_id: str, path: str) -> Record:
     """(stage, reason) if the slide was not read (``input`` when its file is missing and no stage
     has a record of it), else None."""
-    for kind, read in STAGE_RECORDS:
-        record_path = Path(slide_output(results, kind, slide_id))
+    for where, read in STAGE_RECORDS:
+        record_path = where(results, slide_id)
         if record_path.exists():
             try:
                 return read(record_path)
@@ -96,7 +104,7 @@ def upsampled_slides(samples: pd.DataFrame, results: Path) -> list[str]:
 
     out = []
     for sid in samples["slide_id"]:
-        path = Path(slide_output(results, "store", sid))
+        path = _store_of(results, str(sid))
         if not path.exists():
             continue
         attrs = read_store(path, with_features=False).attrs

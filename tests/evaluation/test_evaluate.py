@@ -116,6 +116,8 @@ def test_run_identity_from_path():
 
 import pandas as pd  # noqa: E402
 
+from bd.evaluation import clinical_report as C  # noqa: E402
+from bd.evaluation import decision as D  # noqa: E402
 from bd.cli import main  # noqa: E402
 
 from synthetic_results import make_tiny_cohort, train_tiny  # noqa: E402
@@ -269,3 +271,72 @@ def test_a_lost_store_is_refused_naming_it(tmp_path, caplog):
     (tmp_path / "3.svs").unlink()  # the slide file is missing too (on_slide_error: skip): counted as missing
     cohort = load_cohort(feats, sheet, table, progress=False)
     assert cohort.has_slide.tolist() == [True, True, False, True] and "have no feature store" in caplog.text
+
+
+# ---------------------------------------------------------------- the clinical report of bd evaluate
+
+
+@pytest.fixture(scope="module")
+def named_clinical(tmp_path_factory):
+    """A tiny cohort whose clinical columns carry BCNB's names (for the subgroups) and its scaler."""
+    root = tmp_path_factory.mktemp("named")
+    cohort = make_tiny_cohort(root, n_patients=32)
+    table = pd.read_csv(cohort["clinical"], sep="\t", dtype={"patient_id": str})
+    rng = np.random.default_rng(1)
+    table = table.rename(columns={"age": "Age(years)", "size": "Tumour Size(cm)", "er": "ER"})
+    table["ER"] = np.where(table["ER"] > 0.4, 1.0, -1.0)  # binary, scaled: positive 1, negative -1
+    table["HER2"] = np.where(rng.random(len(table)) < 0.3, 1.0, -1.0)
+    table.to_csv(cohort["clinical"], sep="\t", index=False)
+    scaler = {"features": [{"column": "Age(years)", "kind": "numeric", "mean": 52.0, "std": 10.0},
+                           {"column": "Tumour Size(cm)", "kind": "numeric", "mean": 2.0, "std": 1.0},
+                           {"column": "ER", "kind": "binary", "mean": 0.5, "std": 0.5},
+                           {"column": "HER2", "kind": "binary", "mean": 0.5, "std": 0.5}]}
+    (root / "scaler.json").write_text(json.dumps(scaler))
+    runs = {m: train_tiny(root, cohort, m) for m in ("bd", "modality_dropout")}
+    return root, cohort, runs
+
+
+@pytest.mark.parametrize("method", ["bd", "modality_dropout"])
+def test_bd_evaluate_writes_the_clinical_report(named_clinical, method):
+    root, cohort, runs = named_clinical
+    out = root / "evaluate" / method / "seed0"
+    rc = main(["evaluate", "--checkpoint", str(runs[method]), "--features-dir", str(cohort["features"]),
+               "--samples", str(cohort["samples"]), "--clinical", str(cohort["clinical"]),
+               "--scaler", str(root / "scaler.json"), "--out-dir", str(out),
+               "--params", '{"missing_rates": [0, 100], "curve_rates": [], "repeats": 1, "bootstrap": 0, '
+                           '"target_sensitivity": 0.9, "calibration_bins": 5}'])
+    assert rc == 0
+    table = pd.read_csv(cohort["clinical"], sep="\t", dtype={"patient_id": str})
+    test, val = table[table.split == "test"], table[table.split == "val"]
+    preds = pd.read_csv(out / "predictions.csv", dtype={"patient_id": str})
+    op = pd.read_csv(out / "operating_point.csv").set_index("rate")
+    assert list(op.index) == [0.0, 100.0] and (op.method == method).all()
+    assert op.loc[0.0, "branch"] in ("multi", "fusion") and op.loc[100.0, "branch"] in ("single", "token")
+    assert (op.n == len(test)).all() and (op.val_n == len(val)).all()
+    # the operating point is chosen on the validation predictions of the same condition
+    from bd.mil.runs import load_run
+
+    run = load_run(runs[method])
+    from bd.evaluation.evaluate import load_split_cohort
+
+    vc = load_split_cohort(str(cohort["features"]), str(cohort["samples"]), str(cohort["clinical"]), "val", None)
+    for rate, present in ((0.0, True), (100.0, False)):
+        v = run.predict(vc, clinical_present=np.full(vc.n_patients, present))
+        assert op.loc[rate, "threshold"] == pytest.approx(D.threshold_for_sensitivity(v.label, v.prob, 0.9))
+        assert op.loc[rate, "val_sensitivity"] >= 0.9
+        t = preds[(preds.rate == rate)]
+        assert op.loc[rate, "brier"] == pytest.approx(D.brier_score(t.label, t.prob))
+        m = D.confusion_metrics(t.label.to_numpy(), t.prob.to_numpy(), op.loc[rate, "threshold"])
+        assert op.loc[rate, "npv"] == pytest.approx(m["npv"], nan_ok=True)
+    cal = pd.read_csv(out / "calibration.csv")
+    assert len(cal) == 2 * 5 and (cal.groupby("rate").n.sum() == len(test)).all()
+    dca = pd.read_csv(out / "decision_curve.csv")
+    assert len(dca) == 2 * 99
+    sub = pd.read_csv(out / "subgroups.csv")
+    assert set(sub.subgroup) == set(C.SUBGROUPS)
+    both = sub[(sub.rate == 0)].set_index("subgroup")
+    assert both.loc["ER positive", "n"] + both.loc["ER negative", "n"] == len(test)
+    young = (test["Age(years)"] * 10 + 52 < 50).sum()
+    assert both.loc["age < 50", "n"] == young
+    defined = both.auc.notna()
+    assert (both.reason[~defined] != "").all() and both.reason[defined].isna().all()

@@ -154,3 +154,27 @@ def test_per_branch_thresholds_fall_back_to_the_pooled_one():
     branches = np.array(["multi", "single", "multi", "other"])
     got = threshold_predictions(probs, {"multi": 0.5, "single": 0.2, "*": 0.7}, branches)
     assert got.tolist() == [0, 1, 1, 0]
+
+
+def test_column_metrics_equal_scikit_learn_with_ties_and_one_class_columns():
+    """The vectorised AUC (mid-rank U) and macro F1 give scikit-learn's figures column by column."""
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    from bd.evaluation.metrics import auc_columns, f1_macro_columns
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, size=(40, 6))
+    labels[:, 2] = 1  # one class only: NaN
+    probs = np.round(rng.random((40, 6)), 1)  # many ties
+    predicted = (probs >= 0.5).astype(int)
+    predicted[:, 3] = 0  # a class never predicted
+    aucs, f1s = auc_columns(labels, probs), f1_macro_columns(labels, predicted)
+    for j in range(6):
+        if j == 2:
+            assert np.isnan(aucs[j])
+        else:
+            assert aucs[j] == pytest.approx(roc_auc_score(labels[:, j], probs[:, j]), abs=1e-12)
+        assert f1s[j] == pytest.approx(f1_score(labels[:, j], predicted[:, j], average="macro", zero_division=0.0),
+                                       abs=1e-12)
+    one_label = [roc_auc_score(labels[:, 0], probs[:, j]) for j in range(6)]
+    np.testing.assert_allclose(auc_columns(labels[:, 0], probs), one_label)

@@ -83,7 +83,8 @@ def test_bf16_patch_layer_is_close_to_fp32():
 
 
 def test_registry_holds_every_method_and_rejects_unknown_ones():
-    assert set(MODELS) == {"image_only", "clinical_only", "filling", "ae", "ensemble", "smil", "bd", "bd_wsi"}
+    assert set(MODELS) == {"image_only", "clinical_only", "filling", "ae", "ensemble", "smil", "bd", "bd_wsi",
+                           "modality_dropout"}
     with pytest.raises(ConfigError, match="unknown method 'lnmp'.*known: ae, bd"):
         create_model("lnmp", DIM, CLIN)
     with pytest.raises(ConfigError, match="directions"):
@@ -99,6 +100,7 @@ EXPECTED_BRANCHES = {  # method -> {(clinical present, slide present): branch}
     "smil": {COMPLETE: "fusion", NO_CLINICAL: "smil"},
     "bd": {COMPLETE: "multi", NO_CLINICAL: "single"},
     "bd_wsi": {COMPLETE: "multi", NO_SLIDE: "single"},
+    "modality_dropout": {COMPLETE: "fusion", NO_CLINICAL: "token"},
 }
 
 
@@ -336,3 +338,53 @@ def test_filled_clinical_input_says_missing_in_the_indicator_columns(cohort, met
         model.predict(cohort.batch([0, 1], clinical_present=np.array([False, True])))
     assert seen[0][0].tolist() == [0.0, 1.0, 0.0, 1.0]
     torch.testing.assert_close(seen[0][1], torch.from_numpy(cohort.clinical[1]))
+
+
+# ---------------------------------------------------------------- modality dropout
+
+
+def test_modality_dropout_uses_the_learned_token_when_clinical_data_is_missing(cohort):
+    model = build("modality_dropout").eval()
+    n = cohort.n_patients
+    absent = cohort.batch(np.arange(n), clinical_present=np.zeros(n, bool))
+    with torch.no_grad():
+        f_c = model.clinical_feature(absent, ~absent.clinical_present)
+        before = model.predict(absent)[0]
+        model.missing_token.add_(1.0)  # the prediction without clinical data moves with the token
+        after = model.predict(absent)[0]
+        complete = cohort.batch(np.arange(n))
+        same = model.predict(complete)[0]
+        model.missing_token.sub_(1.0)
+        torch.testing.assert_close(model.predict(complete)[0], same)  # ... and with it only
+    torch.testing.assert_close(f_c, model.missing_token.expand(n, -1))
+    assert model.missing_token.abs().sum() > 0  # a learned vector, not zeros
+    assert not torch.allclose(before, after)
+
+
+def test_modality_dropout_token_gets_gradient_only_from_dropped_bags(cohort):
+    model = build("modality_dropout", modality_dropout_rate=0.5)
+    batch = cohort.batch(np.arange(cohort.n_patients))
+    torch.manual_seed(1)
+    model.losses(batch, "main")["loss"].backward()
+    assert model.missing_token.grad is not None and model.missing_token.grad.abs().sum() > 0
+    never = build("modality_dropout", modality_dropout_rate=0.0)
+    never.losses(batch, "main")["loss"].backward()
+    assert never.missing_token.grad is None or never.missing_token.grad.abs().sum() == 0
+    assert next(never.clin.parameters()).grad.abs().sum() > 0
+
+
+def test_modality_dropout_drops_at_the_rate_and_is_seeded(cohort):
+    model = build("modality_dropout", modality_dropout_rate=0.5)
+    big = cohort.batch(np.resize(np.arange(cohort.n_patients), 4000))
+    torch.manual_seed(5)
+    first = model.drop_mask(big)
+    torch.manual_seed(5)
+    again = model.drop_mask(big)
+    torch.manual_seed(6)
+    other = model.drop_mask(big)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert abs(first.float().mean().item() - 0.5) < 0.03
+    absent = cohort.batch(np.arange(4), clinical_present=np.zeros(4, bool))
+    assert build("modality_dropout", modality_dropout_rate=0.0).drop_mask(absent).all()  # absent: always the token
+    with pytest.raises(ConfigError, match="modality_dropout_rate"):
+        build("modality_dropout", modality_dropout_rate=1.0)

@@ -108,7 +108,8 @@ def test_curve_logs_each_terms_share_of_its_branch_loss():
 
 @pytest.mark.parametrize(("method", "branches"), [
     ("filling", {"fusion", "filled", "slide_filled"}), ("bd", {"multi", "single"}),
-    ("ensemble", {"ensemble", "image"}), ("clinical_only", {"clinical", "filled"})])
+    ("ensemble", {"ensemble", "image"}), ("clinical_only", {"clinical", "filled"}),
+    ("modality_dropout", {"fusion", "token"})])
 def test_one_threshold_per_branch(method, branches):
     """Every answering branch, Filling's zero-filled ones included, is tuned on validation under
     the condition where it answers."""
@@ -119,7 +120,7 @@ def test_one_threshold_per_branch(method, branches):
     val = cohort.indices("val")
     n = len(val)
     conditions = {"filled": (False, True), "slide_filled": (True, False), "single": (False, True),
-                  "image": (False, True)}
+                  "image": (False, True), "token": (False, True)}
     for branch, (clin, slide) in conditions.items():
         if branch in branches:
             probs, answered = predict_patients(result.model, cohort, val, np.full(n, clin), np.full(n, slide))
@@ -378,3 +379,28 @@ def test_s2m_moves_f_wm_toward_f_ws_and_m2s_moves_the_single_branch():
         np.testing.assert_allclose(m2s[2], none[2], atol=1e-6)  # multi-modal branch untouched by M->S
         assert np.abs(m2s[3] - none[3]).max() > 1e-3
     assert np.mean(cka["s2m"]) > np.mean(cka["none"]) + 0.02, cka
+
+
+def test_modality_dropout_learns_both_paths_and_its_dropping_is_seeded():
+    """Trained by train_model: held-out probabilities spread (not the prior) with clinical data
+    present and absent, the token moved from its initialisation, and the same seed gives the
+    same run (the drops come from the seeded generator) while another seed does not."""
+    cohort = synthetic_cohort(60, 8, DIM, CLIN, seed=3, signal=2.0)
+    params = TrainParams(method="modality_dropout", max_epochs=12, min_epochs=1, patience=12, lr=0.05,
+                         batch_size=4, **TINY)
+    runs = [train_model(cohort, params, seed, progress=False) for seed in (0, 0, 1)]
+    first, again, other = (r.model.state_dict() for r in runs)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["missing.token"], other["missing.token"])
+    from bd.mil.models import create_model
+
+    torch.manual_seed(0)
+    init = create_model("modality_dropout", DIM, CLIN, **vars(params)).missing_token
+    assert not torch.allclose(first["missing.token"], init)
+    test = cohort.indices("test")
+    n = len(test)
+    for clin in (True, False):
+        probs, branches = predict_patients(runs[0].model, cohort, test, np.full(n, clin), np.ones(n, bool))
+        assert set(branches) == {"fusion" if clin else "token"}
+        assert probs.std() > 0.1, (clin, probs.std())  # 0.35 at epoch 12 (0.01 untrained)
+        assert auc(cohort.labels[test], probs) > 0.6, clin

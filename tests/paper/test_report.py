@@ -20,12 +20,14 @@ import numpy as np
 import pytest
 import yaml
 
+from bd.evaluation.clinical_report import OUTPUTS as CLINICAL_OUTPUTS
 from synthetic_results import write_run
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGETS = ["all", "ablations", "wsi_missing", "analysis"]
 # Rules whose outputs this test leaves to Snakemake (the rules under test).
-RUN_BY_SNAKEMAKE = {"table1", "table2", "table3", "fig1", "roc", "fig4ab", "fig4c", "runtime_summary"}
+RUN_BY_SNAKEMAKE = {"table1", "table2", "table3", "fig1", "roc", "fig4ab", "fig4c", "runtime_summary",
+                    "clinical_tables", "clinical_figures", "report_qc_images"}
 pytestmark = pytest.mark.slow
 
 
@@ -33,6 +35,7 @@ def tiny_config(work: Path) -> dict:
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     results = str(work / "results")
     config["results"] = results
+    config["train_runs_per_job"] = 1  # rule evaluate per run (finish_upstream writes its outputs)
     config["demo"].update(out_dir=f"{results}/demo", patients=4, test_patients=None)
     config["cohort"].update(clinical_table=f"{results}/demo/patient-clinical-data.xlsx",
                             split_dir=f"{results}/demo/dataset-splitting")
@@ -91,7 +94,8 @@ def finish_upstream(work: Path, outputs: list[tuple[str, str]]) -> None:
         if rule == "evaluate":
             exp, seed = p.parent.parent.name, int(p.parent.name.removeprefix("seed"))
             write_run(results, exp, seed)
-            done.update(p.parent / n for n in ("metrics.csv", "predictions.csv", "summary.csv"))
+            done.update(p.parent / n for n in ("metrics.csv", "predictions.csv", "summary.csv",
+                                                *(f"{t}.csv" for t in CLINICAL_OUTPUTS)))
         elif rule in ("fig5", "heatmaps"):
             if not (results / "figures" / "fig5.png").exists():
                 analysis_figures(results)
@@ -106,6 +110,10 @@ def finish_upstream(work: Path, outputs: list[tuple[str, str]]) -> None:
             p.parent.mkdir(parents=True, exist_ok=True)
             p.touch()
         done.add(p)
+    # the sample sheet (read by rule report_qc_images): one row per slide with a segmentation QC image
+    slides = sorted(p.parent.name for p in done if p.name == "qc.png" and p.parent.parent.name == "segment")
+    (results / "samples.tsv").write_text("slide_id\tpatient_id\tpath\n" + "".join(f"{s}\t{s}\tx\n" for s in slides))
+    done.add(results / "samples.tsv")
     # benchmark files of the finished jobs, for the runtime summaries
     for rule, jobs in {"segment": 4, "extract": 4, "train": 3, "evaluate": 3}.items():
         for j in range(jobs):
@@ -136,6 +144,8 @@ def test_report_contains_every_item(tmp_path):
     results = work / "results"
     for name in ("table1", "table2", "table3"):
         assert (results / "tables" / f"{name}.md").read_text().startswith("| Missing rate (%)")
+    assert (results / "tables" / "operating_point.md").read_text().startswith("| Method | Missing |")
+    assert (results / "figures" / "decision_curve.png").stat().st_size > 10_000
     runtime = (results / "runtime" / "all.csv").read_text()
     assert "segment" in runtime and "evaluate" in runtime
 
@@ -143,10 +153,42 @@ def test_report_contains_every_item(tmp_path):
     built = snakemake(work, *TARGETS, "--report", str(report))
     assert built.returncode == 0, built.stderr[-5000:]
     html = report.read_text(errors="replace")
-    items = ["table1.csv", "table2.csv", "table3.csv", "fig1.png", "roc.png", "fig4ab.png", "fig4c.png",
-             "fig5.png", "1_1.png", "2_2.png", "all.csv", "all.png", "ablations.png", "wsi_missing.png",
-             "analysis.png", "qc.png", "1.qc.png", "curve.png", "summary.csv"]
+    items = ["table1.html", "table2.html", "table3.html", "fig1.png", "roc.png", "fig4ab.png", "fig4c.png",
+             "fig5.png", "1_1.png", "2_2.png", "all.html", "all.png", "ablations.png", "wsi_missing.png",
+             "analysis.png", "1.jpg", "curve.png", "summary.html", "slide_errors.html", "cohort_checks.html",
+             "operating_point.html", "subgroup_auc.html", "calibration.png", "decision_curve.png"]
     missing = [item for item in items if item not in html]
     assert not missing, f"report lacks {missing}"
-    for category in ("Tables", "Figures", "Runtime", "Quality control", "Attention heatmaps"):
+    for category in ("Tables", "Figures", "Runtime", "Quality control", "Attention heatmaps", "Clinical report"):
         assert category in html
+    # Every table is shown as a table: an HTML page holding a <table>, never a CSV/TSV download.
+    embedded = report_items(html)
+    assert not [n for n, (mime, _) in embedded.items() if mime in ("text/csv", "text/tab-separated-values")]
+    for name in ("table1.html", "table2.html", "table3.html", "all.html", "ablations.html"):  # made here
+        mime, data = embedded[name]
+        assert mime == "text/html" and b"<table>" in data and b"<td" in data, name
+    for name in ("summary.html", "cohort_checks.html", "slide_errors.html"):  # upstream (made by a real run)
+        assert embedded[name][0] == "text/html", name
+    # The QC thumbnails are compact JPEGs (the full-size PNGs stay out of the report).
+    qc = [(mime, data) for n, (mime, data) in embedded.items() if n.endswith(".jpg")]
+    assert qc and all(m == "image/jpeg" for m, _ in qc)
+    assert not [n for n in embedded if n.endswith("qc.png")]
+    assert b"Missing rate (%)" in embedded["table1.html"][1]
+
+
+def report_items(html: str) -> dict[str, tuple[str, bytes]]:
+    """name -> (MIME type, decoded content) of every result embedded in a Snakemake report."""
+    import base64
+    import json
+    import re
+
+    start = html.index("var results = {") + len("var results = ")
+    results, _ = json.JSONDecoder().raw_decode(html[start:])
+    out = {}
+    for path, entry in results.items():
+        uri = entry["data_uri"]
+        payload = uri.split(",", 1)[1]
+        data = base64.b64decode(payload) if ";base64" in uri.split(",", 1)[0] else payload.encode()
+        out[Path(path).name] = (entry["mime_type"], data)
+        assert re.match(r"data:[\w/+.-]+", uri), path
+    return out

@@ -29,7 +29,7 @@ def test_table1_values_are_means_over_masks_and_seeds(results):
     t = table1(metrics, [0, 50, 80, 100], read_summaries(paths))
     # references only at 0 %; the five missing-data methods at each rate
     assert list(t[t.rate == 0].method) == MAIN
-    assert list(t[t.rate == 50].method) == ["filling", "ae", "ensemble", "smil", "bd"]
+    assert list(t[t.rate == 50].method) == ["filling", "ae", "ensemble", "smil", "bd", "modality_dropout"]
     row = t[(t.rate == 80) & (t.method == "bd")].iloc[0]
     raw = metrics[(metrics.method == "bd") & (metrics.rate == 80) & (metrics.kind == "clinical")]
     assert len(raw) == 2 * 3 and row.masks == 6 and row.seeds == 2

@@ -62,11 +62,8 @@ rule clinical:
     output:
         table=CLINICAL_TSV,
         scaler=SCALER_JSON,
-        summary=report(
-            f"{R}/clinical/summary.csv",
-            caption="../report/clinical.rst",
-            category="Cohort",
-        ),
+        summary=f"{R}/clinical/summary.csv",
+        summary_html=report(f"{R}/clinical/summary.html", caption="../report/clinical.rst", category="Cohort"),
     params:
         clinical=section("clinical"),
         version=stage_version("clinical"),
@@ -78,5 +75,7 @@ rule clinical:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd clinical --table {input.table:q} --split {input.split:q} --out-dir {params.out_dir:q} "
-        "--params {params.clinical:q} > {log:q} 2>&1"
+        "{{ bd clinical --table {input.table:q} --split {input.split:q} --out-dir {params.out_dir:q} "
+        "--params {params.clinical:q} && "
+        "bd report-table --table {output.summary:q} --out {output.summary_html:q} --title 'Clinical summary'; }} "
+        "> {log:q} 2>&1"

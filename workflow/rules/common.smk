@@ -13,7 +13,7 @@ from bd.workflow.check import SAMPLES_SCHEMA, SCHEMA, check_config, missing_file
 from bd.cohort.samples import build_sample_sheet, sheet_sha256
 from bd.methods import list_methods
 from bd.paper.experiments import experiments, seeds_for, target_experiments
-from bd.workflow.layout import FEATURE_INDEX as FEATURE_INDEX_FILE, QC_TABLES, slide_output, slide_pattern
+from bd.workflow.layout import FEATURE_INDEX as FEATURE_INDEX_FILE, FEATURES, QC_TABLES, slide_output, slide_pattern
 
 
 # Numbers written as text by YAML 1.1 (`lr: 1e-4`) become numbers, then every unknown key, wrong
@@ -53,6 +53,7 @@ SLIDES = [s for s in SAMPLES["slide_id"] if s not in MISSING_SLIDES]
 SAMPLES_SHA256 = sheet_sha256(SAMPLES)
 # Cohort tables, named by path (not rules.X.output) in the rules that also take every store: with
 # a rule reference there, Snakemake hashes the whole store list once per store, per job (quadratic).
+FEATURES_DIR = f"{R}/{FEATURES}"
 SAMPLES_TSV = f"{R}/samples.tsv"
 CLINICAL_TSV = f"{R}/clinical/clinical.tsv"
 SCALER_JSON = f"{R}/clinical/scaler.json"
@@ -62,14 +63,18 @@ CHECKPOINT = f"{R}/train/{{experiment}}/seed{{seed}}/checkpoint.pt"
 # declares every store: with every store on every training job the DAG of a 5,000-slide cohort
 # builds in 3.3x a bare Snakefile's time, through the index in 1.8x (benchmarks/dag.py). A lost
 # store is rebuilt either way (targets list lost per-slide outputs, lost_slide_outputs).
-STORES = [slide_output(R, "store", slide) for slide in SLIDES]
-# Evaluation reads the test split's stores only: when the split is known at parse time (the
-# checks compute it as `bd split` will), those are its inputs; otherwise (the demo, whose table a
-# job writes; cluster jobs) every store.
+# With h5_features.dir, each store is a link to a CLAM/TRIDENT .h5 file (rule h5_link), read with
+# the identity file rule h5_identity writes beside it (bd/features/h5store.py); otherwise bd extract's Zarr.
+H5_FEATURES = config.get("h5_features") or {}
+STORE_SUFFIX = ".h5" if H5_FEATURES.get("dir") else ".zarr"
+STORES = [f"{FEATURES_DIR}/{slide}{STORE_SUFFIX}" for slide in SLIDES]
+# Evaluation reads the test and validation splits' stores only (validation: the clinical report's
+# operating point): when the split is known at parse time (the checks compute it as `bd split`
+# will), those are its inputs; otherwise (the demo, whose table a job writes; cluster jobs) every store.
 _SPLIT = COHORT_CHECK.split if COHORT_CHECK is not None else None
-TEST_STORES = STORES if _SPLIT is None else [
-    slide_output(R, "store", s) for s, p in zip(SAMPLES["slide_id"], SAMPLES["patient_id"])
-    if s not in MISSING_SLIDES and _SPLIT.get(p) == "test"
+EVAL_STORES = STORES if _SPLIT is None else [
+    f"{FEATURES_DIR}/{s}{STORE_SUFFIX}" for s, p in zip(SAMPLES["slide_id"], SAMPLES["patient_id"])
+    if s not in MISSING_SLIDES and _SPLIT.get(p) in ("test", "val")
 ]
 # A table (slide_id, store) of every store, written by rule feature_index (features.smk), is the
 # input through which training depends on every store.
@@ -125,6 +130,73 @@ def write_feature_index(stores, out, log):
     write_text(log, f"{len(stores)} feature stores listed in {out}\n")
 
 
+def stores_dir(stores):
+    """The folder of the feature stores (a rule's input.stores)."""
+    return os.path.dirname(stores[0]) if stores else FEATURES_DIR
+
+
+# Extraction in batches (features.smk): extract_slides_per_job slides per `bd extract` job.
+EXTRACT_PER_JOB = int(config.get("extract_slides_per_job", 1))
+EXTRACT_COMMON = dict(
+    params=dict(on_error=ON_SLIDE_ERROR, features=section("features"), version=stage_version("extract")),
+    threads=max(1, (config.get("features") or {}).get("num_workers", 2)),
+    weights=(config.get("features") or {}).get("weights") or [],
+)
+
+
+def extract_batches():
+    """The slides in consecutive batches of EXTRACT_PER_JOB (sheet order)."""
+    return [SLIDES[i:i + EXTRACT_PER_JOB] for i in range(0, len(SLIDES), EXTRACT_PER_JOB)]
+
+
+def extract_jobs_tsv(slides):
+    """`bd extract --jobs` table text (slide, grid, out) for a batch."""
+    rows = [f"{SLIDE_PATHS[s]}\t{R}/tiles/{s}.npz\t{FEATURES_DIR}/{s}.zarr\n" for s in slides]
+    return "slide\tgrid\tout\n" + "".join(rows)
+
+
+# Training and evaluation in batches (train.smk, evaluate.smk): train_runs_per_job runs per
+# `bd batch` job (bd/workflow/batch.py), the imports and start-up paid once a job. 1: one job per run.
+RUNS_PER_JOB = int(config.get("train_runs_per_job", 1))
+BATCHED = RUNS_PER_JOB > 1
+# Rules train and evaluate take no run when the runs are batched (the batch rules make them).
+RUN_RULE_EXPERIMENTS = "(?!)" if BATCHED else "[A-Za-z0-9._-]+"
+
+
+def run_batches(targets, per_job):
+    """(experiment, seed) runs of the targets in batches of at most ``per_job``: each target's
+    runs not in an earlier target, in order, so a target never waits for another's runs."""
+    seen, batches = set(), []
+    for target in targets:
+        todo = [r for r in runs(target_experiments(config, target)) if r not in seen]
+        seen.update(todo)
+        n = -(-len(todo) // per_job) if todo else 0  # as many batches as needed, of near-equal size
+        batches += [todo[i::n] for i in range(n)]
+    return batches
+
+
+def training_argv(experiment, seed, threads):
+    """The `bd train` command of one run, as rule train runs it (a list of arguments)."""
+    params = json.dumps({**config["training"], **EXPERIMENTS[experiment]}, sort_keys=True)
+    return ["train", "--feature-index", FEATURE_INDEX, "--samples", SAMPLES_TSV, "--clinical", CLINICAL_TSV,
+            "--scaler", SCALER_JSON, "--seed", str(seed), "--params", params, "--threads", str(threads),
+            "--no-progress", "--out-dir", f"{R}/train/{experiment}/seed{seed}"]
+
+
+def evaluation_argv(experiment, seed):
+    """The `bd evaluate` command of one run, as rule evaluate runs it."""
+    return ["evaluate", "--run", f"{R}/train/{experiment}/seed{seed}/checkpoint.pt",
+            "--feature-index", FEATURE_INDEX, "--samples", SAMPLES_TSV, "--clinical", CLINICAL_TSV,
+            "--scaler", SCALER_JSON, "--params", evaluation_params(), "--experiment", experiment, "--seed", str(seed),
+            "--out-dir", f"{R}/evaluate/{experiment}/seed{seed}"]
+
+
+def batch_jobs(stage, batch, argv):
+    """`bd batch --jobs` text: one JSON line per run (its command and its own log)."""
+    return "".join(json.dumps({"argv": argv(e, s), "log": f"{R}/logs/{stage}/{e}/seed{s}.log"}) + "\n"
+                   for e, s in batch)
+
+
 def slide_path(wildcards):
     return SLIDE_PATHS[wildcards.slide]
 
@@ -153,7 +225,8 @@ def lost_slide_outputs():
     used = os.path.exists(QC_OUTPUTS[0]) or bool(glob.glob(os.path.join(glob.escape(R), "train", "*", "seed*", "checkpoint.pt")))
     lost = []
     for slide in SLIDES:
-        chain = [slide_output(R, kind, slide) for kind in ("mask", "mask_info", "grid", "store")]
+        chain = [f"{R}/segment/{slide}/mask.png", f"{R}/segment/{slide}/mask.json", f"{R}/tiles/{slide}.npz",
+                 f"{FEATURES_DIR}/{slide}.zarr"] if STORE_SUFFIX == ".zarr" else [f"{FEATURES_DIR}/{slide}.h5"]
         exists = [os.path.exists(p) for p in chain]
         later = used
         for path, there in zip(reversed(chain), reversed(exists)):
@@ -172,7 +245,7 @@ def final_outputs(target):
     tables = lambda *names: [f"{R}/tables/{n}.{ext}" for n in names for ext in ("csv", "md")]
     figures = lambda *names: [f"{R}/figures/{n}" for n in names]
     return {
-        "all": lambda: [*tables("table1"), *figures("fig1.png", "roc.png")],
+        "all": lambda: [*tables("table1"), *figures("fig1.png", "roc.png"), *CLINICAL_REPORT_OUTPUTS],  # clinical_report.smk
         "ablations": lambda: [*tables("table2", "table3"), *figures("fig4c.png", "s2m.png")],
         "wsi_missing": lambda: figures("fig4ab.png"),
         "analysis": lambda: figures("fig5.png", "heatmaps"),
@@ -183,7 +256,7 @@ def target_files(target):
     """Everything a workflow target (see the Snakefile header) builds: its tables and figures, its
     runtime summary, the QC tables, and the lost per-slide outputs (the one target function)."""
     runtime = [f"{R}/runtime/{target}.csv", f"{R}/runtime/{target}.png"]
-    return [*final_outputs(target), *runtime, *QC_OUTPUTS, *lost_slide_outputs()]
+    return [*final_outputs(target), *runtime, *QC_OUTPUTS, *REPORT_QC, *lost_slide_outputs()]  # REPORT_QC: qc.smk
 
 
 # Inputs and params of the evaluation and report rules.
@@ -224,3 +297,72 @@ def present(names):
 
 def checkpoint_of(name):
     return f"{R}/train/{name}/seed{seeds_for(config, name)[0]}/checkpoint.pt"
+
+
+# The external cohort (workflow/rules/external.smk; config section external).
+
+from snakemake.exceptions import WorkflowError
+
+EXTERNAL = config.get("external") or {}
+EXT = f"{R}/external"
+# Runtime settings of the run's stages that do not change the features (the run's own encoder,
+# patch size and MPP come from its checkpoint; bd predict refuses any other).
+EXT_FEATURE_RUNTIME = ("batch_size", "num_workers", "device", "reader", "decode", "precision", "compile",
+                       "on_decode_error")
+
+
+def external_setting(key):
+    """A required key of the external section; a clear error when the target is asked for without it."""
+    value = EXTERNAL.get(key)
+    if not value:
+        raise WorkflowError(f"target external: set external.{key} in the config (see config/README.md)")
+    return value
+
+
+def external_checkpoint():
+    from bd.external import ExternalParams
+
+    external_setting("run")
+    return ExternalParams(**EXTERNAL).checkpoint(R)
+
+
+def external_slides():
+    """The external sheet's slide files (inputs of the prediction job unless stores are given)."""
+    from bd.external import read_sheet
+
+    if EXTERNAL.get("features_dir"):
+        return []
+    return list(read_sheet(external_setting("sample_sheet"))["path"])
+
+
+def external_overrides():
+    feats = config.get("features") or {}
+    return json.dumps({"segmentation": config.get("segmentation") or {},
+                       "features": {k: feats[k] for k in EXT_FEATURE_RUNTIME if k in feats}}, sort_keys=True)
+
+
+def external_seed(checkpoint):
+    """The training seed of the run (its seedN folder), else 0."""
+    import re
+
+    match = re.fullmatch(r"seed(\d+)", os.path.basename(os.path.dirname(checkpoint)))
+    return int(match.group(1)) if match else 0
+
+
+def external_evaluated():
+    return bool(EXTERNAL.get("evaluate", True) and EXTERNAL.get("clinical_table"))
+
+
+# A run of this workflow (experiment/seedN) uses this workflow's scaler; a checkpoint file from
+# elsewhere, the scaler path it records.
+EXT_SCALER = [] if str(EXTERNAL.get("run") or "").endswith(".pt") else [SCALER_JSON]
+
+
+def write_h5_identity(identity, out, log):
+    """Rule h5_identity: the user's identity of the .h5 feature files, beside their links."""
+    from bd.features.h5store import H5FeatureParams, write_identity
+    from bd.io import write_text
+    from bd.params import build
+
+    write_identity(build(H5FeatureParams, identity), out)
+    write_text(log, f"identity of the .h5 feature files in {H5_FEATURES.get('dir')}: {identity}\n")

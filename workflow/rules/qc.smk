@@ -10,14 +10,16 @@ rule slide_qc:
         stores=STORES,  # every store exists: each slide's outcome is known
         table=config["cohort"]["clinical_table"],
     output:
-        errors=report(
-            QC_OUTPUTS[0],
+        errors=QC_OUTPUTS[0],
+        checks=QC_OUTPUTS[1],
+        errors_html=report(
+            f"{R}/qc/slide_errors.html",
             caption="../report/slide_errors.rst",
             category="Quality control",
             subcategory="Slides not read",
         ),
-        checks=report(
-            QC_OUTPUTS[1],
+        checks_html=report(
+            f"{R}/qc/cohort_checks.html",
             caption="../report/cohort_checks.rst",
             category="Quality control",
             subcategory="Cohort checks",
@@ -37,6 +39,51 @@ rule slide_qc:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd qc --samples {input.samples:q} --results {params.results:q} --config {params.config:q} "
-        "--out {output.errors:q} --checks-out {output.checks:q} > {log:q} 2>&1"
+        "{{ bd qc --samples {input.samples:q} --results {params.results:q} --config {params.config:q} "
+        "--out {output.errors:q} --checks-out {output.checks:q} && "
+        "bd report-table --table {output.errors:q} --out {output.errors_html:q} --title 'Slides not read' && "
+        "bd report-table --table {output.checks:q} --out {output.checks_html:q} --title 'Cohort checks'; }} "
+        "> {log:q} 2>&1"
+
+
+# The report's QC images: one compact JPEG per slide and kind (segmentation, patch grid), at most
+# 360 px a side (bd/paper/report_images.py), so that the demo's report stays under 15 MB; the full-size
+# PNGs stay beside the masks and grids. One job for the cohort.
+REPORT_QC = [f"{R}/report_qc/segment", f"{R}/report_qc/tiles"]
+
+
+rule report_qc_images:
+    input:
+        samples=SAMPLES_TSV,
+        segment=[f"{R}/segment/{s}/qc.png" for s in SLIDES],
+        tiles=[f"{R}/tiles/{s}.qc.png" for s in SLIDES],
+    output:
+        segment=report(
+            directory(REPORT_QC[0]),
+            patterns=["{slide}.jpg"],
+            caption="../report/segment_qc.rst",
+            category="Quality control",
+            subcategory="Tissue segmentation",
+            labels={"slide": "{slide}"},
+        ),
+        tiles=report(
+            directory(REPORT_QC[1]),
+            patterns=["{slide}.jpg"],
+            caption="../report/tile_qc.rst",
+            category="Quality control",
+            subcategory="Patch grid",
+            labels={"slide": "{slide}"},
+        ),
+    params:
+        results=lambda w, output: os.path.dirname(os.path.dirname(output.segment)),  # the results folder
+    localrule: True  # a thumbnail per slide: seconds, on the submit host
+    log:
+        f"{R}/logs/report_qc_images.log",
+    benchmark:
+        f"{R}/benchmarks/report_qc_images.tsv"
+    conda:
+        "../../envs/bd.yaml"
+    shell:
+        "bd report-images --samples {input.samples:q} --results {params.results:q} "
+        "--segment-out {output.segment:q} --tiles-out {output.tiles:q} > {log:q} 2>&1"
 

@@ -24,8 +24,9 @@ rule table1:
         metrics=metrics_files(target_experiments(config, "all")),
         summaries=run_files(target_experiments(config, "all"), "summary.csv"),
     output:
-        csv=report(f"{R}/tables/table1.csv", caption="../report/table1.rst", category="Tables"),
+        csv=f"{R}/tables/table1.csv",
         md=f"{R}/tables/table1.md",
+        html=report(f"{R}/tables/table1.html", caption="../report/table1.rst", category="Tables"),
     params:
         rates=json.dumps(EVAL["missing_rates"]),
     log:
@@ -35,8 +36,8 @@ rule table1:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd aggregate table1 --metrics {input.metrics:q} --summaries {input.summaries:q} --rates {params.rates:q} "
-        "--out-dir \"$(dirname {output.csv:q})\" > {log:q} 2>&1"
+        "{{ bd aggregate table1 --metrics {input.metrics:q} --summaries {input.summaries:q} --rates {params.rates:q} --out-dir \"$(dirname {output.csv:q})\" && "
+        "bd report-table --table {output.md:q} --out {output.html:q} --title 'Table I'; }} > {log:q} 2>&1"
 
 
 rule fig1:
@@ -78,8 +79,9 @@ rule table2:
         metrics=metrics_files(ablation("bd-dir-")),
         summaries=run_files(ablation("bd-dir-"), "summary.csv"),
     output:
-        csv=report(f"{R}/tables/table2.csv", caption="../report/table2.rst", category="Tables"),
+        csv=f"{R}/tables/table2.csv",
         md=f"{R}/tables/table2.md",
+        html=report(f"{R}/tables/table2.html", caption="../report/table2.rst", category="Tables"),
     log:
         f"{R}/logs/table2.log",
     benchmark:
@@ -87,8 +89,8 @@ rule table2:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd aggregate table2 --metrics {input.metrics:q} --summaries {input.summaries:q} "
-        "--out-dir \"$(dirname {output.csv:q})\" > {log:q} 2>&1"
+        "{{ bd aggregate table2 --metrics {input.metrics:q} --summaries {input.summaries:q} --out-dir \"$(dirname {output.csv:q})\" && "
+        "bd report-table --table {output.md:q} --out {output.html:q} --title 'Table II'; }} > {log:q} 2>&1"
 
 
 rule table3:
@@ -96,8 +98,9 @@ rule table3:
         metrics=metrics_files(ablation("bd-lm-")),
         summaries=run_files(ablation("bd-lm-"), "summary.csv"),
     output:
-        csv=report(f"{R}/tables/table3.csv", caption="../report/table3.rst", category="Tables"),
+        csv=f"{R}/tables/table3.csv",
         md=f"{R}/tables/table3.md",
+        html=report(f"{R}/tables/table3.html", caption="../report/table3.rst", category="Tables"),
     log:
         f"{R}/logs/table3.log",
     benchmark:
@@ -105,8 +108,8 @@ rule table3:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd aggregate table3 --metrics {input.metrics:q} --summaries {input.summaries:q} "
-        "--out-dir \"$(dirname {output.csv:q})\" > {log:q} 2>&1"
+        "{{ bd aggregate table3 --metrics {input.metrics:q} --summaries {input.summaries:q} --out-dir \"$(dirname {output.csv:q})\" && "
+        "bd report-table --table {output.md:q} --out {output.html:q} --title 'Table III'; }} > {log:q} 2>&1"
 
 
 rule fig4c:
@@ -216,8 +219,9 @@ rule runtime_summary:
     input:
         lambda wc: final_outputs(wc.target),
     output:
-        csv=report(f"{R}/runtime/{{target}}.csv", caption="../report/runtime.rst", category="Runtime",
-                   labels={"target": "{target}", "what": "table"}),
+        csv=f"{R}/runtime/{{target}}.csv",
+        html=report(f"{R}/runtime/{{target}}.html", caption="../report/runtime.rst", category="Runtime",
+                    labels={"target": "{target}", "what": "table"}),
         png=report(f"{R}/runtime/{{target}}.png", caption="../report/runtime.rst", category="Runtime",
                    labels={"target": "{target}", "what": "figure"}),
         jobs=f"{R}/runtime/{{target}}.jobs.csv",
@@ -232,6 +236,8 @@ rule runtime_summary:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd runtime-summary --benchmarks {params.benchmarks:q} --out-csv {output.csv:q} "
-        "--out-png {output.png:q} --jobs-csv {output.jobs:q} > {log:q} 2>&1"
+        "{{ bd runtime-summary --benchmarks {params.benchmarks:q} --out-csv {output.csv:q} "
+        "--out-png {output.png:q} --jobs-csv {output.jobs:q} && "
+        "bd report-table --table {output.csv:q} --out {output.html:q} --title 'Runtime per rule ({wildcards.target})'; }} "
+        "> {log:q} 2>&1"
 

@@ -22,13 +22,7 @@ rule segment:
         artefacts=slide_pattern(R, "artefacts"),
         info=slide_pattern(R, "mask_info"),
         contours=slide_pattern(R, "contours"),
-        qc=report(
-            slide_pattern(R, "segment_qc"),
-            caption="../report/segment_qc.rst",
-            category="Quality control",
-            subcategory="Tissue segmentation",
-            labels={"slide": "{slide}"},
-        ),
+        qc=slide_pattern(R, "segment_qc"),  # full size; the report shows a compact copy (rule report_qc_images)
     params:
         on_error=ON_SLIDE_ERROR,
         seg=section("segmentation"),
@@ -56,13 +50,7 @@ rule tile:
         info=rules.segment.output.info,
     output:
         grid=slide_pattern(R, "grid"),
-        qc=report(
-            slide_pattern(R, "grid_qc"),
-            caption="../report/tile_qc.rst",
-            category="Quality control",
-            subcategory="Patch grid",
-            labels={"slide": "{slide}"},
-        ),
+        qc=slide_pattern(R, "grid_qc"),  # full size; the report shows a compact copy (rule report_qc_images)
     params:
         on_error=ON_SLIDE_ERROR,
         tiling=section("tiling"),

@@ -11,6 +11,8 @@ rule train:
         samples=SAMPLES_TSV,
         clinical=CLINICAL_TSV,
         scaler=SCALER_JSON,
+    wildcard_constraints:
+        experiment=RUN_RULE_EXPERIMENTS,  # no run when batched (train_runs_per_job > 1): rules train_batch_*
     output:
         checkpoint=CHECKPOINT,
         curve=f"{R}/train/{{experiment}}/seed{{seed}}/curve.csv",
@@ -41,3 +43,39 @@ rule train:
         "--clinical {input.clinical:q} --scaler {input.scaler:q} --seed {wildcards.seed} "
         "--params {params.training:q} --threads {threads} --no-progress "
         "--out-dir \"$(dirname {output.checkpoint:q})\" > {log:q} 2>&1"
+
+
+# train_runs_per_job > 1 (the demo): rules train_batch_0, ...: that many runs per `bd batch` job,
+# each run exactly rule train's command with its own log (bd/workflow/batch.py); the same outputs.
+TRAIN_THREADS = 1 if len(SLIDES) < 256 else 4
+if BATCHED:
+    for _k, _batch in enumerate(run_batches(["all", "ablations", "wsi_missing", "analysis"], RUNS_PER_JOB)):
+
+        rule:
+            name:
+                f"train_batch_{_k}"
+            input:
+                index=FEATURE_INDEX,
+                samples=SAMPLES_TSV,
+                clinical=CLINICAL_TSV,
+                scaler=SCALER_JSON,
+            output:
+                checkpoints=[f"{R}/train/{e}/seed{s}/checkpoint.pt" for e, s in _batch],
+                curves=[f"{R}/train/{e}/seed{s}/curve.csv" for e, s in _batch],
+                pngs=[report(f"{R}/train/{e}/seed{s}/curve.png", caption="../report/curve.rst", category="Training",
+                             labels={"experiment": e, "seed": str(s)}) for e, s in _batch],
+                jobs=f"{R}/train/batches/{_k}.jsonl",
+            params:
+                jobs=batch_jobs("train", _batch, lambda e, s: training_argv(e, s, TRAIN_THREADS)),
+                version=stage_version("train"),
+            log:
+                f"{R}/logs/train/batch-{_k}.log",
+            benchmark:
+                f"{R}/benchmarks/train/batch-{_k}.tsv"
+            threads: TRAIN_THREADS
+            resources:
+                mem_mb=2048 + 8 * len(SLIDES),
+            conda:
+                "../../envs/bd.yaml"
+            shell:
+                "printf '%s' {params.jobs:q} > {output.jobs:q} && bd batch --jobs {output.jobs:q} > {log:q} 2>&1"
