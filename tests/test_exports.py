@@ -179,7 +179,7 @@ def test_cohort_predict_writes_one_table_and_evaluates_like_the_test_split(train
     assert preds["slides"].tolist() == ["S12", "S13", "S14", "S15"]
     clinical = pd.read_csv(out / "clinical.tsv", sep="\t")
     assert clinical["patient_id"].tolist() == ["E0", "E1"] and set(clinical["split"]) == {"test"}
-    assert main(["evaluate", "--checkpoint", str(ckpt), "--features-dir", str(root / "features"),
+    assert main(["evaluate", "--run", str(ckpt), "--feature-index", str(root / "features"),
                  "--samples", str(out / "samples.tsv"), "--clinical", str(out / "clinical.tsv"),
                  "--params", json.dumps({"missing_rates": [0.0, 100.0], "repeats": 1, "bootstrap": 10}),
                  "--experiment", "external", "--seed", "0", "--out-dir", str(out / "evaluate")]) == 0
