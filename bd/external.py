@@ -75,7 +75,8 @@ def clinical_rows(run: Any, table_path: Path | None, scaler: str | None,
                   clinical_params: dict[str, Any] | None) -> tuple[dict[str, np.ndarray | None], dict[str, int | None]]:
     """Per patient of the raw table: the run's model-input vector (None: no value) and the label
     (None: blank or no label column). Errors name the table, row and column."""
-    from bd.cohort.clinical import ClinicalParams, find_column, load_transform, parse_label, read_table
+    from bd.cohort.clinical import load_transform
+    from bd.cohort.table import ClinicalParams, find_column, parse_label, read_table
     from bd.predict import scaler_path
     from bd.cohort.values import ValueParseError, is_missing, normalise_id
 
