@@ -31,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("bd.evaluation.evaluate", "evaluate a trained run at clinical/slide missing rates"),
     "aggregate": ("bd.paper.tables", "the paper's tables from all evaluations"),
     "figures": ("bd.paper.figures", "the paper's figures from all evaluations"),
-    "runtime-summary": ("bd.paper.tables", "per-rule runtime and memory from Snakemake benchmark files"),
+    "runtime-summary": ("bd.workflow.runtime", "per-rule runtime and memory from Snakemake benchmark files"),
     "clinical-report": ("bd.evaluation.clinical_report", "calibration, decision-curve, operating-point and subgroup tables and figures"),
     "predict": ("bd.predict", "probability of N+ for a new slide (or a cohort: --samples), with or without clinical data"),
     "check": ("bd.workflow.check", "check a workflow config and its cohort before running (ids, files, clinical rows)"),

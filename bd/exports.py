@@ -36,12 +36,19 @@ def normalised(scores: np.ndarray) -> np.ndarray:
     return np.ones_like(scores) if span <= 0 else (scores - scores.min()) / span
 
 
+def percentile_scores(scores: np.ndarray) -> np.ndarray:
+    """Attention as percentiles in [0, 1]: comparable across slides of different bag sizes."""
+    scores = np.asarray(scores, float)
+    if scores.size <= 1:
+        return np.ones_like(scores)
+    ranks = scores.argsort().argsort()
+    return ranks / (scores.size - 1)
+
+
 def attention_table(slide_id: str, coords: np.ndarray, attention: np.ndarray, side_level0: float,
                     patch_size: int | None = None, target_mpp: float | None = None) -> pd.DataFrame:
     """One row per patch: slide, level-0 top-left x, y, patch side (level 0 and as encoded), attention,
     min-max normalised attention and its percentile within the slide (the heatmap's colour)."""
-    from bd.paper.figures import percentile_scores
-
     coords = np.asarray(coords, np.int64).reshape(-1, 2)
     attention = np.asarray(attention, float)
     return pd.DataFrame({

@@ -75,7 +75,8 @@ def clinical_rows(run: Any, table_path: Path | None, scaler: str | None,
                   clinical_params: dict[str, Any] | None) -> tuple[dict[str, np.ndarray | None], dict[str, int | None]]:
     """Per patient of the raw table: the run's model-input vector (None: no value) and the label
     (None: blank or no label column). Errors name the table, row and column."""
-    from bd.cohort.clinical import ClinicalParams, find_column, load_transform, parse_label, read_table
+    from bd.cohort.clinical import load_transform
+    from bd.cohort.table import ClinicalParams, find_column, parse_label, read_table
     from bd.predict import scaler_path
     from bd.cohort.values import ValueParseError, is_missing, normalise_id
 
@@ -274,7 +275,7 @@ def predict_cohort(run: Any, sheet: pd.DataFrame, vectors: dict[str, np.ndarray 
 def write_cohort_attention(run: Any, cohort: Any, features_dir: Path, out_dir: Path) -> None:
     """Every slide's per-patch attention as a table and as QuPath GeoJSON (``<slide>.attention.*``)."""
     from bd.exports import attention_table, write_attention
-    from bd.paper.figures import patch_side_level0
+    from bd.paper.heatmaps import patch_side_level0
     from bd.features.store import read_store, store_path
 
     out_dir.mkdir(parents=True, exist_ok=True)

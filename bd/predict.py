@@ -24,7 +24,6 @@ import contextlib
 import logging
 import math
 import re
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -250,13 +249,9 @@ def one_patient_cohort(run: Any, store: Path, slide_path: Path, clinical: np.nda
         raise StoreError(f"{store}: holds no patch (no tissue): nothing to predict from")
     slide_id = store_slide_id(store)
     values = clinical if clinical is not None else np.zeros(len(run.clinical_columns), np.float32)
-    with tempfile.TemporaryDirectory(prefix="bd-predict-") as tmp:
-        samples, table = Path(tmp) / "samples.tsv", Path(tmp) / "clinical.tsv"
-        pd.DataFrame({"slide_id": [slide_id], "patient_id": [PATIENT], "path": [str(slide_path)]}).to_csv(
-            samples, sep="\t", index=False)
-        row = {"patient_id": PATIENT, "split": "test", "label": 0, **dict(zip(run.clinical_columns, values))}
-        pd.DataFrame([row]).to_csv(table, sep="\t", index=False)
-        return load_cohort(store.parent, samples, table, progress=False)
+    samples = pd.DataFrame({"slide_id": [slide_id], "patient_id": [PATIENT], "path": [str(slide_path)]})
+    row = {"patient_id": PATIENT, "split": "test", "label": 0, **dict(zip(run.clinical_columns, values))}
+    return load_cohort(store.parent, samples, pd.DataFrame([row]), progress=False)
 
 
 # ---------------------------------------------------------------- command line
@@ -295,7 +290,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bd.exports import attention_table, write_attention
-    from bd.paper.figures import patch_side_level0, render_slide_heatmap
+    from bd.paper.heatmaps import patch_side_level0, render_slide_heatmap
     from bd.mil.runs import load_run
     from bd.features.store import read_store
 

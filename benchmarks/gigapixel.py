@@ -16,7 +16,7 @@ Steps timed:
   reader of every pixel must pay;
 - segment: ``bd segment --slide big.jpg`` (a 1/8 DCT-scaled decode, box shrink to 1:32, masks);
 - tile: ``bd tile`` (mask, grid, QC thumbnail);
-- convert: ``bd.slides.slide.write_pyramid`` (the pyramidal JPEG-tiled TIFF that extraction reads);
+- convert: ``bd.slides.flat.write_pyramid`` (the pyramidal JPEG-tiled TIFF that extraction reads);
 - read: ``bd.slides.readers.plan_reader`` on the JPEG (the conversion, as ``bd extract`` does it) and
   2,000 patches of the grid through the stored-tile reader.
 
@@ -85,7 +85,7 @@ def child(step: str, args: list[str]) -> None:
         if cli.main([step, *args]) != 0:
             raise SystemExit(f"bd {step} failed")
     elif step == "convert":
-        from bd.slides.slide import write_pyramid
+        from bd.slides.flat import write_pyramid
 
         write_pyramid(Path(args[0]), Path(args[1]), 0.5)
     elif step == "read":

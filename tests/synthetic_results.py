@@ -148,7 +148,7 @@ def train_tiny(root: Path, cohort: dict[str, Path], method: str, seed: int = 0, 
     out = root / "train" / name / f"seed{seed}"
     params = {"method": method, "max_epochs": 3, "patience": 3, "hidden_dim": 8, "clinical_dim": 6,
               "prompt_length": 5, "lr": 0.01, "precision": "fp32", "device": "cpu", **overrides}
-    rc = main(["train", "--features-dir", str(cohort["features"]), "--samples", str(cohort["samples"]),
+    rc = main(["train", "--feature-index", str(cohort["features"]), "--samples", str(cohort["samples"]),
                "--clinical", str(cohort["clinical"]), "--seed", str(seed), "--params", json.dumps(params),
                "--out-dir", str(out), "--no-progress"])
     assert rc == 0

@@ -154,7 +154,7 @@ def test_config_schema_and_params_dataclass_agree(section):
 
     root = Path(__file__).resolve().parents[1]
     config = yaml.safe_load((root / "config" / "config.yaml").read_text())[section]
-    schema = yaml.safe_load((root / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    schema = yaml.safe_load((root / "bd" / "schemas" / "config.schema.yaml").read_text())
     cls = _section_params()[section]
     fields = {f.name for f in dataclasses.fields(cls)}
     assert set(config) == fields == set(schema["properties"][section]["properties"])

@@ -177,7 +177,7 @@ def test_bcnb_sized_table_matches_the_published_statistics():
     assert {k: len(v) for k, v in official_split(patients, 0).items()} == {"train": 630, "val": 210, "test": 218}
     pos = table["ALN status"] != "N0"
     groups = {False: table[~pos], True: table[pos]}
-    expected = {  # DESIGN.md: N0 vs N+
+    expected = {  # BCNB's published statistics: N0 vs N+
         "age": (58.5, 56.0, 1.5), "size": (2.08, 2.48, 0.12),
         "ER neg": (0.24, 0.18, 0.05), "PR neg": (0.27, 0.23, 0.05), "HER2 pos": (0.26, 0.27, 0.05),
         "grade blank": (0.14, 0.09, 0.04),

@@ -15,7 +15,7 @@ from test_predict import SLIDE, trained  # noqa: F401  (module fixture: a tiny B
 
 from bd.cli import main
 from bd.exports import attention_geojson, attention_table, draw_scale_bar, scale_bar
-from bd.paper.figures import patch_side_level0, thumbnail_um_per_px
+from bd.paper.heatmaps import patch_side_level0, thumbnail_um_per_px
 from bd.features.store import read_store
 
 PARAMS = json.dumps({"features": {"num_workers": 0, "batch_size": 64}})
@@ -179,7 +179,7 @@ def test_cohort_predict_writes_one_table_and_evaluates_like_the_test_split(train
     assert preds["slides"].tolist() == ["S12", "S13", "S14", "S15"]
     clinical = pd.read_csv(out / "clinical.tsv", sep="\t")
     assert clinical["patient_id"].tolist() == ["E0", "E1"] and set(clinical["split"]) == {"test"}
-    assert main(["evaluate", "--checkpoint", str(ckpt), "--features-dir", str(root / "features"),
+    assert main(["evaluate", "--run", str(ckpt), "--feature-index", str(root / "features"),
                  "--samples", str(out / "samples.tsv"), "--clinical", str(out / "clinical.tsv"),
                  "--params", json.dumps({"missing_rates": [0.0, 100.0], "repeats": 1, "bootstrap": 10}),
                  "--experiment", "external", "--seed", "0", "--out-dir", str(out / "evaluate")]) == 0

@@ -66,7 +66,7 @@ def trained(tmp_path_factory):
                  "--out-dir", str(root / "clinical")]) == 0
     params = {"method": "bd", "max_epochs": 2, "patience": 2, "hidden_dim": 8, "clinical_dim": 6,
               "prompt_length": 5, "precision": "fp32", "device": "cpu"}
-    assert main(["train", "--features-dir", str(root / "features"), "--samples", str(root / "samples.tsv"),
+    assert main(["train", "--feature-index", str(root / "features"), "--samples", str(root / "samples.tsv"),
                  "--clinical", str(root / "clinical" / "clinical.tsv"), "--params", json.dumps(params),
                  "--out-dir", str(root / "run"), "--no-progress"]) == 0
     return root, root / "run" / "checkpoint.pt", fixture

@@ -211,7 +211,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bd.cohort.clinical import ClinicalParams, load_table
+    from bd.cohort.table import ClinicalParams, load_table
     from bd.io import write_text
     from bd.params import build
 

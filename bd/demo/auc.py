@@ -14,11 +14,11 @@ from pathlib import Path
 import pandas as pd
 
 from bd.errors import TableError
+from bd.cohort.split import SPLITS
 
 TABLE_NAME = "patient-clinical-data.xlsx"
 LATENT_NAME = "latent_risk.csv"
 SPLIT_DIR = "dataset-splitting"
-SPLITS = ("train", "val", "test")
 ID_COLUMN, LABEL_COLUMN = "Patient ID", "ALN status"
 NUMERIC_FEATURES = ("Age(years)", "Tumour Size(cm)")
 BINARY_FEATURES = ("ER", "PR", "HER2")

@@ -4,7 +4,7 @@ Generative story (label first, so every published statistic is matched by constr
 
 1. ALN status is assigned in BCNB's exact ratio 655 : 210 : 193 (N0 : N+(1-2) : N+(>2)).
 2. Each label-dependent variable is drawn from a class-conditional distribution calibrated to
-   DESIGN.md (age, tumour size, ER/PR jointly, HER2, histological grade incl. blanks), and a hidden
+   BCNB's published N0 vs N+ statistics (age, tumour size, ER/PR jointly, HER2, histological grade incl. blanks), and a hidden
    *tissue risk* (the slide's tumour burden, in SD units) from N(shift, 1) with a larger shift
    for N+(>2) than for N+(1-2); the slides show it as a tumour-like area fraction.
 3. The *latent risk* is the exact Bayes log posterior odds of N+ given all of those draws, so its
@@ -101,7 +101,7 @@ def _grade_probs(blank: float, grades: tuple[float, float, float]) -> tuple[floa
     return (blank, *(g * (1.0 - blank) for g in grades))
 
 
-# Calibrated to DESIGN.md (BCNB, N0 vs N+); grade levels among the non-blank are a plausible guess.
+# Calibrated to BCNB's published statistics (N0 vs N+); grade levels among the non-blank are a plausible guess.
 AGE = Normal(mean=(58.5, 56.0), sd=(12.2, 12.9))
 TUMOUR_SIZE = Normal(mean=(2.08, 2.48), sd=(0.83, 0.85))
 RECEPTORS = Choice(("--", "-+", "+-", "++"), (_receptor_probs(0.24, 0.27), _receptor_probs(0.18, 0.23)))

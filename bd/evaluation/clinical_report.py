@@ -215,9 +215,10 @@ def operating_summary(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def operating_markdown(t: pd.DataFrame) -> str:
-    from bd.paper.tables import METHOD_LABELS, markdown
+    from bd.methods import label_of
+    from bd.paper.tables import markdown
 
-    rows = [[METHOD_LABELS.get(r.method, r.method), r.kind, f"{r.rate:g}", f"{int(r.n)} ({int(r.n_positive)})",
+    rows = [[label_of(r.method), r.kind, f"{r.rate:g}", f"{int(r.n)} ({int(r.n_positive)})",
              _pm(r.brier, r.brier_sd, 3), _pm(r.ece, r.ece_sd, 3), _pm(r.threshold, r.threshold_sd),
              _pm(r.sensitivity, r.sensitivity_sd), _pm(r.specificity, r.specificity_sd),
              _pm(r.ppv, r.ppv_sd), _pm(r.npv, r.npv_sd)] for r in t.itertuples()]
@@ -242,9 +243,10 @@ def subgroup_summary(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def subgroup_markdown(t: pd.DataFrame) -> str:
-    from bd.paper.tables import METHOD_LABELS, markdown
+    from bd.methods import label_of
+    from bd.paper.tables import markdown
 
-    rows = [[METHOD_LABELS.get(r.method, r.method), r.kind, f"{r.rate:g}", r.subgroup,
+    rows = [[label_of(r.method), r.kind, f"{r.rate:g}", r.subgroup,
              f"{int(r.n)} ({int(r.n_positive)})", _pm(r.auc, r.auc_sd), r.reason or ""] for r in t.itertuples()]
     note = ("Test AUC within each subgroup, mean ± sd over seeds; n (N+) patients in the subgroup; patients "
             "whose value was missing are in neither group. '-': AUC undefined, for the reason given.")
@@ -287,8 +289,8 @@ def _panels(n: int) -> tuple[Any, np.ndarray]:
 
 def calibration_figure(frame: pd.DataFrame, methods: Sequence[str], out: Path) -> Path:
     """A reliability diagram per method: observed N+ fraction against mean probability per bin."""
-    from bd.paper.tables import METHOD_LABELS
-    from bd.paper.figures import save
+    from bd.methods import label_of
+    from bd.paper.plot import save
 
     bins = pooled_calibration(frame[frame["kind"] == "clinical"])
     fig, axes = _panels(len(methods))
@@ -298,7 +300,7 @@ def calibration_figure(frame: pd.DataFrame, methods: Sequence[str], out: Path) -
             b = bins[(bins["method"] == method) & (bins["rate"] == rate) & (bins["n"] > 0)]
             if len(b):
                 ax.plot(b["mean_prob"], b["observed"], "o-", color=color, ms=3, lw=1.3, label=label)
-        ax.set_title(METHOD_LABELS.get(method, method), fontsize=9)
+        ax.set_title(label_of(method), fontsize=9)
         ax.set_xlim(0, 1)
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("mean predicted probability", fontsize=8)
@@ -313,8 +315,8 @@ def calibration_figure(frame: pd.DataFrame, methods: Sequence[str], out: Path) -
 
 def decision_figure(frame: pd.DataFrame, methods: Sequence[str], out: Path) -> Path:
     """A decision curve per method: net benefit against threshold probability, mean over seeds."""
-    from bd.paper.tables import METHOD_LABELS
-    from bd.paper.figures import save
+    from bd.methods import label_of
+    from bd.paper.plot import save
 
     f = frame[frame["kind"] == "clinical"]
     fig, axes = _panels(len(methods))
@@ -332,7 +334,7 @@ def decision_figure(frame: pd.DataFrame, methods: Sequence[str], out: Path) -> P
         ax.axhline(0.0, color="0.3", lw=1, ls=":", label="treat none")
         ax.set_ylim(-0.05, max(top * 1.1, 0.05))
         ax.set_xlim(0, 1)
-        ax.set_title(METHOD_LABELS.get(method, method), fontsize=9)
+        ax.set_title(label_of(method), fontsize=9)
         ax.set_xlabel("threshold probability", fontsize=8)
         ax.set_ylabel("net benefit", fontsize=8)
         ax.grid(alpha=0.3)

@@ -32,6 +32,7 @@ from bd.evaluation import metrics as M
 from bd.errors import BDError, ConfigError
 from bd.io import atomic_path
 from bd.evaluation.missing import missing_mask
+from bd.methods import default_missing_kinds
 from bd.params import build
 
 log = logging.getLogger(__name__)
@@ -48,10 +49,7 @@ class EvaluationParams:
     seed: int = 0
     bootstrap: int = 1000
     # method -> the modalities to remove; methods not listed are swept over clinical data only.
-    missing_kinds: dict[str, list[str]] = field(
-        default_factory=lambda: {"bd_wsi": ["slide"], "filling": ["clinical", "slide"],
-                                 "clinical_only": ["clinical", "slide"]}
-    )
+    missing_kinds: dict[str, list[str]] = field(default_factory=default_missing_kinds)  # the registry's
     target_sensitivity: float = 0.9  # clinical report: operating point chosen on validation for this sensitivity
     calibration_bins: int = 10  # clinical report: equal-width bins of the reliability table and ECE
     # Figure settings of the section (read by `bd figures`; accepted so the section passes whole).
@@ -336,30 +334,17 @@ def run_predictor(run: Any, cohort: Any, cache: bool = True) -> PredictFn:
     return predict
 
 
-def load_split_cohort(features_dir: str, samples: str, clinical: str, split: str, dtype: Any) -> Any:
+def load_split_cohort(features: str, samples: str, clinical: str, split: str, dtype: Any) -> Any:
     """The cohort restricted to one split: only that split's feature stores are read."""
-    import tempfile
+    from bd.mil.bags import load_cohort
 
-    from bd.mil.bags import load_cohort, read_clinical
-    from bd.cohort.samples import read_samples
-
-    table, _ = read_clinical(clinical)
-    raw = pd.read_csv(clinical, sep="\t", dtype={"patient_id": str})
-    part = raw[table["split"] == split]
-    if part.empty:
-        raise BDError(f"{clinical}: no patient in the {split} split")
-    sheet = read_samples(samples)
-    with tempfile.TemporaryDirectory(prefix="bd-evaluate-") as tmp:
-        table_path, sheet_path = Path(tmp) / "clinical.tsv", Path(tmp) / "samples.tsv"
-        part.to_csv(table_path, sep="\t", index=False)
-        sheet[sheet["patient_id"].isin(set(part["patient_id"]))].to_csv(sheet_path, sep="\t", index=False)
-        kwargs = {"dtype": dtype} if dtype is not None else {}
-        return load_cohort(features_dir, sheet_path, table_path, progress=False, **kwargs)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    return load_cohort(features, samples, clinical, progress=False, split=split, **kwargs)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="trained run (checkpoint.pt)")
-    parser.add_argument("--features-dir", required=True, help="folder of {slide}.zarr feature stores")
+    parser.add_argument("--run", required=True, help="trained run (checkpoint.pt of bd train)")
+    parser.add_argument("--feature-index", required=True, help="the feature index (index.tsv: slide_id, store) or a folder of {slide}.zarr stores")
     parser.add_argument("--samples", required=True, help="sample sheet TSV (slide_id, patient_id, path)")
     parser.add_argument("--clinical", required=True, help="normalised clinical table (clinical.tsv)")
     parser.add_argument("--params", default=None, help="evaluation section (JSON or file)")
@@ -394,7 +379,7 @@ def validation_frame(trained: Any, args: argparse.Namespace, kinds: list[str], d
         log.warning("%s: no validation patients; the clinical report's operating point is left empty "
                     "(it is chosen on validation)", args.clinical)
         return pd.DataFrame({"kind": [], "rate": [], "label": [], "prob": []})
-    val_cohort = load_split_cohort(args.features_dir, args.samples, args.clinical, "val", dtype)
+    val_cohort = load_split_cohort(args.feature_index, args.samples, args.clinical, "val", dtype)
     return C.condition_frame(run_predictor(trained, val_cohort), [str(p) for p in val_cohort.patient_ids],
                              np.asarray(val_cohort.labels).astype(int), kinds,
                              modalities_of(val_cohort, trained, kinds).scored)
@@ -423,11 +408,11 @@ def run(args: argparse.Namespace) -> int:
     from bd.mil.runs import load_run
 
     params = build(EvaluationParams, args.params)
-    checkpoint = Path(args.checkpoint)
+    checkpoint = Path(args.run)
     experiment, seed = run_identity(checkpoint, args.experiment, args.seed)
     trained = load_run(checkpoint)
     dtype = torch.bfloat16 if trained.params.get("precision", "bf16") == "bf16" else torch.float16
-    cohort = load_split_cohort(args.features_dir, args.samples, args.clinical, "test", dtype)
+    cohort = load_split_cohort(args.feature_index, args.samples, args.clinical, "test", dtype)
     ids = [str(p) for p in cohort.patient_ids]
     labels = np.asarray(cohort.labels).astype(int)
     info = run_info(trained, experiment, seed)

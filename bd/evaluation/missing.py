@@ -47,9 +47,3 @@ def missing_mask(
     mask[order[: n_missing(len(ids), rate)]] = True
     return mask
 
-
-def present_mask(
-    patient_ids: Sequence[str], rate: float, repeat: int, seed: int, kind: str = "clinical"
-) -> np.ndarray:
-    """The complement of :func:`missing_mask`: True where the modality is available."""
-    return ~missing_mask(patient_ids, rate, repeat, seed, kind)

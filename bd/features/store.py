@@ -102,3 +102,61 @@ def read_store(path: str | os.PathLike[str], with_features: bool = True) -> Feat
         raise StoreError(f"{path}: feature store is incomplete (interrupted extraction?)")
     feats = root["features"][:] if with_features else np.zeros((0, 0), np.float16)
     return FeatureSet(features=feats, coords=root["coords"][:], attrs=attrs)
+
+
+def store_paths(features: str | os.PathLike[str], slide_ids: list[str]) -> dict[str, Path]:
+    """Each slide's feature store: from the feature index (``index.tsv``: slide_id, store, written
+    by the workflow) or, given a folder, :func:`store_path` in it. A slide the index does not
+    list gets the folder's path (it will be reported as missing, naming it)."""
+    import pandas as pd
+
+    features = Path(features)
+    if not features.is_file():  # a folder of stores (one that does not exist holds none)
+        return {sid: store_path(features, sid) for sid in slide_ids}
+    try:
+        index = pd.read_csv(features, sep="\t", dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise StoreError(f"{features}: cannot read the feature index ({exc}); give the index or a folder of stores") from exc
+    if not {"slide_id", "store"} <= set(index.columns):
+        raise StoreError(f"{features}: a feature index needs columns slide_id and store (has {list(index.columns)})")
+    listed = dict(zip(index["slide_id"], index["store"]))
+    return {sid: Path(listed[sid]) if sid in listed else features.parent / f"{sid}.zarr" for sid in slide_ids}
+
+
+class RowWriter:
+    """Appends feature rows to a store in whole chunks; skipped patches leave no row."""
+
+    def __init__(self, root: Any, chunk: int) -> None:
+        self.root = root
+        self.chunk = chunk
+        self.rows = 0
+        self.feats: list[np.ndarray] = []
+        self.coords: list[np.ndarray] = []
+        self.pending = 0
+
+    def add(self, feats: np.ndarray, coords: np.ndarray) -> None:
+        self.feats.append(feats)
+        self.coords.append(coords)
+        self.pending += len(feats)
+        if self.pending >= self.chunk:
+            self.flush(whole_chunks=True)
+
+    def flush(self, whole_chunks: bool = False) -> None:
+        """Write pending rows: only whole chunks (no read-modify-write) unless at the end."""
+        feats, coords = np.concatenate(self.feats), np.concatenate(self.coords)
+        n = len(feats) - len(feats) % self.chunk if whole_chunks else len(feats)
+        end = self.rows + n
+        self.root["features"][self.rows : end] = feats[:n]
+        self.root["coords"][self.rows : end] = coords[:n]
+        self.rows = end
+        self.feats, self.coords, self.pending = [feats[n:]], [coords[n:]], len(feats) - n
+
+    def close(self) -> int:
+        """Write what is left and shrink the arrays to the rows written (after skips)."""
+        if self.pending:
+            self.flush()
+        for name in ("features", "coords"):
+            array = self.root[name]
+            if array.shape[0] != self.rows:
+                array.resize((self.rows, array.shape[1]))
+        return self.rows

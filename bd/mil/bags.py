@@ -24,13 +24,13 @@ import torch
 from bd.cohort.samples import read_samples
 from bd.errors import StoreError, TableError
 from bd.cohort.values import normalise_id
+from bd.cohort.split import SPLITS
 
 log = logging.getLogger(__name__)
 
 CLINICAL_KEYS = ("patient_id", "split", "label")
 PRESENT_COLUMN = "clinical_present"  # written by bd clinical: 0 for a patient without any clinical value
 NON_FEATURE_COLUMNS = frozenset({*CLINICAL_KEYS, "fold", "clinical_present"})
-SPLITS = ("train", "val", "test")
 PACK_CHUNK_ROWS = 256  # Cohort.pack_into: rows converted and standardised at a time (~1 MB at 1,024-d fp32)
 # Store attributes that say how features were made, and must agree across every store of a cohort
 # and with a trained run: encoder, weights, preprocessing, patch size and magnification. Per-slide
@@ -204,13 +204,17 @@ class Cohort:
 # ---------------------------------------------------------------- reading the tables
 
 
-def read_clinical(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, list[str]]:
-    """The normalised clinical table and its model-input columns; errors name file, row, column."""
-    path = Path(path)
-    try:
-        table = pd.read_csv(path, sep="\t", dtype={"patient_id": str})
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise TableError(f"{path}: cannot read the clinical table ({exc})") from exc
+def read_clinical(path: str | os.PathLike[str] | pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The normalised clinical table (a clinical.tsv, or its rows in memory) and its model-input
+    columns; errors name file, row, column."""
+    if isinstance(path, pd.DataFrame):
+        table, path = path.assign(patient_id=path["patient_id"].astype(str)), Path("clinical table")
+    else:
+        path = Path(path)
+        try:
+            table = pd.read_csv(path, sep="\t", dtype={"patient_id": str})
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+            raise TableError(f"{path}: cannot read the clinical table ({exc})") from exc
     for col in CLINICAL_KEYS:
         if col not in table.columns:
             raise TableError(f"{path}: column '{col}' is missing (have: {', '.join(table.columns)})")
@@ -279,7 +283,7 @@ def _check_consistent(first: tuple[Path, dict[str, Any]], path: Path, attrs: dic
 
 
 def _scan_stores(
-    features_dir: Path, slides_of: dict[str, list[str]], paths: dict[str, str] | None = None
+    features: Path, stores: dict[str, Path], slides_of: dict[str, list[str]], paths: dict[str, str] | None = None
 ) -> tuple[dict[str, list[_Slide]], dict[str, Any], int]:
     """Attributes of every patient's stores (no features read): sizes, identity, consistency.
 
@@ -288,14 +292,14 @@ def _scan_stores(
     and must be re-extracted, not silently counted as a missing slide. The one exception is a
     slide whose file is missing too (``on_slide_error: skip`` gives it no job): it counts as
     missing the slide, with a warning."""
-    from bd.features.store import read_store, store_path
+    from bd.features.store import read_store
 
     found: dict[str, list[_Slide]] = {}
     first: tuple[Path, dict[str, Any]] | None = None
     absent, lost = [], []
     for pid, slide_ids in slides_of.items():
         for sid in slide_ids:
-            path = store_path(features_dir, sid)  # .zarr, or a CLAM/TRIDENT .h5
+            path = stores[sid]  # .zarr, or a CLAM/TRIDENT .h5
             if not path.exists():
                 slide_file = (paths or {}).get(sid)
                 (absent if slide_file is not None and not os.path.exists(slide_file) else lost).append((sid, path))
@@ -324,28 +328,36 @@ def _scan_stores(
         log.warning("%d slide(s) whose file is missing have no feature store (counted as missing the slide), e.g. %s",
                     len(absent), ", ".join(s for s, _ in absent[:5]))
     if first is None:
-        raise StoreError(f"{features_dir}: no non-empty feature store for any patient of the cohort")
+        raise StoreError(f"{features}: no non-empty feature store for any patient of the cohort")
     return found, first[1], int(first[1].get("feature_dim", 0))
 
 
 def load_cohort(
-    features_dir: str | os.PathLike[str],
-    samples_tsv: str | os.PathLike[str],
-    clinical_tsv: str | os.PathLike[str],
+    features: str | os.PathLike[str],
+    samples_tsv: str | os.PathLike[str] | pd.DataFrame,
+    clinical_tsv: str | os.PathLike[str] | pd.DataFrame,
     dtype: torch.dtype = torch.float16,
     progress: bool = True,
+    split: str | None = None,
 ) -> Cohort:
-    """Every patient of ``clinical_tsv`` with its slides' features (``samples_tsv`` maps slides to
-    patients), packed in memory as ``dtype``. Stores are read twice: attributes first (to size one
-    preallocated tensor and check that all stores come from the same encoder), then features."""
+    """Every patient of ``clinical_tsv`` (of one ``split`` when given: only its stores are read)
+    with its slides' features (``samples_tsv`` maps slides to patients; both tables are files or
+    their rows in memory; ``features`` is the feature index or a folder of stores), packed in
+    memory as ``dtype``. Stores are read twice: attributes first (to size one preallocated tensor
+    and check that all stores come from the same encoder), then features."""
     from tqdm import tqdm
 
-    from bd.features.store import read_store
+    from bd.features.store import read_store, store_paths
 
-    features_dir = Path(features_dir)
+    features = Path(features)
     table, columns = read_clinical(clinical_tsv)
-    sheet = read_samples(samples_tsv)
+    sheet = samples_tsv.copy() if isinstance(samples_tsv, pd.DataFrame) else read_samples(samples_tsv)
     sheet["patient_id"] = [normalise_id(p) for p in sheet["patient_id"]]
+    if split is not None:
+        table = table[table["split"] == split].reset_index(drop=True)
+        if table.empty:
+            raise TableError(f"{clinical_tsv}: no patient in the {split} split")
+        sheet = sheet[sheet["patient_id"].isin(set(table["patient_id"]))].reset_index(drop=True)
     patients = table["patient_id"].tolist()
     known = set(patients)
     orphans = sorted(set(sheet["patient_id"]) - known)
@@ -356,7 +368,8 @@ def load_cohort(
     for sid, pid in zip(sheet["slide_id"], sheet["patient_id"]):
         if pid in known:
             slides_of[pid].append(sid)
-    found, attrs, dim = _scan_stores(features_dir, slides_of, dict(zip(sheet["slide_id"], sheet["path"])))
+    stores = store_paths(features, list(sheet["slide_id"]))
+    found, attrs, dim = _scan_stores(features, stores, slides_of, dict(zip(sheet["slide_id"], sheet["path"])))
 
     counts = np.array([sum(s.n for s in found.get(p, [])) for p in patients], dtype=np.int64)
     total = int(counts.sum())

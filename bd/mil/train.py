@@ -81,13 +81,14 @@ from bd.mil.models import (
     model_class,
     model_kwargs,
 )
+from bd.methods import list_methods
 from bd.mil.packing import Packer, largest_step
 from bd.params import build, to_dict
 from bd.mil.runs import CHECKPOINT_FORMAT, patient_chunks, predict_patients
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METHODS = ["image_only", "clinical_only", "filling", "ae", "ensemble", "smil", "bd", "modality_dropout"]
+DEFAULT_METHODS = list_methods(default=True)  # training.methods by default (the registry of methods)
 # batch_size auto: bags are packed several to a step only for cohorts whose patch layer is big
 # enough for one bag's matmul to leave a CPU core idle (BCNB: 630 x ~2,000 patches x 1,024-d);
 # smaller cohorts (the demo, low-dimensional features) keep one bag per step.
@@ -489,7 +490,7 @@ def write_outputs(result: TrainResult, cohort: Cohort, params: TrainParams, seed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--features-dir", required=True, help="folder of {slide}.zarr feature stores")
+    parser.add_argument("--feature-index", required=True, help="the feature index (index.tsv: slide_id, store) or a folder of {slide}.zarr stores")
     parser.add_argument("--samples", required=True, help="sample sheet TSV (slide_id, patient_id, path)")
     parser.add_argument("--clinical", required=True, help="normalised clinical table (clinical.tsv)")
     parser.add_argument("--scaler", default=None,
@@ -521,7 +522,7 @@ def run(args: argparse.Namespace) -> int:
     scaler = _scaler_path(args)
     precision, _ = resolve_precision(params.precision, device, "training.precision")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16  # fp16: the stores' own type
-    cohort = load_cohort(args.features_dir, args.samples, args.clinical, dtype=dtype, progress=not args.no_progress)
+    cohort = load_cohort(args.feature_index, args.samples, args.clinical, dtype=dtype, progress=not args.no_progress)
     if device.type == "cuda":
         cohort.features = cohort.features.to(device)  # one copy up front: an epoch then reads GPU memory
     result = train_model(cohort, params, args.seed, device, progress=not args.no_progress)

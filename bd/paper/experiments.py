@@ -1,7 +1,7 @@
 """Named experiments: a method plus parameter overrides, expanded from the config.
 
 The workflow trains and evaluates one job per experiment and seed; ``bd train`` gets the
-``training`` section merged with the experiment's overrides (:func:`training_params`). Names:
+``training`` section merged with the experiment's overrides. Names:
 
 * a method name (``bd``, ``filling``, ... from ``training.methods``, and ``bd_wsi`` for
   Section III-E): the method with the training section as it is, run for ``training.seeds``;
@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from bd.methods import list_methods
+
 ABLATION_PREFIXES = ("bd-dir-", "bd-prompt-", "bd-lm-")
-WSI_MISSING = ["bd_wsi", "filling", "clinical_only"]  # Fig. 4 a/b: BD vs the base model and clinical only
 FIG5_PREFIX = "filling-cx"  # Fig. 5 b/c: Filling with the clinical feature N times the clinical input width
-ANALYSIS = ["image_only"]  # Fig. 5 a: the single-modal model; b/c: FIG5_PREFIX experiments
 
 
 def _fmt(x: float) -> str:
@@ -41,13 +41,9 @@ def experiments(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
         out[f"bd-lm-{_fmt(lm)}-ls-{_fmt(ls)}"] = {"method": "bd", "lambda_m": float(lm), "lambda_s": float(ls)}
     for factor in ab.get("clinical_expansions", []):
         out[f"{FIG5_PREFIX}{int(factor)}"] = {"method": "filling", "clinical_expansion": int(factor)}
-    out.setdefault("bd_wsi", {"method": "bd_wsi"})
+    for method in list_methods(default=False):  # bd_wsi: an experiment whatever training.methods says
+        out.setdefault(method, {"method": method})
     return out
-
-
-def training_params(config: dict[str, Any], experiment: str) -> dict[str, Any]:
-    """What ``bd train --params`` gets: the training section with the experiment's overrides."""
-    return {**config["training"], **experiments(config)[experiment]}
 
 
 def target_experiments(config: dict[str, Any], target: str) -> list[str]:
@@ -58,9 +54,10 @@ def target_experiments(config: dict[str, Any], target: str) -> list[str]:
     if target == "ablations":
         return [n for n in names if n.startswith(ABLATION_PREFIXES)]
     if target == "wsi_missing":
-        return list(WSI_MISSING)
+        return list_methods(figure="wsi_missing")  # Fig. 4 a/b: BD vs the base model and clinical only
     if target == "analysis":
-        return [*ANALYSIS, *(n for n in names if n.startswith(FIG5_PREFIX))]
+        # Fig. 5 a: the single-modal model; b/c: the FIG5_PREFIX experiments
+        return [*list_methods(figure="analysis"), *(n for n in names if n.startswith(FIG5_PREFIX))]
     raise KeyError(target)
 
 

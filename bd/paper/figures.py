@@ -25,43 +25,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from bd.evaluation import metrics as M  # noqa: E402
-from bd.paper.tables import METHOD_LABELS, read_metrics, read_summaries  # noqa: E402
-from bd.errors import BDError, TableError  # noqa: E402
-from bd.io import atomic_path  # noqa: E402
+from bd.evaluation import metrics as M
+from bd.methods import colour_of as color_of, label_of, list_methods
+from bd.paper.heatmaps import choose_patients, write_heatmaps
+from bd.paper.plot import plt, save
+from bd.paper.s2m import s2m_figure
+from bd.paper.tables import read_metrics, summaries_of
+from bd.errors import BDError, TableError
+from bd.io import atomic_path
 
 log = logging.getLogger(__name__)
-
-# Filling is green as in the paper's Fig. 4; BD red; the rest from a qualitative palette.
-METHOD_COLORS = {
-    "image_only": "tab:blue", "clinical_only": "tab:purple", "filling": "tab:green", "ae": "tab:olive",
-    "ensemble": "tab:orange", "smil": "tab:brown", "bd": "tab:red", "bd_wsi": "tab:red",
-    "modality_dropout": "tab:cyan",
-}
-
-
-def label_of(method: str) -> str:
-    return METHOD_LABELS.get(method, method)
-
-
-def color_of(method: str, i: int = 0) -> str:
-    return METHOD_COLORS.get(method, f"C{i % 10}")
-
-
-def save(fig: plt.Figure, path: str | Path, dpi: int = 150) -> Path:
-    """Write a figure as PNG atomically and close it."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    return path
 
 
 def read_predictions(paths: Sequence[str | Path]) -> pd.DataFrame:
@@ -251,99 +227,6 @@ def fig5(embeddings: Sequence[tuple[str, np.ndarray]], labels: np.ndarray, perpl
 
 # ---------------------------------------------------------------- attention heatmaps
 
-def percentile_scores(scores: np.ndarray) -> np.ndarray:
-    """Attention as percentiles in [0, 1]: comparable across slides of different bag sizes."""
-    scores = np.asarray(scores, float)
-    if scores.size <= 1:
-        return np.ones_like(scores)
-    ranks = scores.argsort().argsort()
-    return ranks / (scores.size - 1)
-
-
-def attention_overlay(
-    thumbnail: np.ndarray, coords: np.ndarray, side_level0: float, scores: np.ndarray,
-    slide_size: tuple[int, int], alpha: float = 0.5, cmap: str = "jet",
-) -> np.ndarray:
-    """The thumbnail with each patch tinted by its score (0-1), blended at ``alpha``."""
-    h, w = thumbnail.shape[:2]
-    sx, sy = w / slide_size[0], h / slide_size[1]
-    heat = np.full((h, w), np.nan)
-    for (x, y), v in zip(np.asarray(coords), np.asarray(scores, float)):
-        x0, y0 = int(x * sx), int(y * sy)
-        x1, y1 = max(x0 + 1, int(np.ceil((x + side_level0) * sx))), max(y0 + 1, int(np.ceil((y + side_level0) * sy)))
-        region = heat[y0:y1, x0:x1]
-        heat[y0:y1, x0:x1] = np.fmax(region, v)
-    rgb = thumbnail[..., :3].astype(float) / 255.0
-    covered = np.isfinite(heat)
-    colors = plt.get_cmap(cmap)(np.nan_to_num(heat))[..., :3]
-    rgb[covered] = (1 - alpha) * rgb[covered] + alpha * colors[covered]
-    return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
-
-
-def heatmap_figure(
-    thumbnail: np.ndarray, overlay: np.ndarray, title: str, out: Path, cmap: str = "jet",
-    um_per_px: float | None = None,
-) -> Path:
-    """Thumbnail and attention overlay side by side, with a colour bar of attention percentiles and,
-    given the thumbnail's microns per pixel, a scale bar on both."""
-    from bd.exports import draw_scale_bar
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4.6))
-    axes[0].imshow(thumbnail)
-    axes[0].set_title("slide", fontsize=9)
-    im = axes[1].imshow(overlay)
-    axes[1].set_title("attention (percentile)", fontsize=9)
-    for ax in axes:
-        ax.set_axis_off()
-        if um_per_px:
-            draw_scale_bar(ax, um_per_px, thumbnail.shape)
-    sm = plt.cm.ScalarMappable(cmap=cmap, norm=matplotlib.colors.Normalize(0, 1))
-    fig.colorbar(sm, ax=axes[1], fraction=0.046, pad=0.02)
-    fig.suptitle(title, fontsize=10)
-    del im
-    return save(fig, out)
-
-
-def patch_side_level0(attrs: dict[str, Any]) -> float:
-    """Side of a patch in level-0 pixels from a feature store's attributes."""
-    if attrs.get("patch_size_level0"):
-        return float(attrs["patch_size_level0"])
-    try:
-        return float(attrs["patch_size"]) * float(attrs["target_mpp"]) / float(attrs["mpp"])
-    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
-        raise BDError(f"feature store attributes give no patch size in level-0 pixels ({exc})") from exc
-
-
-def render_slide_heatmap(
-    slide_path: str | Path, coords: np.ndarray, side_level0: float, attention: np.ndarray,
-    title: str, out: Path, max_thumbnail: int = 1024, fallback_mpp: float | None = None,
-) -> Path:
-    """Attention of one slide's patches over its thumbnail, written as a PNG."""
-    from bd.slides.slide import open_slide
-
-    with open_slide(slide_path, fallback_mpp=fallback_mpp) as slide:
-        thumb = slide.get_thumbnail((max_thumbnail, max_thumbnail))
-        size, mpp = slide.dimensions, float(slide.mpp)
-    overlay = attention_overlay(thumb, coords, side_level0, percentile_scores(attention), size)
-    return heatmap_figure(thumb, overlay, title, out, um_per_px=thumbnail_um_per_px(mpp, size, thumb.shape))
-
-
-def thumbnail_um_per_px(mpp: float, level0_size: Sequence[int], thumb_shape: Sequence[int]) -> float:
-    """Microns per thumbnail pixel: the slide's level-0 MPP times the thumbnail's downsample (x)."""
-    return float(mpp) * float(level0_size[0]) / float(thumb_shape[1])
-
-
-def choose_patients(ids: Sequence[str], labels: np.ndarray, n: int) -> list[str]:
-    """``n`` test patients, half N+ and half N0 where possible, in sorted id order (reproducible)."""
-    ids = np.asarray([str(i) for i in ids])
-    order = np.argsort(ids, kind="stable")
-    pos = [ids[i] for i in order if labels[i] == 1]
-    neg = [ids[i] for i in order if labels[i] == 0]
-    n_pos = min(len(pos), (n + 1) // 2)
-    n_neg = min(len(neg), n - n_pos)
-    n_pos = min(len(pos), n - n_neg)
-    return pos[:n_pos] + neg[:n_neg]
-
 
 # ---------------------------------------------------------------- commands
 
@@ -356,7 +239,7 @@ def _cmd_fig4ab(args: argparse.Namespace) -> Path:
 
 
 def _cmd_fig4c(args: argparse.Namespace) -> Path:
-    return fig4c(read_predictions(args.predictions), read_summaries(args.predictions), args.rate, Path(args.out))
+    return fig4c(read_predictions(args.predictions), summaries_of(args, args.predictions), args.rate, Path(args.out))
 
 
 def _cmd_roc(args: argparse.Namespace) -> Path:
@@ -367,16 +250,16 @@ def _cmd_roc(args: argparse.Namespace) -> Path:
 def _load(args: argparse.Namespace) -> Any:
     from bd.mil.bags import load_cohort
 
-    return load_cohort(args.features_dir, args.samples, args.clinical, progress=False)
+    return load_cohort(args.feature_index, args.samples, args.clinical, progress=False)
 
 
 def _cmd_fig5(args: argparse.Namespace) -> Path:
     from bd.mil.runs import load_run
 
-    runs = [load_run(path) for path in args.checkpoint]
+    runs = [load_run(path) for path in args.run]
     titles = args.titles or fig5_titles(runs)
-    if len(args.checkpoint) != len(titles):
-        raise BDError(f"give one --titles entry per --checkpoint ({len(args.checkpoint)} checkpoints)")
+    if len(args.run) != len(titles):
+        raise BDError(f"give one --titles entry per --run ({len(args.run)} runs)")
     cohort = _load(args)
     cohort = cohort.select(np.flatnonzero(cohort.has_slide & np.isin(cohort.split, args.splits)))
     embeddings = [(title, np.asarray(run.slide_embeddings(cohort))) for run, title in zip(runs, titles)]
@@ -386,71 +269,13 @@ def _cmd_fig5(args: argparse.Namespace) -> Path:
 # ---------------------------------------------------------------- S->M and M->S at work
 
 
-def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
-    """Linear centred kernel alignment of two feature sets of the same patients (rows): 1 when
-    one is an orthogonal transform and rescaling of the other, near 0 when unrelated."""
-    x = np.asarray(x, np.float64) - np.asarray(x, np.float64).mean(0)
-    y = np.asarray(y, np.float64) - np.asarray(y, np.float64).mean(0)
-    den = np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)
-    return float(np.linalg.norm(x.T @ y) ** 2 / den) if den > 0 else float("nan")
-
-
-def branch_similarity(run: Any, cohort: Any) -> dict[str, float]:
-    """Linear CKA and mean cosine between BD's ``f_wm`` and ``f_ws`` over ``cohort``'s patients."""
-    f_wm, f_ws = run.slide_embeddings(cohort, "multi"), run.slide_embeddings(cohort, "single")
-    norms = np.linalg.norm(f_wm, axis=1) * np.linalg.norm(f_ws, axis=1)
-    cosine = np.sum(f_wm * f_ws, axis=1) / np.where(norms > 0, norms, np.nan)
-    return {"cka": linear_cka(f_wm, f_ws), "cosine": float(np.nanmean(cosine))}
-
-
-def single_branch_probs(run: Any, cohort: Any) -> np.ndarray:
-    """The single-modal branch's N+ probabilities (clinical data hidden for everyone)."""
-    return run.predict(cohort, clinical_present=np.zeros(cohort.n_patients, bool))["prob"].to_numpy(float)
-
-
-def s2m_figure(runs: Sequence[Any], curves: Sequence[pd.DataFrame], cohort: Any, out: Path) -> tuple[Path, pd.DataFrame]:
-    """(a) CKA(f_wm, f_ws) per directions setting and seed; (b) S->M's share of L_mul per epoch;
-    (c) single-modal test probabilities of each setting against ``none`` of the same seed."""
-    rows = [{"directions": r.params.get("directions"), "seed": r.seed, **branch_similarity(r, cohort)} for r in runs]
-    table = pd.DataFrame(rows)
-    order = [d for d in ("none", "m2s", "s2m", "both") if d in set(table["directions"])]
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 4.2))
-    for i, d in enumerate(order):
-        vals = table.loc[table["directions"] == d, "cka"]
-        a.scatter(np.full(len(vals), i), vals, color="tab:red" if d in ("s2m", "both") else "grey")
-        a.plot([i - 0.2, i + 0.2], [vals.mean()] * 2, color="k")
-    a.set_xticks(range(len(order)), order)
-    a.set_xlabel("directions")
-    a.set_ylabel("linear CKA(f_wm, f_ws), test patients")
-    a.set_title("(a) linear CKA(f_wm, f_ws) per directions setting", fontsize=9)
-    for run, curve in zip(runs, curves):
-        if "share_mul_distill" in curve:
-            b.plot(curve["epoch"], curve["share_mul_distill"], label=f"{run.params.get('directions')} seed {run.seed}")
-    b.set_ylim(0, 1)
-    b.set_xlabel("epoch")
-    b.set_ylabel("lambda_m * L_mul^f / L_mul")
-    b.set_title("(b) S->M's share of the multi-modal loss", fontsize=9)
-    b.legend(fontsize=7)
-    base = {r.seed: single_branch_probs(r, cohort) for r in runs if r.params.get("directions") == "none"}
-    for run in runs:
-        d = run.params.get("directions")
-        if d != "none" and run.seed in base:
-            c.scatter(base[run.seed], single_branch_probs(run, cohort), s=10, label=f"{d} seed {run.seed}")
-    c.plot([0, 1], [0, 1], color="k", lw=0.8)
-    c.set_xlabel("single-modal P(N+), directions none")
-    c.set_ylabel("single-modal P(N+), other setting")
-    c.set_title("(c) single-modal outputs against directions none", fontsize=9)
-    c.legend(fontsize=7)
-    return save(fig, out), table
-
-
 def _cmd_s2m(args: argparse.Namespace) -> Path:
     from bd.mil.runs import load_run
 
-    if len(args.curves) != len(args.checkpoint):
-        raise BDError(f"give one --curves file per --checkpoint ({len(args.checkpoint)} checkpoints)")
-    runs = [load_run(path) for path in args.checkpoint]
-    bad = [str(p) for p, r in zip(args.checkpoint, runs) if r.method != "bd"]
+    if len(args.curves) != len(args.run):
+        raise BDError(f"give one --curves file per --run ({len(args.run)} runs)")
+    runs = [load_run(path) for path in args.run]
+    bad = [str(p) for p, r in zip(args.run, runs) if r.method != "bd"]
     if bad:
         raise BDError(f"the s2m figure takes BD runs; {bad[0]} is not one")
     cohort = _load(args)
@@ -464,37 +289,14 @@ def _cmd_s2m(args: argparse.Namespace) -> Path:
     return path
 
 
-def write_heatmaps(run: Any, cohort: Any, patient: str, samples: pd.DataFrame, features_dir: Path,
-                   out_dir: Path, fallback_mpp: float | None = None) -> list[Path]:
-    """One attention heatmap PNG per slide of ``patient`` (``<patient>_<slide>.png``), with its patches'
-    attention as a table and as QuPath GeoJSON (``<patient>_<slide>.attention.tsv`` / ``.geojson``)."""
-    from bd.exports import attention_table, write_attention
-    from bd.features.store import read_store, store_path
-
-    att = run.attention(cohort, patient)
-    i = cohort.index(patient)
-    label = {0: "N0", 1: "N+"}.get(int(cohort.labels[i]), "?")
-    out = []
-    for sid, part in att.groupby("slide_id", sort=False):
-        attrs = read_store(store_path(features_dir, sid), with_features=False).attrs
-        out.append(render_slide_heatmap(
-            samples.loc[sid, "path"], part[["x", "y"]].to_numpy(), patch_side_level0(attrs),
-            part["attention"].to_numpy(), f"patient {patient} ({label}), slide {sid}",
-            out_dir / f"{patient}_{sid}.png", fallback_mpp=fallback_mpp))
-        write_attention(out_dir, f"{patient}_{sid}", attention_table(
-            sid, part[["x", "y"]].to_numpy(), part["attention"].to_numpy(), patch_side_level0(attrs),
-            attrs.get("patch_size"), attrs.get("target_mpp")))
-    return out
-
-
 def _cmd_heatmaps(args: argparse.Namespace) -> Path:
     from bd.cohort.samples import read_samples
     from bd.mil.runs import load_run
 
     from bd.evaluation.evaluate import load_split_cohort
 
-    run = load_run(args.checkpoint)
-    cohort = load_split_cohort(args.features_dir, args.samples, args.clinical, "test", None)
+    run = load_run(args.run)
+    cohort = load_split_cohort(args.feature_index, args.samples, args.clinical, "test", None)
     test = np.flatnonzero(cohort.has_slide)
     if not len(test):
         raise BDError(f"{args.clinical}: no test patient with a slide")
@@ -504,24 +306,28 @@ def _cmd_heatmaps(args: argparse.Namespace) -> Path:
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         for pid in chosen:
-            write_heatmaps(run, cohort, pid, samples, Path(args.features_dir), tmp, args.fallback_mpp)
+            write_heatmaps(run, cohort, pid, samples, Path(args.feature_index), tmp, args.fallback_mpp)
     return out_dir
 
 
 def _add_fig1(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics", nargs="+", required=True, help="metrics.csv files of `bd evaluate`")
-    p.add_argument("--methods", nargs="+", default=["image_only", "filling", "bd"])
+    p.add_argument("--methods", nargs="+", default=list_methods(figure="fig1"),
+                   help="methods to draw, in legend order (default: the registry's for Fig. 1)")
     p.add_argument("--out", required=True, help="PNG to write")
 
 
 def _add_fig4ab(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics", nargs="+", required=True, help="metrics.csv files of `bd evaluate`")
-    p.add_argument("--methods", nargs="+", default=["bd_wsi", "filling", "clinical_only"])
+    p.add_argument("--methods", nargs="+", default=list_methods(figure="wsi_missing"),
+                   help="methods to draw, in legend order (default: the registry's for Fig. 4 a/b)")
     p.add_argument("--out", required=True, help="PNG to write")
 
 
 def _add_fig4c(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictions", nargs="+", required=True, help="predictions.csv files of the bd-prompt-* runs")
+    p.add_argument("--summaries", nargs="+", default=None,
+                   help="their summary.csv files (AUC CIs; default: those beside the predictions files)")
     p.add_argument("--rate", type=float, default=100.0, help="clinical missing rate (%%)")
     p.add_argument("--out", required=True, help="PNG to write")
 
@@ -533,32 +339,32 @@ def _add_roc(p: argparse.ArgumentParser) -> None:
 
 
 def _add_cohort(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--features-dir", required=True)
-    p.add_argument("--samples", required=True)
-    p.add_argument("--clinical", required=True)
+    p.add_argument("--feature-index", required=True, help="the feature index (index.tsv: slide_id, store) or a folder of {slide}.zarr stores")
+    p.add_argument("--samples", required=True, help="sample sheet TSV (slide_id, patient_id, path)")
+    p.add_argument("--clinical", required=True, help="normalised clinical table (clinical.tsv)")
 
 
 def _add_fig5(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", nargs="+", required=True, help="runs to compare (single-modal first)")
+    p.add_argument("--run", nargs="+", required=True, help="trained runs (checkpoint.pt) to compare, single-modal first")
     p.add_argument("--titles", nargs="+", default=None, help="panel titles (default: from the runs)")
     _add_cohort(p)
     p.add_argument("--splits", nargs="+", default=["train", "val", "test"], help="patients to embed")
-    p.add_argument("--perplexity", type=float, default=30.0)
+    p.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity")
     p.add_argument("--out", required=True, help="PNG to write")
 
 
 def _add_s2m(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", nargs="+", required=True, help="BD runs (directions none, m2s, s2m, both)")
+    p.add_argument("--run", nargs="+", required=True, help="trained BD runs (checkpoint.pt; directions none, m2s, s2m, both)")
     p.add_argument("--curves", nargs="+", required=True, help="their curve.csv files, in the same order")
     _add_cohort(p)
     p.add_argument("--out", required=True, help="PNG to write (and the CKA table beside it as .csv)")
 
 
 def _add_heatmaps(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--run", required=True, help="trained run (checkpoint.pt) whose attention is drawn")
     _add_cohort(p)
     p.add_argument("--patients", type=int, default=4, help="test patients to draw (half N+, half N0)")
-    p.add_argument("--fallback-mpp", type=float, default=None)
+    p.add_argument("--fallback-mpp", type=float, default=None, help="microns per pixel of slides without any")
     p.add_argument("--out-dir", required=True, help="folder of <patient>_<slide>.png")
 
 

@@ -1,13 +1,10 @@
-"""The paper's tables from the evaluations of all runs, and the workflow's runtime summary.
+"""The paper's tables from the evaluations of all runs.
 
-``bd aggregate table1|table2|table3 --metrics .../metrics.csv ... --out DIR`` writes
+``bd aggregate table1|table2|table3 --metrics .../metrics.csv ... --out-dir DIR`` writes
 ``DIR/<table>.csv`` and ``DIR/<table>.md``. Values are percentages, as in the paper: the mean and
 standard deviation over every mask (repeat) and training seed; the CI columns are the mean over
 seeds of each run's bootstrap 95 % interval (from the ``summary.csv`` beside each metrics file).
 The Markdown puts the paper's published numbers beside ours.
-
-``bd runtime-summary --benchmarks DIR --out-csv F --out-png F`` summarises Snakemake's benchmark
-files (wall time ``s``, peak memory ``max_rss`` in MB, ...) per rule.
 """
 
 from __future__ import annotations
@@ -23,23 +20,14 @@ import pandas as pd
 
 from bd.errors import BDError, TableError
 from bd.io import atomic_path, write_text
+from bd.methods import label_of, list_methods
 
 log = logging.getLogger(__name__)
 
-METHOD_LABELS = {
-    "image_only": "image only",
-    "clinical_only": "clinical only",
-    "filling": "Filling",
-    "ae": "AE",
-    "ensemble": "Ensemble",
-    "smil": "SMIL",
-    "bd": "BD",
-    "bd_wsi": "BD (slide missing)",
-    "modality_dropout": "modality dropout",
-}
-# Single-modality references: Table I shows them at 0 % only, as the paper does.
-REFERENCE_METHODS = ("image_only", "clinical_only")
-BASELINE = "filling"
+# Single-modality references: Table I shows them at 0 % only, as the paper does; the change
+# columns are against the baseline (both from the registry of methods).
+REFERENCE_METHODS = tuple(list_methods(role="reference"))
+BASELINE = list_methods(role="baseline")[0]
 
 # The paper's published numbers (percent), shown beside ours in the Markdown tables.
 PAPER_TABLE1 = {  # (rate, method) -> (AUC, F1)
@@ -87,8 +75,21 @@ def read_metrics(paths: Sequence[str | Path]) -> pd.DataFrame:
 
 def read_summaries(metric_paths: Sequence[str | Path]) -> pd.DataFrame:
     """The summary.csv files beside the metrics files (bootstrap CIs); empty if none exist."""
-    frames = [pd.read_csv(Path(p).with_name("summary.csv")) for p in metric_paths
-              if Path(p).with_name("summary.csv").is_file()]
+    beside = [Path(p).with_name("summary.csv") for p in metric_paths]
+    return read_summary_files([p for p in beside if p.is_file()])
+
+
+def summaries_of(args: argparse.Namespace, beside: Sequence[str | Path]) -> pd.DataFrame:
+    """A command's ``--summaries`` files (the workflow declares them), else those beside ``beside``."""
+    return read_summary_files(args.summaries) if args.summaries else read_summaries(beside)
+
+
+def read_summary_files(paths: Sequence[str | Path]) -> pd.DataFrame:
+    """Concatenate summary.csv files of `bd evaluate` (bootstrap CIs); each must exist."""
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing:
+        raise TableError(f"{missing[0]}: summary file does not exist (run `bd evaluate` first)")
+    frames = [pd.read_csv(p) for p in paths]
     if not frames:
         return pd.DataFrame(columns=["experiment", "seed", "kind", "rate", *CI_COLUMNS])
     out = pd.concat(frames, ignore_index=True)
@@ -150,7 +151,7 @@ def table1(metrics: pd.DataFrame, rates: Sequence[float], summaries: pd.DataFram
     t["delta_auc_pct"] = t["auc_pct"] - t["rate"].map(base["auc_pct"])
     t["delta_f1_pct"] = t["f1_pct"] - t["rate"].map(base["f1_pct"])
     t.loc[t["method"].isin([*REFERENCE_METHODS, BASELINE]), ["delta_auc_pct", "delta_f1_pct"]] = np.nan
-    t["label"] = t["method"].map(lambda x: METHOD_LABELS.get(x, x))
+    t["label"] = t["method"].map(label_of)
     t["paper_auc_pct"] = [PAPER_TABLE1.get((int(r), x), (np.nan,))[0] for r, x in zip(t["rate"], t["method"])]
     t["paper_f1_pct"] = [PAPER_TABLE1.get((int(r), x), (np.nan, np.nan))[1] for r, x in zip(t["rate"], t["method"])]
     t["_order"] = t["method"].map({x: i for i, x in enumerate(order)})
@@ -280,8 +281,10 @@ def write_table(frame: pd.DataFrame, md: str, out_dir: Path, name: str) -> tuple
 def add_arguments_aggregate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("table", choices=sorted(TABLES), help="which of the paper's tables")
     parser.add_argument("--metrics", nargs="+", required=True, help="metrics.csv files of `bd evaluate`")
+    parser.add_argument("--summaries", nargs="+", default=None,
+                        help="their summary.csv files (bootstrap CIs; default: those beside the metrics files)")
     parser.add_argument("--rates", default=None, help="clinical missing rates as a JSON list (default: the paper's)")
-    parser.add_argument("--out", required=True, help="output folder for <table>.csv and <table>.md")
+    parser.add_argument("--out-dir", required=True, help="output folder for <table>.csv and <table>.md")
 
 
 def run_aggregate(args: argparse.Namespace) -> int:
@@ -289,93 +292,9 @@ def run_aggregate(args: argparse.Namespace) -> int:
     rates = json.loads(args.rates) if args.rates else default_rates
     if not isinstance(rates, list) or not rates:
         raise BDError(f"--rates: expected a non-empty JSON list of percentages, got {args.rates!r}")
-    table = build(read_metrics(args.metrics), rates, read_summaries(args.metrics))
+    table = build(read_metrics(args.metrics), rates, summaries_of(args, args.metrics))
     md = to_md(table)
-    csv_path, md_path = write_table(table, md, Path(args.out), args.table)
+    csv_path, md_path = write_table(table, md, Path(args.out_dir), args.table)
     print(md)
     print(f"-> {csv_path}, {md_path}")
-    return 0
-
-
-# ---------------------------------------------------------------- runtime summary
-
-BENCHMARK_NUMBERS = ["s", "max_rss", "max_vms", "io_in", "io_out", "mean_load", "cpu_time"]
-
-
-def read_benchmarks(folder: str | Path) -> pd.DataFrame:
-    """Every Snakemake benchmark TSV under ``folder``: one row per job, with its rule (the first
-    path component) and job (the rest of the path)."""
-    folder = Path(folder)
-    rows = []
-    for path in sorted(folder.rglob("*.tsv")):
-        rel = path.relative_to(folder).with_suffix("")
-        try:
-            frame = pd.read_csv(path, sep="\t")
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-            log.warning("%s: skipped, not a benchmark table (%s)", path, exc)
-            continue
-        if "s" not in frame.columns or frame.empty:
-            log.warning("%s: skipped, no 's' column", path)
-            continue
-        rec = {c: pd.to_numeric(frame[c], errors="coerce").mean() for c in BENCHMARK_NUMBERS if c in frame}
-        rows.append({"rule": rel.parts[0], "job": "/".join(rel.parts[1:]) or rel.parts[0], **rec})
-    if not rows:
-        raise BDError(f"{folder}: no Snakemake benchmark files (*.tsv) found")
-    return pd.DataFrame(rows)
-
-
-def runtime_summary(jobs: pd.DataFrame) -> pd.DataFrame:
-    """Per rule: jobs, total / mean / max wall seconds, peak and mean memory (MB), CPU seconds."""
-    g = jobs.groupby("rule")
-    out = pd.DataFrame({
-        "jobs": g.size(),
-        "total_s": g["s"].sum(), "mean_s": g["s"].mean(), "max_s": g["s"].max(),
-        "max_rss_mb": g["max_rss"].max() if "max_rss" in jobs else np.nan,
-        "mean_rss_mb": g["max_rss"].mean() if "max_rss" in jobs else np.nan,
-        "cpu_s": g["cpu_time"].sum() if "cpu_time" in jobs else np.nan,
-    }).reset_index()
-    return out.sort_values("total_s", ascending=False).reset_index(drop=True)
-
-
-def plot_runtime(summary: pd.DataFrame, path: Path) -> None:
-    """Two bar charts: total wall time and peak memory per rule."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    s = summary.iloc[::-1]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 0.35 * len(s) + 1.5), sharey=True)
-    axes[0].barh(s["rule"], s["total_s"], color="tab:blue")
-    axes[0].set_xlabel("total wall time (s)")
-    for y, (t, n) in enumerate(zip(s["total_s"], s["jobs"])):
-        axes[0].text(t, y, f" {t:.0f} s / {n} job{'s' if n != 1 else ''}", va="center", fontsize=7)
-    axes[0].set_xlim(0, max(float(s["total_s"].max()), 1e-9) * 1.4)
-    axes[1].barh(s["rule"], s["max_rss_mb"].fillna(0), color="tab:orange")
-    axes[1].set_xlabel("peak resident memory (MB)")
-    axes[0].set_title("Runtime per rule")
-    axes[1].set_title("Memory per rule")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-
-
-def add_arguments_runtime_summary(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--benchmarks", required=True, help="folder of Snakemake benchmark TSVs (results/benchmarks)")
-    parser.add_argument("--out-csv", required=True, help="per-rule summary table")
-    parser.add_argument("--out-png", required=True, help="per-rule bar charts")
-    parser.add_argument("--jobs-csv", default=None, help="optional: one row per job")
-
-
-def run_runtime_summary(args: argparse.Namespace) -> int:
-    jobs = read_benchmarks(args.benchmarks)
-    summary = runtime_summary(jobs)
-    with atomic_path(args.out_csv) as tmp:
-        summary.round(3).to_csv(tmp, index=False)
-    if args.jobs_csv:
-        with atomic_path(args.jobs_csv) as tmp:
-            jobs.round(3).to_csv(tmp, index=False)
-    plot_runtime(summary, Path(args.out_png))
-    print(summary.round(2).to_string(index=False))
     return 0

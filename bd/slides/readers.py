@@ -1,14 +1,14 @@
 """Patch readers: the pixels of one patch (``size`` x ``size`` at a pyramid level) as RGB uint8.
 
 Reading, not the encoder, decides extraction speed, and most of OpenSlide's cost is its own
-pixel-format conversion, not the JPEG decode (DESIGN.md). So for TIFF-family slides whose tiles
+pixel-format conversion, not the JPEG decode. So for TIFF-family slides whose tiles
 are JPEG (SVS, generic tiled TIFF, the demo's slides) :class:`TiffJpegReader` reads the stored
 tile bytes with ``os.pread`` and decodes each tile once with libjpeg-turbo
 (``imagecodecs.jpeg8_decode`` with the page's shared JPEG tables and its colour space from the
 TIFF photometric tag), keeping decoded tiles in an LRU cache sized for one row of patches. Every other format goes
 through :class:`SlideReader` (``bd.slides.slide``: OpenSlide and flat images). Both give the same pixels
 (white beyond the slide's borders); tests compare them with OpenSlide. A large flat image (a
-BCNB JPEG) is read from its pyramidal JPEG-tiled copy (``bd.slides.slide.pyramid_copy``, written once
+BCNB JPEG) is read from its pyramidal JPEG-tiled copy (``bd.slides.flat.pyramid_copy``, written once
 in the planning process), through the stored-tile reader.
 
 A reader is described by a picklable :class:`ReadSpec` and opened with :func:`open_reader`, so

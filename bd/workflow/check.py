@@ -29,7 +29,10 @@ from bd.errors import BDError, ConfigError, SlideError, TableError
 
 log = logging.getLogger(__name__)
 
-SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+# The config's and the sample sheet's JSON schemas ship inside the package (bd/schemas): an
+# installed bd validates exactly as the checkout does.
+SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
+SAMPLES_SCHEMA = SCHEMA.with_name("samples.schema.yaml")
 EXAMPLES = 5  # ids or files named per finding in messages and in the report
 
 
@@ -169,10 +172,13 @@ def coerce_numbers(value: Any, node: dict[str, Any]) -> Any:
     return value
 
 
-def load_schema(schema: Path = SCHEMA) -> dict[str, Any] | None:
+def load_schema(schema: Path = SCHEMA) -> dict[str, Any]:
+    """The config schema; a package without it is broken, never a reason to skip the checks."""
     import yaml
 
-    return yaml.safe_load(schema.read_text()) if schema.is_file() else None
+    if not schema.is_file():
+        raise ConfigError(f"{schema}: the config schema is missing from the bd package; reinstall bd")
+    return yaml.safe_load(schema.read_text())
 
 
 def config_errors(config: dict[str, Any], schema: Path = SCHEMA) -> list[str]:
@@ -181,9 +187,6 @@ def config_errors(config: dict[str, Any], schema: Path = SCHEMA) -> list[str]:
     import jsonschema
 
     spec = load_schema(schema)
-    if spec is None:
-        log.debug("no config schema at %s: schema checks skipped", schema)
-        return []
     coerce_numbers(config, spec)
     validator = jsonschema.Draft202012Validator(spec)
     problems = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.path))))

@@ -29,6 +29,7 @@ import pandas as pd
 
 from bd.cohort.samples import read_samples
 from bd.errors import BDError, StoreError
+from bd.workflow.layout import slide_output
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,8 @@ def _store_of(results: Path, slide: str) -> Path:
 # carries an earlier stage's error forward, so the first record found answers.
 STAGE_RECORDS: list[tuple[Callable[[Path, str], Path], Callable[[Path], Record]]] = [
     (lambda results, slide: _store_of(results, slide), _store_error),
-    (lambda results, slide: results / "tiles" / f"{slide}.npz", _grid_error),
-    (lambda results, slide: results / "segment" / slide / "mask.json", _mask_error),
+    (lambda results, slide: Path(slide_output(results, "grid", slide)), _grid_error),
+    (lambda results, slide: Path(slide_output(results, "mask_info", slide)), _mask_error),
 ]
 
 

@@ -133,7 +133,7 @@ def tiny(tmp_path_factory):
 
 def _evaluate(root, cohort, checkpoint, params):
     out = checkpoint.parent.parent.parent.parent / "evaluate" / checkpoint.parent.parent.name / checkpoint.parent.name
-    rc = main(["evaluate", "--checkpoint", str(checkpoint), "--features-dir", str(cohort["features"]),
+    rc = main(["evaluate", "--run", str(checkpoint), "--feature-index", str(cohort["features"]),
                "--samples", str(cohort["samples"]), "--clinical", str(cohort["clinical"]),
                "--params", params, "--out-dir", str(out)])
     assert rc == 0
@@ -300,7 +300,7 @@ def named_clinical(tmp_path_factory):
 def test_bd_evaluate_writes_the_clinical_report(named_clinical, method):
     root, cohort, runs = named_clinical
     out = root / "evaluate" / method / "seed0"
-    rc = main(["evaluate", "--checkpoint", str(runs[method]), "--features-dir", str(cohort["features"]),
+    rc = main(["evaluate", "--run", str(runs[method]), "--feature-index", str(cohort["features"]),
                "--samples", str(cohort["samples"]), "--clinical", str(cohort["clinical"]),
                "--scaler", str(root / "scaler.json"), "--out-dir", str(out),
                "--params", '{"missing_rates": [0, 100], "curve_rates": [], "repeats": 1, "bootstrap": 0, '

@@ -129,11 +129,11 @@ def test_cohort_from_h5_files(h5_cohort):
 def test_train_and_evaluate_from_h5_files(h5_cohort, tmp_path):
     params = {"method": "image_only", "max_epochs": 2, "min_epochs": 1, "patience": 2, "hidden_dim": 8,
               "precision": "fp32", "device": "cpu"}
-    common = ["--features-dir", str(h5_cohort / "h5"), "--samples", str(h5_cohort / "samples.tsv"),
+    common = ["--feature-index", str(h5_cohort / "h5"), "--samples", str(h5_cohort / "samples.tsv"),
               "--clinical", str(h5_cohort / "clinical.tsv")]
     assert main(["train", *common, "--params", json.dumps(params), "--out-dir", str(tmp_path / "run"),
                  "--no-progress"]) == 0
-    assert main(["evaluate", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), *common,
+    assert main(["evaluate", "--run", str(tmp_path / "run" / "checkpoint.pt"), *common,
                  "--params", json.dumps({"missing_rates": [0.0], "repeats": 1, "bootstrap": 10}),
                  "--out-dir", str(tmp_path / "eval"), "--experiment", "image_only", "--seed", "0"]) == 0
     preds = pd.read_csv(tmp_path / "eval" / "predictions.csv")

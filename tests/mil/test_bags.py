@@ -139,3 +139,26 @@ def test_select_repacks():
     first = cohort.features[cohort.offsets[4] : cohort.offsets[5]]
     torch.testing.assert_close(sub.features[: len(first)], first)
     assert sub.offsets[-1] == len(sub.features) == len(sub.coords)
+
+
+def test_the_feature_index_says_where_each_store_is(layout):
+    d = layout["dir"]
+    moved = d / "elsewhere"
+    layout["features"].rename(moved)
+    index = d / "index.tsv"
+    pd.DataFrame({"slide_id": ["s1a", "s1b", "s2", "s3"],
+                  "store": [str(moved / f"{s}.zarr") for s in ["s1a", "s1b", "s2", "s3"]]}).to_csv(index, sep="\t", index=False)
+    cohort = load_cohort(index, d / "samples.tsv", d / "clinical.tsv", progress=False)
+    assert cohort.offsets.tolist() == [0, 8, 12, 12, 12]
+    np.testing.assert_array_equal(cohort.features[0:8].numpy(), layout["P1"])
+    pd.DataFrame({"slide": ["s1a"]}).to_csv(index, sep="\t", index=False)
+    with pytest.raises(StoreError, match="slide_id and store"):
+        load_cohort(index, d / "samples.tsv", d / "clinical.tsv", progress=False)
+
+
+def test_one_split_reads_only_its_patients(layout):
+    cohort = load(layout, split="val")
+    assert cohort.patient_ids == ["P2"] and cohort.offsets.tolist() == [0, 4]
+    np.testing.assert_array_equal(cohort.features.numpy(), layout["P2"])
+    with pytest.raises(TableError, match="no patient in the nope split"):
+        load(layout, split="nope")

@@ -176,7 +176,7 @@ def trained(tmp_path_factory):
     out = root / "run"
     params = {**TINY, "method": "bd", "max_epochs": 4, "patience": 4, "lr": 0.05, "batch_size": 4,
               "methods": ["bd"], "seeds": [0]}
-    rc = main(["train", "--features-dir", str(paths["features"]), "--samples", str(paths["samples"]),
+    rc = main(["train", "--feature-index", str(paths["features"]), "--samples", str(paths["samples"]),
                "--clinical", str(paths["clinical"]), "--seed", "3", "--params", json.dumps(params),
                "--out-dir", str(out), "--no-progress", "--threads", "1"])
     assert rc == 0
@@ -367,7 +367,7 @@ def test_s2m_moves_f_wm_toward_f_ws_and_m2s_moves_the_single_branch():
     """Same seed, same data order: S->M raises linear CKA(f_wm, f_ws) over `none` (mean of two
     seeds) and leaves the single-modal branch as it was; M->S changes the single-modal outputs
     and leaves the multi-modal branch as it was."""
-    from bd.paper.figures import linear_cka
+    from bd.paper.s2m import linear_cka
 
     cka = {"none": [], "s2m": []}
     for seed in (0, 1):

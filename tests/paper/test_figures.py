@@ -11,8 +11,9 @@ from PIL import Image
 
 from bd.cli import main
 from bd.errors import TableError
-from bd.paper.figures import (attention_overlay, choose_patients, fig5, fig5_titles, linear_cka, percentile_scores,
-                        rate_curve, read_predictions, render_slide_heatmap)
+from bd.paper.figures import fig5, fig5_titles, rate_curve, read_predictions
+from bd.paper.heatmaps import attention_overlay, choose_patients, percentile_scores, render_slide_heatmap
+from bd.paper.s2m import linear_cka
 from bd.paper.tables import read_metrics
 from bd.mil.runs import load_run
 
@@ -119,20 +120,20 @@ def test_fig5_and_heatmaps_from_trained_runs(tmp_path):
     wide = [train_tiny(tmp_path, cohort, "filling", experiment=f"filling-cx{n}", clinical_expansion=n)
             for n in (20, 40)]
     assert load_run(wide[0]).model.clin[-2].out_features == 20 * 3  # 3 clinical columns
-    common = ["--features-dir", str(cohort["features"]), "--samples", str(cohort["samples"]),
+    common = ["--feature-index", str(cohort["features"]), "--samples", str(cohort["samples"]),
               "--clinical", str(cohort["clinical"])]
     out = tmp_path / "fig5.png"
-    assert main(["figures", "fig5", "--checkpoint", str(single), *map(str, wide), *common, "--out", str(out)]) == 0
+    assert main(["figures", "fig5", "--run", str(single), *map(str, wide), *common, "--out", str(out)]) == 0
     w, h = _png(out)
     assert w > 2.5 * h  # three panels: (a) image only, (b) 20x, (c) 40x
     assert fig5_titles([load_run(p) for p in wide])[1] == "Filling, clinical feature 40x input width"
     heat = tmp_path / "heatmaps"
-    assert main(["figures", "heatmaps", "--checkpoint", str(multi), *common, "--patients", "3", "--out-dir", str(heat)]) == 0
+    assert main(["figures", "heatmaps", "--run", str(multi), *common, "--patients", "3", "--out-dir", str(heat)]) == 0
     names = sorted(p.name for p in heat.glob("*.png"))
     # test patients: P3, P7, ..., P23 (every 4th), N+ where (i // 4) is odd: P7, P15, P23;
     # chosen by sorted id, two N+ then one N0
     assert names == ["P11_S11.png", "P15_S15.png", "P23_S23.png"]
-    assert main(["figures", "fig5", "--checkpoint", str(single), *common, "--titles", "a", "b",
+    assert main(["figures", "fig5", "--run", str(single), *common, "--titles", "a", "b",
                  "--out", str(out)]) == 2  # titles mismatch
 
 
@@ -150,15 +151,15 @@ def test_s2m_figure_from_trained_runs(tmp_path):
 
     cohort = make_tiny_cohort(tmp_path)
     runs = [train_tiny(tmp_path, cohort, "bd", experiment=f"bd-dir-{d}", directions=d) for d in ("none", "both")]
-    common = ["--features-dir", str(cohort["features"]), "--samples", str(cohort["samples"]),
+    common = ["--feature-index", str(cohort["features"]), "--samples", str(cohort["samples"]),
               "--clinical", str(cohort["clinical"])]
     out = tmp_path / "s2m.png"
     curves = [str(p.parent / "curve.csv") for p in runs]
-    assert main(["figures", "s2m", "--checkpoint", *map(str, runs), "--curves", *curves, *common,
+    assert main(["figures", "s2m", "--run", *map(str, runs), "--curves", *curves, *common,
                  "--out", str(out)]) == 0
     _png(out)
     table = pd.read_csv(out.with_suffix(".csv"))
     assert list(table["directions"]) == ["none", "both"] and table["cka"].between(0, 1).all()
     single = train_tiny(tmp_path, cohort, "image_only")
-    assert main(["figures", "s2m", "--checkpoint", str(single), "--curves", curves[0], *common,
+    assert main(["figures", "s2m", "--run", str(single), "--curves", curves[0], *common,
                  "--out", str(out)]) == 2  # BD runs only

@@ -69,7 +69,8 @@ def png(path: Path, text: str) -> None:
 
 def analysis_figures(results: Path) -> None:
     """Fig. 5 and heatmaps drawn by the real plotting code from synthetic features."""
-    from bd.paper.figures import fig5, render_slide_heatmap
+    from bd.paper.figures import fig5
+    from bd.paper.heatmaps import render_slide_heatmap
 
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1], 10)

@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bd.paper.tables import read_benchmarks, read_metrics, read_summaries, runtime_summary, table1, table2, table3
+from bd.paper.tables import read_metrics, read_summaries, table1, table2, table3
+from bd.workflow.runtime import read_benchmarks, runtime_summary
 from bd.cli import main
 from bd.errors import TableError
 
@@ -45,20 +46,20 @@ def test_table_commands_write_csv_and_markdown(results, capsys):
     root, files = results
     out = root / "tables"
     paths = [str(p) for m in MAIN for p in files[m]]
-    assert main(["aggregate", "table1", "--metrics", *paths, "--rates", "[0, 50, 80, 100]", "--out", str(out)]) == 0
+    assert main(["aggregate", "table1", "--metrics", *paths, "--rates", "[0, 50, 80, 100]", "--out-dir", str(out)]) == 0
     md = (out / "table1.md").read_text()
     assert "| Missing rate (%) | Method | AUC |" in md and "**" in md and "84.2 / 74.9" in md
     csv = pd.read_csv(out / "table1.csv")
     assert {"auc_pct", "delta_auc_pct", "f1_pct", "paper_auc_pct"} <= set(csv.columns)
     assert main(["aggregate", "table2", "--metrics", *[str(p) for d in DIRECTIONS for p in files[d]],
-                 "--out", str(out)]) == 0
+                 "--out-dir", str(out)]) == 0
     t2 = pd.read_csv(out / "table2.csv")
     assert list(t2.rate) == [0, 0, 0, 0, 80, 80, 80, 80]
     assert list(t2.directions[:4]) == ["none", "s2m", "m2s", "both"]
     assert list(t2.s_to_m[:4]) == [False, True, False, True] and list(t2.m_to_s[:4]) == [False, False, True, True]
     assert "✓" in (out / "table2.md").read_text()
     assert main(["aggregate", "table3", "--metrics", *[str(p) for d in LAMBDAS for p in files[d]],
-                 "--out", str(out)]) == 0
+                 "--out-dir", str(out)]) == 0
     t3 = pd.read_csv(out / "table3.csv")
     assert list(zip(t3.lambda_m, t3.lambda_s)) == [(0.2, 0.5), (0.6, 0.5), (0.6, 0.8)]
     assert list(t3.epoch) == [10 + len(n) for n in LAMBDAS] and list(t3.paper_epoch) == [30, 31, 17]
@@ -74,7 +75,7 @@ def test_tables_name_what_is_missing(results, tmp_path):
     bad.write_text("a,b\n1,2\n")
     with pytest.raises(TableError, match="missing column"):
         read_metrics([bad])
-    assert main(["aggregate", "table1", "--metrics", str(tmp_path / "nope.csv"), "--out", str(tmp_path)]) == 2
+    assert main(["aggregate", "table1", "--metrics", str(tmp_path / "nope.csv"), "--out-dir", str(tmp_path)]) == 2
 
 
 def test_runtime_summary(tmp_path):

@@ -179,15 +179,15 @@ def test_truncated_files_raise(tmp_path: Path, name: str, make_rgb: Callable[...
 
 
 def test_slide_info_command(svs_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert bd_main(["slide-info", str(svs_path), "--json"]) == 0
+    assert bd_main(["slide-info", "--slide", str(svs_path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["format"] == "aperio" and info["dimensions"] == [2220, 2967]
     assert (info["mpp"], info["mpp_source"], info["objective_power"]) == (0.499, "metadata", 20.0)
     with pytest.warns(SlideWarning):
-        assert bd_main(["slide-info", str(data_dir / "boxes.tiff"), "--fallback-mpp", "0.5"]) == 0
+        assert bd_main(["slide-info", "--slide", str(data_dir / "boxes.tiff"), "--fallback-mpp", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "generic-tiff" in out and "300 x 250" in out and "0.5 (fallback)" in out and "level 3" in out
-    assert bd_main(["slide-info", str(data_dir / "broken.svs")]) == 2
+    assert bd_main(["slide-info", "--slide", str(data_dir / "broken.svs")]) == 2
     assert "broken.svs" in capsys.readouterr().err
 
 
@@ -196,7 +196,7 @@ def test_slide_info_command(svs_path: Path, data_dir: Path, capsys: pytest.Captu
 @pytest.fixture
 def streamed(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make 'large' small: images above 2**20 pixels are streamed, never decoded whole."""
-    import bd.slides.slide as slide_mod
+    import bd.slides.flat as slide_mod
 
     monkeypatch.setattr(slide_mod, "STREAM_PIXELS", 1 << 20)
     monkeypatch.setattr(slide_mod, "BASE_PIXELS", 1 << 18)

@@ -400,12 +400,12 @@ LARGE_JPEG_CHILD = r"""
 import json, os, sys
 from pathlib import Path
 import cv2, numpy as np
-import bd.slides.slide
+import bd.slides.flat
 from bd import cli
 from bd.slides.grid import load_grid
 from bd.slides.readers import open_reader, plan_reader
 
-bd.slides.slide.STREAM_PIXELS, bd.slides.slide.BASE_PIXELS = 1 << 20, 1 << 18  # 'large' = above 1 MP here
+bd.slides.flat.STREAM_PIXELS, bd.slides.flat.BASE_PIXELS = 1 << 20, 1 << 18  # 'large' = above 1 MP here
 jpg, work = Path(sys.argv[1]), Path(sys.argv[2])
 try:  # OpenCV's pixel guard (set low by the parent) refuses the image whole
     guard = cv2.imread(str(jpg)) is None
@@ -434,7 +434,7 @@ def test_large_flat_jpeg_through_segment_tile_and_reader_in_a_clean_environment(
     import subprocess
     import sys
 
-    import bd.slides.slide
+    import bd.slides.flat
     from bd.features.store import read_store
 
     rgb = make_rgb(3000, 2000, seed=7)
@@ -451,8 +451,8 @@ def test_large_flat_jpeg_through_segment_tile_and_reader_in_a_clean_environment(
     x, y = result["x"], result["y"]
     want = rgb[y:y + 256, x:x + 256].astype(float).mean(axis=(0, 1))
     np.testing.assert_allclose(result["patch"], want, atol=3)
-    monkeypatch.setattr(bd.slides.slide, "STREAM_PIXELS", 1 << 20)
-    monkeypatch.setattr(bd.slides.slide, "BASE_PIXELS", 1 << 18)
+    monkeypatch.setattr(bd.slides.flat, "STREAM_PIXELS", 1 << 20)
+    monkeypatch.setattr(bd.slides.flat, "BASE_PIXELS", 1 << 18)
     params = {"encoder": "resnet18", "out_stage": "layer1", "random_weights": True, "input_size": 32,
               "batch_size": 8, "num_workers": 0, "device": "cpu"}
     assert cli.main(["extract", "--slide", str(jpg), "--grid", str(tmp_path / "g.npz"), "--out",

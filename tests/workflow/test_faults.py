@@ -276,7 +276,7 @@ def write_training_layout(root: Path, n: int = 16) -> list[str]:
     write_cohort_layout(root, n, patches=12, dim=16, clin=4, seed=2, signal=2.0, last_without_store=False)
     params = {"method": "bd", "hidden_dim": 16, "clinical_dim": 8, "prompt_length": 6, "precision": "fp32",
               "max_epochs": 15, "patience": 15, "lr": 0.02, "batch_size": 1, "device": "cpu"}
-    return ["train", "--features-dir", str(root / "features"), "--samples", str(root / "samples.tsv"),
+    return ["train", "--feature-index", str(root / "features"), "--samples", str(root / "samples.tsv"),
             "--clinical", str(root / "clinical.tsv"), "--seed", "1", "--params", json.dumps(params),
             "--threads", "1", "--no-progress", "--out-dir"]
 
@@ -435,7 +435,7 @@ def _is_write(call: ast.Call) -> bool:
     if name == "open":
         mode = call.args[1] if len(call.args) > 1 else next((k.value for k in call.keywords if k.arg == "mode"), None)
         return isinstance(mode, ast.Constant) and any(c in str(mode.value) for c in "wax")
-    if name in ("save", "dump"):  # np.save, torch.save, json.dump, pickle.dump (not bd.paper.figures.save)
+    if name in ("save", "dump"):  # np.save, torch.save, json.dump, pickle.dump (not bd.paper.plot.save)
         modules = ("np", "numpy", "torch", "json", "pickle", "yaml")
         return isinstance(func, ast.Attribute) and _name(func.value) in modules
     if name == "open_group":

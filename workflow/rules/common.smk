@@ -9,15 +9,17 @@ from snakemake.logging import logger
 from snakemake.utils import validate
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
-from bd.workflow.check import check_config, missing_files, prerun
+from bd.workflow.check import SAMPLES_SCHEMA, SCHEMA, check_config, missing_files, prerun
 from bd.cohort.samples import build_sample_sheet, sheet_sha256
+from bd.methods import list_methods
 from bd.paper.experiments import experiments, seeds_for, target_experiments
+from bd.workflow.layout import FEATURE_INDEX as FEATURE_INDEX_FILE, FEATURES, QC_TABLES, slide_output, slide_pattern
 
 
 # Numbers written as text by YAML 1.1 (`lr: 1e-4`) become numbers, then every unknown key, wrong
 # value, empty or repeated list and missing input file is named in one error (bd/workflow/check.py).
 check_config(config)
-validate(config, schema="../schemas/config.schema.yaml")  # Snakemake's own check; fills defaults
+validate(config, schema=str(SCHEMA))  # Snakemake's own check (the schema in bd/schemas); fills defaults
 
 # Rules run `bd` from the Python environment Snakemake itself runs in, so `.venv/bin/snakemake`
 # works without activating the venv and no other `bd` on PATH is picked up: every shell command
@@ -31,7 +33,7 @@ R = config["results"]
 SAMPLES = build_sample_sheet(config)
 # One validator for the whole sheet (validating row by row reloads the schema each time: seconds
 # at BCNB size).
-validate(SAMPLES, schema="../schemas/samples.schema.yaml", set_default=False)
+validate(SAMPLES, schema=str(SAMPLES_SCHEMA), set_default=False)
 # Pre-run cohort checks, before any job (bd/workflow/check.py): missing slide files stop the run naming them
 # (on_slide_error: fail) or get no job and are recorded by rule slide_qc (skip); slides without a
 # clinical row, patients without a slide or a label are counted and warned about. Only in the main
@@ -49,9 +51,9 @@ SLIDES = [s for s in SAMPLES["slide_id"] if s not in MISSING_SLIDES]
 # The sheet's content hash: a parameter of rule samples (a changed sheet reruns it, whatever the
 # timestamps) and the check that its job builds the sheet the workflow was parsed with.
 SAMPLES_SHA256 = sheet_sha256(SAMPLES)
-FEATURES_DIR = f"{R}/features"
 # Cohort tables, named by path (not rules.X.output) in the rules that also take every store: with
 # a rule reference there, Snakemake hashes the whole store list once per store, per job (quadratic).
+FEATURES_DIR = f"{R}/{FEATURES}"
 SAMPLES_TSV = f"{R}/samples.tsv"
 CLINICAL_TSV = f"{R}/clinical/clinical.tsv"
 SCALER_JSON = f"{R}/clinical/scaler.json"
@@ -76,7 +78,9 @@ EVAL_STORES = STORES if _SPLIT is None else [
 ]
 # A table (slide_id, store) of every store, written by rule feature_index (features.smk), is the
 # input through which training depends on every store.
-FEATURE_INDEX = f"{FEATURES_DIR}/index.tsv"
+FEATURE_INDEX = f"{R}/{FEATURE_INDEX_FILE}"
+# The QC tables that rule slide_qc (qc.smk) writes, part of every target.
+QC_OUTPUTS = [f"{R}/{table}" for table in QC_TABLES]
 EXPERIMENTS = experiments(config)
 
 
@@ -174,15 +178,15 @@ def run_batches(targets, per_job):
 def training_argv(experiment, seed, threads):
     """The `bd train` command of one run, as rule train runs it (a list of arguments)."""
     params = json.dumps({**config["training"], **EXPERIMENTS[experiment]}, sort_keys=True)
-    return ["train", "--features-dir", FEATURES_DIR, "--samples", SAMPLES_TSV, "--clinical", CLINICAL_TSV,
+    return ["train", "--feature-index", FEATURE_INDEX, "--samples", SAMPLES_TSV, "--clinical", CLINICAL_TSV,
             "--scaler", SCALER_JSON, "--seed", str(seed), "--params", params, "--threads", str(threads),
             "--no-progress", "--out-dir", f"{R}/train/{experiment}/seed{seed}"]
 
 
 def evaluation_argv(experiment, seed):
     """The `bd evaluate` command of one run, as rule evaluate runs it."""
-    return ["evaluate", "--checkpoint", f"{R}/train/{experiment}/seed{seed}/checkpoint.pt",
-            "--features-dir", FEATURES_DIR, "--samples", SAMPLES_TSV, "--clinical", CLINICAL_TSV,
+    return ["evaluate", "--run", f"{R}/train/{experiment}/seed{seed}/checkpoint.pt",
+            "--feature-index", FEATURE_INDEX, "--samples", SAMPLES_TSV, "--clinical", CLINICAL_TSV,
             "--scaler", SCALER_JSON, "--params", evaluation_params(), "--experiment", experiment, "--seed", str(seed),
             "--out-dir", f"{R}/evaluate/{experiment}/seed{seed}"]
 
@@ -232,9 +236,27 @@ def lost_slide_outputs():
     return lost
 
 
+# The workflow's targets (rules in the Snakefile) and the paper's files each one makes.
+TARGETS = ("all", "ablations", "wsi_missing", "analysis")
+
+
+def final_outputs(target):
+    """The tables and figures of a target (rule runtime_summary waits for them)."""
+    tables = lambda *names: [f"{R}/tables/{n}.{ext}" for n in names for ext in ("csv", "md")]
+    figures = lambda *names: [f"{R}/figures/{n}" for n in names]
+    return {
+        "all": lambda: [*tables("table1"), *figures("fig1.png", "roc.png"), *CLINICAL_REPORT_OUTPUTS],  # clinical_report.smk
+        "ablations": lambda: [*tables("table2", "table3"), *figures("fig4c.png", "s2m.png")],
+        "wsi_missing": lambda: figures("fig4ab.png"),
+        "analysis": lambda: figures("fig5.png", "heatmaps"),
+    }[target]()
+
+
 def target_files(target):
-    """Final outputs of a workflow target (see the Snakefile header), and the lost per-slide outputs."""
-    return [*TARGET_OUTPUTS[target](), *lost_slide_outputs()]
+    """Everything a workflow target (see the Snakefile header) builds: its tables and figures, its
+    runtime summary, the QC tables, and the lost per-slide outputs (the one target function)."""
+    runtime = [f"{R}/runtime/{target}.csv", f"{R}/runtime/{target}.png"]
+    return [*final_outputs(target), *runtime, *QC_OUTPUTS, *REPORT_QC, *lost_slide_outputs()]  # REPORT_QC: qc.smk
 
 
 # Inputs and params of the evaluation and report rules.
@@ -268,8 +290,9 @@ def ablation(prefix):
 
 
 def present(names):
-    """The experiments of ``names`` that the config defines."""
-    return [n for n in names if n in EXPERIMENTS and (n in config["training"]["methods"] or n == "bd_wsi")]
+    """The experiments of ``names`` that the config defines (bd_wsi, not a default method, always)."""
+    always = list_methods(default=False)
+    return [n for n in names if n in EXPERIMENTS and (n in config["training"]["methods"] or n in always)]
 
 
 def checkpoint_of(name):

@@ -6,6 +6,7 @@
 rule evaluate:
     input:
         checkpoint=CHECKPOINT,
+        index=FEATURE_INDEX,  # where each store is; the command reads the test and validation splits' only
         stores=EVAL_STORES,  # the test and validation splits' (common.smk)
         samples=SAMPLES_TSV,
         clinical=CLINICAL_TSV,
@@ -23,7 +24,6 @@ rule evaluate:
     params:
         evaluation=evaluation_params(),
         version=stage_version("evaluate"),
-        features_dir=lambda w, input: stores_dir(input.stores),
     log:
         f"{R}/logs/evaluate/{{experiment}}/seed{{seed}}.log",
     benchmark:
@@ -31,7 +31,7 @@ rule evaluate:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd evaluate --checkpoint {input.checkpoint:q} --features-dir {params.features_dir:q} "
+        "bd evaluate --run {input.checkpoint:q} --feature-index {input.index:q} "
         "--samples {input.samples:q} --clinical {input.clinical:q} --scaler {input.scaler:q} --params {params.evaluation:q} "
         "--experiment {wildcards.experiment} --seed {wildcards.seed} "
         "--out-dir \"$(dirname {output.metrics:q})\" > {log:q} 2>&1"
@@ -47,6 +47,7 @@ if BATCHED:
                 f"evaluate_batch_{_k}"
             input:
                 checkpoints=[f"{R}/train/{e}/seed{s}/checkpoint.pt" for e, s in _batch],
+                index=FEATURE_INDEX,
                 stores=EVAL_STORES,
                 samples=SAMPLES_TSV,
                 clinical=CLINICAL_TSV,

@@ -65,7 +65,7 @@ rule external_evaluate:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd evaluate --checkpoint {input.checkpoint:q} --features-dir {params.features_dir:q} "
+        "bd evaluate --run {input.checkpoint:q} --feature-index {params.features_dir:q} "
         "--samples {input.samples:q} --clinical {input.clinical:q} --params {params.evaluation:q} "
         "--experiment {params.experiment} --seed {params.seed} "
         "--out-dir \"$(dirname {output.metrics:q})\" > {log:q} 2>&1"

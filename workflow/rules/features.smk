@@ -48,7 +48,7 @@ rule extract:
     wildcard_constraints:
         slide="(?!)" if EXTRACT_PER_JOB > 1 else "[A-Za-z0-9._-]+",  # batched: rules extract_batch_* (above)
     output:
-        store=directory(f"{R}/features/{{slide}}.zarr"),
+        store=directory(slide_pattern(R, "store")),
     params:
         on_error=ON_SLIDE_ERROR,
         features=section("features"),

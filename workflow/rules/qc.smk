@@ -1,9 +1,7 @@
 # Quality control of the cohort, as report tables: the slides that could not be read
 # (on_slide_error: skip; recorded by segment, tile and extract in their outputs, and slide files
 # missing on disk) and the pre-run cohort checks with their counts (bd/workflow/check.py). Every workflow
-# target builds them: included after report.smk, this file adds them to TARGET_OUTPUTS.
-
-QC_OUTPUTS = [f"{R}/qc/slide_errors.tsv", f"{R}/qc/cohort_checks.tsv"]
+# target builds them (QC_OUTPUTS, target_files in common.smk).
 
 
 rule slide_qc:
@@ -89,6 +87,3 @@ rule report_qc_images:
         "bd report-images --samples {input.samples:q} --results {params.results:q} "
         "--segment-out {output.segment:q} --tiles-out {output.tiles:q} > {log:q} 2>&1"
 
-
-for _target, _outputs in list(TARGET_OUTPUTS.items()):
-    TARGET_OUTPUTS[_target] = lambda _outputs=_outputs: [*_outputs(), *QC_OUTPUTS, *REPORT_QC]

@@ -1,17 +1,18 @@
 # The paper's tables and figures from all evaluations, and the report's runtime summary.
-# Targets (rule all in the Snakefile, and rules ablations, wsi_missing, analysis) take their final
-# files from TARGET_OUTPUTS; each target also gets a runtime summary of every job run before it.
+# Targets (rule all in the Snakefile, and rules ablations, wsi_missing, analysis) take their files
+# from target_files (common.smk); each target also gets a runtime summary of every job run before it.
 
 EVAL = config.get("evaluation") or {}
 FIGS = EVAL.get("figures") or {}
 
 
-# Attention heatmaps come from BD, or from the first slide-based method the config trains.
-HEATMAP_METHOD = next((m for m in ["bd", "filling", "image_only", "ensemble", "ae", "smil"]
-                       if m in config["training"]["methods"]), "bd")
+# Attention heatmaps come from BD, or from the first slide-based method the config trains (the
+# registry's order for "heatmaps").
+HEATMAP_METHOD = next((m for m in list_methods(figure="heatmaps") if m in config["training"]["methods"]), "bd")
 
 
 COHORT_INPUTS = dict(
+    index=FEATURE_INDEX,
     stores=STORES,
     samples=SAMPLES_TSV,
     clinical=CLINICAL_TSV,
@@ -20,7 +21,8 @@ COHORT_INPUTS = dict(
 
 rule table1:
     input:
-        metrics_files(target_experiments(config, "all")),
+        metrics=metrics_files(target_experiments(config, "all")),
+        summaries=run_files(target_experiments(config, "all"), "summary.csv"),
     output:
         csv=f"{R}/tables/table1.csv",
         md=f"{R}/tables/table1.md",
@@ -34,17 +36,17 @@ rule table1:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "{{ bd aggregate table1 --metrics {input:q} --rates {params.rates:q} --out \"$(dirname {output.csv:q})\" && "
+        "{{ bd aggregate table1 --metrics {input.metrics:q} --summaries {input.summaries:q} --rates {params.rates:q} --out-dir \"$(dirname {output.csv:q})\" && "
         "bd report-table --table {output.md:q} --out {output.html:q} --title 'Table I'; }} > {log:q} 2>&1"
 
 
 rule fig1:
     input:
-        metrics_files(present(["image_only", "filling", "bd", "modality_dropout"])),
+        metrics_files(present(list_methods(figure="fig1"))),
     output:
         report(f"{R}/figures/fig1.png", caption="../report/fig1.rst", category="Figures"),
     params:
-        methods=present(["image_only", "filling", "bd", "modality_dropout"]),
+        methods=present(list_methods(figure="fig1")),
     log:
         f"{R}/logs/fig1.log",
     benchmark:
@@ -74,7 +76,8 @@ rule roc:
 
 rule table2:
     input:
-        metrics_files(ablation("bd-dir-")),
+        metrics=metrics_files(ablation("bd-dir-")),
+        summaries=run_files(ablation("bd-dir-"), "summary.csv"),
     output:
         csv=f"{R}/tables/table2.csv",
         md=f"{R}/tables/table2.md",
@@ -86,13 +89,14 @@ rule table2:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "{{ bd aggregate table2 --metrics {input:q} --rates '[0, 80]' --out \"$(dirname {output.csv:q})\" && "
+        "{{ bd aggregate table2 --metrics {input.metrics:q} --summaries {input.summaries:q} --out-dir \"$(dirname {output.csv:q})\" && "
         "bd report-table --table {output.md:q} --out {output.html:q} --title 'Table II'; }} > {log:q} 2>&1"
 
 
 rule table3:
     input:
-        metrics_files(ablation("bd-lm-")),
+        metrics=metrics_files(ablation("bd-lm-")),
+        summaries=run_files(ablation("bd-lm-"), "summary.csv"),
     output:
         csv=f"{R}/tables/table3.csv",
         md=f"{R}/tables/table3.md",
@@ -104,18 +108,16 @@ rule table3:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "{{ bd aggregate table3 --metrics {input:q} --rates '[100]' --out \"$(dirname {output.csv:q})\" && "
+        "{{ bd aggregate table3 --metrics {input.metrics:q} --summaries {input.summaries:q} --out-dir \"$(dirname {output.csv:q})\" && "
         "bd report-table --table {output.md:q} --out {output.html:q} --title 'Table III'; }} > {log:q} 2>&1"
 
 
 rule fig4c:
     input:
-        prediction_files(ablation("bd-prompt-")),
-        run_files(ablation("bd-prompt-"), "summary.csv"),
+        predictions=prediction_files(ablation("bd-prompt-")),
+        summaries=run_files(ablation("bd-prompt-"), "summary.csv"),
     output:
         report(f"{R}/figures/fig4c.png", caption="../report/fig4c.rst", category="Figures"),
-    params:
-        predictions=prediction_files(ablation("bd-prompt-")),
     log:
         f"{R}/logs/fig4c.log",
     benchmark:
@@ -123,7 +125,7 @@ rule fig4c:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd figures fig4c --predictions {params.predictions:q} --rate 100 --out {output:q} > {log:q} 2>&1"
+        "bd figures fig4c --predictions {input.predictions:q} --summaries {input.summaries:q} --rate 100 --out {output:q} > {log:q} 2>&1"
 
 
 rule fig4ab:
@@ -153,7 +155,6 @@ rule fig5:
     output:
         report(f"{R}/figures/fig5.png", caption="../report/fig5.rst", category="Figures"),
     params:
-        features_dir=lambda w, input: stores_dir(input.stores),
         perplexity=FIGS.get("tsne_perplexity", 30),
     log:
         f"{R}/logs/fig5.log",
@@ -162,7 +163,7 @@ rule fig5:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd figures fig5 --checkpoint {input.runs:q} --features-dir {params.features_dir:q} "
+        "bd figures fig5 --run {input.runs:q} --feature-index {input.index:q} "
         "--samples {input.samples:q} --clinical {input.clinical:q} --perplexity {params.perplexity} "
         "--out {output:q} > {log:q} 2>&1"
 
@@ -176,7 +177,6 @@ rule s2m:
         png=report(f"{R}/figures/s2m.png", caption="../report/s2m.rst", category="Figures"),
         csv=f"{R}/figures/s2m.csv",
     params:
-        features_dir=lambda w, input: stores_dir(input.stores),
     log:
         f"{R}/logs/s2m.log",
     benchmark:
@@ -184,7 +184,7 @@ rule s2m:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd figures s2m --checkpoint {input.runs:q} --curves {input.curves:q} --features-dir {params.features_dir:q} "
+        "bd figures s2m --run {input.runs:q} --curves {input.curves:q} --feature-index {input.index:q} "
         "--samples {input.samples:q} --clinical {input.clinical:q} --out {output.png:q} > {log:q} 2>&1"
 
 
@@ -200,7 +200,6 @@ rule heatmaps:
             category="Attention heatmaps",
         ),
     params:
-        features_dir=lambda w, input: stores_dir(input.stores),
         patients=FIGS.get("heatmap_patients", 4),
         fallback_mpp=config["cohort"].get("fallback_mpp", 0.5),
     log:
@@ -210,29 +209,15 @@ rule heatmaps:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd figures heatmaps --checkpoint {input.checkpoint:q} --features-dir {params.features_dir:q} "
+        "bd figures heatmaps --run {input.checkpoint:q} --feature-index {input.index:q} "
         "--samples {input.samples:q} --clinical {input.clinical:q} --patients {params.patients} "
         "--fallback-mpp {params.fallback_mpp} --out-dir {output:q} > {log:q} 2>&1"
-
-
-FINAL_OUTPUTS = {
-    "all": lambda: [f"{R}/tables/table1.csv", f"{R}/tables/table1.md", f"{R}/figures/fig1.png",
-                    f"{R}/figures/roc.png", *CLINICAL_REPORT_OUTPUTS],  # clinical_report.smk
-    "ablations": lambda: [f"{R}/tables/table2.csv", f"{R}/tables/table2.md", f"{R}/tables/table3.csv",
-                          f"{R}/tables/table3.md", f"{R}/figures/fig4c.png", f"{R}/figures/s2m.png"],
-    "wsi_missing": lambda: [f"{R}/figures/fig4ab.png"],
-    "analysis": lambda: [f"{R}/figures/fig5.png", f"{R}/figures/heatmaps"],
-}
-# What `target_files` (common.smk) gives each target rule: its final files and its runtime summary.
-TARGET_OUTPUTS = {
-    t: (lambda t=t: [*FINAL_OUTPUTS[t](), f"{R}/runtime/{t}.csv", f"{R}/runtime/{t}.png"]) for t in FINAL_OUTPUTS
-}
 
 
 rule runtime_summary:
     """Per-rule runtime and memory of every job finished before this target's last outputs."""
     input:
-        lambda wc: FINAL_OUTPUTS[wc.target](),
+        lambda wc: final_outputs(wc.target),
     output:
         csv=f"{R}/runtime/{{target}}.csv",
         html=report(f"{R}/runtime/{{target}}.html", caption="../report/runtime.rst", category="Runtime",
@@ -243,7 +228,7 @@ rule runtime_summary:
     params:
         benchmarks=f"{R}/benchmarks",
     wildcard_constraints:
-        target="|".join(FINAL_OUTPUTS),
+        target="|".join(TARGETS),
     log:
         f"{R}/logs/runtime_summary/{{target}}.log",
     benchmark:

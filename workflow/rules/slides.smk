@@ -18,11 +18,11 @@ rule segment:
     input:
         slide=slide_path,
     output:
-        mask=f"{R}/segment/{{slide}}/mask.png",
-        artefacts=f"{R}/segment/{{slide}}/artefacts.png",
-        info=f"{R}/segment/{{slide}}/mask.json",
-        contours=f"{R}/segment/{{slide}}/contours.geojson",
-        qc=f"{R}/segment/{{slide}}/qc.png",  # full size; the report shows a compact copy (rule report_qc_images)
+        mask=slide_pattern(R, "mask"),
+        artefacts=slide_pattern(R, "artefacts"),
+        info=slide_pattern(R, "mask_info"),
+        contours=slide_pattern(R, "contours"),
+        qc=slide_pattern(R, "segment_qc"),  # full size; the report shows a compact copy (rule report_qc_images)
     params:
         on_error=ON_SLIDE_ERROR,
         seg=section("segmentation"),
@@ -49,8 +49,8 @@ rule tile:
         artefacts=rules.segment.output.artefacts,
         info=rules.segment.output.info,
     output:
-        grid=f"{R}/tiles/{{slide}}.npz",
-        qc=f"{R}/tiles/{{slide}}.qc.png",  # full size; the report shows a compact copy (rule report_qc_images)
+        grid=slide_pattern(R, "grid"),
+        qc=slide_pattern(R, "grid_qc"),  # full size; the report shows a compact copy (rule report_qc_images)
     params:
         on_error=ON_SLIDE_ERROR,
         tiling=section("tiling"),

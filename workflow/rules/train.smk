@@ -25,7 +25,6 @@ rule train:
     params:
         training=experiment_params,
         version=stage_version("train"),
-        features_dir=lambda w, input: os.path.dirname(input.index),
     log:
         f"{R}/logs/train/{{experiment}}/seed{{seed}}.log",
     benchmark:
@@ -40,7 +39,7 @@ rule train:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd train --features-dir {params.features_dir:q} --samples {input.samples:q} "
+        "bd train --feature-index {input.index:q} --samples {input.samples:q} "
         "--clinical {input.clinical:q} --scaler {input.scaler:q} --seed {wildcards.seed} "
         "--params {params.training:q} --threads {threads} --no-progress "
         "--out-dir \"$(dirname {output.checkpoint:q})\" > {log:q} 2>&1"
