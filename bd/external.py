@@ -77,7 +77,7 @@ def clinical_rows(run: Any, table_path: Path | None, scaler: str | None,
     (None: blank or no label column). Errors name the table, row and column."""
     from bd.cohort.clinical import load_transform
     from bd.cohort.table import ClinicalParams, find_column, parse_label, read_table
-    from bd.predict import scaler_path
+    from bd.identity import scaler_path
     from bd.cohort.values import ValueParseError, is_missing, normalise_id
 
     if table_path is None:
@@ -117,7 +117,7 @@ def clinical_rows(run: Any, table_path: Path | None, scaler: str | None,
 def clinical_label_column(run: Any, scaler: str | None) -> str:
     """The label column the run's training table had (from its scaler)."""
     from bd.cohort.clinical import ClinicalParams, load_transform
-    from bd.predict import scaler_path
+    from bd.identity import scaler_path
 
     try:
         return str(load_transform(scaler_path(run, scaler)).meta.get("label_column") or ClinicalParams().label_column)
@@ -132,7 +132,7 @@ def slide_stores(run: Any, sheet: pd.DataFrame, out: Path, features_dir: Path | 
                  overrides: dict[str, Any], fallback_mpp: float | None, on_slide_error: str) -> tuple[Path, dict[str, str]]:
     """Every slide's feature store (existing, or extracted here with the run's settings, the encoder
     loaded once); the folder holding them and the slides that could not be read (id -> reason)."""
-    from bd.predict import check_identity
+    from bd.identity import check_identity
     from bd.features.store import read_store, store_path
 
     if features_dir is not None:
@@ -163,7 +163,7 @@ class SlideExtraction:
 
     def __init__(self, run: Any, out: Path, overrides: dict[str, Any]) -> None:
         from bd.features.extract import Extractor
-        from bd.predict import check_identity, planned_attrs, stage_params
+        from bd.identity import check_identity, planned_attrs, stage_params
 
         self.seg, self.tile, feat = stage_params(run.identity, overrides)
         check_identity(run.identity, planned_attrs(self.tile, feat), "--params")

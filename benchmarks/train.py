@@ -47,7 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from record import Recorder, device_slug  # noqa: E402
 
-from bd.mil.bags import Cohort, synthetic_cohort  # noqa: E402
+from bd.mil.bags import Cohort  # noqa: E402
+from bd.synthetic import synthetic_cohort  # noqa: E402
 from bd.device import cpu_info, cpu_summary  # noqa: E402
 from bd.mil.models import create_model  # noqa: E402
 from bd.mil.train import DEFAULT_METHODS, TrainParams, resolve_settings, run_epoch  # noqa: E402

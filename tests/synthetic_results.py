@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bd.mil.bags import synthetic_cohort
+from bd.synthetic import synthetic_cohort
 from bd.evaluation.evaluate import EvaluationParams, evaluate, write_csv
 from bd.features.store import write_store
 

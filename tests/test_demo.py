@@ -240,7 +240,7 @@ def test_demo_scale_slide_model_outputs_are_not_constant():
     import torch
     import yaml
 
-    from bd.mil.bags import synthetic_cohort
+    from bd.synthetic import synthetic_cohort
     from bd.evaluation.metrics import auc
     from bd.mil.runs import predict_patients
     from bd.mil.train import TrainParams, train_model

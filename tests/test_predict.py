@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from bd.cli import main
-from bd.predict import identity_mismatches, parse_clinical
+from bd.identity import identity_mismatches
+from bd.predict import parse_clinical
 from bd.features.store import read_store, write_store
 
 SLIDE = Path(__file__).parent / "data" / "cmu-1-small-region.svs"

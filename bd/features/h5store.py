@@ -122,7 +122,7 @@ def read_h5_store(path: str | os.PathLike[str], with_features: bool = True) -> A
     user's identity; a missing dataset or a shape that is not (N, D) / (N, 2) names the file."""
     import h5py
 
-    from bd.features.store import FeatureSet
+    from bd.features.featureset import FeatureSet
 
     path = Path(path)
     identity = read_identity(path)

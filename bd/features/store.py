@@ -9,23 +9,16 @@ set last, so a store without it is never taken as finished.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bd.errors import StoreError
+from bd.features.featureset import FeatureSet
 from bd.io import atomic_path
 
 ROW_CHUNK = 4096
-
-
-@dataclass
-class FeatureSet:
-    features: np.ndarray  # (N, D) float16
-    coords: np.ndarray  # (N, 2) int64
-    attrs: dict[str, Any]
 
 
 def write_store(

@@ -160,7 +160,7 @@ class Cohort:
                   standardise: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The rows ``starts[i]:starts[i] + lengths[i]`` one after another in ``out`` (converted to
         its dtype), z-scored as ``(x - mean) * scale`` in the same pass when ``standardise`` is
-        given -- the ops :meth:`bd.mil.models.AttentionPool.standardised` applies, in chunks that stay
+        given -- the ops :meth:`bd.mil.pooling.AttentionPool.standardised` applies, in chunks that stay
         in cache; returns the filled rows of ``out``."""
         need = sum(lengths)
         if out.shape[0] < need or out.shape[1] != self.feature_dim:
@@ -409,60 +409,4 @@ def load_cohort(
         has_slide=has_slide,
         identity=feature_identity(attrs),
         has_clinical=table[PRESENT_COLUMN].to_numpy(bool),
-    )
-
-
-def synthetic_cohort(
-    n_patients: int = 24,
-    patches: int = 16,
-    dim: int = 32,
-    n_clinical: int = 5,
-    seed: int = 0,
-    signal: float = 1.0,
-    dtype: torch.dtype = torch.float32,
-    splits: tuple[float, float] = (0.6, 0.2),
-) -> Cohort:
-    """An in-memory cohort with a planted signal, for tests and benchmarks: N+ bags hold a share of
-    patches shifted along one direction, and clinical column 0 is shifted by ``signal / 2``.
-    Bag sizes vary uniformly in [patches / 2, 3 * patches / 2]; splits are stratified by label."""
-    gen = torch.Generator().manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n_patients) % 2
-    rng.shuffle(labels)
-    lengths = rng.integers(max(patches // 2, 1), max(3 * patches // 2, 2) + 1, size=n_patients)
-    offsets = torch.zeros(n_patients + 1, dtype=torch.int64)
-    offsets[1:] = torch.from_numpy(np.cumsum(lengths))
-    total = int(offsets[-1])
-    features = torch.empty((total, dim), dtype=dtype)
-    direction = torch.randn(dim, generator=gen)
-    direction /= direction.norm()
-    chunk = 1 << 18
-    for start in range(0, total, chunk):
-        stop = min(start + chunk, total)
-        features[start:stop] = torch.randn((stop - start, dim), generator=gen).to(dtype)
-    for i in np.flatnonzero(labels):
-        a, n = int(offsets[i]), int(lengths[i])
-        hot = max(1, n // 4)
-        features[a : a + hot] += (signal * 3 * direction).to(dtype)
-    clinical = rng.normal(size=(n_patients, n_clinical)).astype(np.float32)
-    clinical[:, 0] += signal / 2 * (2 * labels - 1)
-    split = np.empty(n_patients, dtype="<U5")
-    for cls in (0, 1):  # stratified: both classes in every split
-        members = np.flatnonzero(labels == cls)
-        n_train = int(round(splits[0] * len(members)))
-        n_val = max(1, int(round(splits[1] * len(members))))
-        split[members] = ["train"] * n_train + ["val"] * n_val + ["test"] * (len(members) - n_train - n_val)
-    return Cohort(
-        patient_ids=[f"P{i:04d}" for i in range(n_patients)],
-        labels=labels.astype(np.int64),
-        split=split,
-        clinical=clinical,
-        clinical_columns=[f"c{j}" for j in range(n_clinical)],
-        features=features,
-        offsets=offsets,
-        coords=np.stack([np.arange(total) * 256, np.zeros(total, np.int64)], axis=1).astype(np.int64),
-        patch_slide=np.repeat(np.arange(n_patients, dtype=np.int32), lengths),
-        slide_ids=[f"S{i:04d}" for i in range(n_patients)],
-        has_slide=np.ones(n_patients, bool),
-        identity={"encoder": "synthetic", "feature_dim": dim},
     )

@@ -6,7 +6,7 @@ Packing into a fresh tensor, converting it (the cohort is held as fp16 or bf16) 
 standardising it (two more full-size tensors) made three passes over ~16 k x 1,024 values a step,
 each into newly mapped memory whose page faults cost as much as the copy. The packer makes one
 pass, chunk by chunk, into a buffer allocated once; the model's pools then skip their own
-standardisation (:func:`bd.mil.models.standardised_inputs`). The values are those the pools compute
+standardisation (:func:`bd.mil.pooling.standardised_inputs`). The values are those the pools compute
 (the same ops in the same order). A batch's features are a view of the buffer: the next
 :meth:`Packer.batch` overwrites them, so use one batch at a time (a training step's backward
 pass, or an inference batch read out, comes before the next).

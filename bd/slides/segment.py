@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import math
-import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +30,12 @@ import numpy as np
 
 from bd import params as params_mod
 from bd.errors import BDError, ConfigError, SlideError, environment_reason, slide_fault
-from bd.io import atomic_path, write_json
+from bd.io import write_json
+
+from bd.slides.qc_draw import caption, error_image, fit, legend, mark, write_png
 
 log = logging.getLogger(__name__)
 
-QC_MAX_SIDE = 1024
 COLOURLESS_SATURATION = 8.0  # 99.9th percentile of saturation below this: a greyscale slide
 
 
@@ -271,25 +271,6 @@ def mask_info(seg: Segmentation, params: SegmentParams) -> dict[str, Any]:
     }
 
 
-def _fit(image: np.ndarray, max_side: int = QC_MAX_SIDE) -> tuple[np.ndarray, float]:
-    factor = min(1.0, max_side / max(image.shape[:2]))
-    if factor < 1.0:
-        size = (max(1, round(image.shape[1] * factor)), max(1, round(image.shape[0] * factor)))
-        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    return image, factor
-
-
-def _caption(image: np.ndarray, lines: list[str]) -> np.ndarray:
-    """Stack a white caption band with ``lines`` of text above ``image`` (BGR)."""
-    width = max(image.shape[1], 360)
-    band = np.full((18 * len(lines) + 8, width, 3), 255, np.uint8)
-    for i, text in enumerate(lines):
-        cv2.putText(band, text, (4, 18 * (i + 1)), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-    canvas = np.full((image.shape[0], width, 3), 255, np.uint8)
-    canvas[:, : image.shape[1]] = image
-    return np.vstack([band, canvas])
-
-
 # What the QC image marks, as (label, BGR colour): outlines, and the excluded pixels filled.
 QC_LEGEND = {"tissue": ("tissue outline", (0, 140, 255)), "hole": ("hole", (255, 80, 0)),
              "pen": ("excluded: pen ink", (255, 0, 255)), "debris": ("excluded: dark debris", (255, 255, 0))}
@@ -316,44 +297,15 @@ def artefact_kinds(seg: Segmentation, params: SegmentParams) -> tuple[np.ndarray
     return pen, excluded & ~pen
 
 
-def _mark(image: np.ndarray, where: np.ndarray, colour: tuple[int, int, int], alpha: float = 0.6) -> None:
-    """Tint the pixels of ``where`` (any size; resized to the image) with ``colour``, in place."""
-    if where.shape[:2] != image.shape[:2]:
-        where = cv2.resize(where.astype(np.uint8), image.shape[1::-1], interpolation=cv2.INTER_NEAREST) > 0
-    image[where] = ((1 - alpha) * image[where] + alpha * np.asarray(colour)).astype(np.uint8)
-
-
-def _legend(image: np.ndarray, items: list[tuple[str, tuple[int, int, int]]]) -> np.ndarray:
-    """Bands under ``image`` with a colour swatch and label per item (as many rows as they need)."""
-    width = max(image.shape[1], 360)
-    rows: list[list[tuple[int, str, tuple[int, int, int]]]] = [[]]
-    x = 4
-    for label, colour in items:
-        step = 24 + cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)[0][0]
-        if x + step > width and rows[-1]:
-            rows.append([])
-            x = 4
-        rows[-1].append((x, label, colour))
-        x += step
-    band = np.full((22 * len(rows), width, 3), 255, np.uint8)
-    for r, row in enumerate(rows):
-        for x, label, colour in row:
-            cv2.rectangle(band, (x, 22 * r + 5), (x + 12, 22 * r + 17), colour, -1)
-            cv2.putText(band, label, (x + 16, 22 * r + 16), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
-    canvas = np.full((image.shape[0], width, 3), 255, np.uint8)
-    canvas[:, : image.shape[1]] = image
-    return np.vstack([canvas, band])
-
-
 def qc_image(seg: Segmentation, title: str, params: SegmentParams | None = None) -> np.ndarray:
     """Thumbnail (BGR) with tissue outlines in orange and holes in blue; with ``params``, the excluded
     pen ink (magenta) and dark debris (cyan) filled in their colours, and a legend."""
-    image, factor = _fit(cv2.cvtColor(seg.image, cv2.COLOR_RGB2BGR))
+    image, factor = fit(cv2.cvtColor(seg.image, cv2.COLOR_RGB2BGR))
     excluded = []
     if params is not None and seg.artefacts.size > 1:
         pen, debris = artefact_kinds(seg, params)
         for key, where in (("pen", pen), ("debris", debris)):
-            _mark(image, where, QC_LEGEND[key][1])
+            mark(image, where, QC_LEGEND[key][1])
             excluded.append(f"{QC_LEGEND[key][0].split(': ')[1]} {100 * where.mean():.2f}%")
     sx, sy = seg.scale[0] / factor, seg.scale[1] / factor
     to_px = lambda r: np.round(r / (sx, sy) - 0.5).astype(np.int32).reshape(-1, 1, 2)  # noqa: E731
@@ -366,24 +318,8 @@ def qc_image(seg: Segmentation, title: str, params: SegmentParams | None = None)
     ]
     if params is not None:
         lines.append("excluded: " + ", ".join(excluded))
-        image = _legend(image, list(QC_LEGEND.values()))
-    return _caption(image, lines)
-
-
-def error_image(title: str, reason: str) -> np.ndarray:
-    """A QC image (BGR) that says the slide could not be read."""
-    body = np.full((200, 480, 3), 235, np.uint8)
-    cv2.putText(body, "SLIDE NOT READ", (20, 110), cv2.FONT_HERSHEY_SIMPLEX, 1.2, (0, 0, 200), 2, cv2.LINE_AA)
-    return _caption(body, [title, *textwrap.wrap(reason, 70)[:6]])
-
-
-def write_png(path: Path, image: np.ndarray) -> None:
-    """Write a PNG atomically; a failure names the file."""
-    ok, data = cv2.imencode(".png", image)
-    if not ok:
-        raise BDError(f"could not encode {path} as PNG")
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data.tobytes())
+        image = legend(image, list(QC_LEGEND.values()))
+    return caption(image, lines)
 
 
 def write_segmentation(seg: Segmentation, params: SegmentParams, out_dir: Path, title: str) -> None:

@@ -269,7 +269,7 @@ def tile_slide(
 
 def qc_image(thumbnail: np.ndarray, grid: PatchGrid, title: str) -> np.ndarray:
     """Thumbnail (BGR) with kept patches shaded and outlined."""
-    from bd.slides.segment import _caption
+    from bd.slides.qc_draw import caption as _caption
 
     image = cv2.cvtColor(np.ascontiguousarray(thumbnail[..., :3]), cv2.COLOR_RGB2BGR)
     fx, fy = image.shape[1] / max(grid.slide_width, 1), image.shape[0] / max(grid.slide_height, 1)
@@ -329,7 +329,7 @@ def _write_unread(args: argparse.Namespace, params: TileParams, slide_id: str, r
     """A slide that ``stage`` could not read (``--on-error skip``) gets an empty grid that says
     why, so extraction writes an empty store recording it and its patient counts as missing the
     slide."""
-    from bd.slides.segment import error_image, write_png
+    from bd.slides.qc_draw import error_image, write_png
 
     log.warning("%s: slide was not read by %s (%s); writing an empty grid", slide_id, stage, reason)
     grid = PatchGrid(
@@ -380,7 +380,7 @@ def run(args: argparse.Namespace) -> int:
 def _tile(args: argparse.Namespace, params: TileParams, slide_id: str, mask: np.ndarray,
           info: dict[str, Any]) -> int:
     """Tile a readable slide: the grid and its QC image."""
-    from bd.slides.segment import write_png
+    from bd.slides.qc_draw import write_png
     from bd.slides.slide import open_slide
 
     with open_slide(args.slide, fallback_mpp=args.fallback_mpp, mpp=args.mpp) as slide:

@@ -228,7 +228,7 @@ def test_a_patient_without_clinical_values_counts_as_missing_clinical_data():
 
 
 def test_cohort_batches_never_carry_clinical_data_a_patient_does_not_have():
-    from bd.mil.bags import synthetic_cohort
+    from bd.synthetic import synthetic_cohort
 
     cohort = synthetic_cohort(n_patients=6, n_clinical=3)
     cohort.has_clinical = np.array([True, False, True, True, True, True])

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from bd.mil.bags import Cohort, feature_identity, load_cohort, synthetic_cohort
+from bd.mil.bags import Cohort, feature_identity, load_cohort
+from bd.synthetic import synthetic_cohort
 from bd.errors import StoreError, TableError
 from bd.features.store import write_store
 

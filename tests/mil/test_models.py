@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from bd.mil.bags import synthetic_cohort
+from bd.synthetic import synthetic_cohort
 from bd.errors import ConfigError
 from bd.mil.models import (
     COMPLETE,

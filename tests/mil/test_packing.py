@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bd.mil.bags import synthetic_cohort
+from bd.synthetic import synthetic_cohort
 from bd.evaluation.evaluate import EvaluationParams, evaluate, run_predictor
 from bd.mil.models import AttentionPool, create_model, standardised_inputs
 from bd.mil.packing import Packer, largest_step

@@ -12,14 +12,16 @@ import pandas as pd
 import pytest
 import torch
 
-from bd.mil.bags import load_cohort, synthetic_cohort
+from bd.mil.bags import load_cohort
+from bd.synthetic import synthetic_cohort
 from bd.cli import main
 from bd.errors import ConfigError, StoreError, TableError
 from bd.evaluation.metrics import auc
 from bd.mil.models import CONDITION_NAMES, MODELS
 from bd.params import build
 from bd.mil.runs import load_run, predict_patients
-from bd.mil.train import EARLY_STOPPING, TrainParams, choose_threshold, train_model
+from bd.mil.train import EARLY_STOPPING, TrainParams, train_model
+from bd.mil.validation import choose_threshold
 from synthetic_results import write_cohort_layout
 
 DIM, CLIN = 16, 4
