@@ -31,7 +31,6 @@ import csv
 import glob
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -44,12 +43,14 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bd.demo import DemoParams, available_cpus, generate_cohort  # noqa: E402
 from bd.demo.auc import cohort_auc, simulated_auc  # noqa: E402
 from bd.demo.render import render_slide  # noqa: E402
 from bd.demo.slidefile import write_pyramid_tiff  # noqa: E402
 from bd.params import build  # noqa: E402
+from record import cpu_name  # noqa: E402  (benchmarks/record.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 AUC_RANGE = [0.55, 0.72]
@@ -77,15 +78,6 @@ DEMO_OUTPUTS = ["tables/table1.md", "tables/table2.md", "tables/table3.md", "fig
                 "figures/s2m.png", "figures/heatmaps", "report.html"]
 
 
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def run_make_demo(folder: Path) -> dict[str, float]:

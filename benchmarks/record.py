@@ -6,12 +6,24 @@ with ``--save`` the same lines appended to ``benchmarks/results/{benchmark}-{dev
 from __future__ import annotations
 
 import json
+import platform
 import re
 import time
 from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def device_slug(name: str) -> str:

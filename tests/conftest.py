@@ -66,3 +66,14 @@ def flat_jpeg(tmp_path_factory: pytest.TempPathFactory, flat_rgb: np.ndarray) ->
     path = tmp_path_factory.mktemp("flat") / "1.jpg"
     assert cv2.imwrite(str(path), cv2.cvtColor(flat_rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
     return path
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run the test with one torch thread (timing- and order-stable training), then restore."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

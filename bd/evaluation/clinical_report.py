@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from bd.evaluation import decision as D
-from bd.errors import BDError, TableError
+from bd.errors import TableError
 from bd.io import atomic_path, write_text
 
 log = logging.getLogger(__name__)
@@ -174,21 +174,10 @@ def run_tables(test: pd.DataFrame, val: pd.DataFrame, clinical: pd.DataFrame | N
 # ---------------------------------------------------------------- over all runs
 
 def read_tables(paths: Sequence[str | Path], need: Sequence[str]) -> pd.DataFrame:
-    """Concatenate per-run tables of ``bd evaluate``; each must have the ``need`` columns."""
-    if not paths:
-        raise BDError("no files given")
-    frames = []
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise TableError(f"{path}: does not exist (run `bd evaluate` first)")
-        frame = pd.read_csv(path)
-        missing = [c for c in need if c not in frame.columns]
-        if missing:
-            raise TableError(f"{path}: missing column(s) {missing}; is it a `bd evaluate` output?")
-        frames.append(frame)
-    out = pd.concat(frames, ignore_index=True)
-    out["rate"] = out["rate"].astype(float)
-    return out
+    """Concatenate per-run clinical-report tables of ``bd evaluate``; each must have the ``need`` columns."""
+    from bd.paper.tables import read_evaluations
+
+    return read_evaluations(paths, need, "clinical-report table", "--operating-points/--subgroups/...")
 
 
 OP_METRICS = ("brier", "ece", "threshold", "sensitivity", "specificity", "ppv", "npv")

@@ -54,23 +54,28 @@ CI_COLUMNS = ["auc_ci_low", "auc_ci_high", "f1_ci_low", "f1_ci_high"]
 
 # ---------------------------------------------------------------- reading evaluations
 
-def read_metrics(paths: Sequence[str | Path]) -> pd.DataFrame:
-    """Concatenate metrics.csv files; each must have the evaluation's columns."""
+def read_evaluations(paths: Sequence[str | Path], need: Sequence[str], what: str, flag: str) -> pd.DataFrame:
+    """Concatenate per-run tables of ``bd evaluate`` (``what``: metrics.csv, operating_point.csv, ...),
+    each with a ``source`` column; a missing file or column names the file."""
     if not paths:
-        raise BDError("no metrics files given (--metrics)")
+        raise BDError(f"no {what} files given ({flag})")
     frames = []
-    for path in paths:
-        path = Path(path)
+    for path in map(Path, paths):
         if not path.is_file():
-            raise TableError(f"{path}: metrics file does not exist (run `bd evaluate` first)")
+            raise TableError(f"{path}: {what} file does not exist (run `bd evaluate` first)")
         frame = pd.read_csv(path)
-        missing = [c for c in METRIC_COLUMNS if c not in frame.columns]
+        missing = [c for c in need if c not in frame.columns]
         if missing:
-            raise TableError(f"{path}: missing column(s) {missing}; is it a `bd evaluate` metrics.csv?")
+            raise TableError(f"{path}: missing column(s) {missing}; is it a `bd evaluate` {what}?")
         frames.append(frame.assign(source=str(path)))
     out = pd.concat(frames, ignore_index=True)
     out["rate"] = out["rate"].astype(float)
     return out
+
+
+def read_metrics(paths: Sequence[str | Path]) -> pd.DataFrame:
+    """Concatenate metrics.csv files; each must have the evaluation's columns."""
+    return read_evaluations(paths, METRIC_COLUMNS, "metrics.csv", "--metrics")
 
 
 def read_summaries(metric_paths: Sequence[str | Path]) -> pd.DataFrame:

@@ -19,12 +19,7 @@ DIM, CLIN = 12, 4
 SMALL = {"hidden_dim": 8, "clinical_dim": 6, "prompt_length": 5, "smil_priors": 3}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _model(method: str, precision: str = "fp32", seed: int = 0):

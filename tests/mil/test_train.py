@@ -28,12 +28,7 @@ DIM, CLIN = 16, 4
 TINY = {"hidden_dim": 16, "clinical_dim": 8, "prompt_length": 6, "smil_priors": 3, "precision": "fp32"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("method", sorted(MODELS))
