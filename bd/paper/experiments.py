@@ -41,7 +41,9 @@ def experiments(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
         out[f"bd-lm-{_fmt(lm)}-ls-{_fmt(ls)}"] = {"method": "bd", "lambda_m": float(lm), "lambda_s": float(ls)}
     for factor in ab.get("clinical_expansions", []):
         out[f"{FIG5_PREFIX}{int(factor)}"] = {"method": "filling", "clinical_expansion": int(factor)}
-    for method in list_methods(default=False):  # bd_wsi: an experiment whatever training.methods says
+    # bd_wsi, and the methods the figure targets need (Fig. 4 a/b, Fig. 5 a): an experiment whatever
+    # training.methods says, so that every target's runs are defined (the batch rules list them all).
+    for method in [*list_methods(default=False), *list_methods(figure="wsi_missing"), *list_methods(figure="analysis")]:
         out.setdefault(method, {"method": method})
     return out
 
