@@ -39,7 +39,8 @@ def tiny_config(results: str = "results") -> dict[str, Any]:
     methods, one seed, two epochs, few evaluation repeats."""
     config = base_config()
     config["results"] = results
-    config["extract_slides_per_job"] = 1  # rules extract, train, evaluate: one job per slide or run (what
+    config["segment_slides_per_job"] = 1  # rules segment, tile, extract, train, evaluate: one job per
+    config["extract_slides_per_job"] = 1  # slide or run (what
     config["train_runs_per_job"] = 1  # these tests count; tests/test_batch_rules.py checks the batches)
     config["demo"].update(out_dir=f"{results}/demo", patients=8, slide_size=2048, test_patients=None)
     config["cohort"].update(clinical_table=f"{results}/demo/patient-clinical-data.xlsx",

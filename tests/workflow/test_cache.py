@@ -42,6 +42,7 @@ def write_cohort(folder: Path) -> dict:
     sheet.write_text("slide_id\tpatient_id\tpath\n" + "".join(f"{p.stem}\t{p.stem}\t{p}\n" for p in slides))
     config["results"] = "results"
     config["extract_slides_per_job"] = 1  # the cached rule extract, one job per slide
+    config["segment_slides_per_job"] = 1  # the cached rules segment and tile, one job per slide
     config["train_runs_per_job"] = 1
     config["demo"]["enabled"] = False
     config["cohort"].update(sample_sheet=str(sheet), clinical_table=str(folder / "patient-clinical-data.xlsx"),

@@ -144,9 +144,18 @@ EXTRACT_COMMON = dict(
 )
 
 
+def slide_batches(per_job):
+    """The slides in consecutive batches of ``per_job`` (sheet order)."""
+    return [SLIDES[i:i + per_job] for i in range(0, len(SLIDES), per_job)]
+
+
 def extract_batches():
-    """The slides in consecutive batches of EXTRACT_PER_JOB (sheet order)."""
-    return [SLIDES[i:i + EXTRACT_PER_JOB] for i in range(0, len(SLIDES), EXTRACT_PER_JOB)]
+    """The slides in consecutive batches of EXTRACT_PER_JOB."""
+    return slide_batches(EXTRACT_PER_JOB)
+
+
+# Segmentation and tiling in batches (slides.smk): segment_slides_per_job slides per `bd batch` job.
+SEGMENT_PER_JOB = int(config.get("segment_slides_per_job", 1))
 
 
 def extract_jobs_tsv(slides):

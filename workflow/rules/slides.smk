@@ -12,11 +12,16 @@
 
 from bd.cohort.samples import mpp_option
 
+# A slide's one-slide rules take no slide when slides are batched (rules segment_tile_batch_*, below).
+PER_SLIDE = "(?!)" if SEGMENT_PER_JOB > 1 else "[A-Za-z0-9._-]+"
+
 
 rule segment:
     cache: CACHE_MODE  # between-workflow output cache with --cache (common.smk)
     input:
         slide=slide_path,
+    wildcard_constraints:
+        slide=PER_SLIDE,
     output:
         mask=slide_pattern(R, "mask"),
         artefacts=slide_pattern(R, "artefacts"),
@@ -48,6 +53,8 @@ rule tile:
         mask=rules.segment.output.mask,
         artefacts=rules.segment.output.artefacts,
         info=rules.segment.output.info,
+    wildcard_constraints:
+        slide=PER_SLIDE,
     output:
         grid=slide_pattern(R, "grid"),
         qc=slide_pattern(R, "grid_qc"),  # full size; the report shows a compact copy (rule report_qc_images)
@@ -69,3 +76,58 @@ rule tile:
         "--artefacts {input.artefacts:q} --qc {output.qc:q} --params {params.tiling:q} "
         "--fallback-mpp {params.fallback_mpp} {params.mpp} --annotations-dir={params.annotations:q} "
         "--on-error {params.on_error} > {log:q} 2>&1"
+
+
+# segment_slides_per_job (config, default 1): 1 gives rules segment and tile, one job per slide
+# (cached with --cache, grouped on clusters). N > 1 gives rules segment_tile_batch_0, ...: N slides
+# per `bd batch` job (bd/workflow/batch.py), each slide's `bd segment` then `bd tile` exactly as
+# the one-slide rules run them, each with its own log, so Python and OpenCV start once a job
+# instead of twice a slide (the demo's 160 one-slide jobs spent more in start-up than in work).
+# The same outputs; a batch reruns all its slides when one changes; these rules are not cached.
+
+
+def segment_argv(slide):
+    """The `bd segment` command of one slide, as rule segment runs it (a list of arguments)."""
+    return ["segment", "--slide", SLIDE_PATHS[slide], "--out-dir", os.path.dirname(slide_output(R, "mask", slide)),
+            "--params", section("segmentation"), "--fallback-mpp", str(config["cohort"].get("fallback_mpp", 0.5)),
+            *shlex.split(mpp_option(SAMPLES, slide)), "--on-error", ON_SLIDE_ERROR]
+
+
+def tile_argv(slide):
+    """The `bd tile` command of one slide, as rule tile runs it."""
+    out = lambda kind: slide_output(R, kind, slide)
+    return ["tile", "--slide", SLIDE_PATHS[slide], "--mask", out("mask"), "--out", out("grid"),
+            "--artefacts", out("artefacts"), "--qc", out("grid_qc"), "--params", section("tiling"),
+            "--fallback-mpp", str(config["cohort"].get("fallback_mpp", 0.5)), *shlex.split(mpp_option(SAMPLES, slide)),
+            "--annotations-dir=" + (config["cohort"].get("annotations_dir") or ""), "--on-error", ON_SLIDE_ERROR]
+
+
+def slide_batch_jobs(slides):
+    """`bd batch --jobs` text: per slide, its segment and its tile command, each with the one-slide rule's log."""
+    jobs = [(argv(s), f"{R}/logs/{argv(s)[0]}/{s}.log") for s in slides for argv in (segment_argv, tile_argv)]
+    return "".join(json.dumps({"argv": a, "log": log}) + "\n" for a, log in jobs)
+
+
+SEGMENT_KINDS = ("mask", "artefacts", "mask_info", "contours", "segment_qc", "grid", "grid_qc")
+if SEGMENT_PER_JOB > 1:
+    for _k, _batch in enumerate(slide_batches(SEGMENT_PER_JOB)):
+
+        rule:
+            name:
+                f"segment_tile_batch_{_k}"
+            input:
+                slides=[SLIDE_PATHS[s] for s in _batch],
+            output:
+                **{kind: [slide_output(R, kind, s) for s in _batch] for kind in SEGMENT_KINDS},
+                jobs=f"{R}/segment/batches/{_k}.jsonl",
+            params:
+                jobs=slide_batch_jobs(_batch),
+                version=[stage_version("segment"), stage_version("tile")],
+            log:
+                f"{R}/logs/segment/batch-{_k}.log",
+            benchmark:
+                f"{R}/benchmarks/segment/batch-{_k}.tsv"
+            conda:
+                "../../envs/bd.yaml"
+            shell:
+                "printf '%s' {params.jobs:q} > {output.jobs:q} && bd batch --jobs {output.jobs:q} > {log:q} 2>&1"
