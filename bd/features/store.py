@@ -8,7 +8,10 @@ set last, so a store without it is never taken as finished.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,14 +79,60 @@ def store_slide_id(path: str | os.PathLike[str]) -> str:
     return next((name[: -len(s)] for s in STORE_SUFFIXES if name.endswith(s)), name)
 
 
+# read_store's memory while cached_reads() is open: (path, with_features, mtimes) -> what was read.
+_READ_CACHE: dict[tuple[str, bool, int, int], FeatureSet] | None = None
+READ_CACHE_BYTES = 1 << 30  # stores beyond this many cached bytes are read each time
+
+
+@contextlib.contextmanager
+def cached_reads() -> Iterator[None]:
+    """While open, :func:`read_store` reads each store once and hands out copies. `bd batch` runs
+    several trainings and evaluations of one cohort in one process, each of which reads every
+    store (twice: attributes, then features; about 1 CPU s a run for the demo's 80 stores). The
+    key holds the store's and its metadata file's modification times, so a rewritten store is
+    read again; at most :data:`READ_CACHE_BYTES` of arrays are kept."""
+    global _READ_CACHE
+    saved, _READ_CACHE = _READ_CACHE, {}
+    try:
+        yield
+    finally:
+        _READ_CACHE = saved
+
+
+def _cache_key(path: Path, with_features: bool) -> tuple[str, bool, int, int] | None:
+    try:
+        meta = path / "zarr.json"
+        return (str(path.resolve()), with_features, path.stat().st_mtime_ns,
+                meta.stat().st_mtime_ns if meta.exists() else 0)
+    except OSError:
+        return None  # missing: read_store names it
+
+
+def _copied(fs: FeatureSet) -> FeatureSet:
+    return FeatureSet(features=fs.features.copy(), coords=fs.coords.copy(), attrs=copy.deepcopy(fs.attrs))
+
+
 def read_store(path: str | os.PathLike[str], with_features: bool = True) -> FeatureSet:
     """Read a complete store (Zarr, or a CLAM/TRIDENT .h5 file through :mod:`bd.features.h5store`); an
-    incomplete or unreadable one raises :class:`StoreError`."""
+    incomplete or unreadable one raises :class:`StoreError`. Inside :func:`cached_reads`, once."""
+    path = Path(path)
+    key = _cache_key(path, with_features) if _READ_CACHE is not None else None
+    if key is None:
+        return _read_store(path, with_features)
+    if key not in _READ_CACHE:
+        fs = _read_store(path, with_features)
+        used = sum(f.features.nbytes + f.coords.nbytes for f in _READ_CACHE.values())
+        if used + fs.features.nbytes + fs.coords.nbytes > READ_CACHE_BYTES:
+            return fs
+        _READ_CACHE[key] = fs
+    return _copied(_READ_CACHE[key])
+
+
+def _read_store(path: Path, with_features: bool) -> FeatureSet:
     import zarr
 
     from bd.features.h5store import is_h5, read_h5_store
 
-    path = Path(path)
     if is_h5(path):
         return read_h5_store(path, with_features)
     try:

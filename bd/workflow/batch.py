@@ -5,7 +5,7 @@ package and reading the cohort before it trains for a second or two on a small c
 demo's; with 40-odd runs that start-up cost more than the training. ``bd batch --jobs FILE`` runs
 the commands listed in FILE (JSON lines ``{"argv": [...], "log": PATH}``) one after another in this
 process, each with its own log file (its stdout, stderr and log records), so the imports are paid
-once. Each command is exactly the one the per-run rule runs; the first that fails stops the batch
+once, and each feature store is read once (bd.features.store.cached_reads). Each command is exactly the one the per-run rule runs; the first that fails stops the batch
 with its exit status, naming its log. Commands seed themselves (``bd train`` seeds torch and numpy
 per run), so a run's result does not depend on the runs before it in the batch.
 """
@@ -64,7 +64,15 @@ def logged_to(path: Path):
 
 
 def run_jobs(jobs: list[dict[str, Any]]) -> int:
-    """Run the jobs in turn; the exit status of the first that fails, else 0."""
+    """Run the jobs in turn (each feature store read once, see cached_reads); the exit status of
+    the first that fails, else 0."""
+    from bd.features.store import cached_reads
+
+    with cached_reads():
+        return _run_in_turn(jobs)
+
+
+def _run_in_turn(jobs: list[dict[str, Any]]) -> int:
     from bd import cli
 
     for i, job in enumerate(jobs, start=1):
