@@ -10,7 +10,7 @@ from snakemake.utils import validate
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 from bd.workflow.check import SAMPLES_SCHEMA, SCHEMA, check_config, missing_files, prerun
-from bd.cohort.samples import build_sample_sheet, sheet_sha256
+from bd.cohort.samples import build_sample_sheet, mpp_option, sheet_sha256
 from bd.methods import list_methods
 from bd.paper.experiments import experiments, seeds_for, target_experiments
 from bd.workflow.layout import FEATURE_INDEX as FEATURE_INDEX_FILE, FEATURES, QC_TABLES, slide_output, slide_pattern
@@ -156,6 +156,28 @@ def extract_batches():
 
 # Segmentation and tiling in batches (slides.smk): segment_slides_per_job slides per `bd batch` job.
 SEGMENT_PER_JOB = int(config.get("segment_slides_per_job", 1))
+
+
+def segment_argv(slide):
+    """The `bd segment` command of one slide, as rule segment runs it (a list of arguments)."""
+    return ["segment", "--slide", SLIDE_PATHS[slide], "--out-dir", os.path.dirname(slide_output(R, "mask", slide)),
+            "--params", section("segmentation"), "--fallback-mpp", str(config["cohort"].get("fallback_mpp", 0.5)),
+            *shlex.split(mpp_option(SAMPLES, slide)), "--on-error", ON_SLIDE_ERROR]
+
+
+def tile_argv(slide):
+    """The `bd tile` command of one slide, as rule tile runs it."""
+    out = lambda kind: slide_output(R, kind, slide)
+    return ["tile", "--slide", SLIDE_PATHS[slide], "--mask", out("mask"), "--out", out("grid"),
+            "--artefacts", out("artefacts"), "--qc", out("grid_qc"), "--params", section("tiling"),
+            "--fallback-mpp", str(config["cohort"].get("fallback_mpp", 0.5)), *shlex.split(mpp_option(SAMPLES, slide)),
+            "--annotations-dir=" + (config["cohort"].get("annotations_dir") or ""), "--on-error", ON_SLIDE_ERROR]
+
+
+def slide_batch_jobs(slides):
+    """`bd batch --jobs` text: per slide, its segment and its tile command, each with the one-slide rule's log."""
+    jobs = [(argv(s), f"{R}/logs/{argv(s)[0]}/{s}.log") for s in slides for argv in (segment_argv, tile_argv)]
+    return "".join(json.dumps({"argv": a, "log": log}) + "\n" for a, log in jobs)
 
 
 def extract_jobs_tsv(slides):

@@ -10,8 +10,6 @@
 # policy is in the command, not in params: switching it does not rerun slides that were read.
 
 
-from bd.cohort.samples import mpp_option
-
 # A slide's one-slide rules take no slide when slides are batched (rules segment_tile_batch_*, below).
 PER_SLIDE = "(?!)" if SEGMENT_PER_JOB > 1 else "[A-Za-z0-9._-]+"
 
@@ -84,28 +82,6 @@ rule tile:
 # the one-slide rules run them, each with its own log, so Python and OpenCV start once a job
 # instead of twice a slide (the demo's 160 one-slide jobs spent more in start-up than in work).
 # The same outputs; a batch reruns all its slides when one changes; these rules are not cached.
-
-
-def segment_argv(slide):
-    """The `bd segment` command of one slide, as rule segment runs it (a list of arguments)."""
-    return ["segment", "--slide", SLIDE_PATHS[slide], "--out-dir", os.path.dirname(slide_output(R, "mask", slide)),
-            "--params", section("segmentation"), "--fallback-mpp", str(config["cohort"].get("fallback_mpp", 0.5)),
-            *shlex.split(mpp_option(SAMPLES, slide)), "--on-error", ON_SLIDE_ERROR]
-
-
-def tile_argv(slide):
-    """The `bd tile` command of one slide, as rule tile runs it."""
-    out = lambda kind: slide_output(R, kind, slide)
-    return ["tile", "--slide", SLIDE_PATHS[slide], "--mask", out("mask"), "--out", out("grid"),
-            "--artefacts", out("artefacts"), "--qc", out("grid_qc"), "--params", section("tiling"),
-            "--fallback-mpp", str(config["cohort"].get("fallback_mpp", 0.5)), *shlex.split(mpp_option(SAMPLES, slide)),
-            "--annotations-dir=" + (config["cohort"].get("annotations_dir") or ""), "--on-error", ON_SLIDE_ERROR]
-
-
-def slide_batch_jobs(slides):
-    """`bd batch --jobs` text: per slide, its segment and its tile command, each with the one-slide rule's log."""
-    jobs = [(argv(s), f"{R}/logs/{argv(s)[0]}/{s}.log") for s in slides for argv in (segment_argv, tile_argv)]
-    return "".join(json.dumps({"argv": a, "log": log}) + "\n" for a, log in jobs)
 
 
 SEGMENT_KINDS = ("mask", "artefacts", "mask_info", "contours", "segment_qc", "grid", "grid_qc")
