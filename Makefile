@@ -2,7 +2,8 @@
 #               make test   (set up, then run the test suite)
 PYTHON ?= python3
 VENV ?= .venv
-# The PyTorch build to install; override on clusters, e.g. TORCH="torch torchvision".
+# The PyTorch build to install (in the same pip call as the package); override on clusters, e.g.
+# TORCH="torch torchvision", or TORCH="torch torchvision --extra-index-url URL" for another build.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 CORES ?= 2
 export PATH := $(abspath $(VENV))/bin:$(PATH)
@@ -23,11 +24,12 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	for b in benchmarks/*.py; do python $$b || exit 1; done
 
+# One pip resolve for torch and the package. No pip self-upgrade: the venv's own pip (22.3+ with
+# Python 3.11+) installs an editable pyproject package. (Not --no-compile: where
+# PYTHONDONTWRITEBYTECODE is set, as in many containers, every job would then compile torch anew.)
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q $(TORCH)
-	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	$(VENV)/bin/python -m pip install -q $(TORCH) -e '.[test]'
 	touch $@
 
 clean-demo:
