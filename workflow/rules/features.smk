@@ -70,7 +70,8 @@ rule extract:
 
 
 # One file listing every slide's store (slide_id, store): training's input for every store
-# (FEATURE_INDEX in common.smk). Runs on the submit host; no job of its own on clusters.
+# (FEATURE_INDEX in common.smk). Runs on the submit host; no job of its own on clusters; in a
+# thread of Snakemake's own process (profiles/default: force-use-threads), not a re-parsing subprocess.
 rule feature_index:
     input:
         STORES,
