@@ -67,7 +67,7 @@ import torch
 
 from bd import __version__
 from bd.mil.bags import Batch, Cohort
-from bd.device import PRECISION_CHOICES, cpu_summary, resolve_device, resolve_precision
+from bd.device import PRECISION_CHOICES, cpu_summary, resolve_device, resolve_precision, retain_freed_memory
 from bd.errors import BDError, ConfigError
 from bd.io import atomic_path, file_sha256
 from bd.mil.models import (
@@ -223,6 +223,7 @@ def feature_statistics(cohort: Cohort, idx: np.ndarray, chunk: int = 1 << 16) ->
 def run_epoch(model: MILModel, cohort: Cohort, idx: np.ndarray, stage: Stage, optimizer: torch.optim.Optimizer,
               rng: np.random.Generator, batch_size: int, device: torch.device) -> dict[str, float]:
     """One pass over the training patients in a seeded random order; mean of each loss term."""
+    retain_freed_memory()  # each step's intermediates reuse the last step's memory (bd.device)
     model.train()
     order = rng.permutation(idx)
     sums: dict[str, float] = {}
