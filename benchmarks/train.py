@@ -67,7 +67,7 @@ def epoch_seconds(cohort: Cohort, idx: np.ndarray, params: TrainParams, device: 
     model = create_model("bd", cohort.feature_dim, cohort.n_clinical, **vars(params)).to(device)
     stage = model.stages()[0]
     optimizer = torch.optim.SGD(model.stage_parameters(stage), lr=params.lr, momentum=params.momentum,
-                                weight_decay=params.weight_decay)
+                                weight_decay=params.weight_decay, foreach=True)  # as bd train's
     rng = np.random.default_rng(seed)
     run_epoch(model, cohort, idx[: params.batch_size], stage, optimizer, rng, params.batch_size, device)  # warm-up
     if device.type == "cuda":

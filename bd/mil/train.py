@@ -281,7 +281,7 @@ def train_stage(model: MILModel, cohort: Cohort, stage: Stage, train_idx: np.nda
     from tqdm import tqdm
 
     optimizer = torch.optim.SGD(model.stage_parameters(stage), lr=params.lr, momentum=params.momentum,
-                                weight_decay=params.weight_decay)
+                                weight_decay=params.weight_decay, foreach=True)  # one kernel per op, same values
     best: tuple[float, ...] = (-math.inf,)
     best_epoch, best_state = 0, copy.deepcopy(model.state_dict())
     rows: list[dict[str, Any]] = []

@@ -113,7 +113,7 @@ def test_the_fast_bd_step_gives_the_loss_and_gradients_of_a_straightforward_one(
     branches' patch layers in one GEMM with the ReLU inside) against the plain one: every loss
     term and every parameter's gradient equal those of the unpacked batch through two separate
     nn.Linear + ReLU layers (AttentionPool.instances)."""
-    import bd.mil.distillation as distillation
+    from bd.mil import distillation
 
     cohort = synthetic_cohort(6, 300, DIM, CLIN, seed=5, dtype=torch.bfloat16)  # bags > one pack chunk
     idx = np.array([3, 0, 5, 1])
