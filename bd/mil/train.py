@@ -8,7 +8,8 @@ features, which take ~16 k patches a step (8 bags of 2,000) so that the patch la
 every core (:func:`auto_batch_size`). A step's bags are packed by :class:`bd.mil.packing.Packer`:
 into one buffer reused across steps, converted and standardised in the same pass (on a CPU
 these passes, not the matmuls, were what made a packed step slow), and each bag is pooled on
-its own part of the packed tensors. ``precision: auto`` computes the patch layer in bf16 only
+its own part of the packed tensors; freed memory is kept for the next step (no page faults,
+``bd.device.retain_freed_memory``). ``precision: auto`` computes the patch layer in bf16 only
 where the device does so natively (``bd.device``). Both choices are logged and recorded in the
 checkpoint (``resolved``). Training uses the training patients with a slide and clinical data (the
 paper's modality-complete training set).
