@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from bd.errors import ConfigError, SlideError, StoreError, TableError
+from bd.params import param
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +41,16 @@ PREDICTION_COLUMNS = ["patient_id", "slides", "prob_n_plus", "branch", "threshol
 
 @dataclass
 class ExternalParams:
-    """Config section ``external``: a trained run applied to an external cohort (target ``external``)."""
+    """Target external: a trained run on another cohort (bd predict --samples, then bd evaluate)."""
 
-    run: str | None = None  # checkpoint.pt of bd train (or experiment/seed under results/train: "bd/seed0")
-    sample_sheet: str | None = None  # TSV: slide_id, patient_id, path (optional mpp)
-    clinical_table: str | None = None  # raw clinical table (CSV/TSV/XLSX) with the training columns; null: none
-    features_dir: str | None = None  # existing stores ({slide}.zarr or CLAM/TRIDENT .h5); null: extract
-    fallback_mpp: float | None = None  # microns per pixel of slides without any in their metadata
-    evaluate: bool = True  # evaluate like the test split (needs the label column in clinical_table)
+    run: str | None = param(None, description="checkpoint.pt, or experiment/seedN under results/train (e.g. bd/seed0)")
+    sample_sheet: str | None = param(None, description="TSV: slide_id, patient_id, path (optional mpp)")
+    clinical_table: str | None = param(None, description="raw clinical table (CSV, TSV, XLSX) with the training "
+                                                         "columns; null: none")
+    features_dir: str | None = param(None, description="existing stores ({slide}.zarr or .h5); null: extract")
+    fallback_mpp: float | None = param(None, exclusive_minimum=0,
+                                       description="microns per pixel of slides without any in their metadata")
+    evaluate: bool = param(True, description="evaluate like the test split where the table has labels")
 
     def checkpoint(self, results: str) -> str:
         """The run's checkpoint path: a file, or ``experiment/seedN`` under ``results/train``."""

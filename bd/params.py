@@ -1,5 +1,9 @@
 """Stage parameters: a JSON string or a YAML/JSON file, checked against a dataclass so that an
-unknown key or a wrong type fails with a message that names the key."""
+unknown key, a wrong type or a value out of range fails with a message that names the key.
+
+The params dataclasses are the one description of each config key: a field declared with
+:func:`param` carries its range, choices and description, which :func:`build` enforces and
+:func:`json_schema` writes into the config schema (``bd schema``, bd/workflow/schema.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +20,9 @@ import yaml
 from bd.errors import ConfigError
 
 T = TypeVar("T")
+META = "bd"  # the key of a field's metadata that param() fills
+NUMBER_LIMITS = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
+ARRAY_LIMITS = ("minItems", "maxItems", "uniqueItems")
 _FLOAT_TEXT = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
 
 
@@ -98,7 +105,8 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
 
 
 def build(cls: type[T], value: str | dict[str, Any] | None, prefix: str = "") -> T:
-    """Build dataclass ``cls`` from ``value``; unknown keys and wrong types raise ConfigError."""
+    """Build dataclass ``cls`` from ``value``; unknown keys, wrong types and values outside a
+    field's declared range or choices raise ConfigError naming the key."""
     data = read_mapping(value)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
@@ -108,7 +116,138 @@ def build(cls: type[T], value: str | dict[str, Any] | None, prefix: str = "") ->
         )
     hints = typing.get_type_hints(cls)
     kwargs = {k: _check_type(prefix + k, v, hints[k]) for k, v in data.items()}
+    for k, v in kwargs.items():
+        _check_limits(prefix + k, v, limits_of(fields[k]))
     return cls(**kwargs)
+
+
+# --- one declaration per key: param(), the checks it implies, its JSON schema -----------------
+
+
+def param(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
+          description: str = "", minimum: float | None = None, maximum: float | None = None,
+          exclusive_minimum: float | None = None, exclusive_maximum: float | None = None,
+          choices: typing.Iterable[str] | None = None, min_items: int | None = None,
+          max_items: int | None = None, unique_items: bool = False, in_config: bool = True) -> Any:
+    """A params dataclass field with its description and allowed values, written once.
+
+    Ranges apply to the numbers of the value (a list's items, a mapping's values), ``choices``
+    to its strings, ``min_items``/``max_items``/``unique_items`` to its outermost list. A field
+    with ``in_config=False`` is set by the workflow (e.g. an experiment's method), not the config."""
+    limits = {"minimum": minimum, "exclusiveMinimum": exclusive_minimum, "maximum": maximum,
+              "exclusiveMaximum": exclusive_maximum, "enum": None if choices is None else list(choices),
+              "minItems": min_items, "maxItems": max_items, "uniqueItems": unique_items or None}
+    meta = {"description": " ".join(description.split()), "in_config": in_config,
+            "limits": {k: v for k, v in limits.items() if v is not None}}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={META: meta})
+
+
+def limits_of(f: dataclasses.Field[Any]) -> dict[str, Any]:
+    """The JSON-schema keywords (minimum, enum, minItems, ...) declared for a field."""
+    return dict(f.metadata.get(META, {}).get("limits", {}))
+
+
+def check(obj: Any, section: str) -> None:
+    """Check every field of a built params object against its declared limits (for
+    ``__post_init__``: objects made in code are held to the config's ranges too)."""
+    for f in dataclasses.fields(obj):
+        _check_limits(f"{section}.{f.name}", getattr(obj, f.name), limits_of(f))
+
+
+def _check_limits(key: str, value: Any, limits: dict[str, Any]) -> None:
+    """``value`` against ``limits``, placed as :func:`json_schema` places them."""
+    if not limits or value is None or isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        for word, sign in NUMBER_LIMITS.items():
+            if word in limits and not _compare(value, sign, limits[word]):
+                raise ConfigError(f"key '{key}': {value!r} must be {sign} {limits[word]}")
+    elif isinstance(value, str):
+        if "enum" in limits and value not in limits["enum"]:
+            raise ConfigError(f"key '{key}': {value!r} is not one of {limits['enum']}")
+    elif isinstance(value, (list, tuple)):
+        _check_items(key, value, limits)
+        inner = {k: v for k, v in limits.items() if k not in ARRAY_LIMITS}
+        for i, item in enumerate(value):
+            _check_limits(f"{key}[{i}]", item, inner)
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            _check_limits(f"{key}.{name}", item, limits)
+
+
+def _compare(value: float, sign: str, bound: float) -> bool:
+    return {">=": value >= bound, ">": value > bound, "<=": value <= bound, "<": value < bound}[sign]
+
+
+def _check_items(key: str, value: list[Any] | tuple[Any, ...], limits: dict[str, Any]) -> None:
+    if len(value) < limits.get("minItems", 0):
+        raise ConfigError(f"key '{key}': {len(value)} items, at least {limits['minItems']} needed")
+    if len(value) > limits.get("maxItems", len(value)):
+        raise ConfigError(f"key '{key}': {len(value)} items, at most {limits['maxItems']} allowed")
+    if limits.get("uniqueItems"):
+        repeated = next((v for i, v in enumerate(value) if v in value[:i]), None)
+        if repeated is not None:
+            raise ConfigError(f"key '{key}': {repeated!r} is listed twice")
+
+
+def json_schema(cls: type) -> dict[str, Any]:
+    """The JSON schema of params dataclass ``cls``: types from its type hints, ranges, choices and
+    descriptions from its :func:`param` fields, unknown keys refused."""
+    hints = typing.get_type_hints(cls)
+    properties = {}
+    for f in dataclasses.fields(cls):
+        meta = f.metadata.get(META, {})
+        if not meta.get("in_config", True):
+            continue
+        node = _type_node(hints[f.name], limits_of(f))
+        properties[f.name] = {**node, **({"description": meta["description"]} if meta.get("description") else {})}
+    doc = " ".join((cls.__doc__ or "").split("\n\n")[0].split())
+    return {"type": "object", "additionalProperties": False, **({"description": doc} if doc else {}),
+            "properties": properties}
+
+
+def _type_node(hint: Any, limits: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-schema node of one type hint, with the limits that apply at its level."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return {}
+    if origin in (typing.Union, types.UnionType):
+        nodes = [_type_node(a, limits) for a in args if a is not type(None)]
+        node = nodes[0] if len(nodes) == 1 else {"anyOf": nodes}
+        return _nullable(node) if type(None) in args else node
+    if origin is typing.Literal:
+        return {"type": _json_type(type(args[0])), "enum": list(args)}
+    if origin in (list, tuple):
+        inner = {k: v for k, v in limits.items() if k not in ARRAY_LIMITS}
+        items = _type_node(args[0] if args else Any, inner)
+        return {"type": "array", **({"items": items} if items else {}),
+                **{k: limits[k] for k in ARRAY_LIMITS if k in limits}}
+    if origin is dict:
+        values = _type_node(args[1], limits) if len(args) == 2 else {}
+        return {"type": "object", **({"additionalProperties": values} if values else {})}
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return json_schema(hint)
+    kind = _json_type(hint)
+    words = ("enum",) if kind == "string" else tuple(NUMBER_LIMITS) if kind in ("integer", "number") else ()
+    return {"type": kind, **{k: limits[k] for k in words if k in limits}}
+
+
+def _json_type(hint: Any) -> str:
+    kinds = {bool: "boolean", int: "integer", float: "number", str: "string"}
+    if hint not in kinds:
+        raise TypeError(f"no JSON type for {hint!r}")
+    return kinds[hint]
+
+
+def _nullable(node: dict[str, Any]) -> dict[str, Any]:
+    """``node`` that also accepts null."""
+    if "anyOf" in node:
+        return {"anyOf": [*node["anyOf"], {"type": "null"}]}
+    kinds = node["type"] if isinstance(node["type"], list) else [node["type"]]
+    out = {**node, "type": [*kinds, "null"]}
+    if "enum" in node:
+        out["enum"] = [*node["enum"], None]
+    return out
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from bd.errors import BDError, ConfigError
 from bd.io import atomic_path
 from bd.evaluation.missing import missing_mask
 from bd.methods import default_missing_kinds
-from bd.params import build
+from bd.params import build, check, param
 
 log = logging.getLogger(__name__)
 
@@ -42,36 +42,42 @@ MISSING_KINDS = ("clinical", "slide")
 
 
 @dataclass
+class FigureParams:
+    """Figure settings (read by the figure rules; accepted so the evaluation section passes whole)."""
+
+    roc_rates: list[float] = param(default_factory=lambda: [0.0, 100.0], minimum=0, maximum=100, min_items=1,
+                                   unique_items=True, description="clinical missing rates of the ROC figure's panels")
+    heatmap_patients: int = param(4, minimum=1,
+                                  description="test patients with an attention heatmap (half N+, half N0)")
+    tsne_perplexity: float = param(30.0, exclusive_minimum=0, description="perplexity of the t-SNE figure")
+
+
+RATES = {"minimum": 0, "maximum": 100, "min_items": 1, "unique_items": True}  # clinical missing rates, in %
+
+
+@dataclass
 class EvaluationParams:
-    missing_rates: list[float] = field(default_factory=lambda: [0.0, 50.0, 80.0, 100.0])
-    curve_rates: list[float] = field(default_factory=lambda: [float(r) for r in range(0, 101, 10)])
-    repeats: int = 10
-    seed: int = 0
-    bootstrap: int = 1000
-    # method -> the modalities to remove; methods not listed are swept over clinical data only.
-    missing_kinds: dict[str, list[str]] = field(default_factory=default_missing_kinds)  # the registry's
-    target_sensitivity: float = 0.9  # clinical report: operating point chosen on validation for this sensitivity
-    calibration_bins: int = 10  # clinical report: equal-width bins of the reliability table and ECE
-    # Figure settings of the section (read by `bd figures`; accepted so the section passes whole).
-    figures: dict[str, Any] = field(default_factory=dict)
+    """Evaluation of each run at clinical and slide missing rates (`bd evaluate`), and the report's settings."""
+
+    missing_rates: list[float] = param(default_factory=lambda: [0.0, 50.0, 80.0, 100.0], **RATES,
+                                       description="clinical missing rates of the tables (%)")
+    curve_rates: list[float] = param(default_factory=lambda: [float(r) for r in range(0, 101, 10)], **RATES,
+                                     description="clinical missing rates of the curves (%)")
+    repeats: int = param(10, minimum=1, description="random masks per rate")
+    seed: int = param(0, description="seed of the masks")
+    bootstrap: int = param(1000, minimum=0, description="bootstrap resamples of the confidence intervals")
+    missing_kinds: dict[str, list[str]] = param(
+        default_factory=default_missing_kinds, choices=MISSING_KINDS, min_items=1, unique_items=True,
+        description="method -> the modalities removed (clinical, slide); methods not listed: clinical only")
+    target_sensitivity: float = param(
+        0.9, exclusive_minimum=0, maximum=1,
+        description="clinical report: operating point chosen on validation for at least this sensitivity")
+    calibration_bins: int = param(
+        10, minimum=1, description="clinical report: equal-width probability bins of the reliability table and ECE")
+    figures: FigureParams = param(default_factory=FigureParams, description="figure settings")
 
     def __post_init__(self) -> None:
-        for key in ("missing_rates", "curve_rates"):
-            bad = [r for r in getattr(self, key) if not 0 <= r <= 100]
-            if bad:
-                raise ConfigError(f"evaluation.{key}: rate {bad[0]!r} is outside 0-100 (percent)")
-        if self.repeats < 1:
-            raise ConfigError(f"evaluation.repeats: {self.repeats} must be at least 1")
-        if not 0 < self.target_sensitivity <= 1:
-            raise ConfigError(f"evaluation.target_sensitivity: {self.target_sensitivity} must be in (0, 1]")
-        if self.calibration_bins < 1:
-            raise ConfigError(f"evaluation.calibration_bins: {self.calibration_bins} must be at least 1")
-        for method, kinds in self.missing_kinds.items():
-            bad = [k for k in kinds if k not in MISSING_KINDS]
-            if bad:
-                raise ConfigError(
-                    f"evaluation.missing_kinds.{method}: unknown kind {bad[0]!r} (known: {list(MISSING_KINDS)})"
-                )
+        check(self, "evaluation")
 
     def rates(self) -> list[float]:
         """Every rate evaluated: the table rates and the curve rates, sorted."""

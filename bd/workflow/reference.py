@@ -46,11 +46,11 @@ def reference(schema: dict[str, Any] | None = None) -> str:
     return "\n".join([BEGIN, *rows, END])
 
 
-def rewrite(readme: Path) -> bool:
+def rewrite(readme: Path, schema: dict[str, Any] | None = None) -> bool:
     """Put the generated reference between the markers of ``readme``; True when it changed."""
     text = readme.read_text()
     start, end = text.index(BEGIN), text.index(END) + len(END)
-    new = text[:start] + reference() + text[end:]
+    new = text[:start] + reference(schema) + text[end:]
     if new != text:
         write_text(readme, new)
     return new != text
