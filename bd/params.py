@@ -23,6 +23,30 @@ T = TypeVar("T")
 META = "bd"  # the key of a field's metadata that param() fills
 NUMBER_LIMITS = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
 ARRAY_LIMITS = ("minItems", "maxItems", "uniqueItems")
+
+# Every top-level key of the workflow config, in the config schema's (and config/README.md's)
+# order: the params dataclass (``module:Class``) that describes a stage section, or None for a
+# workflow key described by hand (bd/schemas/workflow-keys.yaml). Strings, so that no stage
+# module is imported here.
+SECTIONS: dict[str, str | None] = {
+    "results": None,
+    "on_slide_error": None,
+    "train_runs_per_job": None,
+    "extract_slides_per_job": None,
+    "cohort": None,
+    "demo": "bd.demo:DemoParams",
+    "segmentation": "bd.slides.segment:SegmentParams",
+    "tiling": "bd.slides.tiling:TileParams",
+    "features": "bd.features.extract:FeatureParams",
+    "clinical": "bd.cohort.table:ClinicalParams",
+    "split": "bd.cohort.split:SplitParams",
+    "training": "bd.mil.train:TrainParams",
+    "evaluation": "bd.evaluation.evaluate:EvaluationParams",
+    "ablations": None,
+    "h5_features": "bd.features.h5store:H5FeatureParams",
+    "external": "bd.external:ExternalParams",
+    "versions": None,
+}
 _FLOAT_TEXT = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
 
 
@@ -104,9 +128,19 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
     return value
 
 
-def build(cls: type[T], value: str | dict[str, Any] | None, prefix: str = "") -> T:
+def section_of(cls: type) -> str | None:
+    """The config section that params dataclass ``cls`` describes (None: none)."""
+    source = f"{cls.__module__}:{cls.__qualname__}"
+    return next((name for name, s in SECTIONS.items() if s == source), None)
+
+
+def build(cls: type[T], value: str | dict[str, Any] | None, prefix: str | None = None) -> T:
     """Build dataclass ``cls`` from ``value``; unknown keys, wrong types and values outside a
-    field's declared range or choices raise ConfigError naming the key."""
+    field's declared range or choices raise ConfigError naming the key (``training.lr``: keys
+    are prefixed with the section ``cls`` describes, unless ``prefix`` says otherwise)."""
+    if prefix is None:
+        section = section_of(cls)
+        prefix = f"{section}." if section else ""
     data = read_mapping(value)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
@@ -117,7 +151,7 @@ def build(cls: type[T], value: str | dict[str, Any] | None, prefix: str = "") ->
     hints = typing.get_type_hints(cls)
     kwargs = {k: _check_type(prefix + k, v, hints[k]) for k, v in data.items()}
     for k, v in kwargs.items():
-        _check_limits(prefix + k, v, limits_of(fields[k]))
+        _check_limits(prefix + k, v, limits_of(fields[k], enforced=True))
     return cls(**kwargs)
 
 
@@ -128,30 +162,42 @@ def param(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclas
           description: str = "", minimum: float | None = None, maximum: float | None = None,
           exclusive_minimum: float | None = None, exclusive_maximum: float | None = None,
           choices: typing.Iterable[str] | None = None, min_items: int | None = None,
-          max_items: int | None = None, unique_items: bool = False, in_config: bool = True) -> Any:
+          max_items: int | None = None, unique_items: bool = False, in_config: bool = True,
+          schema_only: typing.Iterable[str] = ()) -> Any:
     """A params dataclass field with its description and allowed values, written once.
 
     Ranges apply to the numbers of the value (a list's items, a mapping's values), ``choices``
     to its strings, ``min_items``/``max_items``/``unique_items`` to its outermost list. A field
-    with ``in_config=False`` is set by the workflow (e.g. an experiment's method), not the config."""
+    with ``in_config=False`` is set by the workflow (e.g. an experiment's method), not the config.
+    ``schema_only`` names the limits that only the workflow's config needs (``("min_items",)``:
+    the workflow needs a rate, the stage command runs with none): the schema has them, build()
+    and check() do not enforce them."""
     limits = {"minimum": minimum, "exclusiveMinimum": exclusive_minimum, "maximum": maximum,
               "exclusiveMaximum": exclusive_maximum, "enum": None if choices is None else list(choices),
               "minItems": min_items, "maxItems": max_items, "uniqueItems": unique_items or None}
+    words = {"min_items": "minItems", "max_items": "maxItems", "unique_items": "uniqueItems", "minimum": "minimum",
+             "maximum": "maximum", "exclusive_minimum": "exclusiveMinimum", "exclusive_maximum": "exclusiveMaximum",
+             "choices": "enum"}
     meta = {"description": " ".join(description.split()), "in_config": in_config,
-            "limits": {k: v for k, v in limits.items() if v is not None}}
+            "limits": {k: v for k, v in limits.items() if v is not None},
+            "schema_only": [words[w] for w in schema_only]}
     return dataclasses.field(default=default, default_factory=default_factory, metadata={META: meta})
 
 
-def limits_of(f: dataclasses.Field[Any]) -> dict[str, Any]:
-    """The JSON-schema keywords (minimum, enum, minItems, ...) declared for a field."""
-    return dict(f.metadata.get(META, {}).get("limits", {}))
+def limits_of(f: dataclasses.Field[Any], enforced: bool = False) -> dict[str, Any]:
+    """The JSON-schema keywords (minimum, enum, minItems, ...) declared for a field (``enforced``:
+    those that build() and check() enforce, without the schema-only ones)."""
+    meta = f.metadata.get(META, {})
+    skip = meta.get("schema_only", []) if enforced else []
+    return {k: v for k, v in meta.get("limits", {}).items() if k not in skip}
 
 
-def check(obj: Any, section: str) -> None:
-    """Check every field of a built params object against its declared limits (for
-    ``__post_init__``: objects made in code are held to the config's ranges too)."""
+def check(obj: Any) -> None:
+    """Check every field of a params object against its declared limits (for ``__post_init__``:
+    objects made in code are held to the config's ranges too)."""
+    section = section_of(type(obj)) or type(obj).__name__
     for f in dataclasses.fields(obj):
-        _check_limits(f"{section}.{f.name}", getattr(obj, f.name), limits_of(f))
+        _check_limits(f"{section}.{f.name}", getattr(obj, f.name), limits_of(f, enforced=True))
 
 
 def _check_limits(key: str, value: Any, limits: dict[str, Any]) -> None:

@@ -45,7 +45,7 @@ class SplitParams:
     folds: int | None = param(None, minimum=2, description="cross-validation folds; null: none")
 
     def __post_init__(self) -> None:
-        check(self, "split")
+        check(self)
 
 
 def _round(x: float) -> int:

@@ -62,7 +62,7 @@ class DemoParams:
     jpeg_quality: int = param(85, minimum=1, maximum=100, description="JPEG quality of the slides' tiles")
 
     def __post_init__(self) -> None:
-        check(self, "demo")
+        check(self)
         if self.test_patients is not None and not self.test_patients < self.patients - 1:
             raise ConfigError(f"demo.test_patients: {self.test_patients} leaves no training and validation "
                               f"patients of demo.patients ({self.patients})")

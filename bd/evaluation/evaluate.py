@@ -62,7 +62,8 @@ class EvaluationParams:
     missing_rates: list[float] = param(default_factory=lambda: [0.0, 50.0, 80.0, 100.0], **RATES,
                                        description="clinical missing rates of the tables (%)")
     curve_rates: list[float] = param(default_factory=lambda: [float(r) for r in range(0, 101, 10)], **RATES,
-                                     description="clinical missing rates of the curves (%)")
+                                     schema_only=("min_items",), description="clinical missing rates of the curves "
+                                                                             "(%); bd evaluate takes none")
     repeats: int = param(10, minimum=1, description="random masks per rate")
     seed: int = param(0, description="seed of the masks")
     bootstrap: int = param(1000, minimum=0, description="bootstrap resamples of the confidence intervals")
@@ -77,7 +78,7 @@ class EvaluationParams:
     figures: FigureParams = param(default_factory=FigureParams, description="figure settings")
 
     def __post_init__(self) -> None:
-        check(self, "evaluation")
+        check(self)
 
     def rates(self) -> list[float]:
         """Every rate evaluated: the table rates and the curve rates, sorted."""

@@ -79,7 +79,7 @@ class FeatureParams:
     compile: bool = param(False, description="torch.compile the encoder (minutes of compilation, then faster on GPUs)")
 
     def __post_init__(self) -> None:
-        params.check(self, "features")
+        params.check(self)
 
 
 @dataclass(frozen=True)

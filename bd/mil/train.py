@@ -140,7 +140,7 @@ class TrainParams:
     device: str = param("auto", choices=("auto", "cpu", "cuda"), description="where training runs")
 
     def __post_init__(self) -> None:
-        check(self, "training")
+        check(self)
         model_class(self.method)
         if self.min_epochs > self.max_epochs:
             raise ConfigError(f"training.min_epochs: {self.min_epochs} exceeds training.max_epochs ({self.max_epochs})")

@@ -73,7 +73,7 @@ class SegmentParams:
     artefact_dilate: int = param(1, minimum=0, description="px grown around pen and debris pixels (ink halos)")
 
     def __post_init__(self) -> None:
-        params_mod.check(self, "segmentation")
+        params_mod.check(self)
         if self.median_blur % 2 == 0:
             raise ConfigError(f"segmentation.median_blur: {self.median_blur} must be an odd number >= 1")
 

@@ -61,7 +61,7 @@ class TileParams:
         2.0, minimum=1, description="a slide needing more upsampling is a slide error (on_slide_error); null: any")
 
     def __post_init__(self) -> None:
-        params_mod.check(self, "tiling")
+        params_mod.check(self)
 
     @property
     def mpp(self) -> float:
