@@ -24,7 +24,7 @@ def test_the_schema_is_package_data():
 
 def test_config_readme_lists_every_key_as_the_schema_describes_it():
     readme = (ROOT / "config" / "README.md").read_text()
-    assert reference() in readme, "config/README.md is stale: run `python -m bd.workflow.reference`"
+    assert reference() in readme, "config/README.md is stale: run `bd schema --out bd/schemas/config.schema.yaml --readme config/README.md`"
     for key in _keys(load_schema()):
         assert f"| `{key}` |" in readme
 
