@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 import re
 import types
 import typing
@@ -21,7 +22,12 @@ from bd.errors import ConfigError
 
 T = TypeVar("T")
 META = "bd"  # the key of a field's metadata that param() fills
-NUMBER_LIMITS = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
+# param()'s keywords -> the JSON-schema keywords they become
+WORDS = {"minimum": "minimum", "exclusive_minimum": "exclusiveMinimum", "maximum": "maximum",
+         "exclusive_maximum": "exclusiveMaximum", "choices": "enum", "min_items": "minItems",
+         "max_items": "maxItems", "unique_items": "uniqueItems"}
+NUMBER_LIMITS = {"minimum": (">=", operator.ge), "exclusiveMinimum": (">", operator.gt),
+                 "maximum": ("<=", operator.le), "exclusiveMaximum": ("<", operator.lt)}
 ARRAY_LIMITS = ("minItems", "maxItems", "uniqueItems")
 
 # Every top-level key of the workflow config, in the config schema's (and config/README.md's)
@@ -114,6 +120,8 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"key '{key}': expected a mapping, got {value!r}")
+        for name, item in value.items():  # checked, kept as given
+            _check_type(f"{key}.{name}", item, args[1] if len(args) == 2 else Any)
         return dict(value)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
@@ -172,15 +180,12 @@ def param(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclas
     ``schema_only`` names the limits that only the workflow's config needs (``("min_items",)``:
     the workflow needs a rate, the stage command runs with none): the schema has them, build()
     and check() do not enforce them."""
-    limits = {"minimum": minimum, "exclusiveMinimum": exclusive_minimum, "maximum": maximum,
-              "exclusiveMaximum": exclusive_maximum, "enum": None if choices is None else list(choices),
-              "minItems": min_items, "maxItems": max_items, "uniqueItems": unique_items or None}
-    words = {"min_items": "minItems", "max_items": "maxItems", "unique_items": "uniqueItems", "minimum": "minimum",
-             "maximum": "maximum", "exclusive_minimum": "exclusiveMinimum", "exclusive_maximum": "exclusiveMaximum",
-             "choices": "enum"}
+    given = {"minimum": minimum, "exclusive_minimum": exclusive_minimum, "maximum": maximum,
+             "exclusive_maximum": exclusive_maximum, "choices": None if choices is None else list(choices),
+             "min_items": min_items, "max_items": max_items, "unique_items": unique_items or None}
     meta = {"description": " ".join(description.split()), "in_config": in_config,
-            "limits": {k: v for k, v in limits.items() if v is not None},
-            "schema_only": [words[w] for w in schema_only]}
+            "limits": {WORDS[k]: v for k, v in given.items() if v is not None},
+            "schema_only": [WORDS[k] for k in schema_only]}
     return dataclasses.field(default=default, default_factory=default_factory, metadata={META: meta})
 
 
@@ -205,8 +210,8 @@ def _check_limits(key: str, value: Any, limits: dict[str, Any]) -> None:
     if not limits or value is None or isinstance(value, bool):
         return
     if isinstance(value, (int, float)):
-        for word, sign in NUMBER_LIMITS.items():
-            if word in limits and not _compare(value, sign, limits[word]):
+        for word, (sign, holds) in NUMBER_LIMITS.items():
+            if word in limits and not holds(value, limits[word]):
                 raise ConfigError(f"key '{key}': {value!r} must be {sign} {limits[word]}")
     elif isinstance(value, str):
         if "enum" in limits and value not in limits["enum"]:
@@ -219,10 +224,6 @@ def _check_limits(key: str, value: Any, limits: dict[str, Any]) -> None:
     elif isinstance(value, dict):
         for name, item in value.items():
             _check_limits(f"{key}.{name}", item, limits)
-
-
-def _compare(value: float, sign: str, bound: float) -> bool:
-    return {">=": value >= bound, ">": value > bound, "<=": value <= bound, "<": value < bound}[sign]
 
 
 def _check_items(key: str, value: list[Any] | tuple[Any, ...], limits: dict[str, Any]) -> None:
@@ -248,6 +249,7 @@ def json_schema(cls: type) -> dict[str, Any]:
         node = _type_node(hints[f.name], limits_of(f))
         properties[f.name] = {**node, **({"description": meta["description"]} if meta.get("description") else {})}
     doc = " ".join((cls.__doc__ or "").split("\n\n")[0].split())
+    doc = "" if doc.startswith(f"{cls.__name__}(") else doc  # dataclass's own __doc__: no docstring
     return {"type": "object", "additionalProperties": False, **({"description": doc} if doc else {}),
             "properties": properties}
 

@@ -54,7 +54,7 @@ def test_json_schema_from_type_hints_and_param_limits():
 @pytest.mark.parametrize(("data", "key"), [
     ({"rate": 0}, "rate"), ({"rate": 1.5}, "rate"), ({"sizes": []}, "sizes"), ({"sizes": [1, 1]}, "sizes"),
     ({"sizes": [2, -1]}, r"sizes\[1\]"), ({"kinds": {"a": ["r"]}}, r"kinds\.a\[0\]"), ({"kinds": {"a": []}}, "kinds.a"),
-    ({"both": 1}, "both"), ({"both": "manual"}, "both"), ({"inner": {"n": 0}}, "inner.n"), ({"mode": "z"}, "mode"),
+    ({"kinds": {"a": "p"}}, "kinds.a"), ({"both": 1}, "both"), ({"both": "manual"}, "both"), ({"inner": {"n": 0}}, "inner.n"), ({"mode": "z"}, "mode"),
 ])
 def test_build_and_the_schema_refuse_the_same_values_naming_the_key(data, key):
     with pytest.raises(ConfigError, match=f"key '{key}'"):
