@@ -62,8 +62,8 @@ class EvaluationParams:
     missing_rates: list[float] = param(default_factory=lambda: [0.0, 50.0, 80.0, 100.0], **RATES,
                                        description="clinical missing rates of the tables (%)")
     curve_rates: list[float] = param(default_factory=lambda: [float(r) for r in range(0, 101, 10)], **RATES,
-                                     schema_only=("min_items",), description="clinical missing rates of the curves "
-                                                                             "(%); bd evaluate takes none")
+                                     schema_only=("min_items",),  # bd evaluate runs without curves
+                                     description="clinical missing rates of the curves (%)")
     repeats: int = param(10, minimum=1, description="random masks per rate")
     seed: int = param(0, description="seed of the masks")
     bootstrap: int = param(1000, minimum=0, description="bootstrap resamples of the confidence intervals")
