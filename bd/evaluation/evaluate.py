@@ -375,13 +375,13 @@ def modalities_of(cohort: Any, trained: Any, kinds: list[str]) -> Modalities:
     )
 
 
-def validation_frame(trained: Any, args: argparse.Namespace, kinds: list[str], dtype: Any) -> pd.DataFrame:
+def validation_frame(trained: Any, args: argparse.Namespace, table: pd.DataFrame, kinds: list[str],
+                     dtype: Any) -> pd.DataFrame:
     """The validation split's predictions per condition (the operating point is chosen on them);
-    empty, so that the operating point is NaN, for a cohort without one (an external cohort)."""
+    empty, so that the operating point is NaN, for a cohort without one (an external cohort).
+    ``table`` is the normalised clinical table (read once by :func:`clinical_report`)."""
     from bd.evaluation import clinical_report as C
-    from bd.mil.bags import read_clinical
 
-    table, _ = read_clinical(args.clinical)
     if not (table["split"] == "val").any():
         log.warning("%s: no validation patients; the clinical report's operating point is left empty "
                     "(it is chosen on validation)", args.clinical)
@@ -398,13 +398,12 @@ def clinical_report(trained: Any, cohort: Any, labels: np.ndarray, modalities: M
     """The per-run clinical tables (:mod:`bd.evaluation.clinical_report`): test predictions at 0 % and
     100 % missing, the operating point from the validation split's under the same condition."""
     from bd.evaluation import clinical_report as C
-
-    val = validation_frame(trained, args, kinds, dtype)
-    test = C.condition_frame(run_predictor(trained, cohort), [str(p) for p in cohort.patient_ids], labels, kinds,
-                             modalities.scored)
     from bd.mil.bags import read_clinical
 
     table, _ = read_clinical(args.clinical)
+    val = validation_frame(trained, args, table, kinds, dtype)
+    test = C.condition_frame(run_predictor(trained, cohort), [str(p) for p in cohort.patient_ids], labels, kinds,
+                             modalities.scored)
     return C.run_tables(test, val, table, C.read_scaler(args.scaler), params.target_sensitivity,
                         params.calibration_bins, info)
 
