@@ -145,7 +145,7 @@ def test_choose_threshold_maximises_macro_f1():
 
 
 @pytest.mark.parametrize(("params", "message"), [
-    ({"max_epoch": 3}, "unknown key 'max_epoch'"),
+    ({"max_epoch": 3}, "unknown key 'training.max_epoch'"),
     ({"directions": "up"}, "training.directions"),
     ({"method": "lnmp"}, "unknown method 'lnmp'"),
     ({"lr": 0}, "training.lr"),
