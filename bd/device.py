@@ -195,7 +195,7 @@ def retain_freed_memory() -> bool:
     ~16 k patches). glibc serves blocks that size with fresh ``mmap`` s and unmaps them when
     freed, or trims them off the heap, so steps page-fault their working set in again (measured:
     2,400-8,000 faults a step depending on the heap's history; 0.6-1.0 s of system time in an
-    epoch of 962 k patches, more in the threads' stalls). With a fixed mmap threshold of 256 MB and a
+    epoch of 962 k patches). With a fixed mmap threshold of 256 MB and a
     1 GB trim threshold, freed blocks stay in the heap and the next step reuses them; the price
     is that the process keeps up to its peak heap use until it exits. Process-wide, set once.
     """
