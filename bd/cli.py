@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "clinical-report": ("bd.evaluation.clinical_report", "calibration, decision-curve, operating-point and subgroup tables and figures"),
     "predict": ("bd.predict", "probability of N+ for a new slide (or a cohort: --samples), with or without clinical data"),
     "check": ("bd.workflow.check", "check a workflow config and its cohort before running (ids, files, clinical rows)"),
+    "schema": ("bd.workflow.schema", "the config schema, generated from the params dataclasses (bd/schemas/config.schema.yaml)"),
     "report-table": ("bd.paper.report_tables", "a table (CSV, TSV or Markdown) as an HTML page for the Snakemake report"),
     "report-images": ("bd.paper.report_images", "compact JPEG copies of the slides' QC images for the Snakemake report"),
     "batch": ("bd.workflow.batch", "several bd commands in one process, each with its own log (the workflow's batch rules)"),

@@ -179,3 +179,37 @@ def release_gpus() -> None:
     for fd in _CLAIMED.values():
         os.close(fd)
     _CLAIMED.clear()
+
+
+# glibc's mallopt parameters (malloc.h): M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+HEAP_MMAP_THRESHOLD = 256 << 20  # tensors under this come from the heap and are reused
+HEAP_TRIM_THRESHOLD = 1 << 30  # free memory kept by the heap before any goes back to the OS
+
+
+@functools.cache
+def retain_freed_memory() -> bool:
+    """Make glibc's malloc keep freed blocks for reuse (True when set; False off glibc).
+
+    Why: a training step allocates the same large intermediates every step (8-20 MB each at
+    ~16 k patches). glibc serves blocks that size with fresh ``mmap`` s and unmaps them when
+    freed, or trims them off the heap, so steps page-fault their working set in again (measured:
+    2,400-8,000 faults a step depending on the heap's history; 0.6-1.0 s of system time in an
+    epoch of 962 k patches). With a fixed mmap threshold of 256 MB and a
+    1 GB trim threshold, freed blocks stay in the heap and the next step reuses them; the price
+    is that the process keeps up to its peak heap use until it exits. Process-wide, set once.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = getattr(libc, "mallopt", None) if libc is not None and hasattr(libc, "gnu_get_libc_version") else None
+    except OSError:
+        mallopt = None
+    if mallopt is None:
+        return False
+    done = mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD) == 1
+    log.debug("malloc: freed blocks kept for reuse (mmap threshold %d MB): %s", HEAP_MMAP_THRESHOLD >> 20, done)
+    return done

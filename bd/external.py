@@ -4,8 +4,10 @@ the external-cohort target of the workflow.
 The model and the encoder are loaded once. Each slide of the sample sheet (``slide_id``,
 ``patient_id``, ``path``, optional ``mpp``) is segmented, tiled and encoded with the run's own
 feature settings into ``OUT/features/{slide}.zarr`` (a complete store with the same settings is
-kept, so an interrupted run resumes), unless ``--features-dir`` already holds its store (Zarr, or
-a CLAM/TRIDENT ``.h5`` with its identity file). The optional clinical table (raw, as the training
+kept, so an interrupted run resumes), unless ``--feature-index`` (a feature index, or a folder of
+stores) already gives its store (Zarr, or a CLAM/TRIDENT ``.h5`` with its identity file). Either
+way ``OUT/features/index.tsv`` lists the store of every slide that was read, the feature index
+``bd evaluate`` takes. The optional clinical table (raw, as the training
 table: CSV, TSV or XLSX, the run's id and feature columns) goes through the run's saved scaler;
 a patient without a row, or without any value, is predicted without clinical data, and one with
 neither a slide with tissue nor clinical data is listed without a prediction (branch ``none``). Writes
@@ -22,7 +24,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from bd.errors import ConfigError, SlideError, StoreError, TableError
+from bd.params import param
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +42,16 @@ PREDICTION_COLUMNS = ["patient_id", "slides", "prob_n_plus", "branch", "threshol
 
 @dataclass
 class ExternalParams:
-    """Config section ``external``: a trained run applied to an external cohort (target ``external``)."""
+    """Target external: a trained run on another cohort (bd predict --samples, then bd evaluate)."""
 
-    run: str | None = None  # checkpoint.pt of bd train (or experiment/seed under results/train: "bd/seed0")
-    sample_sheet: str | None = None  # TSV: slide_id, patient_id, path (optional mpp)
-    clinical_table: str | None = None  # raw clinical table (CSV/TSV/XLSX) with the training columns; null: none
-    features_dir: str | None = None  # existing stores ({slide}.zarr or CLAM/TRIDENT .h5); null: extract
-    fallback_mpp: float | None = None  # microns per pixel of slides without any in their metadata
-    evaluate: bool = True  # evaluate like the test split (needs the label column in clinical_table)
+    run: str | None = param(None, description="checkpoint.pt, or experiment/seedN under results/train (e.g. bd/seed0)")
+    sample_sheet: str | None = param(None, description="TSV: slide_id, patient_id, path (optional mpp)")
+    clinical_table: str | None = param(None, description="raw clinical table (CSV, TSV, XLSX) with the training "
+                                                         "columns; null: none")
+    features_dir: str | None = param(None, description="existing stores ({slide}.zarr or .h5); null: extract")
+    fallback_mpp: float | None = param(None, exclusive_minimum=0,
+                                       description="microns per pixel of slides without any in their metadata")
+    evaluate: bool = param(True, description="evaluate like the test split where the table has labels")
 
     def checkpoint(self, results: str) -> str:
         """The run's checkpoint path: a file, or ``experiment/seedN`` under ``results/train``."""
@@ -128,22 +132,23 @@ def clinical_label_column(run: Any, scaler: str | None) -> str:
 # ---------------------------------------------------------------- features
 
 
-def slide_stores(run: Any, sheet: pd.DataFrame, out: Path, features_dir: Path | None,
-                 overrides: dict[str, Any], fallback_mpp: float | None, on_slide_error: str) -> tuple[Path, dict[str, str]]:
-    """Every slide's feature store (existing, or extracted here with the run's settings, the encoder
-    loaded once); the folder holding them and the slides that could not be read (id -> reason)."""
+def slide_stores(run: Any, sheet: pd.DataFrame, out: Path, feature_index: Path | None,
+                 overrides: dict[str, Any], fallback_mpp: float | None, on_slide_error: str) -> tuple[dict[str, Path], dict[str, str]]:
+    """Every slide's feature store (given by ``feature_index``, or extracted here with the run's
+    settings, the encoder loaded once); the stores by slide and the slides that could not be read
+    (id -> reason)."""
     from bd.identity import check_identity
-    from bd.features.store import read_store, store_path
+    from bd.features.store import read_store, store_paths
 
-    if features_dir is not None:
-        missing = [s for s in sheet["slide_id"] if not store_path(features_dir, s).exists()]
+    if feature_index is not None:
+        stores = store_paths(feature_index, list(sheet["slide_id"]))
+        missing = [s for s, path in stores.items() if not path.exists()]
         if missing:
-            raise StoreError(f"--features-dir {features_dir}: no store for slide(s) {', '.join(missing[:5])}"
+            raise StoreError(f"--feature-index {feature_index}: no store for slide(s) {', '.join(missing[:5])}"
                              + (", ..." if len(missing) > 5 else "") + " ({slide}.zarr or {slide}.h5)")
-        for sid in sheet["slide_id"]:
-            path = store_path(features_dir, sid)
+        for path in stores.values():
             check_identity(run.identity, read_store(path, with_features=False).attrs, f"feature store {path}")
-        return features_dir, {}
+        return stores, {}
     extract = SlideExtraction(run, out, overrides)
     failed: dict[str, str] = {}
     for rec in sheet.itertuples(index=False):
@@ -155,7 +160,18 @@ def slide_stores(run: Any, sheet: pd.DataFrame, out: Path, features_dir: Path | 
                 raise SlideError(f"sample sheet slide {rec.slide_id!r}: {exc}") from exc
             log.warning("slide %s: not read (%s); its patient counts as missing the slide", rec.slide_id, exc)
             failed[rec.slide_id] = str(exc)
-    return out / "features", failed
+    return {sid: out / "features" / f"{sid}.zarr" for sid in sheet["slide_id"] if sid not in failed}, failed
+
+
+def write_feature_index(stores: dict[str, Path], path: Path) -> Path:
+    """The feature index (slide_id, store) of the slides read: what ``bd evaluate`` takes."""
+    from bd.io import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        pd.DataFrame({"slide_id": list(stores), "store": [str(p) for p in stores.values()]}).to_csv(
+            tmp, sep="\t", index=False)
+    return path
 
 
 class SlideExtraction:
@@ -227,17 +243,14 @@ def cohort_tables(run: Any, sheet: pd.DataFrame, vectors: dict[str, np.ndarray |
 
 
 def predict_cohort(run: Any, sheet: pd.DataFrame, vectors: dict[str, np.ndarray | None],
-                   labels: dict[str, int | None], features_dir: Path, failed: dict[str, str], out: Path) -> pd.DataFrame:
+                   labels: dict[str, int | None], stores: dict[str, Path], failed: dict[str, str], out: Path) -> pd.DataFrame:
     """One row per patient (see :data:`PREDICTION_COLUMNS`); writes the cohort tables into ``out``."""
     from bd.mil.bags import load_cohort
     from bd.io import atomic_path
 
     samples, clinical = cohort_tables(run, sheet, vectors, labels, failed)
-    with tempfile.TemporaryDirectory(prefix="bd-cohort-") as tmp:
-        tmp_samples, tmp_clinical = Path(tmp) / "samples.tsv", Path(tmp) / "clinical.tsv"
-        samples.to_csv(tmp_samples, sep="\t", index=False)
-        clinical.to_csv(tmp_clinical, sep="\t", index=False)
-        cohort = load_cohort(features_dir, tmp_samples, tmp_clinical, progress=False)
+    index = write_feature_index(stores, out / "features" / "index.tsv")
+    cohort = load_cohort(index, samples, clinical, progress=False)
     has_clinical = np.asarray(cohort.has_clinical, bool)
     has_slide = np.asarray(cohort.has_slide, bool)
     result = run.predict(cohort, clinical_present=has_clinical, slide_present=has_slide)
@@ -256,7 +269,7 @@ def predict_cohort(run: Any, sheet: pd.DataFrame, vectors: dict[str, np.ndarray 
                     int(nothing.sum()), ", ".join(frame["patient_id"][nothing].head(5)))
         frame["prob_n_plus"] = frame["prob_n_plus"].where(~nothing)
         frame.loc[nothing, ["branch", "prediction"]] = ["none", ""]
-    write_cohort_attention(run, cohort, features_dir, out / "attention")
+    write_cohort_attention(run, cohort, stores, out / "attention")
     with atomic_path(out / "predictions.tsv") as tmp:
         frame.to_csv(tmp, sep="\t", index=False, na_rep="")
     labelled = clinical["patient_id"].isin([p for p, y in labels.items() if y is not None])
@@ -272,17 +285,17 @@ def predict_cohort(run: Any, sheet: pd.DataFrame, vectors: dict[str, np.ndarray 
     return frame
 
 
-def write_cohort_attention(run: Any, cohort: Any, features_dir: Path, out_dir: Path) -> None:
+def write_cohort_attention(run: Any, cohort: Any, stores: dict[str, Path], out_dir: Path) -> None:
     """Every slide's per-patch attention as a table and as QuPath GeoJSON (``<slide>.attention.*``)."""
     from bd.exports import attention_table, write_attention
     from bd.paper.heatmaps import patch_side_level0
-    from bd.features.store import read_store, store_path
+    from bd.features.store import read_store
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for i in np.flatnonzero(cohort.has_slide):
         att = run.attention(cohort, cohort.patient_ids[i])
         for sid, part in att.groupby("slide_id", sort=False):
-            attrs = read_store(store_path(features_dir, sid), with_features=False).attrs
+            attrs = read_store(stores[str(sid)], with_features=False).attrs
             write_attention(out_dir, str(sid), attention_table(
                 sid, part[["x", "y"]].to_numpy(), part["attention"].to_numpy(), patch_side_level0(attrs),
                 attrs.get("patch_size"), attrs.get("target_mpp")))
@@ -295,7 +308,7 @@ def run_cohort(args: argparse.Namespace) -> int:
 
     if args.slide is not None or args.clinical is not None or args.features is not None:
         raise ConfigError("--samples predicts a cohort: leave out --slide, --clinical and --features "
-                          "(give --clinical-table and --features-dir instead)")
+                          "(give --clinical-table and --feature-index instead)")
     sheet_path = Path(args.samples)
     sheet = read_sheet(sheet_path)
     trained = load_run(args.run)
@@ -306,10 +319,10 @@ def run_cohort(args: argparse.Namespace) -> int:
                          f"{clinical_label_column(trained, args.scaler)!r}), so the cohort cannot be evaluated; "
                          "add the labels or set external.evaluate: false")
     out = Path(args.out_dir)
-    features_dir = Path(args.features_dir) if args.features_dir else None
-    fdir, failed = slide_stores(trained, sheet, out, features_dir, read_mapping(args.params), args.fallback_mpp,
-                                args.on_slide_error)
-    frame = predict_cohort(trained, sheet, vectors, labels, fdir, failed, out)
+    feature_index = Path(args.feature_index) if args.feature_index else None
+    stores, failed = slide_stores(trained, sheet, out, feature_index, read_mapping(args.params), args.fallback_mpp,
+                                  args.on_slide_error)
+    frame = predict_cohort(trained, sheet, vectors, labels, stores, failed, out)
     n_lab = int(frame["label"].notna().sum())
     print(f"{len(frame)} patients ({int(frame['clinical_present'].sum())} with clinical data, {n_lab} labelled, "
           f"{len(failed)} slide(s) not read): {int((frame['prediction'] == 'N+').sum())} N+, "

@@ -1,10 +1,15 @@
 """Stage parameters: a JSON string or a YAML/JSON file, checked against a dataclass so that an
-unknown key or a wrong type fails with a message that names the key."""
+unknown key, a wrong type or a value out of range fails with a message that names the key.
+
+The params dataclasses are the one description of each config key: a field declared with
+:func:`param` carries its range, choices and description, which :func:`build` enforces and
+:func:`json_schema` writes into the config schema (``bd schema``, bd/workflow/schema.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 import re
 import types
 import typing
@@ -16,6 +21,39 @@ import yaml
 from bd.errors import ConfigError
 
 T = TypeVar("T")
+META = "bd"  # the key of a field's metadata that param() fills
+# param()'s keywords -> the JSON-schema keywords they become
+WORDS = {"minimum": "minimum", "exclusive_minimum": "exclusiveMinimum", "maximum": "maximum",
+         "exclusive_maximum": "exclusiveMaximum", "choices": "enum", "min_items": "minItems",
+         "max_items": "maxItems", "unique_items": "uniqueItems"}
+NUMBER_LIMITS = {"minimum": (">=", operator.ge), "exclusiveMinimum": (">", operator.gt),
+                 "maximum": ("<=", operator.le), "exclusiveMaximum": ("<", operator.lt)}
+ARRAY_LIMITS = ("minItems", "maxItems", "uniqueItems")
+
+# Every top-level key of the workflow config, in the config schema's (and config/README.md's)
+# order: the params dataclass (``module:Class``) that describes a stage section, or None for a
+# workflow key described by hand (bd/schemas/workflow-keys.yaml). Strings, so that no stage
+# module is imported here.
+SECTIONS: dict[str, str | None] = {
+    "results": None,
+    "on_slide_error": None,
+    "train_runs_per_job": None,
+    "extract_slides_per_job": None,
+    "segment_slides_per_job": None,
+    "cohort": None,
+    "demo": "bd.demo:DemoParams",
+    "segmentation": "bd.slides.segment:SegmentParams",
+    "tiling": "bd.slides.tiling:TileParams",
+    "features": "bd.features.extract:FeatureParams",
+    "clinical": "bd.cohort.table:ClinicalParams",
+    "split": "bd.cohort.split:SplitParams",
+    "training": "bd.mil.train:TrainParams",
+    "evaluation": "bd.evaluation.evaluate:EvaluationParams",
+    "ablations": None,
+    "h5_features": "bd.features.h5store:H5FeatureParams",
+    "external": "bd.external:ExternalParams",
+    "versions": None,
+}
 _FLOAT_TEXT = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
 
 
@@ -83,6 +121,8 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"key '{key}': expected a mapping, got {value!r}")
+        for name, item in value.items():  # checked, kept as given
+            _check_type(f"{key}.{name}", item, args[1] if len(args) == 2 else Any)
         return dict(value)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
@@ -97,8 +137,19 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
     return value
 
 
-def build(cls: type[T], value: str | dict[str, Any] | None, prefix: str = "") -> T:
-    """Build dataclass ``cls`` from ``value``; unknown keys and wrong types raise ConfigError."""
+def section_of(cls: type) -> str | None:
+    """The config section that params dataclass ``cls`` describes (None: none)."""
+    source = f"{cls.__module__}:{cls.__qualname__}"
+    return next((name for name, s in SECTIONS.items() if s == source), None)
+
+
+def build(cls: type[T], value: str | dict[str, Any] | None, prefix: str | None = None) -> T:
+    """Build dataclass ``cls`` from ``value``; unknown keys, wrong types and values outside a
+    field's declared range or choices raise ConfigError naming the key (``training.lr``: keys
+    are prefixed with the section ``cls`` describes, unless ``prefix`` says otherwise)."""
+    if prefix is None:
+        section = section_of(cls)
+        prefix = f"{section}." if section else ""
     data = read_mapping(value)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
@@ -108,7 +159,144 @@ def build(cls: type[T], value: str | dict[str, Any] | None, prefix: str = "") ->
         )
     hints = typing.get_type_hints(cls)
     kwargs = {k: _check_type(prefix + k, v, hints[k]) for k, v in data.items()}
+    for k, v in kwargs.items():
+        _check_limits(prefix + k, v, limits_of(fields[k], enforced=True))
     return cls(**kwargs)
+
+
+# --- one declaration per key: param(), the checks it implies, its JSON schema -----------------
+
+
+def param(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
+          description: str = "", minimum: float | None = None, maximum: float | None = None,
+          exclusive_minimum: float | None = None, exclusive_maximum: float | None = None,
+          choices: typing.Iterable[str] | None = None, min_items: int | None = None,
+          max_items: int | None = None, unique_items: bool = False, in_config: bool = True,
+          schema_only: typing.Iterable[str] = ()) -> Any:
+    """A params dataclass field with its description and allowed values, written once.
+
+    Ranges apply to the numbers of the value (a list's items, a mapping's values), ``choices``
+    to its strings, ``min_items``/``max_items``/``unique_items`` to its outermost list. A field
+    with ``in_config=False`` is set by the workflow (e.g. an experiment's method), not the config.
+    ``schema_only`` names the limits that only the workflow's config needs (``("min_items",)``:
+    the workflow needs a rate, the stage command runs with none): the schema has them, build()
+    and check() do not enforce them."""
+    given = {"minimum": minimum, "exclusive_minimum": exclusive_minimum, "maximum": maximum,
+             "exclusive_maximum": exclusive_maximum, "choices": None if choices is None else list(choices),
+             "min_items": min_items, "max_items": max_items, "unique_items": unique_items or None}
+    meta = {"description": " ".join(description.split()), "in_config": in_config,
+            "limits": {WORDS[k]: v for k, v in given.items() if v is not None},
+            "schema_only": [WORDS[k] for k in schema_only]}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={META: meta})
+
+
+def limits_of(f: dataclasses.Field[Any], enforced: bool = False) -> dict[str, Any]:
+    """The JSON-schema keywords (minimum, enum, minItems, ...) declared for a field (``enforced``:
+    those that build() and check() enforce, without the schema-only ones)."""
+    meta = f.metadata.get(META, {})
+    skip = meta.get("schema_only", []) if enforced else []
+    return {k: v for k, v in meta.get("limits", {}).items() if k not in skip}
+
+
+def check(obj: Any) -> None:
+    """Check every field of a params object against its declared limits (for ``__post_init__``:
+    objects made in code are held to the config's ranges too)."""
+    section = section_of(type(obj)) or type(obj).__name__
+    for f in dataclasses.fields(obj):
+        _check_limits(f"{section}.{f.name}", getattr(obj, f.name), limits_of(f, enforced=True))
+
+
+def _check_limits(key: str, value: Any, limits: dict[str, Any]) -> None:
+    """``value`` against ``limits``, placed as :func:`json_schema` places them."""
+    if not limits or value is None or isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        for word, (sign, holds) in NUMBER_LIMITS.items():
+            if word in limits and not holds(value, limits[word]):
+                raise ConfigError(f"key '{key}': {value!r} must be {sign} {limits[word]}")
+    elif isinstance(value, str):
+        if "enum" in limits and value not in limits["enum"]:
+            raise ConfigError(f"key '{key}': {value!r} is not one of {limits['enum']}")
+    elif isinstance(value, (list, tuple)):
+        _check_items(key, value, limits)
+        inner = {k: v for k, v in limits.items() if k not in ARRAY_LIMITS}
+        for i, item in enumerate(value):
+            _check_limits(f"{key}[{i}]", item, inner)
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            _check_limits(f"{key}.{name}", item, limits)
+
+
+def _check_items(key: str, value: list[Any] | tuple[Any, ...], limits: dict[str, Any]) -> None:
+    if len(value) < limits.get("minItems", 0):
+        raise ConfigError(f"key '{key}': {len(value)} items, at least {limits['minItems']} needed")
+    if len(value) > limits.get("maxItems", len(value)):
+        raise ConfigError(f"key '{key}': {len(value)} items, at most {limits['maxItems']} allowed")
+    if limits.get("uniqueItems"):
+        repeated = next((v for i, v in enumerate(value) if v in value[:i]), None)
+        if repeated is not None:
+            raise ConfigError(f"key '{key}': {repeated!r} is listed twice")
+
+
+def json_schema(cls: type) -> dict[str, Any]:
+    """The JSON schema of params dataclass ``cls``: types from its type hints, ranges, choices and
+    descriptions from its :func:`param` fields, unknown keys refused."""
+    hints = typing.get_type_hints(cls)
+    properties = {}
+    for f in dataclasses.fields(cls):
+        meta = f.metadata.get(META, {})
+        if not meta.get("in_config", True):
+            continue
+        node = _type_node(hints[f.name], limits_of(f))
+        properties[f.name] = {**node, **({"description": meta["description"]} if meta.get("description") else {})}
+    doc = " ".join((cls.__doc__ or "").split("\n\n")[0].split())
+    doc = "" if doc.startswith(f"{cls.__name__}(") else doc  # dataclass's own __doc__: no docstring
+    return {"type": "object", "additionalProperties": False, **({"description": doc} if doc else {}),
+            "properties": properties}
+
+
+def _type_node(hint: Any, limits: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-schema node of one type hint, with the limits that apply at its level."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return {}
+    if origin in (typing.Union, types.UnionType):
+        nodes = [_type_node(a, limits) for a in args if a is not type(None)]
+        node = nodes[0] if len(nodes) == 1 else {"anyOf": nodes}
+        return _nullable(node) if type(None) in args else node
+    if origin is typing.Literal:
+        return {"type": _json_type(type(args[0])), "enum": list(args)}
+    if origin in (list, tuple):
+        inner = {k: v for k, v in limits.items() if k not in ARRAY_LIMITS}
+        items = _type_node(args[0] if args else Any, inner)
+        return {"type": "array", **({"items": items} if items else {}),
+                **{k: limits[k] for k in ARRAY_LIMITS if k in limits}}
+    if origin is dict:
+        values = _type_node(args[1], limits) if len(args) == 2 else {}
+        return {"type": "object", **({"additionalProperties": values} if values else {})}
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return json_schema(hint)
+    kind = _json_type(hint)
+    words = ("enum",) if kind == "string" else tuple(NUMBER_LIMITS) if kind in ("integer", "number") else ()
+    return {"type": kind, **{k: limits[k] for k in words if k in limits}}
+
+
+def _json_type(hint: Any) -> str:
+    kinds = {bool: "boolean", int: "integer", float: "number", str: "string"}
+    if hint not in kinds:
+        raise TypeError(f"no JSON type for {hint!r}")
+    return kinds[hint]
+
+
+def _nullable(node: dict[str, Any]) -> dict[str, Any]:
+    """``node`` that also accepts null."""
+    if "anyOf" in node:
+        return {"anyOf": [*node["anyOf"], {"type": "null"}]}
+    kinds = node["type"] if isinstance(node["type"], list) else [node["type"]]
+    out = {**node, "type": [*kinds, "null"]}
+    if "enum" in node:
+        out["enum"] = [*node["enum"], None]
+    return out
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -192,8 +192,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --samples: raw clinical table (CSV/TSV/XLSX) with the training table's columns")
     parser.add_argument("--clinical-params", default=None,
                         help="with --samples: the clinical section (JSON or file) for label values (default BCNB's)")
-    parser.add_argument("--features-dir", type=Path, default=None,
-                        help="with --samples: existing stores ({slide}.zarr or CLAM/TRIDENT {slide}.h5)")
+    parser.add_argument("--feature-index", type=Path, default=None,
+                        help="with --samples: existing stores, as a feature index (index.tsv: slide_id, store) or a "
+                             "folder of {slide}.zarr or CLAM/TRIDENT {slide}.h5 stores")
     parser.add_argument("--require-labels", action="store_true",
                         help="with --samples: refuse a clinical table without labels (the cohort is to be evaluated)")
     parser.add_argument("--on-slide-error", choices=["fail", "skip"], default="fail",

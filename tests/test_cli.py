@@ -35,9 +35,9 @@ def test_every_argument_has_help_text(name, parser):
 
 
 def test_one_flag_per_kind_of_argument():
-    """A trained run is --run, a slide --slide, an output folder --out-dir; never the old spellings."""
-    flags = {opt for name, p in PARSERS for a in p._actions for opt in a.option_strings
-             if name != "predict"}  # bd predict --samples (a cohort) still takes --features-dir: to rename
+    """A trained run is --run, a slide --slide, stores --feature-index, an output folder --out-dir;
+    never the old spellings."""
+    flags = {opt for name, p in PARSERS for a in p._actions for opt in a.option_strings}
     assert not flags & {"--checkpoint", "--features-dir", "--out-folder"}
     for name, parser in PARSERS:
         positional = [a.dest for a in parser._actions if not a.option_strings

@@ -169,7 +169,7 @@ def test_cohort_predict_writes_one_table_and_evaluates_like_the_test_split(train
     sheet, table = _external(root, tmp_path, [12, 13, 14, 15], ROWS)  # E3: no row in the table
     out = tmp_path / "out"
     assert main(["predict", "--run", str(ckpt), "--samples", str(sheet), "--clinical-table", str(table),
-                 "--features-dir", str(root / "features"), "--require-labels", "--out-dir", str(out)]) == 0
+                 "--feature-index", str(root / "features"), "--require-labels", "--out-dir", str(out)]) == 0
     preds = pd.read_csv(out / "predictions.tsv", sep="\t", dtype={"patient_id": str})
     assert preds["patient_id"].tolist() == ["E0", "E1", "E2", "E3"]
     assert preds["clinical_present"].tolist() == [True, True, False, False]
@@ -179,7 +179,10 @@ def test_cohort_predict_writes_one_table_and_evaluates_like_the_test_split(train
     assert preds["slides"].tolist() == ["S12", "S13", "S14", "S15"]
     clinical = pd.read_csv(out / "clinical.tsv", sep="\t")
     assert clinical["patient_id"].tolist() == ["E0", "E1"] and set(clinical["split"]) == {"test"}
-    assert main(["evaluate", "--run", str(ckpt), "--feature-index", str(root / "features"),
+    index = pd.read_csv(out / "features" / "index.tsv", sep="\t")  # the stores it read, for bd evaluate
+    assert index["slide_id"].tolist() == ["S12", "S13", "S14", "S15"]
+    assert [Path(p) for p in index["store"]] == [root / "features" / f"S{i}.zarr" for i in (12, 13, 14, 15)]
+    assert main(["evaluate", "--run", str(ckpt), "--feature-index", str(out / "features" / "index.tsv"),
                  "--samples", str(out / "samples.tsv"), "--clinical", str(out / "clinical.tsv"),
                  "--params", json.dumps({"missing_rates": [0.0, 100.0], "repeats": 1, "bootstrap": 10}),
                  "--experiment", "external", "--seed", "0", "--out-dir", str(out / "evaluate")]) == 0
@@ -228,7 +231,7 @@ def test_cohort_predict_errors_name_file_row_and_key(trained, tmp_path, capsys):
     root, ckpt, _ = trained
     bad_rows = [dict(ROWS[0]), {**ROWS[1], "Age(years)": "old"}]
     sheet, table = _external(root, tmp_path, [12, 13], bad_rows)
-    base = ["predict", "--run", str(ckpt), "--samples", str(sheet), "--features-dir", str(root / "features"),
+    base = ["predict", "--run", str(ckpt), "--samples", str(sheet), "--feature-index", str(root / "features"),
             "--out-dir", str(tmp_path / "o")]
     assert main([*base, "--clinical-table", str(table)]) == 2
     assert f"{table}: row 3: column 'Age(years)'" in capsys.readouterr().err
@@ -237,7 +240,7 @@ def test_cohort_predict_errors_name_file_row_and_key(trained, tmp_path, capsys):
     assert main(["predict", "--run", str(ckpt), "--samples", str(broken), "--out-dir", str(tmp_path / "o")]) == 2
     assert f"{broken}: missing column(s) ['patient_id']" in capsys.readouterr().err
     sheet2, _ = _external(root, tmp_path, [12, 99], ROWS)
-    assert main(["predict", "--run", str(ckpt), "--samples", str(sheet2), "--features-dir", str(root / "features"),
+    assert main(["predict", "--run", str(ckpt), "--samples", str(sheet2), "--feature-index", str(root / "features"),
                  "--out-dir", str(tmp_path / "o")]) == 2
     assert "no store for slide(s) S99" in capsys.readouterr().err
     unlabelled = [{k: v for k, v in r.items() if k != "ALN status"} for r in ROWS]
@@ -261,7 +264,7 @@ def test_cohort_patient_without_any_modality_gets_no_prediction(trained, tmp_pat
     sheet = tmp_path / "sheet.tsv"
     pd.DataFrame({"slide_id": ["S12", "S98"], "patient_id": ["E0", "E9"], "path": [str(SLIDE)] * 2}).to_csv(
         sheet, sep="\t", index=False)
-    assert main(["predict", "--run", str(ckpt), "--samples", str(sheet), "--features-dir", str(stores),
+    assert main(["predict", "--run", str(ckpt), "--samples", str(sheet), "--feature-index", str(stores),
                  "--out-dir", str(tmp_path / "out")]) == 0
     preds = pd.read_csv(tmp_path / "out" / "predictions.tsv", sep="\t", keep_default_na=False)
     assert preds["branch"].tolist() == ["single", "none"] and preds["prediction"].tolist()[1] == ""

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from bd.errors import ConfigError, TableError
+from bd.params import check, param
 from bd.cohort.values import normalise_id
 
 log = logging.getLogger(__name__)
@@ -32,20 +33,19 @@ SPLIT_FILES = {s: f"{s}_id.txt" for s in SPLITS}
 
 @dataclass
 class SplitParams:
-    """The ``split:`` section of config/config.yaml."""
+    """The patient-level train/val/test split (`bd split`)."""
 
-    mode: Literal["official", "random"] = "official"
-    seed: int = 0
-    test_fraction: float = 0.2
-    val_fraction: float = 0.2
-    folds: int | None = None
+    mode: Literal["official", "random"] = param(
+        "official", description="official: the split files of cohort.split_dir; random: a seeded stratified split")
+    seed: int = param(0, description="seed of the random split")
+    test_fraction: float = param(0.2, exclusive_minimum=0, exclusive_maximum=1,
+                                 description="random split: share of the patients in test")
+    val_fraction: float = param(0.2, exclusive_minimum=0, exclusive_maximum=1,
+                                description="random split: share of the training patients in validation")
+    folds: int | None = param(None, minimum=2, description="cross-validation folds; null: none")
 
     def __post_init__(self) -> None:
-        for key in ("test_fraction", "val_fraction"):
-            if not 0.0 < getattr(self, key) < 1.0:
-                raise ConfigError(f"split.{key}: {getattr(self, key)} must lie strictly between 0 and 1")
-        if self.folds is not None and self.folds < 2:
-            raise ConfigError(f"split.folds: {self.folds} must be at least 2 (or null for no folds)")
+        check(self)
 
 
 def _round(x: float) -> int:

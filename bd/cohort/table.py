@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,7 +15,9 @@ import numpy as np
 import pandas as pd
 
 from bd.cohort import values as V
+from bd.cohort.encoding import ENCODERS
 from bd.errors import ConfigError, TableError
+from bd.params import param
 
 
 # Valid ranges of numeric features, in parsed units (a percentage is a fraction: Ki67 30 % is 0.3).
@@ -30,18 +32,26 @@ DEFAULT_RANGES: dict[str, list[float]] = {
 
 @dataclass
 class ClinicalParams:
-    """The ``clinical:`` section of config/config.yaml (see the comments there)."""
+    """The clinical table's columns, labels and model inputs (`bd clinical`, `bd split`)."""
 
-    id_column: str = "Patient ID"
-    label_column: str = "ALN status"
-    positive_values: list[str] = field(default_factory=lambda: ["N+(1-2)", "N+(>2)"])
-    negative_values: list[str] = field(default_factory=lambda: ["N0"])
-    feature_set: Literal["paper", "extended", "custom"] = "paper"
-    features: dict[str, str] = field(default_factory=dict)
-    impute: Literal["median", "zero"] = "median"
-    missing_indicator: bool = True
-    ranges: dict[str, list[float]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_RANGES.items()})
-    out_of_range: Literal["error", "missing"] = "error"
+    id_column: str = param("Patient ID", description="the patient-id column")
+    label_column: str = param("ALN status", description="the label column")
+    positive_values: list[str] = param(default_factory=lambda: ["N+(1-2)", "N+(>2)"], min_items=1, unique_items=True,
+                                       description="label values of N+ (class 1)")
+    negative_values: list[str] = param(default_factory=lambda: ["N0"], min_items=1, unique_items=True,
+                                       description="label values of N0 (class 0)")
+    feature_set: Literal["paper", "extended", "custom"] = param(
+        "paper", description="paper: age, size, ER, PR, HER2; extended: + Ki67, HER2 expression, grade, tumour type, "
+                             "molecular subtype; custom: the features mapping")
+    features: dict[str, str] = param(default_factory=dict, choices=ENCODERS,
+                                     description="feature_set custom: column -> kind")
+    impute: Literal["median", "zero"] = param("median", description="fill value of a missing numeric feature")
+    missing_indicator: bool = param(True, description="add a missing-value indicator column per feature")
+    ranges: dict[str, list[float]] = param(
+        default_factory=lambda: {k: list(v) for k, v in DEFAULT_RANGES.items()}, min_items=2, max_items=2,
+        description="numeric feature column -> [min, max] valid range in parsed units (a percentage is a fraction)")
+    out_of_range: Literal["error", "missing"] = param(
+        "error", description="a value outside its range: an error naming its row and column, or treated as missing")
 
     def __post_init__(self) -> None:
         for column, bounds in self.ranges.items():

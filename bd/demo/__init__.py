@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bd.errors import ConfigError
+from bd.params import check, param
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -43,36 +44,28 @@ SLIDE_NAME = re.compile(r"^\d+\.(tif|jpg)$")
 
 @dataclass
 class DemoParams:
-    """The ``demo:`` section of the config (see config/README.md)."""
+    """The synthetic demo cohort in the BCNB layout (`bd demo`)."""
 
-    enabled: bool = True
-    out_dir: str = "results/demo"
-    patients: int = 80
-    test_patients: int | None = None  # test split size (the rest: BCNB's 630:210 train:val); None: BCNB's ratio
-    seed: int = 0
-    slide_size: int = 4096
-    mpp: float = 0.5
-    flat_jpeg_fraction: float = 0.1
-    annotations: bool = True
-    slide_signal: float = 1.5
-    jpeg_quality: int = 85
+    enabled: bool = param(True, description="write the demo cohort (the cohort section then points at it)")
+    out_dir: str = param("results/demo", description="folder of the demo cohort")
+    patients: int = param(80, minimum=4, description="patients (one slide each)")
+    test_patients: int | None = param(
+        None, minimum=1, description="test split size (the rest in BCNB's 630:210 train:val ratio); null: BCNB's ratio")
+    seed: int = param(0, description="seed of the cohort")
+    slide_size: int = param(4096, minimum=512, description="slide side in px at level 0")
+    mpp: float = param(0.5, exclusive_minimum=0, description="level-0 microns per pixel of the slides")
+    flat_jpeg_fraction: float = param(0.1, minimum=0, maximum=1,
+                                      description="share of the slides written as flat JPEGs (BCNB's format)")
+    annotations: bool = param(True, description="write tumour annotation polygons")
+    slide_signal: float = param(1.5, minimum=0,
+                                description="N+ vs N0 shift of the slides' hidden tumour burden, in SD units")
+    jpeg_quality: int = param(85, minimum=1, maximum=100, description="JPEG quality of the slides' tiles")
 
     def __post_init__(self) -> None:
-        checks = {
-            "patients": self.patients >= 4,
-            "test_patients": self.test_patients is None or 0 < self.test_patients < self.patients - 1,
-            "slide_size": self.slide_size >= 512,
-            "mpp": self.mpp > 0,
-            "flat_jpeg_fraction": 0.0 <= self.flat_jpeg_fraction <= 1.0,
-            "slide_signal": self.slide_signal >= 0,
-            "jpeg_quality": 1 <= self.jpeg_quality <= 100,
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ConfigError(
-                f"demo.{bad[0]}: {getattr(self, bad[0])!r} is out of range (patients >= 4, slide_size >= 512, "
-                "mpp > 0, flat_jpeg_fraction in [0, 1], slide_signal >= 0, jpeg_quality in 1..100)"
-            )
+        check(self)
+        if self.test_patients is not None and not self.test_patients < self.patients - 1:
+            raise ConfigError(f"demo.test_patients: {self.test_patients} leaves no training and validation "
+                              f"patients of demo.patients ({self.patients})")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from bd.errors import BDError, ConfigError
 from bd.io import atomic_path
 from bd.evaluation.missing import missing_mask
 from bd.methods import default_missing_kinds
-from bd.params import build
+from bd.params import build, check, param
 
 log = logging.getLogger(__name__)
 
@@ -42,36 +42,43 @@ MISSING_KINDS = ("clinical", "slide")
 
 
 @dataclass
+class FigureParams:
+    """Figure settings (read by the figure rules; accepted so the evaluation section passes whole)."""
+
+    roc_rates: list[float] = param(default_factory=lambda: [0.0, 100.0], minimum=0, maximum=100, min_items=1,
+                                   unique_items=True, description="clinical missing rates of the ROC figure's panels")
+    heatmap_patients: int = param(4, minimum=1,
+                                  description="test patients with an attention heatmap (half N+, half N0)")
+    tsne_perplexity: float = param(30.0, exclusive_minimum=0, description="perplexity of the t-SNE figure")
+
+
+RATES = {"minimum": 0, "maximum": 100, "min_items": 1, "unique_items": True}  # clinical missing rates, in %
+
+
+@dataclass
 class EvaluationParams:
-    missing_rates: list[float] = field(default_factory=lambda: [0.0, 50.0, 80.0, 100.0])
-    curve_rates: list[float] = field(default_factory=lambda: [float(r) for r in range(0, 101, 10)])
-    repeats: int = 10
-    seed: int = 0
-    bootstrap: int = 1000
-    # method -> the modalities to remove; methods not listed are swept over clinical data only.
-    missing_kinds: dict[str, list[str]] = field(default_factory=default_missing_kinds)  # the registry's
-    target_sensitivity: float = 0.9  # clinical report: operating point chosen on validation for this sensitivity
-    calibration_bins: int = 10  # clinical report: equal-width bins of the reliability table and ECE
-    # Figure settings of the section (read by `bd figures`; accepted so the section passes whole).
-    figures: dict[str, Any] = field(default_factory=dict)
+    """Evaluation of each run at clinical and slide missing rates (`bd evaluate`), and the report's settings."""
+
+    missing_rates: list[float] = param(default_factory=lambda: [0.0, 50.0, 80.0, 100.0], **RATES,
+                                       description="clinical missing rates of the tables (%)")
+    curve_rates: list[float] = param(default_factory=lambda: [float(r) for r in range(0, 101, 10)], **RATES,
+                                     schema_only=("min_items",),  # bd evaluate runs without curves
+                                     description="clinical missing rates of the curves (%)")
+    repeats: int = param(10, minimum=1, description="random masks per rate")
+    seed: int = param(0, description="seed of the masks")
+    bootstrap: int = param(1000, minimum=0, description="bootstrap resamples of the confidence intervals")
+    missing_kinds: dict[str, list[str]] = param(
+        default_factory=default_missing_kinds, choices=MISSING_KINDS, min_items=1, unique_items=True,
+        description="method -> the modalities removed (clinical, slide); methods not listed: clinical only")
+    target_sensitivity: float = param(
+        0.9, exclusive_minimum=0, maximum=1,
+        description="clinical report: operating point chosen on validation for at least this sensitivity")
+    calibration_bins: int = param(
+        10, minimum=1, description="clinical report: equal-width probability bins of the reliability table and ECE")
+    figures: FigureParams = param(default_factory=FigureParams, description="figure settings")
 
     def __post_init__(self) -> None:
-        for key in ("missing_rates", "curve_rates"):
-            bad = [r for r in getattr(self, key) if not 0 <= r <= 100]
-            if bad:
-                raise ConfigError(f"evaluation.{key}: rate {bad[0]!r} is outside 0-100 (percent)")
-        if self.repeats < 1:
-            raise ConfigError(f"evaluation.repeats: {self.repeats} must be at least 1")
-        if not 0 < self.target_sensitivity <= 1:
-            raise ConfigError(f"evaluation.target_sensitivity: {self.target_sensitivity} must be in (0, 1]")
-        if self.calibration_bins < 1:
-            raise ConfigError(f"evaluation.calibration_bins: {self.calibration_bins} must be at least 1")
-        for method, kinds in self.missing_kinds.items():
-            bad = [k for k in kinds if k not in MISSING_KINDS]
-            if bad:
-                raise ConfigError(
-                    f"evaluation.missing_kinds.{method}: unknown kind {bad[0]!r} (known: {list(MISSING_KINDS)})"
-                )
+        check(self)
 
     def rates(self) -> list[float]:
         """Every rate evaluated: the table rates and the curve rates, sorted."""
@@ -368,13 +375,13 @@ def modalities_of(cohort: Any, trained: Any, kinds: list[str]) -> Modalities:
     )
 
 
-def validation_frame(trained: Any, args: argparse.Namespace, kinds: list[str], dtype: Any) -> pd.DataFrame:
+def validation_frame(trained: Any, args: argparse.Namespace, table: pd.DataFrame, kinds: list[str],
+                     dtype: Any) -> pd.DataFrame:
     """The validation split's predictions per condition (the operating point is chosen on them);
-    empty, so that the operating point is NaN, for a cohort without one (an external cohort)."""
+    empty, so that the operating point is NaN, for a cohort without one (an external cohort).
+    ``table`` is the normalised clinical table (read once by :func:`clinical_report`)."""
     from bd.evaluation import clinical_report as C
-    from bd.mil.bags import read_clinical
 
-    table, _ = read_clinical(args.clinical)
     if not (table["split"] == "val").any():
         log.warning("%s: no validation patients; the clinical report's operating point is left empty "
                     "(it is chosen on validation)", args.clinical)
@@ -391,13 +398,12 @@ def clinical_report(trained: Any, cohort: Any, labels: np.ndarray, modalities: M
     """The per-run clinical tables (:mod:`bd.evaluation.clinical_report`): test predictions at 0 % and
     100 % missing, the operating point from the validation split's under the same condition."""
     from bd.evaluation import clinical_report as C
-
-    val = validation_frame(trained, args, kinds, dtype)
-    test = C.condition_frame(run_predictor(trained, cohort), [str(p) for p in cohort.patient_ids], labels, kinds,
-                             modalities.scored)
     from bd.mil.bags import read_clinical
 
     table, _ = read_clinical(args.clinical)
+    val = validation_frame(trained, args, table, kinds, dtype)
+    test = C.condition_frame(run_predictor(trained, cohort), [str(p) for p in cohort.patient_ids], labels, kinds,
+                             modalities.scored)
     return C.run_tables(test, val, table, C.read_scaler(args.scaler), params.target_sensitivity,
                         params.calibration_bins, info)
 

@@ -25,7 +25,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from bd import __version__, params
+from bd.params import param
 from bd.device import PRECISION_CHOICES, claim_gpu, resolve_device, resolve_precision
 from bd.errors import BDError, ConfigError, SlideError, StoreError
 from bd.slides.grid import PatchGrid, load_grid
@@ -47,34 +48,38 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FeatureParams:
-    """The ``features:`` section of config/config.yaml (checked against the config schema)."""
+    """The encoder that turns each patch into a feature vector (`bd extract`)."""
 
-    encoder: str = "resnet50"
-    out_stage: str | None = "layer3"  # truncate after this stage, then global average pooling
-    weights: str | None = None  # local checkpoint file (state_dict or timm checkpoint)
-    random_weights: bool = False  # demo only: random (seeded) weights, with a warning
-    model_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
-    mean: list[float] | None = None  # input normalisation (R, G, B); None: the encoder's own
-    std: list[float] | None = None
-    pool: Literal["model", "cls+mean"] | None = None  # None: the preset's, else the model's own
-    input_size: int = 224  # encoder input pixels per side (patches are resized on the device)
-    batch_size: int = 256
-    num_workers: int = 4
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    on_decode_error: Literal["fail", "skip"] = "fail"
-    reader: Literal["auto", "tiff-jpeg", "slide"] = "auto"  # auto: stored JPEG tiles if possible
-    decode: Literal["auto", "cpu", "cuda"] = "auto"  # stored tiles: auto = on the GPU when the encoder is and tiles allow
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # encoder compute type (bd.device.resolve_precision)
-    compile: bool = False  # torch.compile the encoder (minutes of compilation, then faster on GPUs)
+    encoder: str = param("resnet50", description="a timm name, a foundation-model preset or hf-hub:org/name")
+    out_stage: str | None = param("layer3", description="truncate after this stage, then global average pooling; "
+                                                         "null for ViTs and presets")
+    weights: str | None = param(None, description="local checkpoint file or folder; null: the local Hugging Face cache")
+    random_weights: bool = param(False, description="demo only: random (seeded) weights, with a warning")
+    model_kwargs: dict[str, Any] = param(
+        default_factory=dict, description="passed to timm.create_model (e.g. init_values: 1e-5); layer classes by "
+                                          "name (SwiGLUPacked, SiLU)")
+    mean: list[float] | None = param(None, min_items=3, max_items=3,
+                                     description="input normalisation (R, G, B); null: the encoder's own")
+    std: list[float] | None = param(None, exclusive_minimum=0, min_items=3, max_items=3,
+                                    description="input normalisation (R, G, B); null: the encoder's own")
+    pool: Literal["model", "cls+mean"] | None = param(
+        None, description="model: the model's pooled output; cls+mean: class token and mean of the patch tokens; "
+                          "null: the preset's, else the model's own")
+    input_size: int = param(224, minimum=16, description="encoder input px per side (patches are resized on the device)")
+    batch_size: int = param(256, minimum=1, description="patches per encoder batch")
+    num_workers: int = param(4, minimum=0, description="patch-reading worker processes")
+    device: Literal["auto", "cpu", "cuda"] = param("auto", description="where the encoder runs")
+    on_decode_error: Literal["fail", "skip"] = param("fail", description="a patch that cannot be decoded: fail, or skip it")
+    reader: Literal["auto", "tiff-jpeg", "slide"] = param(
+        "auto", description="stored JPEG tiles (tiff-jpeg) or OpenSlide (slide); auto: the tiles where possible")
+    decode: Literal["auto", "cpu", "cuda"] = param(
+        "auto", description="stored JPEG tiles: auto = on the GPU when the encoder is and the tiles allow")
+    precision: str = param("auto", choices=PRECISION_CHOICES,
+                           description="encoder compute type; auto = bf16 where native (bd.device.resolve_precision)")
+    compile: bool = param(False, description="torch.compile the encoder (minutes of compilation, then faster on GPUs)")
 
     def __post_init__(self) -> None:
-        for key in ("input_size", "batch_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"features.{key}: must be at least 1, got {getattr(self, key)}")
-        if self.num_workers < 0:
-            raise ConfigError(f"features.num_workers: must be >= 0, got {self.num_workers}")
-        if self.precision not in PRECISION_CHOICES:
-            raise ConfigError(f"features.precision: {self.precision!r} is not one of {list(PRECISION_CHOICES)}")
+        params.check(self)
 
 
 @dataclass(frozen=True)

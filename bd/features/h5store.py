@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from bd.errors import ConfigError, StoreError
+from bd.params import param
 
 IDENTITY_FILE = "h5_identity.json"
 SUFFIXES = (".h5", ".hdf5")
@@ -31,14 +32,18 @@ REQUIRED = ("features", "coords")
 
 @dataclass
 class H5FeatureParams:
-    """Config section ``h5_features``: where the .h5 files are and what made them."""
+    """CLAM/TRIDENT .h5 feature files used instead of extraction (bd/features/h5store.py)."""
 
-    dir: str | None = None  # folder of {slide}.h5 (CLAM's h5_files/, TRIDENT's features_<encoder>/); null: extract
-    encoder: str | None = None  # the encoder's name (e.g. uni, conch_v1, resnet50_trunc); required with dir
-    weights: str | None = None  # a label of the weights (version, checksum); compared like weights_sha256
-    patch_size: int | None = None  # patch side in pixels at target_mpp; null: the files' patch_size attribute
-    target_mpp: float | None = None  # microns per pixel the patches were encoded at; required with dir
-    mpp: float | None = None  # level-0 microns per pixel of the slides; null: from the slides when bd opens them
+    dir: str | None = param(None, description="folder of {slide}.h5 (datasets features, coords; CLAM's h5_files/, "
+                                               "TRIDENT's features_<encoder>/); null: extract")
+    encoder: str | None = param(None, description="name of the encoder that made them (e.g. uni, conch_v1); "
+                                                   "required with dir")
+    weights: str | None = param(None, description="label of the weights (version, checksum); compared like "
+                                                   "weights_sha256")
+    patch_size: int | None = param(None, minimum=1, description="px at target_mpp; null: the files' patch_size")
+    target_mpp: float | None = param(None, exclusive_minimum=0,
+                                     description="um/px the patches were encoded at (required with dir)")
+    mpp: float | None = param(None, exclusive_minimum=0, description="level-0 um/px of the slides; null: from the slides")
 
     def identity(self) -> dict[str, Any]:
         """The store attributes the user vouches for (see :data:`bd.mil.bags.IDENTITY_KEYS`)."""

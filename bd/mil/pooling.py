@@ -125,9 +125,13 @@ class AttentionPool(nn.Module):
         return pooled, weights
 
 
-class _SharedInputLinear(torch.autograd.Function):
-    """``x @ w_i.T + b_i`` for several layers on the same input, one GEMM forward and one for
-    all weight gradients. An output that gets no gradient gives its layer none (not zeros), so a
+class _SharedInputLinearReLU(torch.autograd.Function):
+    """``relu(x @ w_i.T + b_i)`` (as fp32) for several layers on the same input, one GEMM forward
+    and one for all weight gradients. The ReLU runs in place on the GEMM's output and backward
+    writes each layer's masked gradient straight into its columns of the weight-gradient GEMM's
+    input: no concatenation and no extra per-layer tensors. Only the outputs are kept for backward
+    (their sign is the ReLU's mask), and no gradient goes to ``x`` unless it asks for one (patch
+    features are data). An output that gets no gradient gives its layer none (not zeros), so a
     loss of one branch leaves the other branch's parameters untouched, as separate layers do."""
 
     @staticmethod
@@ -135,27 +139,34 @@ class _SharedInputLinear(torch.autograd.Function):
         weights, biases = weights_biases[0::2], weights_biases[1::2]
         xd = x.to(dtype)
         y = F.linear(xd, torch.cat(weights).to(dtype), torch.cat(biases).to(dtype))
-        ctx.save_for_backward(xd, *weights)
         ctx.sizes, ctx.dtype = [w.shape[0] for w in weights], dtype
+        hs = [torch.clamp_min(part, 0) for part in y.split(ctx.sizes, dim=1)]  # each contiguous
+        ctx.save_for_backward(xd, *hs, *weights)
         ctx.set_materialize_grads(False)
-        return tuple(y.split(ctx.sizes, dim=1))  # column views: the ReLU after writes them out contiguous
+        return tuple(h.float() for h in hs)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        xd, *weights = ctx.saved_tensors
+        xd, *saved = ctx.saved_tensors
+        hs, weights = saved[: len(saved) // 2], saved[len(saved) // 2 :]
         used = [i for i, g in enumerate(grads) if g is not None]
         out: list[torch.Tensor | None] = [None] * (2 + 2 * len(weights))
         if not used:
             return tuple(out)
-        g = torch.cat([grads[i].to(ctx.dtype) for i in used], dim=1)
+        g = xd.new_empty((xd.shape[0], sum(ctx.sizes[i] for i in used)))
+        col = 0
+        for i in used:  # the ReLU's backward, written into this layer's columns of g
+            width = ctx.sizes[i]
+            torch.ops.aten.threshold_backward.grad_input(grads[i].to(ctx.dtype), hs[i], 0,
+                                                         grad_input=g[:, col : col + width])
+            col += width
         g_w = (g.t() @ xd).split([ctx.sizes[i] for i in used])
         g_b = g.sum(0).split([ctx.sizes[i] for i in used])
         for k, i in enumerate(used):
             out[2 + 2 * i] = g_w[k].to(weights[i].dtype)
             out[3 + 2 * i] = g_b[k].to(weights[i].dtype)
         if ctx.needs_input_grad[0]:
-            w_used = torch.cat([weights[i] for i in used]).to(ctx.dtype)
-            out[0] = g @ w_used
+            out[0] = g @ torch.cat([weights[i] for i in used]).to(ctx.dtype)
         return tuple(out)
 
 
@@ -174,7 +185,7 @@ def embed_instances(pools: tuple[AttentionPool, ...], features: torch.Tensor) ->
     dtype = dtypes.pop() or torch.float32
     x = first.standardised(features.to(dtype))  # the pools share the training patches' statistics
     params = [t for pool in pools for t in (pool.embed.weight, pool.embed.bias)]
-    return [F.relu(y).float() for y in _SharedInputLinear.apply(x, dtype, *params)]
+    return list(_SharedInputLinearReLU.apply(x, dtype, *params))
 
 
 def input_dtype(model: nn.Module) -> torch.dtype:

@@ -8,7 +8,8 @@ features, which take ~16 k patches a step (8 bags of 2,000) so that the patch la
 every core (:func:`auto_batch_size`). A step's bags are packed by :class:`bd.mil.packing.Packer`:
 into one buffer reused across steps, converted and standardised in the same pass (on a CPU
 these passes, not the matmuls, were what made a packed step slow), and each bag is pooled on
-its own part of the packed tensors. ``precision: auto`` computes the patch layer in bf16 only
+its own part of the packed tensors; freed memory is kept for the next step (no page faults,
+``bd.device.retain_freed_memory``). ``precision: auto`` computes the patch layer in bf16 only
 where the device does so natively (``bd.device``). Both choices are logged and recorded in the
 checkpoint (``resolved``). Training uses the training patients with a slide and clinical data (the
 paper's modality-complete training set).
@@ -67,7 +68,7 @@ import torch
 
 from bd import __version__
 from bd.mil.bags import Batch, Cohort
-from bd.device import PRECISION_CHOICES, cpu_summary, resolve_device, resolve_precision
+from bd.device import PRECISION_CHOICES, cpu_summary, resolve_device, resolve_precision, retain_freed_memory
 from bd.errors import BDError, ConfigError
 from bd.io import atomic_path, file_sha256
 from bd.mil.models import (
@@ -80,7 +81,7 @@ from bd.mil.models import (
 )
 from bd.methods import list_methods
 from bd.mil.packing import Packer, largest_step
-from bd.params import build, to_dict
+from bd.params import build, check, param, to_dict
 from bd.mil.runs import CHECKPOINT_FORMAT, patient_chunks
 
 from bd.mil.validation import (
@@ -101,58 +102,49 @@ AUTO_BATCH_MAX = 16
 
 @dataclass
 class TrainParams:
-    """The ``training`` section of the config plus an experiment's overrides (incl. ``method``)."""
+    """Training of each run (`bd train`): the workflow passes this section with an experiment's
+    overrides (its method, ablation settings)."""
 
-    method: str = "bd"
-    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))  # workflow only
-    seeds: list[int] = field(default_factory=lambda: [0])  # workflow only
-    max_epochs: int = 60
-    patience: int = 15
-    batch_size: int | Literal["auto"] = "auto"  # patients (bags) per optimiser step; see auto_batch_size
-    lr: float = 1.0e-4
-    momentum: float = 0.3
-    weight_decay: float = 1.0e-3
-    tau: float = 1.2
-    lambda_m: float = 0.6
-    lambda_s: float = 0.5
-    prompt_length: int = 50
-    directions: str = "both"  # none | m2s | s2m | both (Table II)
-    hidden_dim: int = 128  # slide feature size (attention-pooled instance embeddings)
-    clinical_dim: int = 50  # clinical feature f_c (= prompt feature f_p) size
-    clinical_expansion: int | None = None  # Fig. 5 b/c: f_c = this many times the clinical input width
-    smil_priors: int = 8  # SMIL: k-means priors of the clinical vector
-    modality_dropout_rate: float = 0.5  # modality_dropout: share of training bags given the missing token
-    early_stopping: str = "val_auc"  # val_auc | val_loss | val_f1 | train_f1 (the paper's rule)
-    min_epochs: int = 1  # no epoch before this one is kept, and training runs at least this long
-    precision: str = "auto"  # auto | bf16 | fp32: the patch-feature layer's compute type (bd.device)
-    device: str = "auto"  # auto | cpu | cuda
+    method: str = param("bd", in_config=False, description="the run's method (set per experiment)")
+    methods: list[str] = param(default_factory=lambda: list(DEFAULT_METHODS), choices=list_methods(), min_items=1,
+                               unique_items=True, description="methods of the main runs (workflow)")
+    seeds: list[int] = param(default_factory=lambda: [0], min_items=1, unique_items=True,
+                             description="seeds of the main runs (workflow)")
+    max_epochs: int = param(60, minimum=1, description="epochs at most")
+    patience: int = param(15, minimum=1, description="epochs without improvement before training stops")
+    batch_size: int | Literal["auto"] = param(
+        "auto", minimum=1, description="patients (bags) per SGD step; auto: 1, or ~16 k patches a step for "
+                                       "BCNB-sized cohorts (auto_batch_size)")
+    lr: float = param(1.0e-4, exclusive_minimum=0, description="SGD learning rate")
+    momentum: float = param(0.3, minimum=0, description="SGD momentum")
+    weight_decay: float = param(1.0e-3, minimum=0, description="SGD weight decay")
+    tau: float = param(1.2, exclusive_minimum=0, description="BD: distillation temperature")
+    lambda_m: float = param(0.6, minimum=0, description="BD: weight of the distillation to the multimodal branch")
+    lambda_s: float = param(0.5, minimum=0, description="BD: weight of the distillation to the single-modal branch")
+    prompt_length: int = param(50, minimum=1, description="BD: prompt length (Fig. 4c)")
+    directions: str = param("both", choices=DIRECTIONS, description="BD: distillation directions (Table II)")
+    hidden_dim: int = param(128, minimum=1, description="slide feature size (attention-pooled instance embeddings)")
+    clinical_dim: int = param(50, minimum=1, description="clinical feature f_c (= prompt feature f_p) size")
+    clinical_expansion: int | None = param(
+        None, minimum=1, description="clinical feature = N x the clinical input width (overrides clinical_dim; "
+                                     "Fig. 5 b/c)")
+    smil_priors: int = param(8, minimum=1, description="SMIL: k-means priors of the clinical vector")
+    modality_dropout_rate: float = param(
+        0.5, minimum=0, exclusive_maximum=1, description="modality_dropout: share of training bags whose clinical "
+                                                         "feature is the learned missing token")
+    early_stopping: str = param("val_auc", choices=EARLY_STOPPING,
+                                description="what picks the kept epoch (train_f1: the paper's rule)")
+    min_epochs: int = param(1, minimum=1, description="no epoch before this one is kept, and training runs at least "
+                                                      "this long")
+    precision: str = param("auto", choices=PRECISION_CHOICES,
+                           description="the patch-feature layer's compute type; auto = bf16 where native (bd.device)")
+    device: str = param("auto", choices=("auto", "cpu", "cuda"), description="where training runs")
 
     def __post_init__(self) -> None:
+        check(self)
         model_class(self.method)
-        if self.clinical_expansion is not None and self.clinical_expansion < 1:
-            raise ConfigError(f"training.clinical_expansion: {self.clinical_expansion} must be at least 1 (or null)")
-        positive = ("max_epochs", "patience", "prompt_length", "hidden_dim", "clinical_dim", "smil_priors",
-                    "min_epochs")
-        if self.batch_size != "auto":
-            positive = ("batch_size", *positive)
-        for key in positive:
-            if getattr(self, key) < 1:
-                raise ConfigError(f"training.{key}: {getattr(self, key)} must be at least 1")
-        if not 0 <= self.modality_dropout_rate < 1:
-            raise ConfigError(f"training.modality_dropout_rate: {self.modality_dropout_rate} must be in [0, 1)")
-        for key in ("lr", "tau"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"training.{key}: {getattr(self, key)} must be positive")
-        for key in ("momentum", "weight_decay", "lambda_m", "lambda_s"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"training.{key}: {getattr(self, key)} must not be negative")
         if self.min_epochs > self.max_epochs:
             raise ConfigError(f"training.min_epochs: {self.min_epochs} exceeds training.max_epochs ({self.max_epochs})")
-        choices = {"directions": DIRECTIONS, "precision": PRECISION_CHOICES, "device": ("auto", "cpu", "cuda"),
-                   "early_stopping": EARLY_STOPPING}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"training.{key}: {getattr(self, key)!r} is not one of {list(allowed)}")
 
 
 @dataclass
@@ -223,6 +215,7 @@ def feature_statistics(cohort: Cohort, idx: np.ndarray, chunk: int = 1 << 16) ->
 def run_epoch(model: MILModel, cohort: Cohort, idx: np.ndarray, stage: Stage, optimizer: torch.optim.Optimizer,
               rng: np.random.Generator, batch_size: int, device: torch.device) -> dict[str, float]:
     """One pass over the training patients in a seeded random order; mean of each loss term."""
+    retain_freed_memory()  # each step's intermediates reuse the last step's memory (bd.device)
     model.train()
     order = rng.permutation(idx)
     sums: dict[str, float] = {}
@@ -280,7 +273,7 @@ def train_stage(model: MILModel, cohort: Cohort, stage: Stage, train_idx: np.nda
     from tqdm import tqdm
 
     optimizer = torch.optim.SGD(model.stage_parameters(stage), lr=params.lr, momentum=params.momentum,
-                                weight_decay=params.weight_decay)
+                                weight_decay=params.weight_decay, foreach=True)  # one kernel per op, same values
     best: tuple[float, ...] = (-math.inf,)
     best_epoch, best_state = 0, copy.deepcopy(model.state_dict())
     rows: list[dict[str, Any]] = []

@@ -23,12 +23,13 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
 
 from bd import params as params_mod
+from bd.params import param
 from bd.errors import BDError, ConfigError, SlideError, environment_reason, slide_fault
 from bd.io import write_json
 
@@ -37,36 +38,6 @@ from bd.slides.qc_draw import caption, error_image, fit, legend, mark, write_png
 log = logging.getLogger(__name__)
 
 COLOURLESS_SATURATION = 8.0  # 99.9th percentile of saturation below this: a greyscale slide
-
-
-@dataclass
-class SegmentParams:
-    """The ``segmentation:`` section of the config (same keys, same defaults)."""
-
-    downsample: float = 32.0  # target downsample of the segmentation level (about 32-64)
-    min_size: int = 512  # small slides: segment finer so the mask's longer side has this many px
-    threshold: str | float = "otsu"  # "otsu" or a saturation value 0-255
-    min_saturation: float = 20.0  # floor on the threshold: a blank slide stays blank
-    median_blur: int = 7  # px at the segmentation level (odd)
-    close_kernel: int = 5  # px at the segmentation level; 0 disables closing
-    min_tissue_area_um2: float = 20000.0
-    min_hole_area_um2: float = 5000.0
-    pen_colors: list[str] = field(default_factory=lambda: ["green", "blue", "black"])
-    dark_value: int = 30  # HSV value below which any pixel is debris, whatever its colour
-    artefact_dilate: int = 1  # px grown around pen and debris pixels (ink halos)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.threshold, str) and self.threshold != "otsu":
-            raise ConfigError(f"segmentation.threshold: {self.threshold!r} is not 'otsu' or a number 0-255")
-        if not isinstance(self.threshold, str) and not 0 <= self.threshold <= 255:
-            raise ConfigError(f"segmentation.threshold: {self.threshold} is outside 0-255")
-        unknown = [c for c in self.pen_colors if c not in PEN_COLORS]
-        if unknown:
-            raise ConfigError(f"segmentation.pen_colors: unknown colour {unknown[0]!r} (known: {sorted(PEN_COLORS)})")
-        if self.downsample < 1:
-            raise ConfigError(f"segmentation.downsample: {self.downsample} must be >= 1")
-        if self.median_blur < 1 or self.median_blur % 2 == 0:
-            raise ConfigError(f"segmentation.median_blur: {self.median_blur} must be an odd number >= 1")
 
 
 # Pen inks as HSV rules (OpenCV ranges: H 0-179, S and V 0-255). H&E lies at H 120-179 and 0-10
@@ -78,6 +49,33 @@ PEN_COLORS: dict[str, PenRule] = {
     "blue": lambda h, s, v: (h >= 95) & (h < 125) & (s >= 140),
     "black": lambda h, s, v: (v < 70) & (s < 130),
 }
+
+
+@dataclass
+class SegmentParams:
+    """Tissue segmentation of each slide (`bd segment`)."""
+
+    downsample: float = param(32.0, minimum=1, description="target downsample of the segmentation level (about 32-64)")
+    min_size: int = param(512, minimum=16,
+                          description="small slides are segmented finer, so that the mask's longer side has this many px")
+    threshold: Literal["otsu"] | float = param("otsu", minimum=0, maximum=255,
+                                               description="otsu, or a fixed saturation value 0-255")
+    min_saturation: float = param(20.0, minimum=0, maximum=255,
+                                  description="floor on the threshold: a blank slide stays blank")
+    median_blur: int = param(7, minimum=1, description="median blur, px at the segmentation level (odd)")
+    close_kernel: int = param(5, minimum=0, description="morphological closing, px at the segmentation level; 0: none")
+    min_tissue_area_um2: float = param(20000.0, minimum=0, description="smaller tissue components are dropped (um^2)")
+    min_hole_area_um2: float = param(5000.0, minimum=0, description="smaller holes in the tissue are filled (um^2)")
+    pen_colors: list[str] = param(default_factory=lambda: ["green", "blue", "black"], choices=PEN_COLORS,
+                                  unique_items=True, description="pen inks cut out of the mask")
+    dark_value: int = param(30, minimum=0, maximum=255,
+                            description="HSV value below which any pixel is debris, whatever its colour")
+    artefact_dilate: int = param(1, minimum=0, description="px grown around pen and debris pixels (ink halos)")
+
+    def __post_init__(self) -> None:
+        params_mod.check(self)
+        if self.median_blur % 2 == 0:
+            raise ConfigError(f"segmentation.median_blur: {self.median_blur} must be an odd number >= 1")
 
 
 @dataclass

@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 
 from bd import params as params_mod
+from bd.params import param
 from bd.errors import ConfigError, SlideError, StoreError
 from bd.slides.grid import PatchGrid, save_grid
 
@@ -41,34 +42,26 @@ UPSAMPLE_WARNING = 1.25  # patches upsampled by more than this are warned about 
 
 @dataclass
 class TileParams:
-    """The ``tiling:`` section of the config (same keys, same defaults)."""
+    """The patch grid of each slide (`bd tile`)."""
 
-    target_mpp: float = 0.5
-    target_magnification: float | None = None  # when set, overrides target_mpp (20x -> 0.5 um/px)
-    patch_size: int = 256
-    tissue_threshold: float = 0.5  # keep a patch when at least this fraction of it is tissue
-    use_annotations: bool = False  # restrict to annotation polygons (BCNB tumour regions)
-    annotation_keys: tuple[str, ...] = ("positive",)  # which lists of the annotation JSON to use
-    max_patches: int | None = None  # seeded random subset when a slide has more
-    seed: int = 0
-    max_artefact_fraction: float | None = 0.0  # drop a patch with more pen ink/debris than this; null: off
-    max_upsample: float | None = 2.0  # a slide needing more upsampling follows on_slide_error; null: any
+    target_mpp: float = param(0.5, exclusive_minimum=0, description="microns per pixel of the patches")
+    target_magnification: float | None = param(None, exclusive_minimum=0,
+                                               description="when set, overrides target_mpp (20x: 0.5 um/px)")
+    patch_size: int = param(256, minimum=16, description="patch side in px at the target resolution")
+    tissue_threshold: float = param(0.5, minimum=0, maximum=1,
+                                    description="a patch is kept when at least this fraction of it is tissue")
+    use_annotations: bool = param(False, description="restrict the patches to annotation polygons (BCNB tumour regions)")
+    annotation_keys: tuple[str, ...] = param(("positive",), min_items=1,
+                                             description="which lists of the annotation JSON to use")
+    max_patches: int | None = param(None, minimum=1, description="a seeded random subset when a slide has more; null: all")
+    seed: int = param(0, description="seed of the max_patches subset")
+    max_artefact_fraction: float | None = param(
+        0.0, minimum=0, maximum=1, description="a patch with more pen ink or debris than this is dropped; null: no filter")
+    max_upsample: float | None = param(
+        2.0, minimum=1, description="a slide needing more upsampling is a slide error (on_slide_error); null: any")
 
     def __post_init__(self) -> None:
-        if self.target_magnification is not None and self.target_magnification <= 0:
-            raise ConfigError(f"tiling.target_magnification: {self.target_magnification} must be > 0")
-        if self.mpp <= 0:
-            raise ConfigError(f"tiling.target_mpp: {self.target_mpp} must be > 0")
-        if self.patch_size < 1:
-            raise ConfigError(f"tiling.patch_size: {self.patch_size} must be >= 1")
-        if not 0 <= self.tissue_threshold <= 1:
-            raise ConfigError(f"tiling.tissue_threshold: {self.tissue_threshold} must lie in 0-1")
-        if self.max_patches is not None and self.max_patches < 1:
-            raise ConfigError(f"tiling.max_patches: {self.max_patches} must be >= 1 or null")
-        if self.max_artefact_fraction is not None and not 0 <= self.max_artefact_fraction <= 1:
-            raise ConfigError(f"tiling.max_artefact_fraction: {self.max_artefact_fraction} must lie in 0-1 or be null")
-        if self.max_upsample is not None and self.max_upsample < 1:
-            raise ConfigError(f"tiling.max_upsample: {self.max_upsample} must be >= 1 or null")
+        params_mod.check(self)
 
     @property
     def mpp(self) -> float:

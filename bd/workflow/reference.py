@@ -1,6 +1,8 @@
-"""config/README.md's key reference, generated from the config schema (bd/schemas), the one
-description of each key's type and range: ``python -m bd.workflow.reference`` rewrites it, and a
-test fails when the README and the schema disagree."""
+"""config/README.md's key reference, generated from the config schema (bd/schemas, itself generated
+from the params dataclasses by bd/workflow/schema.py): each key's type, range and description as
+declared once. ``bd schema --out bd/schemas/config.schema.yaml --readme config/README.md`` (or
+``python -m bd.workflow.reference`` for the README alone) rewrites it, and a test fails when the
+README and the schema disagree."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ from typing import Any
 from bd.io import write_text
 from bd.workflow.check import SCHEMA, load_schema
 
-BEGIN = "<!-- keys: generated from bd/schemas/config.schema.yaml by `python -m bd.workflow.reference`; do not edit -->"
+BEGIN = ("<!-- keys: generated from the params dataclasses by `bd schema --out bd/schemas/config.schema.yaml "
+         "--readme config/README.md`; do not edit -->")
 END = "<!-- end of keys -->"
 RANGES = (("minimum", "≥"), ("exclusiveMinimum", ">"), ("maximum", "≤"), ("exclusiveMaximum", "<"),
           ("minItems", "items ≥"))
@@ -39,18 +42,24 @@ def reference(schema: dict[str, Any] | None = None) -> str:
     """The Markdown table of every config key: type, allowed values, range, description."""
     schema = schema or load_schema(SCHEMA)
     rows = ["| key | type | description |", "|---|---|---|"]
-    for section, node in schema["properties"].items():
-        rows.append(f"| `{section}` | {_escape(_type(node))} | {_escape(node.get('description', ''))} |")
-        for key, sub in (node.get("properties") or {}).items():
-            rows.append(f"| `{section}.{key}` | {_escape(_type(sub))} | {_escape(sub.get('description', ''))} |")
+    rows += _rows(schema, "")
     return "\n".join([BEGIN, *rows, END])
 
 
-def rewrite(readme: Path) -> bool:
+def _rows(node: dict[str, Any], prefix: str) -> list[str]:
+    """One row per key of ``node``, each followed by the rows of its own keys (nested sections)."""
+    rows = []
+    for key, sub in (node.get("properties") or {}).items():
+        rows.append(f"| `{prefix}{key}` | {_escape(_type(sub))} | {_escape(sub.get('description', ''))} |")
+        rows += _rows(sub, f"{prefix}{key}.")
+    return rows
+
+
+def rewrite(readme: Path, schema: dict[str, Any] | None = None) -> bool:
     """Put the generated reference between the markers of ``readme``; True when it changed."""
     text = readme.read_text()
     start, end = text.index(BEGIN), text.index(END) + len(END)
-    new = text[:start] + reference() + text[end:]
+    new = text[:start] + reference(schema) + text[end:]
     if new != text:
         write_text(readme, new)
     return new != text

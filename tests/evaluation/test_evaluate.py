@@ -97,11 +97,11 @@ def test_slide_kind_uses_its_own_masks():
 def test_params_from_config_section_and_errors():
     p = build(EvaluationParams, '{"missing_rates": [0, 80], "repeats": 2, "missing_kinds": {"bd_wsi": ["slide"]}}')
     assert p.kinds("bd_wsi") == ["slide"] and p.kinds("bd") == ["clinical"]
-    with pytest.raises(ConfigError, match="outside 0-100"):
+    with pytest.raises(ConfigError, match=r"key 'evaluation.curve_rates\[1\]': 110.0 must be <= 100"):
         build(EvaluationParams, {"curve_rates": [0, 110]})
-    with pytest.raises(ConfigError, match="unknown kind 'wsi'"):
+    with pytest.raises(ConfigError, match=r"key 'evaluation.missing_kinds.bd\[0\]': 'wsi' is not one of"):
         build(EvaluationParams, {"missing_kinds": {"bd": ["wsi"]}})
-    with pytest.raises(ConfigError, match="unknown key 'rate'"):
+    with pytest.raises(ConfigError, match="unknown key 'evaluation.rate'"):
         build(EvaluationParams, {"rate": [0]})
 
 

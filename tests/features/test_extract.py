@@ -256,7 +256,7 @@ def test_several_slides_per_job_and_resume(case, tmp_path: Path, make_rgb, caplo
 def test_mismatched_arguments_and_bad_params_fail(case, tmp_path: Path) -> None:
     slide, grid = case
     assert cli.main(["extract", "--slide", str(slide), "--out", str(tmp_path / "x.zarr")]) == 2
-    with pytest.raises(ConfigError, match="unknown key 'batchsize'"):
+    with pytest.raises(ConfigError, match="unknown key 'features.batchsize'"):
         extract_slides([SlideJob(str(slide), str(grid), str(tmp_path / "x.zarr"))],
                        {**TINY, "batchsize": 4})
     with pytest.raises(ConfigError, match="features.batch_size"):

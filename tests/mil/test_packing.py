@@ -107,6 +107,34 @@ def test_packed_bags_get_the_outputs_and_gradients_of_one_bag_steps():
             torch.testing.assert_close(packed[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_fast_bd_step_gives_the_loss_and_gradients_of_a_straightforward_one(precision, monkeypatch):
+    """A training step as run_epoch runs it (packed, converted and z-scored in the buffer, both
+    branches' patch layers in one GEMM with the ReLU inside) against the plain one: every loss
+    term and every parameter's gradient equal those of the unpacked batch through two separate
+    nn.Linear + ReLU layers (AttentionPool.instances)."""
+    from bd.mil import distillation
+
+    cohort = synthetic_cohort(6, 300, DIM, CLIN, seed=5, dtype=torch.bfloat16)  # bags > one pack chunk
+    idx = np.array([3, 0, 5, 1])
+    models = [_model("bd", precision).train(), _model("bd", precision).train()]  # train: S->M statistics move
+    with Packer(models[0], cohort, "cpu") as packer:
+        fast = models[0].losses(packer.batch(idx), "joint")
+        fast["loss"].backward()
+    monkeypatch.setattr(distillation, "embed_instances", lambda pools, x: [None] * len(pools))
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    plain = models[1].losses(cohort.batch(idx, dtype=dtype), "joint")
+    plain["loss"].backward()
+    tol = {"rtol": 2e-2, "atol": 2e-2} if precision == "bf16" else {"rtol": 1e-5, "atol": 1e-6}
+    assert fast.keys() == plain.keys()
+    for key in fast:
+        torch.testing.assert_close(fast[key], plain[key], **tol, msg=key)
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.grad is not None} for m in models]
+    assert grads[0].keys() == grads[1].keys() and "pool_mul.embed.weight" in grads[0] and "pool_sgl.embed.weight" in grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], **tol, msg=name)
+
+
 def test_a_packed_epoch_equals_the_unpacked_loop():
     """run_epoch (packer, buffer reused) leaves the weights of a plain cohort.batch loop."""
     cohort = synthetic_cohort(12, 30, DIM, CLIN, seed=4, dtype=torch.float16)

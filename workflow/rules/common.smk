@@ -106,7 +106,10 @@ CACHE_MODE = "omit-software" if CACHING else False
 
 def drop_benchmarks_of_cached_rules():
     """Snakemake refuses benchmark files on cached rules (a job taken from the cache has no
-    runtime): in --cache runs those rules go without. Called after every rule is defined."""
+    runtime): in --cache runs those rules go without. Called after every rule is defined.
+    Snakemake (9.x) has no public way to unset a benchmark: its setter rejects an empty path on a
+    rule with wildcards and crashes on []; so this clears the attribute that setter fills, and
+    tests/workflow/test_cache.py fails if a Snakemake release changes it."""
     if CACHING:
         for cached in workflow.rules:
             if cached.cache and cached.cache.output:

@@ -1,7 +1,8 @@
 # Target `external`: a trained run applied to another cohort (config section `external`). One job
 # predicts every slide of the external sample sheet with the model and the encoder loaded once
 # (`bd predict --samples`: segment, tile and extract with the run's own feature settings, into
-# results/external/features/, unless external.features_dir holds the stores); where the external
+# results/external/features/, unless external.features_dir holds the stores; either way its
+# feature index results/external/features/index.tsv lists them); where the external
 # clinical table has labels, a second job evaluates the run on them exactly as on the test split
 # (`bd evaluate`: AUC and F1 at the clinical missing rates, the same metrics files).
 
@@ -16,6 +17,7 @@ rule external_predict:
         features=lambda w: [EXTERNAL["features_dir"]] if EXTERNAL.get("features_dir") else [],
     output:
         predictions=f"{EXT}/predictions.tsv",
+        index=f"{EXT}/features/index.tsv",
         tables=[f"{EXT}/samples.tsv", f"{EXT}/clinical.tsv"] if external_evaluated() else [],
     params:
         overrides=external_overrides(),
@@ -23,7 +25,7 @@ rule external_predict:
         on_error=ON_SLIDE_ERROR,
         table=lambda w, input: f"--clinical-table {shlex.quote(input.clinical[0])}" if input.clinical else "",
         scaler=lambda w, input: f"--scaler {shlex.quote(input.scaler[0])}" if input.scaler else "",
-        features=lambda w, input: f"--features-dir {shlex.quote(input.features[0])}" if input.features else "",
+        features=lambda w, input: f"--feature-index {shlex.quote(input.features[0])}" if input.features else "",
         fallback=f"--fallback-mpp {EXTERNAL['fallback_mpp']}" if EXTERNAL.get("fallback_mpp") else "",
         labels="--require-labels" if external_evaluated() else "",
         version=stage_version("extract"),
@@ -46,6 +48,7 @@ rule external_evaluate:
     input:
         checkpoint=lambda w: external_checkpoint(),
         predictions=f"{EXT}/predictions.tsv",
+        index=f"{EXT}/features/index.tsv",
         samples=f"{EXT}/samples.tsv",
         clinical=f"{EXT}/clinical.tsv",
     output:
@@ -54,7 +57,6 @@ rule external_evaluate:
         summary=f"{EXT}/evaluate/summary.csv",
     params:
         evaluation=evaluation_params(),
-        features_dir=EXTERNAL.get("features_dir") or f"{EXT}/features",
         experiment="external",
         seed=lambda w, input: external_seed(input.checkpoint),
         version=stage_version("evaluate"),
@@ -65,7 +67,7 @@ rule external_evaluate:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd evaluate --run {input.checkpoint:q} --feature-index {params.features_dir:q} "
+        "bd evaluate --run {input.checkpoint:q} --feature-index {input.index:q} "
         "--samples {input.samples:q} --clinical {input.clinical:q} --params {params.evaluation:q} "
         "--experiment {params.experiment} --seed {params.seed} "
         "--out-dir \"$(dirname {output.metrics:q})\" > {log:q} 2>&1"
