@@ -4,6 +4,7 @@ writes a checkpoint that `bd.mil.runs.load_run` reads back and checks its inputs
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 from pathlib import Path
 
@@ -403,26 +404,42 @@ def test_modality_dropout_learns_both_paths_and_its_dropping_is_seeded():
         assert auc(cohort.labels[test], probs) > 0.6, clin
 
 
+STEP_FAULTS = """
+import json, resource, sys
+import torch
+from bd.device import retain_freed_memory
+
+if sys.argv[1] == "retain" and not retain_freed_memory():
+    print(json.dumps(None)); raise SystemExit
+def step(rows):
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    tensors = [torch.empty(rows, width).fill_(1.0) for width in (1024, 256, 128, 128, 64, 64)]
+    del tensors
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+for _ in range(3):  # the largest step: the heap grows to hold it
+    step(19000)
+print(json.dumps([step(rows) for rows in (16500, 18800, 14200, 17300, 15600, 18100)]))
+"""
+
+
 def test_training_steps_reuse_freed_memory_instead_of_faulting_it_in_again():
     """After retain_freed_memory (run_epoch calls it), a step's intermediates (several 4-75 MB
     tensors, sized by the step's patch count) come back from the heap the next step: no page
-    faults for memory the process already had (glibc's default unmaps or trims them each step)."""
+    faults for memory the process already had (glibc's default unmaps or trims them each step).
+    Measured in a fresh process each way, since the faults depend on the heap's history."""
+    import json
     import platform
-    import resource
+    import subprocess
+    import sys
 
-    from bd.device import retain_freed_memory
+    def faults(mode: str) -> list[int] | None:
+        out = subprocess.run([sys.executable, "-c", STEP_FAULTS, mode], capture_output=True, text=True,
+                             check=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return json.loads(out.stdout.strip().splitlines()[-1])
 
-    if not retain_freed_memory():
+    retained = faults("retain")
+    if retained is None:
         assert platform.libc_ver()[0] != "glibc"
         pytest.skip("not glibc: malloc keeps its own policy")
-
-    def step(rows: int) -> int:
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        tensors = [torch.empty(rows, width).fill_(1.0) for width in (1024, 256, 128, 128, 64, 64)]
-        del tensors
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-
-    for _ in range(3):  # the largest step: the heap grows to hold it
-        step(19000)
-    faults = [step(rows) for rows in (16500, 18800, 14200, 17300, 15600, 18100)]
-    assert sum(faults) < 1000, faults  # fresh mappings: ~17,000 faults a step
+    assert sum(retained) < 1000, retained
+    assert sum(faults("default")) > 10 * max(sum(retained), 100)  # glibc's default: fresh mappings each step

@@ -36,6 +36,7 @@ def tiny_config(work: Path) -> dict:
     results = str(work / "results")
     config["results"] = results
     config["train_runs_per_job"] = 1  # rule evaluate per run (finish_upstream writes its outputs)
+    config["segment_slides_per_job"] = 1  # rules segment and tile per slide, as finish_upstream expects
     config["demo"].update(out_dir=f"{results}/demo", patients=4, test_patients=None)
     config["cohort"].update(clinical_table=f"{results}/demo/patient-clinical-data.xlsx",
                             split_dir=f"{results}/demo/dataset-splitting")

@@ -521,7 +521,7 @@ def test_workflow_passes_the_sample_sheets_mpp_to_segment_and_tile(tmp_path):
     for name, ids in (("train", "AB"), ("val", "CD"), ("test", "EF")):
         (tmp_path / "split" / f"{name}_id.txt").write_text("\n".join(ids) + "\n")
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    config.update(results=str(tmp_path / "results"))
+    config.update(results=str(tmp_path / "results"), segment_slides_per_job=1)  # one bd segment/tile job a slide
     config["demo"]["enabled"] = False
     config["cohort"].update(sample_sheet=str(tmp_path / "samples.tsv"), clinical_table=str(tmp_path / "clinical.csv"),
                             split_dir=str(tmp_path / "split"), annotations_dir=None)
