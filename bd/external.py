@@ -163,17 +163,6 @@ def slide_stores(run: Any, sheet: pd.DataFrame, out: Path, feature_index: Path |
     return {sid: out / "features" / f"{sid}.zarr" for sid in sheet["slide_id"] if sid not in failed}, failed
 
 
-def write_feature_index(stores: dict[str, Path], path: Path) -> Path:
-    """The feature index (slide_id, store) of the slides read: what ``bd evaluate`` takes."""
-    from bd.io import atomic_path
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        pd.DataFrame({"slide_id": list(stores), "store": [str(p) for p in stores.values()]}).to_csv(
-            tmp, sep="\t", index=False)
-    return path
-
-
 class SlideExtraction:
     """Segment, tile and encode slides with one run's settings; the encoder is built once."""
 
@@ -248,8 +237,10 @@ def predict_cohort(run: Any, sheet: pd.DataFrame, vectors: dict[str, np.ndarray 
     from bd.mil.bags import load_cohort
     from bd.io import atomic_path
 
+    from bd.features.store import write_feature_index
+
     samples, clinical = cohort_tables(run, sheet, vectors, labels, failed)
-    index = write_feature_index(stores, out / "features" / "index.tsv")
+    index = write_feature_index(stores, out / "features" / "index.tsv")  # what bd evaluate takes
     cohort = load_cohort(index, samples, clinical, progress=False)
     has_clinical = np.asarray(cohort.has_clinical, bool)
     has_slide = np.asarray(cohort.has_slide, bool)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +163,15 @@ def store_paths(features: str | os.PathLike[str], slide_ids: list[str]) -> dict[
         raise StoreError(f"{features}: a feature index needs columns slide_id and store (has {list(index.columns)})")
     listed = dict(zip(index["slide_id"], index["store"]))
     return {sid: Path(listed[sid]) if sid in listed else features.parent / f"{sid}.zarr" for sid in slide_ids}
+
+
+def write_feature_index(stores: Mapping[str, str | os.PathLike[str]], path: str | os.PathLike[str]) -> Path:
+    """The feature index (``slide_id``, ``store``: one row per slide, in the mapping's order) that
+    :func:`store_paths` reads; written atomically."""
+    from bd.io import write_text
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return write_text(path, "slide_id\tstore\n" + "".join(f"{s}\t{p}\n" for s, p in stores.items()))
 
 
 class RowWriter:

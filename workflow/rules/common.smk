@@ -127,9 +127,10 @@ SLIDE_PATHS = dict(zip(SAMPLES["slide_id"], SAMPLES["path"]))
 
 def write_feature_index(stores, out, log):
     """Rule feature_index: the table (slide_id, store) of every slide's feature store."""
+    from bd.features.store import write_feature_index as write_index
     from bd.io import write_text
 
-    write_text(out, "slide_id\tstore\n" + "".join(f"{s}\t{p}\n" for s, p in zip(SLIDES, stores)))
+    write_index(dict(zip(SLIDES, stores)), out)
     write_text(log, f"{len(stores)} feature stores listed in {out}\n")
 
 
