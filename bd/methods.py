@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 
 # Roles in the paper's tables.
 ROLES = ("reference", "baseline", "compared", "proposed", "variant")
+# BD's distillation directions (Table II): name -> (M->S, S->M) switched on. The choices of
+# training.directions and ablations.directions and the switches of bd.mil.distillation (which
+# reads them as bd.mil.base.DIRECTIONS); here, without torch, for the Snakefile's light imports.
+DIRECTIONS = {"none": (False, False), "m2s": (True, False), "s2m": (False, True), "both": (True, True)}
 
 
 @dataclass(frozen=True)

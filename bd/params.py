@@ -31,16 +31,16 @@ NUMBER_LIMITS = {"minimum": (">=", operator.ge), "exclusiveMinimum": (">", opera
 ARRAY_LIMITS = ("minItems", "maxItems", "uniqueItems")
 
 # Every top-level key of the workflow config, in the config schema's (and config/README.md's)
-# order: the params dataclass (``module:Class``) that describes a stage section, or None for a
-# workflow key described by hand (bd/schemas/workflow-keys.yaml). Strings, so that no stage
-# module is imported here.
+# order: the params dataclass (``module:Class``) that describes a section, or None for a top-level
+# setting described by hand (bd/schemas/workflow-keys.yaml). Strings, so that no stage module is
+# imported here.
 SECTIONS: dict[str, str | None] = {
     "results": None,
     "on_slide_error": None,
     "train_runs_per_job": None,
     "extract_slides_per_job": None,
     "segment_slides_per_job": None,
-    "cohort": None,
+    "cohort": "bd.cohort.samples:CohortParams",
     "demo": "bd.demo:DemoParams",
     "segmentation": "bd.slides.segment:SegmentParams",
     "tiling": "bd.slides.tiling:TileParams",
@@ -49,10 +49,10 @@ SECTIONS: dict[str, str | None] = {
     "split": "bd.cohort.split:SplitParams",
     "training": "bd.mil.train:TrainParams",
     "evaluation": "bd.evaluation.evaluate:EvaluationParams",
-    "ablations": None,
+    "ablations": "bd.paper.experiments:AblationParams",
     "h5_features": "bd.features.h5store:H5FeatureParams",
     "external": "bd.external:ExternalParams",
-    "versions": None,
+    "versions": "bd.workflow.versions:VersionParams",
 }
 _FLOAT_TEXT = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
 
@@ -115,8 +115,11 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"key '{key}': expected a list, got {value!r}")
-        inner = args[0] if args else Any
-        items = [_check_type(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+        fixed = _fixed_length(hint)
+        if fixed and len(value) != len(args):
+            raise ConfigError(f"key '{key}': expected {len(args)} items, got {value!r}")
+        inner = args if fixed else [args[0] if args else Any] * len(value)
+        items = [_check_type(f"{key}[{i}]", v, h) for i, (v, h) in enumerate(zip(value, inner))]
         return items if origin is list else tuple(items)
     if origin is dict:
         if not isinstance(value, dict):
@@ -135,6 +138,17 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
     if isinstance(hint, type) and not isinstance(value, hint):
         raise ConfigError(f"key '{key}': expected {hint.__name__}, got {value!r}")
     return value
+
+
+def _fixed_length(hint: Any) -> bool:
+    """Whether ``hint`` is a tuple of a fixed length (``tuple[float, float]``, not ``tuple[int, ...]``)."""
+    args = typing.get_args(hint)
+    return typing.get_origin(hint) is tuple and bool(args) and args[-1] is not Ellipsis
+
+
+def required(f: dataclasses.Field[Any]) -> bool:
+    """Whether a params field has no default: the config must give it."""
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
 def section_of(cls: type) -> str | None:
@@ -157,11 +171,23 @@ def build(cls: type[T], value: str | dict[str, Any] | None, prefix: str | None =
         raise ConfigError(
             f"unknown key '{prefix}{unknown[0]}' (known keys: {', '.join(sorted(fields))})"
         )
+    missing = [name for name, f in fields.items() if required(f) and name not in data]
+    if missing:
+        raise ConfigError(f"missing key '{prefix}{missing[0]}'")
     hints = typing.get_type_hints(cls)
     kwargs = {k: _check_type(prefix + k, v, hints[k]) for k, v in data.items()}
     for k, v in kwargs.items():
         _check_limits(prefix + k, v, limits_of(fields[k], enforced=True))
     return cls(**kwargs)
+
+
+def with_defaults(cls: type, value: str | dict[str, Any] | None, prefix: str | None = None) -> dict[str, Any]:
+    """Section ``value``, checked as :func:`build` checks it, with ``cls``'s default for each key it
+    leaves out: the workflow reads a section's defaults from its dataclass, never from a copy. Keys
+    given keep their value as written (``30``, not ``30.0``), so that the rule commands and rerun
+    triggers built from them stay those of the config."""
+    built = build(cls, value, prefix)
+    return {**{f.name: getattr(built, f.name) for f in dataclasses.fields(built)}, **read_mapping(value)}
 
 
 # --- one declaration per key: param(), the checks it implies, its JSON schema -----------------
@@ -251,8 +277,9 @@ def json_schema(cls: type) -> dict[str, Any]:
         properties[f.name] = {**node, **({"description": meta["description"]} if meta.get("description") else {})}
     doc = " ".join((cls.__doc__ or "").split("\n\n")[0].split())
     doc = "" if doc.startswith(f"{cls.__name__}(") else doc  # dataclass's own __doc__: no docstring
+    needed = [f.name for f in dataclasses.fields(cls) if required(f)]
     return {"type": "object", "additionalProperties": False, **({"description": doc} if doc else {}),
-            "properties": properties}
+            **({"required": needed} if needed else {}), "properties": properties}
 
 
 def _type_node(hint: Any, limits: dict[str, Any]) -> dict[str, Any]:
@@ -266,6 +293,11 @@ def _type_node(hint: Any, limits: dict[str, Any]) -> dict[str, Any]:
         return _nullable(node) if type(None) in args else node
     if origin is typing.Literal:
         return {"type": _json_type(type(args[0])), "enum": list(args)}
+    if _fixed_length(hint):  # a pair, ...: an array of exactly that many items
+        inner = {k: v for k, v in limits.items() if k not in ARRAY_LIMITS}
+        nodes = [_type_node(a, inner) for a in args]
+        items = {"items": nodes[0]} if all(n == nodes[0] for n in nodes) else {"prefixItems": nodes, "items": False}
+        return {"type": "array", **items, "minItems": len(args), "maxItems": len(args)}
     if origin in (list, tuple):
         inner = {k: v for k, v in limits.items() if k not in ARRAY_LIMITS}
         items = _type_node(args[0] if args else Any, inner)

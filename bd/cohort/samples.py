@@ -11,6 +11,7 @@ import argparse
 import glob
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,30 @@ import numpy as np
 import pandas as pd
 
 from bd.errors import ConfigError, TableError
+from bd.params import param
 
 SAMPLE_COLUMNS = ["slide_id", "patient_id", "path"]
 OPTIONAL_COLUMNS = ["mpp"]  # level-0 microns per pixel of the slide (flat JPEGs carry none)
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".dcm",
                     ".jpg", ".jpeg", ".png")
 _SLIDE_ID = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+@dataclass(kw_only=True)
+class CohortParams:
+    """where the cohort's slides, clinical table, split files and annotations are (the workflow, bd samples, bd check)"""
+
+    name: str = param(description="the cohort's name")
+    slide_pattern: str = param("", description="path pattern with {slide}, e.g. data/BCNB/WSIs/{slide}.jpg")
+    sample_sheet: str | None = param(
+        None, description="TSV with slide_id, patient_id, path (optional mpp); instead of slide_pattern")
+    clinical_table: str = param(description="the raw clinical table (CSV, TSV or XLSX)")
+    split_dir: str | None = param(
+        None, description="folder of train_id.txt, val_id.txt, test_id.txt (split.mode: official)")
+    annotations_dir: str | None = param(
+        None, description="folder of {slide}.json annotation polygons (read with tiling.use_annotations)")
+    fallback_mpp: float = param(0.5, exclusive_minimum=0, description="microns per pixel of slides without any in "
+                                                                      "their metadata (used with a warning)")
 
 
 def demo_slides(demo: dict[str, Any]) -> pd.DataFrame:

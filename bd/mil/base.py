@@ -13,6 +13,7 @@ from torch import nn
 
 from bd.mil.bags import Batch
 from bd.errors import ConfigError
+from bd.methods import DIRECTIONS  # noqa: F401  (re-exported: the models' directions, declared beside the methods)
 
 from bd.mil.pooling import AttentionPool, mlp
 
@@ -26,7 +27,6 @@ NO_CLINICAL: Condition = (False, True)
 NO_SLIDE: Condition = (True, False)
 ALL_CONDITIONS: tuple[Condition, ...] = (COMPLETE, NO_CLINICAL, NO_SLIDE, (False, False))
 CONDITION_NAMES = {COMPLETE: "complete", NO_CLINICAL: "no_clinical", NO_SLIDE: "no_slide", (False, False): "none"}
-DIRECTIONS = {"none": (False, False), "m2s": (True, False), "s2m": (False, True), "both": (True, True)}
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": None}
 MISSING_SUFFIX = "_missing"  # bd clinical's missing-indicator columns
 PROJECTION_DIM = 64  # M_mul, M_sgl (Section III-A)

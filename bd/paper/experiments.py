@@ -16,12 +16,35 @@ Light imports only: the Snakefile imports this module.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from bd.methods import list_methods
+from bd.methods import DIRECTIONS, list_methods
+from bd.params import build, param
 
 ABLATION_PREFIXES = ("bd-dir-", "bd-prompt-", "bd-lm-")
 FIG5_PREFIX = "filling-cx"  # Fig. 5 b/c: Filling with the clinical feature N times the clinical input width
+LIST = {"min_items": 1, "unique_items": True}  # a list given is never empty, nor lists a value twice
+
+
+@dataclass
+class AblationParams:
+    """BD variants and analyses, one experiment each (targets ablations, analysis; bd/paper/experiments.py)"""
+
+    directions: list[str] = param(default_factory=list, choices=DIRECTIONS, **LIST,
+                                  description="Table II: distillation directions")
+    prompt_lengths: list[int] = param(default_factory=list, minimum=1, **LIST, description="Fig. 4c: prompt lengths")
+    clinical_expansions: list[int] = param(
+        default_factory=list, minimum=1, **LIST,
+        description="Fig. 5 b/c: Filling with the clinical feature N x the clinical input width (experiments filling-cx{N})")
+    lambda_grid: list[tuple[float, float]] = param(default_factory=list, **LIST,
+                                                   description="Table III: [lambda_m, lambda_s] pairs")
+    seeds: list[int] = param(default_factory=lambda: [0], **LIST, description="seeds of the ablation runs")
+
+
+def ablations(config: dict[str, Any]) -> AblationParams:
+    """The config's ablations section, its defaults filled in."""
+    return build(AblationParams, config.get("ablations"))
 
 
 def _fmt(x: float) -> str:
@@ -32,14 +55,14 @@ def experiments(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """All experiments the config defines: ``name -> {"method": ..., **overrides}``."""
     training = config["training"]
     out: dict[str, dict[str, Any]] = {m: {"method": m} for m in training["methods"]}
-    ab = config.get("ablations") or {}
-    for d in ab.get("directions", []):
+    ab = ablations(config)
+    for d in ab.directions:
         out[f"bd-dir-{d}"] = {"method": "bd", "directions": d}
-    for length in ab.get("prompt_lengths", []):
+    for length in ab.prompt_lengths:
         out[f"bd-prompt-{int(length)}"] = {"method": "bd", "prompt_length": int(length)}
-    for lm, ls in ab.get("lambda_grid", []):
+    for lm, ls in ab.lambda_grid:
         out[f"bd-lm-{_fmt(lm)}-ls-{_fmt(ls)}"] = {"method": "bd", "lambda_m": float(lm), "lambda_s": float(ls)}
-    for factor in ab.get("clinical_expansions", []):
+    for factor in ab.clinical_expansions:
         out[f"{FIG5_PREFIX}{int(factor)}"] = {"method": "filling", "clinical_expansion": int(factor)}
     # bd_wsi, and the methods the figure targets need (Fig. 4 a/b, Fig. 5 a): an experiment whatever
     # training.methods says, so that every target's runs are defined (the batch rules list them all).
@@ -67,4 +90,4 @@ def seeds_for(config: dict[str, Any], experiment: str) -> list[int]:
     """Methods (including ``bd_wsi``) use ``training.seeds``; ablation variants ``ablations.seeds``."""
     if not experiment.startswith((*ABLATION_PREFIXES, FIG5_PREFIX)):
         return list(config["training"]["seeds"])
-    return list((config.get("ablations") or {}).get("seeds", [0]))
+    return list(ablations(config).seeds)

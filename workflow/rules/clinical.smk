@@ -25,10 +25,12 @@ rule samples:
         "--out {output:q} > {log:q} 2>&1"
 
 
+from bd.cohort.split import SplitParams
+
 # Official mode reads the split files: they are inputs, so editing one reruns the split.
 SPLIT_FILES = (
     [f"{config['cohort']['split_dir']}/{name}_id.txt" for name in ("train", "val", "test")]
-    if config["split"].get("mode", "official") == "official" and config["cohort"].get("split_dir")
+    if with_defaults(SplitParams, config["split"])["mode"] == "official" and COHORT["split_dir"]
     else []
 )
 

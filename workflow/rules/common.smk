@@ -10,16 +10,24 @@ from snakemake.utils import validate
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 from bd.workflow.check import SAMPLES_SCHEMA, SCHEMA, check_config, missing_files, prerun
-from bd.cohort.samples import build_sample_sheet, mpp_option, sheet_sha256
+from bd.cohort.samples import CohortParams, build_sample_sheet, mpp_option, sheet_sha256
 from bd.methods import list_methods
+from bd.params import with_defaults
 from bd.paper.experiments import experiments, seeds_for, target_experiments
 from bd.workflow.layout import FEATURE_INDEX as FEATURE_INDEX_FILE, FEATURES, QC_TABLES, slide_output, slide_pattern
+from bd.workflow.versions import VersionParams
 
 
 # Numbers written as text by YAML 1.1 (`lr: 1e-4`) become numbers, then every unknown key, wrong
 # value, empty or repeated list and missing input file is named in one error (bd/workflow/check.py).
 check_config(config)
 validate(config, schema=str(SCHEMA))  # Snakemake's own check (the schema in bd/schemas); fills defaults
+# Defaults are read from where they are declared, never written again here: the top-level settings'
+# (on_slide_error, *_per_job) from the schema, which validate() just filled in; a section's from its
+# params dataclass (with_defaults: the keys the config gives, as written, over the dataclass's).
+# `section()` still passes each section to its command as the config writes it.
+COHORT = with_defaults(CohortParams, config["cohort"])
+VERSIONS = with_defaults(VersionParams, config.get("versions"))
 
 # Rules run `bd` from the Python environment Snakemake itself runs in, so `.venv/bin/snakemake`
 # works without activating the venv and no other `bd` on PATH is picked up: every shell command
@@ -38,7 +46,7 @@ validate(SAMPLES, schema=str(SAMPLES_SCHEMA), set_default=False)
 # (on_slide_error: fail) or get no job and are recorded by rule slide_qc (skip); slides without a
 # clinical row, patients without a slide or a label are counted and warned about. Only in the main
 # process: cluster jobs re-parse this file and need only the list of slides.
-ON_SLIDE_ERROR = config.get("on_slide_error", "fail")
+ON_SLIDE_ERROR = config["on_slide_error"]
 COHORT_CHECK = None
 if workflow.is_main_process:
     COHORT_CHECK = prerun(config, SAMPLES, logger.warning)
@@ -119,7 +127,7 @@ def drop_benchmarks_of_cached_rules():
 def stage_version(stage):
     """The stage's version (config `versions`, default 1): a params entry of the stage's rules, so
     raising it reruns them (and whatever uses their outputs) deliberately."""
-    return int((config.get("versions") or {}).get(stage, 1))
+    return int(VERSIONS[stage])
 
 
 SLIDE_PATHS = dict(zip(SAMPLES["slide_id"], SAMPLES["path"]))
@@ -140,7 +148,7 @@ def stores_dir(stores):
 
 
 # Extraction in batches (features.smk): extract_slides_per_job slides per `bd extract` job.
-EXTRACT_PER_JOB = int(config.get("extract_slides_per_job", 1))
+EXTRACT_PER_JOB = int(config["extract_slides_per_job"])
 EXTRACT_COMMON = dict(
     params=dict(on_error=ON_SLIDE_ERROR, features=section("features"), version=stage_version("extract")),
     threads=max(1, (config.get("features") or {}).get("num_workers", 2)),
@@ -159,29 +167,60 @@ def extract_batches():
 
 
 # Segmentation and tiling in batches (slides.smk): segment_slides_per_job slides per `bd batch` job.
-SEGMENT_PER_JOB = int(config.get("segment_slides_per_job", 1))
+SEGMENT_PER_JOB = int(config["segment_slides_per_job"])
 
 
-def segment_argv(slide):
-    """The `bd segment` command of one slide, as rule segment runs it (a list of arguments)."""
-    return ["segment", "--slide", SLIDE_PATHS[slide], "--out-dir", os.path.dirname(slide_output(R, "mask", slide)),
-            "--params", section("segmentation"), "--fallback-mpp", str(config["cohort"].get("fallback_mpp", 0.5)),
-            *shlex.split(mpp_option(SAMPLES, slide)), "--on-error", ON_SLIDE_ERROR]
+# Every slide's `bd segment` and `bd tile` settings: rules segment and tile take them as params
+# (slides.smk), the batch rules as the slide's values (slide_values).
+SLIDE_SETTINGS = dict(on_error=ON_SLIDE_ERROR, seg=section("segmentation"), tiling=section("tiling"),
+                      fallback_mpp=COHORT["fallback_mpp"], annotations=COHORT["annotations_dir"] or "")
 
 
-def tile_argv(slide):
-    """The `bd tile` command of one slide, as rule tile runs it."""
+def segment_argv(arg):
+    """The arguments of one slide's `bd segment`, written once: ``arg(name)`` gives each file and
+    setting (rule segment's shell placeholders, SLIDE_SHELL; a batch's slide, slide_values)."""
+    return ["segment", "--slide", arg("slide"), "--out-dir", arg("out_dir"), "--params", arg("seg"),
+            "--fallback-mpp", arg("fallback_mpp"), arg("mpp"), "--on-error", arg("on_error")]
+
+
+def tile_argv(arg):
+    """The arguments of one slide's `bd tile` (as segment_argv)."""
+    return ["tile", "--slide", arg("slide"), "--mask", arg("mask"), "--out", arg("grid"),
+            "--artefacts", arg("artefacts"), "--qc", arg("grid_qc"), "--params", arg("tiling"),
+            "--fallback-mpp", arg("fallback_mpp"), arg("mpp"), f"--annotations-dir={arg('annotations')}",
+            "--on-error", arg("on_error")]
+
+
+# What the arguments are in the one-slide rules' shell commands: their inputs, outputs and params.
+SLIDE_SHELL = {"slide": "{input.slide:q}", "out_dir": '"$(dirname {output.mask:q})"', "mask": "{input.mask:q}",
+               "artefacts": "{input.artefacts:q}", "grid": "{output.grid:q}", "grid_qc": "{output.qc:q}",
+               "seg": "{params.seg:q}", "tiling": "{params.tiling:q}", "fallback_mpp": "{params.fallback_mpp}",
+               "mpp": "{params.mpp}", "annotations": "{params.annotations:q}", "on_error": "{params.on_error}"}
+
+
+def slide_shell(argv):
+    """Rule segment's or tile's shell command: ``argv`` with the rule's placeholders (no file name
+    in it, so --cache's hash of the command is the same for every workflow)."""
+    return " ".join(["bd", *argv(SLIDE_SHELL.__getitem__), "> {log:q} 2>&1"])
+
+
+def slide_values(slide):
+    """One slide's files and settings, as rules segment and tile get them."""
     out = lambda kind: slide_output(R, kind, slide)
-    return ["tile", "--slide", SLIDE_PATHS[slide], "--mask", out("mask"), "--out", out("grid"),
-            "--artefacts", out("artefacts"), "--qc", out("grid_qc"), "--params", section("tiling"),
-            "--fallback-mpp", str(config["cohort"].get("fallback_mpp", 0.5)), *shlex.split(mpp_option(SAMPLES, slide)),
-            "--annotations-dir=" + (config["cohort"].get("annotations_dir") or ""), "--on-error", ON_SLIDE_ERROR]
+    files = {"slide": SLIDE_PATHS[slide], "out_dir": os.path.dirname(out("mask")), "mask": out("mask"),
+             "artefacts": out("artefacts"), "grid": out("grid"), "grid_qc": out("grid_qc")}
+    return {**files, **{k: str(v) for k, v in SLIDE_SETTINGS.items()}, "mpp": shlex.split(mpp_option(SAMPLES, slide))}
 
 
 def slide_batch_jobs(slides):
     """`bd batch --jobs` text: per slide, its segment and its tile command, each with the one-slide rule's log."""
-    jobs = [(argv(s), f"{R}/logs/{argv(s)[0]}/{s}.log") for s in slides for argv in (segment_argv, tile_argv)]
-    return "".join(json.dumps({"argv": a, "log": log}) + "\n" for a, log in jobs)
+    jobs = []
+    for slide in slides:
+        values = slide_values(slide)
+        for argv in (segment_argv, tile_argv):
+            args = [a for v in argv(values.__getitem__) for a in (v if isinstance(v, list) else [v])]  # --mpp: 0 or 2
+            jobs.append({"argv": args, "log": f"{R}/logs/{args[0]}/{slide}.log"})
+    return "".join(json.dumps(job) + "\n" for job in jobs)
 
 
 def extract_jobs_tsv(slides):
@@ -192,7 +231,7 @@ def extract_jobs_tsv(slides):
 
 # Training and evaluation in batches (train.smk, evaluate.smk): train_runs_per_job runs per
 # `bd batch` job (bd/workflow/batch.py), the imports and start-up paid once a job. 1: one job per run.
-RUNS_PER_JOB = int(config.get("train_runs_per_job", 1))
+RUNS_PER_JOB = int(config["train_runs_per_job"])
 BATCHED = RUNS_PER_JOB > 1
 # Rules train and evaluate take no run when the runs are batched (the batch rules make them).
 RUN_RULE_EXPERIMENTS = "(?!)" if BATCHED else "[A-Za-z0-9._-]+"
@@ -385,7 +424,9 @@ def external_seed(checkpoint):
 
 
 def external_evaluated():
-    return bool(EXTERNAL.get("evaluate", True) and EXTERNAL.get("clinical_table"))
+    from bd.external import ExternalParams
+
+    return bool(with_defaults(ExternalParams, EXTERNAL)["evaluate"] and EXTERNAL.get("clinical_table"))
 
 
 # A run of this workflow (experiment/seedN) uses this workflow's scaler; a checkpoint file from

@@ -2,8 +2,11 @@
 # Targets (rule all in the Snakefile, and rules ablations, wsi_missing, analysis) take their files
 # from target_files (common.smk); each target also gets a runtime summary of every job run before it.
 
+from bd.evaluation.evaluate import FigureParams
+
 EVAL = config.get("evaluation") or {}
-FIGS = EVAL.get("figures") or {}
+# The figure settings, FigureParams' defaults for those the config leaves out (no default is written here).
+FIGS = with_defaults(FigureParams, EVAL.get("figures"), prefix="evaluation.figures.")
 
 
 # Attention heatmaps come from BD, or from the first slide-based method the config trains (the
@@ -63,7 +66,7 @@ rule roc:
     output:
         report(f"{R}/figures/roc.png", caption="../report/roc.rst", category="Figures"),
     params:
-        rates=json.dumps(FIGS.get("roc_rates", [0, 100])),
+        rates=json.dumps(FIGS["roc_rates"]),
     log:
         f"{R}/logs/roc.log",
     benchmark:
@@ -155,7 +158,7 @@ rule fig5:
     output:
         report(f"{R}/figures/fig5.png", caption="../report/fig5.rst", category="Figures"),
     params:
-        perplexity=FIGS.get("tsne_perplexity", 30),
+        perplexity=FIGS["tsne_perplexity"],
     log:
         f"{R}/logs/fig5.log",
     benchmark:
@@ -200,8 +203,8 @@ rule heatmaps:
             category="Attention heatmaps",
         ),
     params:
-        patients=FIGS.get("heatmap_patients", 4),
-        fallback_mpp=config["cohort"].get("fallback_mpp", 0.5),
+        patients=FIGS["heatmap_patients"],
+        fallback_mpp=COHORT["fallback_mpp"],
     log:
         f"{R}/logs/heatmaps.log",
     benchmark:

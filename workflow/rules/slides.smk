@@ -26,11 +26,11 @@ rule segment:
         info=slide_pattern(R, "mask_info"),
         contours=slide_pattern(R, "contours"),
         qc=slide_pattern(R, "segment_qc"),  # full size; the report shows a compact copy (rule report_qc_images)
-    params:
-        on_error=ON_SLIDE_ERROR,
-        seg=section("segmentation"),
+    params:  # what slide_shell's placeholders name (common.smk)
+        on_error=SLIDE_SETTINGS["on_error"],
+        seg=SLIDE_SETTINGS["seg"],
         version=stage_version("segment"),
-        fallback_mpp=config["cohort"].get("fallback_mpp", 0.5),
+        fallback_mpp=SLIDE_SETTINGS["fallback_mpp"],
         mpp=lambda w: mpp_option(SAMPLES, w.slide),
     log:
         f"{R}/logs/segment/{{slide}}.log",
@@ -39,9 +39,7 @@ rule segment:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd segment --slide {input.slide:q} --out-dir \"$(dirname {output.mask:q})\" "
-        "--params {params.seg:q} --fallback-mpp {params.fallback_mpp} {params.mpp} "
-        "--on-error {params.on_error} > {log:q} 2>&1"
+        slide_shell(segment_argv)  # the arguments the batch rules pass too
 
 
 rule tile:
@@ -57,11 +55,11 @@ rule tile:
         grid=slide_pattern(R, "grid"),
         qc=slide_pattern(R, "grid_qc"),  # full size; the report shows a compact copy (rule report_qc_images)
     params:
-        on_error=ON_SLIDE_ERROR,
-        tiling=section("tiling"),
+        on_error=SLIDE_SETTINGS["on_error"],
+        tiling=SLIDE_SETTINGS["tiling"],
         version=stage_version("tile"),
-        fallback_mpp=config["cohort"].get("fallback_mpp", 0.5),
-        annotations=config["cohort"].get("annotations_dir") or "",
+        fallback_mpp=SLIDE_SETTINGS["fallback_mpp"],
+        annotations=SLIDE_SETTINGS["annotations"],
         mpp=lambda w: mpp_option(SAMPLES, w.slide),
     log:
         f"{R}/logs/tile/{{slide}}.log",
@@ -70,10 +68,7 @@ rule tile:
     conda:
         "../../envs/bd.yaml"
     shell:
-        "bd tile --slide {input.slide:q} --mask {input.mask:q} --out {output.grid:q} "
-        "--artefacts {input.artefacts:q} --qc {output.qc:q} --params {params.tiling:q} "
-        "--fallback-mpp {params.fallback_mpp} {params.mpp} --annotations-dir={params.annotations:q} "
-        "--on-error {params.on_error} > {log:q} 2>&1"
+        slide_shell(tile_argv)
 
 
 # segment_slides_per_job (config, default 1): 1 gives rules segment and tile, one job per slide
