@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 
 from bd.errors import ConfigError
-from bd.params import SECTIONS, build, check, json_schema, param, section_of
+from bd.params import SECTIONS, build, check, json_schema, param, section_of, with_defaults
 
 
 @dataclasses.dataclass
@@ -109,3 +109,36 @@ def test_schema_only_limits_are_in_the_schema_not_in_build():
     assert build(_Curves, {"rates": []}).rates == []
     with pytest.raises(ConfigError, match=r"rates\[0\]"):
         build(_Curves, {"rates": [101]})
+
+
+@dataclasses.dataclass(kw_only=True)
+class _Pairs:
+    name: str = param(description="required: no default")
+    grid: list[tuple[float, float]] = param(default_factory=list, min_items=1, unique_items=True)
+    mixed: tuple[int, str] = (1, "a")
+    rate: float = 0.5
+
+
+def test_fixed_length_tuples_and_required_keys():
+    """A pair is an array of exactly two items on both sides; a field without default is required."""
+    schema = json_schema(_Pairs)
+    assert schema["required"] == ["name"]
+    assert schema["properties"]["grid"] == {"type": "array", "items": {
+        "type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2}, "minItems": 1, "uniqueItems": True}
+    assert schema["properties"]["mixed"] == {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}],
+                                             "items": False, "minItems": 2, "maxItems": 2}
+    assert build(_Pairs, {"name": "x", "grid": [[1, 0.5]], "mixed": [2, "b"]}).grid == [(1.0, 0.5)]
+    validator = jsonschema.Draft202012Validator(schema)
+    for data, key in [({"name": "x", "grid": [[1.0]]}, r"grid\[0\]"), ({"name": "x", "grid": [[1, 2, 3]]}, r"grid\[0\]"),
+                      ({"name": "x", "grid": [[1, 2], [1, 2]]}, "grid"), ({"name": "x", "mixed": ["a", 1]}, r"mixed\[0\]"),
+                      ({"grid": [[1, 2]]}, "name")]:
+        with pytest.raises(ConfigError, match=f"key '{key}'"):
+            build(_Pairs, data)
+        assert not validator.is_valid(data)
+
+
+def test_with_defaults_keeps_the_given_values_as_written():
+    """The workflow's view of a section: given keys as the config writes them, the rest the dataclass's defaults."""
+    assert with_defaults(_Pairs, {"name": "x", "rate": 1}) == {"name": "x", "grid": [], "mixed": (1, "a"), "rate": 1}
+    with pytest.raises(ConfigError, match="key 'cohort.rate'"):
+        with_defaults(_Pairs, {"name": "x", "rate": "fast"}, prefix="cohort.")

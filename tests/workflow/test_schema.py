@@ -16,7 +16,7 @@ import yaml
 
 from bd.cli import main
 from bd.errors import ConfigError
-from bd.params import build, limits_of
+from bd.params import build, limits_of, required
 from bd.workflow import schema as S
 from bd.workflow.check import SCHEMA
 
@@ -94,7 +94,18 @@ CONTAINER_CASES = [  # (section, key, value, valid): lists and mappings
     ("evaluation", "missing_kinds", {"bd": []}, False), ("evaluation", "missing_kinds", {"bd": ["slide"]}, True),
     ("evaluation", "figures", {"roc_rates": [0, 0]}, False), ("evaluation", "figures", {"heatmap_patients": 0}, False),
     ("evaluation", "figures", {"tsne_perplexity": 0}, False), ("evaluation", "figures", {"roc_rates": [50]}, True),
+    ("ablations", "directions", ["both", "m2s"], True), ("ablations", "directions", ["sideways"], False),
+    ("ablations", "directions", [], False), ("ablations", "lambda_grid", [[0.6, 0.5], [1, 0]], True),
+    ("ablations", "lambda_grid", [[0.6]], False), ("ablations", "lambda_grid", [[0.6, 0.5, 0.1]], False),
+    ("ablations", "lambda_grid", [[0.6, 0.5], [0.6, 0.5]], False), ("ablations", "prompt_lengths", [0], False),
+    ("ablations", "seeds", [], False), ("cohort", "sample_sheet", None, True), ("cohort", "name", 3, False),
 ]
+
+
+def _required(cls: type) -> dict[str, Any]:
+    """A value for each key the section requires (the cohort's name and clinical table), so that a
+    case checks its own key only."""
+    return {f.name: "x" for f in dataclasses.fields(cls) if required(f)}
 
 
 @pytest.mark.parametrize(("section", "key", "value", "valid"), _scalar_cases() + CONTAINER_CASES)
@@ -102,13 +113,14 @@ def test_build_and_the_schema_agree(section, key, value, valid):
     """Every key with a declared range or choices: the workflow's schema check (Snakemake, bd check)
     and the stage command's build() take the same values, and refuse the others naming the key."""
     node = yaml.safe_load(SCHEMA.read_text())["properties"][section]
-    assert jsonschema.Draft202012Validator(node).is_valid({key: value}) == valid
     cls = S.section_params()[section]
+    data = {**_required(cls), key: value}
+    assert jsonschema.Draft202012Validator(node).is_valid(data) == valid
     if valid:
-        build(cls, {key: value})
+        build(cls, data)
     else:
         with pytest.raises(ConfigError, match=f"{section}\\.{key}"):
-            build(cls, {key: value})
+            build(cls, data)
 
 
 def test_the_workflow_needs_a_curve_rate_bd_evaluate_does_not():
@@ -121,5 +133,5 @@ def test_the_workflow_needs_a_curve_rate_bd_evaluate_does_not():
 def test_every_bound_is_covered():
     """The scalar cases reach every section that declares a bound (the generator above is not empty)."""
     sections = {s for s, *_ in _scalar_cases()}
-    assert sections >= {"demo", "segmentation", "tiling", "features", "split", "training", "evaluation",
-                        "h5_features", "external"}
+    assert sections >= {"cohort", "demo", "segmentation", "tiling", "features", "split", "training", "evaluation",
+                        "h5_features", "external", "versions"}
