@@ -47,12 +47,17 @@ class CohortParams:
 
 def demo_slides(demo: dict[str, Any]) -> pd.DataFrame:
     """The demo cohort's slides: patient ``i`` (1..N) has ``WSIs/i.tif`` (pyramidal TIFF) or, for a
-    seeded ``flat_jpeg_fraction`` of patients, ``WSIs/i.jpg`` (flat JPEG, as in BCNB)."""
-    n = int(demo.get("patients", 60))
-    rng = np.random.default_rng(int(demo.get("seed", 0)))
-    n_flat = int(round(n * float(demo.get("flat_jpeg_fraction", 0.1))))
+    seeded ``flat_jpeg_fraction`` of patients, ``WSIs/i.jpg`` (flat JPEG, as in BCNB); the keys the
+    section leaves out are DemoParams' defaults, as for ``bd demo``."""
+    from bd.demo import DemoParams
+    from bd.params import with_defaults
+
+    demo = with_defaults(DemoParams, demo)
+    n = int(demo["patients"])
+    rng = np.random.default_rng(int(demo["seed"]))
+    n_flat = int(round(n * float(demo["flat_jpeg_fraction"])))
     flat = set(rng.choice(np.arange(1, n + 1), size=n_flat, replace=False).tolist()) if n_flat else set()
-    out_dir = Path(demo.get("out_dir", "results/demo")) / "WSIs"
+    out_dir = Path(demo["out_dir"]) / "WSIs"
     rows = [
         {"slide_id": str(i), "patient_id": str(i), "path": str(out_dir / f"{i}.{'jpg' if i in flat else 'tif'}")}
         for i in range(1, n + 1)
@@ -179,7 +184,7 @@ def config_path_errors(config: dict[str, Any]) -> list[str]:
         folder = cohort.get("annotations_dir")
         if not folder or not Path(folder).is_dir():
             errors.append(f"cohort.annotations_dir: {folder} is not a folder (tiling.use_annotations is true)")
-    if (config.get("split") or {}).get("mode", "official") == "official":
+    if _split_mode(config) == "official":
         split_dir = cohort.get("split_dir")
         if not split_dir or not Path(split_dir).is_dir():
             errors.append(f"cohort.split_dir: {split_dir} is not a folder (split.mode is 'official')")
@@ -187,6 +192,13 @@ def config_path_errors(config: dict[str, Any]) -> list[str]:
     if weights and not Path(weights).is_file():
         errors.append(f"features.weights: {weights} does not exist")
     return errors + optional_path_errors(config)
+
+
+def _split_mode(config: dict[str, Any]) -> str:
+    """split.mode, SplitParams' default when the config leaves it out."""
+    from bd.cohort.split import SplitParams
+
+    return str((config.get("split") or {}).get("mode", SplitParams.mode))
 
 
 def optional_path_errors(config: dict[str, Any]) -> list[str]:

@@ -21,6 +21,18 @@ def test_demo_slides_are_deterministic_with_some_flat_jpegs():
     assert a["path"].iloc[0].startswith("d/WSIs/")
 
 
+def test_demo_slides_default_to_the_cohort_bd_demo_writes():
+    """A demo section that leaves keys out plans the slides of DemoParams' defaults (bd demo's)."""
+    from bd.demo import DemoParams
+
+    defaults = DemoParams()
+    sheet = demo_slides({"enabled": True})
+    assert len(sheet) == defaults.patients
+    assert sheet["path"].iloc[0].startswith(f"{defaults.out_dir}/WSIs/")
+    with pytest.raises(ConfigError, match="demo.patients"):
+        demo_slides({"patients": 2})
+
+
 def test_pattern_finds_slides(tmp_path):
     for name in ("1.jpg", "2.jpg", "notes.txt"):
         (tmp_path / name).write_text("x")

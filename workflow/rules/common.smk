@@ -151,6 +151,9 @@ def stores_dir(stores):
 EXTRACT_PER_JOB = int(config["extract_slides_per_job"])
 EXTRACT_COMMON = dict(
     params=dict(on_error=ON_SLIDE_ERROR, features=section("features"), version=stage_version("extract")),
+    # features.num_workers (DataLoader workers); 2 when unset, although bd extract then runs
+    # FeatureParams' 4: reading that default here would import torch (bd.features.extract,
+    # bd.device) whenever the workflow is parsed.
     threads=max(1, (config.get("features") or {}).get("num_workers", 2)),
     weights=(config.get("features") or {}).get("weights") or [],
 )

@@ -57,7 +57,7 @@ rule extract:
         f"{R}/logs/extract/{{slide}}.log",
     benchmark:
         f"{R}/benchmarks/extract/{{slide}}.tsv"
-    threads: max(1, (config.get("features") or {}).get("num_workers", 2))  # DataLoader workers
+    threads: EXTRACT_COMMON["threads"]  # DataLoader workers
     resources:
         # One GPU per job: `snakemake --resources gpu=N` runs N extractions side by side on an
         # N-GPU node, and `bd extract` gives each its own device (CUDA_VISIBLE_DEVICES, bd.device.claim_gpu).
