@@ -8,6 +8,7 @@ The params dataclasses are the one description of each config key: a field decla
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import operator
 import re
@@ -140,6 +141,12 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
     return value
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    """``cls``'s resolved type hints, once per class (the workflow builds a section many times a parse)."""
+    return typing.get_type_hints(cls)
+
+
 def _fixed_length(hint: Any) -> bool:
     """Whether ``hint`` is a tuple of a fixed length (``tuple[float, float]``, not ``tuple[int, ...]``)."""
     args = typing.get_args(hint)
@@ -174,7 +181,7 @@ def build(cls: type[T], value: str | dict[str, Any] | None, prefix: str | None =
     missing = [name for name, f in fields.items() if required(f) and name not in data]
     if missing:
         raise ConfigError(f"missing key '{prefix}{missing[0]}'")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     kwargs = {k: _check_type(prefix + k, v, hints[k]) for k, v in data.items()}
     for k, v in kwargs.items():
         _check_limits(prefix + k, v, limits_of(fields[k], enforced=True))
@@ -267,7 +274,7 @@ def _check_items(key: str, value: list[Any] | tuple[Any, ...], limits: dict[str,
 def json_schema(cls: type) -> dict[str, Any]:
     """The JSON schema of params dataclass ``cls``: types from its type hints, ranges, choices and
     descriptions from its :func:`param` fields, unknown keys refused."""
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     properties = {}
     for f in dataclasses.fields(cls):
         meta = f.metadata.get(META, {})

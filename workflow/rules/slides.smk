@@ -74,8 +74,9 @@ rule tile:
 # segment_slides_per_job (config, default 1): 1 gives rules segment and tile, one job per slide
 # (cached with --cache, grouped on clusters). N > 1 gives rules segment_tile_batch_0, ...: N slides
 # per `bd batch` job (bd/workflow/batch.py), each slide's `bd segment` then `bd tile` exactly as
-# the one-slide rules run them, each with its own log, so Python and OpenCV start once a job
-# instead of twice a slide (the demo's 160 one-slide jobs spent more in start-up than in work).
+# the one-slide rules run them (the same segment_argv and tile_argv build both, common.smk), each
+# with its own log, so Python and OpenCV start once a job instead of twice a slide (the demo's 160
+# one-slide jobs spent more in start-up than in work).
 # The same outputs; a batch reruns all its slides when one changes; these rules are not cached.
 
 
