@@ -4,6 +4,7 @@ fused patch-layer matmul of several pools, and the patch-feature standardisation
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -93,12 +94,10 @@ class AttentionPool(nn.Module):
         self.pooled_cache: Any = None  # set by bd.mil.runs.PooledCache during evaluation
 
     def instances(self, features: torch.Tensor) -> torch.Tensor:
-        """Instance embeddings [n, dim] (FC + ReLU), fp32."""
-        dtype = self.compute_dtype
-        if dtype is None:
-            return F.relu(self.embed(self.standardised(features.float())))
-        w, b = self.embed.weight.to(dtype), self.embed.bias.to(dtype)
-        return F.relu(F.linear(self.standardised(features.to(dtype)), w, b).float())
+        """Instance embeddings [n, dim] (FC + ReLU), fp32: the fused patch layer of one pool."""
+        dtype = self.compute_dtype or torch.float32
+        x = self.standardised(features.to(dtype))
+        return _SharedInputLinearReLU.apply(x, dtype, self.embed.weight, self.embed.bias)[0]
 
     def standardised(self, features: torch.Tensor) -> torch.Tensor:
         """Patch features z-scored with the training patches' statistics, in ``features``' dtype."""
@@ -125,9 +124,35 @@ class AttentionPool(nn.Module):
         return pooled, weights
 
 
+@functools.cache
+def onednn_linear() -> bool:
+    """Whether this torch runs a fused linear + ReLU through oneDNN on CPU: built with it, and the
+    (private) op answers a 2 x 2 call with the right values; else :func:`linear_relu` uses MKL."""
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+    if op is None:
+        return False
+    x, w, b = torch.tensor([[1.0, -2.0], [3.0, 4.0]]), torch.tensor([[1.0, 0.0], [0.0, -1.0]]), torch.zeros(2)
+    try:
+        return bool(torch.equal(op(x, w, b, "relu", [], ""), torch.tensor([[1.0, 2.0], [3.0, 0.0]])))
+    except RuntimeError:
+        return False
+
+
+def linear_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``relu(x @ weight.T + bias)``, on CPU as one oneDNN matmul with the bias and ReLU applied
+    in its epilogue: MKL's sgemm, which ``F.linear`` calls, ran this [~16 k x 1,024] x [1,024 x
+    256] product 1.1-1.3x slower on an AMD EPYC (Zen 3, AVX2), and the ReLU was a second pass
+    over the output (benchmarks/train.py). The same values up to float rounding. fp32 only: bf16
+    already goes through oneDNN in ``F.linear``, and its inner product lacks bf16 on AVX2 CPUs."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] and onednn_linear():
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu", [], "")
+    return F.relu_(F.linear(x, weight, bias))
+
+
 class _SharedInputLinearReLU(torch.autograd.Function):
     """``relu(x @ w_i.T + b_i)`` (as fp32) for several layers on the same input, one GEMM forward
-    and one for all weight gradients. The ReLU runs in place on the GEMM's output and backward
+    and one for all weight gradients. The ReLU runs in the GEMM's epilogue (:func:`linear_relu`),
+    each layer's output is a column block of its result, and backward
     writes each layer's masked gradient straight into its columns of the weight-gradient GEMM's
     input: no concatenation and no extra per-layer tensors. Only the outputs are kept for backward
     (their sign is the ReLU's mask), and no gradient goes to ``x`` unless it asks for one (patch
@@ -138,9 +163,9 @@ class _SharedInputLinearReLU(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, dtype: torch.dtype, *weights_biases: torch.Tensor) -> tuple[torch.Tensor, ...]:
         weights, biases = weights_biases[0::2], weights_biases[1::2]
         xd = x.to(dtype)
-        y = F.linear(xd, torch.cat(weights).to(dtype), torch.cat(biases).to(dtype))
         ctx.sizes, ctx.dtype = [w.shape[0] for w in weights], dtype
-        hs = [torch.clamp_min(part, 0) for part in y.split(ctx.sizes, dim=1)]  # each contiguous
+        y = linear_relu(xd, torch.cat(weights).to(dtype), torch.cat(biases).to(dtype))
+        hs = y.split(ctx.sizes, dim=1)  # column blocks of y: views, no copy
         ctx.save_for_backward(xd, *hs, *weights)
         ctx.set_materialize_grads(False)
         return tuple(h.float() for h in hs)

@@ -10,6 +10,7 @@ import torch
 
 from bd.synthetic import synthetic_cohort
 from bd.evaluation.evaluate import EvaluationParams, evaluate, run_predictor
+from bd.mil import pooling
 from bd.mil.models import AttentionPool, create_model, standardised_inputs
 from bd.mil.packing import Packer, largest_step
 from bd.mil.runs import PooledCache, TrainedRun, predict_patients
@@ -182,14 +183,13 @@ def test_cached_evaluation_equals_uncached_and_pools_each_patient_once(method, m
     kinds = params.kinds(method)
     run = _run(method, cohort)
     patches = {"n": 0}  # patches x pools through the patch layer (fused or not)
-    original = torch.nn.functional.linear
+    original = pooling.linear_relu
 
-    def counting(x, weight, bias=None):
-        if weight.shape[1] == DIM:
-            patches["n"] += x.shape[0] * weight.shape[0] // SMALL["hidden_dim"]
+    def counting(x, weight, bias):
+        patches["n"] += x.shape[0] * weight.shape[0] // SMALL["hidden_dim"]
         return original(x, weight, bias)
 
-    monkeypatch.setattr(torch.nn.functional, "linear", counting)
+    monkeypatch.setattr(pooling, "linear_relu", counting)
     cached = evaluate(run_predictor(run, cohort), ids, labels, 0.5, kinds, params)
     cached_patches, patches["n"] = patches["n"], 0
     plain = evaluate(run_predictor(run, cohort, cache=False), ids, labels, 0.5, kinds, params)

@@ -317,7 +317,10 @@ def test_fused_patch_layer_equals_separate_layers(precision):
     x = torch.randn(50, DIM).to(torch.bfloat16 if precision == "bf16" else torch.float32)
     pools = (model.pool_mul, model.pool_sgl)
     fused = embed_instances(pools, x)
-    separate = [pool.instances(x) for pool in pools]
+    separate = [_plain_instances(pool, x) for pool in pools]
+    for pool, plain in zip(pools, separate):  # one pool alone runs the same fused layer
+        torch.testing.assert_close(pool.instances(x), plain, rtol=1e-2 if precision == "bf16" else 1e-5,
+                                   atol=1e-2 if precision == "bf16" else 1e-5)
     for a, b in zip(fused, separate):
         torch.testing.assert_close(a, b, rtol=1e-2 if precision == "bf16" else 1e-5, atol=1e-2 if precision == "bf16" else 1e-5)
     (fused[1] ** 2).sum().backward()
@@ -327,6 +330,33 @@ def test_fused_patch_layer_equals_separate_layers(precision):
     (separate[1] ** 2).sum().backward()
     tol = 5e-2 if precision == "bf16" else 1e-4
     torch.testing.assert_close(fused_grad, model.pool_sgl.embed.weight.grad, rtol=tol, atol=tol)
+
+
+def _plain_instances(pool, x: torch.Tensor) -> torch.Tensor:
+    """A pool's instance embeddings by plain autograd ops (the reference for the fused layer)."""
+    dtype = pool.compute_dtype or torch.float32
+    w, b = pool.embed.weight.to(dtype), pool.embed.bias.to(dtype)
+    return torch.relu(torch.nn.functional.linear(pool.standardised(x.to(dtype)), w, b)).float()
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_linear_relu_by_onednn_or_mkl_and_its_input_gradient(onednn, monkeypatch):
+    """The patch layer's product gives F.linear + ReLU's values either way (oneDNN where this
+    torch has it, MKL where not), and its gradients, the input's too when the input asks."""
+    from bd.mil import pooling
+
+    if onednn and not pooling.onednn_linear():
+        pytest.skip("this torch has no oneDNN linear")
+    monkeypatch.setattr(pooling, "onednn_linear", lambda: onednn)
+    torch.manual_seed(1)
+    x, w, b = torch.randn(300, DIM), torch.randn(7, DIM), torch.randn(7)
+    torch.testing.assert_close(pooling.linear_relu(x, w, b), torch.relu(x @ w.T + b), rtol=1e-5, atol=1e-5)
+    leaves = [t.clone().requires_grad_(True) for t in (x, w, b)]
+    (pooling._SharedInputLinearReLU.apply(leaves[0], torch.float32, leaves[1], leaves[2])[0] ** 2).sum().backward()
+    plain = [t.clone().requires_grad_(True) for t in (x, w, b)]
+    (torch.relu(plain[0] @ plain[1].T + plain[2]) ** 2).sum().backward()
+    for fused, ref in zip(leaves, plain):
+        torch.testing.assert_close(fused.grad, ref.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_packed_step_converts_while_packing():
