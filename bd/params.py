@@ -42,7 +42,7 @@ SECTIONS: dict[str, str | None] = {
     "extract_slides_per_job": None,
     "segment_slides_per_job": None,
     "cohort": "bd.cohort.samples:CohortParams",
-    "demo": "bd.demo:DemoParams",
+    "demo": "bd.demo.params:DemoParams",
     "segmentation": "bd.slides.segment:SegmentParams",
     "tiling": "bd.slides.tiling:TileParams",
     "features": "bd.features.extract:FeatureParams",

@@ -49,7 +49,7 @@ def demo_slides(demo: dict[str, Any]) -> pd.DataFrame:
     """The demo cohort's slides: patient ``i`` (1..N) has ``WSIs/i.tif`` (pyramidal TIFF) or, for a
     seeded ``flat_jpeg_fraction`` of patients, ``WSIs/i.jpg`` (flat JPEG, as in BCNB); the keys the
     section leaves out are DemoParams' defaults, as for ``bd demo``."""
-    from bd.demo import DemoParams
+    from bd.demo.params import DemoParams
     from bd.params import with_defaults
 
     demo = with_defaults(DemoParams, demo)

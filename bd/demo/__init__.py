@@ -13,7 +13,8 @@ one ingest path.
   level-0 pixels, so that tissue segmentation can be checked against the truth.
 
 ``bd demo-auc --out-dir DIR`` prints the clinical-only logistic-regression and oracle test AUCs.
-See :mod:`bd.demo.patients` for the generative model and its calibration.
+See :mod:`bd.demo.patients` for the generative model and its calibration; the section's params,
+:class:`DemoParams`, are in :mod:`bd.demo.params`.
 """
 
 from __future__ import annotations
@@ -31,8 +32,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bd.errors import ConfigError
-from bd.params import check, param
+from bd.demo.params import DemoParams
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -40,32 +40,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SLIDE_NAME = re.compile(r"^\d+\.(tif|jpg)$")
-
-
-@dataclass
-class DemoParams:
-    """The synthetic demo cohort in the BCNB layout (`bd demo`)."""
-
-    enabled: bool = param(True, description="write the demo cohort (the cohort section then points at it)")
-    out_dir: str = param("results/demo", description="folder of the demo cohort")
-    patients: int = param(80, minimum=4, description="patients (one slide each)")
-    test_patients: int | None = param(
-        None, minimum=1, description="test split size (the rest in BCNB's 630:210 train:val ratio); null: BCNB's ratio")
-    seed: int = param(0, description="seed of the cohort")
-    slide_size: int = param(4096, minimum=512, description="slide side in px at level 0")
-    mpp: float = param(0.5, exclusive_minimum=0, description="level-0 microns per pixel of the slides")
-    flat_jpeg_fraction: float = param(0.1, minimum=0, maximum=1,
-                                      description="share of the slides written as flat JPEGs (BCNB's format)")
-    annotations: bool = param(True, description="write tumour annotation polygons")
-    slide_signal: float = param(1.5, minimum=0,
-                                description="N+ vs N0 shift of the slides' hidden tumour burden, in SD units")
-    jpeg_quality: int = param(85, minimum=1, maximum=100, description="JPEG quality of the slides' tiles")
-
-    def __post_init__(self) -> None:
-        check(self)
-        if self.test_patients is not None and not self.test_patients < self.patients - 1:
-            raise ConfigError(f"demo.test_patients: {self.test_patients} leaves no training and validation "
-                              f"patients of demo.patients ({self.patients})")
 
 
 @dataclass(frozen=True)
