@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 from bd.errors import ConfigError
+from bd.params import PRECISION_CHOICES  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-PRECISION_CHOICES = ("auto", "bf16", "fp32")
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf16 arithmetic
 
 

@@ -23,6 +23,7 @@ from bd.errors import ConfigError
 
 T = TypeVar("T")
 META = "bd"  # the key of a field's metadata that param() fills
+PRECISION_CHOICES = ("auto", "bf16", "fp32")  # training.precision, features.precision (bd.device.resolve_precision)
 # param()'s keywords -> the JSON-schema keywords they become
 WORDS = {"minimum": "minimum", "exclusive_minimum": "exclusiveMinimum", "maximum": "maximum",
          "exclusive_maximum": "exclusiveMaximum", "choices": "enum", "min_items": "minItems",
@@ -45,7 +46,7 @@ SECTIONS: dict[str, str | None] = {
     "demo": "bd.demo.params:DemoParams",
     "segmentation": "bd.slides.segment:SegmentParams",
     "tiling": "bd.slides.tiling:TileParams",
-    "features": "bd.features.extract:FeatureParams",
+    "features": "bd.features.params:FeatureParams",
     "clinical": "bd.cohort.table:ClinicalParams",
     "split": "bd.cohort.split:SplitParams",
     "training": "bd.mil.train:TrainParams",

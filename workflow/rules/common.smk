@@ -10,6 +10,7 @@ from snakemake.utils import validate
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 from bd.workflow.check import SAMPLES_SCHEMA, SCHEMA, check_config, missing_files, prerun
+from bd.features.params import FeatureParams
 from bd.cohort.samples import CohortParams, build_sample_sheet, mpp_option, sheet_sha256
 from bd.methods import list_methods
 from bd.params import with_defaults
@@ -149,13 +150,12 @@ def stores_dir(stores):
 
 # Extraction in batches (features.smk): extract_slides_per_job slides per `bd extract` job.
 EXTRACT_PER_JOB = int(config["extract_slides_per_job"])
+FEATURES_SETTINGS = with_defaults(FeatureParams, config.get("features"), prefix="features.")
 EXTRACT_COMMON = dict(
     params=dict(on_error=ON_SLIDE_ERROR, features=section("features"), version=stage_version("extract")),
-    # features.num_workers (DataLoader workers); 2 when unset, although bd extract then runs
-    # FeatureParams' 4: reading that default here would import torch (bd.features.extract,
-    # bd.device) whenever the workflow is parsed.
-    threads=max(1, (config.get("features") or {}).get("num_workers", 2)),
-    weights=(config.get("features") or {}).get("weights") or [],
+    # a thread per DataLoader worker (features.num_workers, FeatureParams' default when unset)
+    threads=max(1, FEATURES_SETTINGS["num_workers"]),
+    weights=FEATURES_SETTINGS["weights"] or [],
 )
 
 
