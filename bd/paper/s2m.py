@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bd.methods import DIRECTIONS
 from bd.paper.plot import plt, save
 
 
@@ -41,11 +42,11 @@ def s2m_figure(runs: Sequence[Any], curves: Sequence[pd.DataFrame], cohort: Any,
     (c) single-modal test probabilities of each setting against ``none`` of the same seed."""
     rows = [{"directions": r.params.get("directions"), "seed": r.seed, **branch_similarity(r, cohort)} for r in runs]
     table = pd.DataFrame(rows)
-    order = [d for d in ("none", "m2s", "s2m", "both") if d in set(table["directions"])]
+    order = [d for d in DIRECTIONS if d in set(table["directions"])]
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 4.2))
     for i, d in enumerate(order):
         vals = table.loc[table["directions"] == d, "cka"]
-        a.scatter(np.full(len(vals), i), vals, color="tab:red" if d in ("s2m", "both") else "grey")
+        a.scatter(np.full(len(vals), i), vals, color="tab:red" if DIRECTIONS[d][1] else "grey")  # S->M on
         a.plot([i - 0.2, i + 0.2], [vals.mean()] * 2, color="k")
     a.set_xticks(range(len(order)), order)
     a.set_xlabel("directions")

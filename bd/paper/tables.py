@@ -20,7 +20,7 @@ import pandas as pd
 
 from bd.errors import BDError, TableError
 from bd.io import atomic_path, write_text
-from bd.methods import label_of, list_methods
+from bd.methods import DIRECTIONS, label_of, list_methods
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def table1_markdown(t: pd.DataFrame) -> str:
 
 # ---------------------------------------------------------------- Table II
 
-DIRECTION_ORDER = ["none", "s2m", "m2s", "both"]
+DIRECTION_ORDER = ["none", "s2m", "m2s", "both"]  # Table II's row order (the settings: bd.methods.DIRECTIONS)
 
 
 def _directions(metrics: pd.DataFrame) -> pd.Series:
@@ -209,8 +209,8 @@ def table2(metrics: pd.DataFrame, rates: Sequence[float], summaries: pd.DataFram
         raise TableError("no BD runs with distillation directions (experiments bd-dir-*) in the metrics files")
     t = pooled(m, ["rate", "directions"], summaries.assign(directions=_directions(summaries))
                if summaries is not None and len(summaries) else None)
-    t["s_to_m"] = t["directions"].isin(["s2m", "both"])
-    t["m_to_s"] = t["directions"].isin(["m2s", "both"])
+    t["m_to_s"] = t["directions"].map(lambda d: DIRECTIONS[d][0])  # (M->S, S->M) switches of each setting
+    t["s_to_m"] = t["directions"].map(lambda d: DIRECTIONS[d][1])
     t["paper_f1_pct"] = [PAPER_TABLE2.get((int(r), d), np.nan) for r, d in zip(t["rate"], t["directions"])]
     rank = {d: i for i, d in enumerate(DIRECTION_ORDER)}
     t = t.sort_values(["rate", "directions"], key=lambda s: s.map(rank) if s.name == "directions" else s)
