@@ -138,6 +138,8 @@ def cpu_figures(emit: Recorder, cohort: Cohort, args: argparse.Namespace) -> Non
     alt = epoch_seconds(cohort, sub, TrainParams(method="bd", precision=other, batch_size=params.batch_size), cpu)
     emit(f"{other}_epoch_s_cpu", alt / share, "s (extrapolated)", precision=other, batch_size=params.batch_size,
          threads=threads, patients=len(sub), note="the precision auto did not choose")
+    if args.backend_rounds:
+        backend_figures(emit, cohort, idx[::7], params, cpu, args.backend_rounds)  # ~150 of 1,058 patients
     if args.eval_seeds:
         test = cohort.indices("test")
         emit("evaluate_7x3_s_cpu", evaluation_seconds(cohort, params.precision, cpu, args.eval_seeds), "s",
@@ -145,6 +147,34 @@ def cpu_figures(emit: Recorder, cohort: Cohort, args: argparse.Namespace) -> Non
              test_patches=int(cohort.lengths()[test].sum()), threads=threads,
              note="each run pools every test patient's slide once (bd.mil.runs.PooledCache)")
         emit("evaluate_7x3_cpu_time_s_cpu", LAST_CPU_S[0], "CPU s (all threads)")
+
+
+def backend_figures(emit: Recorder, cohort: Cohort, sub: np.ndarray, params: TrainParams, cpu: torch.device,
+                    rounds: int) -> None:
+    """The patch layer's product by oneDNN (bd.mil.pooling.linear_relu, the default where torch
+    has it) against MKL's sgemm, epochs on ``sub`` alternated ``rounds`` times in this process
+    (same model, same batches' shapes): medians of wall and CPU time, scaled to the epoch."""
+    from bd.mil import pooling
+
+    if not pooling.onednn_linear():
+        return
+    share = float(cohort.lengths()[sub].sum()) / int(cohort.offsets[-1])
+    times: dict[str, list[tuple[float, float]]] = {"onednn": [], "mkl": []}
+    original = pooling.onednn_linear
+    try:
+        for _ in range(rounds):
+            for name, use in (("mkl", False), ("onednn", True)):
+                pooling.onednn_linear = lambda use=use: use
+                wall = epoch_seconds(cohort, sub, params, cpu)
+                times[name].append((wall / share, LAST_CPU_S[0] / share))
+    finally:
+        pooling.onednn_linear = original
+    med = {k: (float(np.median([w for w, _ in v])), float(np.median([c for _, c in v]))) for k, v in times.items()}
+    for name, (wall, cpu_s) in med.items():
+        emit(f"bd_epoch_s_cpu_{name}_patch_layer", wall, "s (extrapolated, median)", patients=len(sub), rounds=rounds,
+             cpu_s=round(cpu_s, 1))
+    emit("onednn_vs_mkl_patch_layer_cpu", med["mkl"][0] / med["onednn"][0], "x (wall)",
+         cpu_ratio=round(med["mkl"][1] / med["onednn"][1], 3), note=">1: oneDNN faster; alternated in one process")
 
 
 def gpu_figures(emit: Recorder, cohort: Cohort, args: argparse.Namespace) -> None:
@@ -173,6 +203,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, all cores)")
     parser.add_argument("--reference-fraction", type=float, default=0.05,
                         help="share of the patients timed for the fp32 reference")
+    parser.add_argument("--backend-rounds", type=int, default=3,
+                        help="rounds of the oneDNN-vs-MKL patch-layer A/B on every 7th patient (0: skip)")
     parser.add_argument("--eval-seeds", type=int, default=3, help="seeds per method for the evaluation timing (0: skip)")
     parser.add_argument("--skip-cpu", action="store_true", help="GPU figures only")
     parser.add_argument("--save", action="store_true", help="append the rows to benchmarks/results/")
