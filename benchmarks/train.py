@@ -26,6 +26,10 @@ made a step's CPU time 1.6x under load). ``run_epoch`` keeps freed heap blocks f
 (``bd.device.retain_freed_memory``), as in ``bd train``. Figures from a shared
 machine are inflated; the CPU line says which CPU and whether it has native bf16.
 
+``--backend-rounds`` (default 3) alternates the patch layer's oneDNN product with MKL's in one
+process on every 7th patient (``bd.mil.pooling.linear_relu``); ``--profile TOP`` prints where one
+epoch's time goes, op by op (torch.profiler).
+
 Prints one JSON object per line: {"metric", "value", "unit", "target", "better", "device"};
 ``--save`` appends them to benchmarks/results/train-<device>.jsonl.
 """
@@ -138,6 +142,8 @@ def cpu_figures(emit: Recorder, cohort: Cohort, args: argparse.Namespace) -> Non
     alt = epoch_seconds(cohort, sub, TrainParams(method="bd", precision=other, batch_size=params.batch_size), cpu)
     emit(f"{other}_epoch_s_cpu", alt / share, "s (extrapolated)", precision=other, batch_size=params.batch_size,
          threads=threads, patients=len(sub), note="the precision auto did not choose")
+    if args.profile:
+        profile_figures(emit, cohort, sub, params, cpu, args.profile)
     if args.backend_rounds:
         backend_figures(emit, cohort, idx[::7], params, cpu, args.backend_rounds)  # ~150 of 1,058 patients
     if args.eval_seeds:
@@ -147,6 +153,25 @@ def cpu_figures(emit: Recorder, cohort: Cohort, args: argparse.Namespace) -> Non
              test_patches=int(cohort.lengths()[test].sum()), threads=threads,
              note="each run pools every test patient's slide once (bd.mil.runs.PooledCache)")
         emit("evaluate_7x3_cpu_time_s_cpu", LAST_CPU_S[0], "CPU s (all threads)")
+
+
+def profile_figures(emit: Recorder, cohort: Cohort, sub: np.ndarray, params: TrainParams, cpu: torch.device,
+                    top: int) -> None:
+    """Where an epoch's time goes: torch.profiler over one epoch on ``sub``, the ``top`` ops by
+    self time (the patch layer's two products apart from the other matmuls), as shares."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        epoch_seconds(cohort, sub, params, cpu)
+    totals: dict[str, float] = {}
+    for event in prof.key_averages(group_by_input_shape=True):
+        patch_layer = event.key in ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise") and any(
+            cohort.feature_dim in shape and len(shape) == 2 and shape[0] > 1000 for shape in event.input_shapes if shape)
+        key = f"{event.key} (patch layer)" if patch_layer else event.key
+        totals[key] = totals.get(key, 0.0) + event.self_cpu_time_total
+    whole = sum(totals.values()) or 1.0
+    for key, value in sorted(totals.items(), key=lambda kv: -kv[1])[:top]:
+        emit("profile_share_cpu", value / whole, "share of self time", op=key, patients=len(sub))
 
 
 def backend_figures(emit: Recorder, cohort: Cohort, sub: np.ndarray, params: TrainParams, cpu: torch.device,
@@ -203,6 +228,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, all cores)")
     parser.add_argument("--reference-fraction", type=float, default=0.05,
                         help="share of the patients timed for the fp32 reference")
+    parser.add_argument("--profile", type=int, default=0, metavar="TOP",
+                        help="profile one epoch on the reference subset and print the TOP ops' shares (0: skip)")
     parser.add_argument("--backend-rounds", type=int, default=3,
                         help="rounds of the oneDNN-vs-MKL patch-layer A/B on every 7th patient (0: skip)")
     parser.add_argument("--eval-seeds", type=int, default=3, help="seeds per method for the evaluation timing (0: skip)")
