@@ -46,7 +46,7 @@ def check_identity(run_identity: Mapping[str, Any], attrs: Mapping[str, Any], wh
 
 def stage_params(identity: Mapping[str, Any], overrides: Mapping[str, Any]) -> tuple[Any, Any, Any]:
     """Segmentation, tiling and feature parameters: the run's feature identity, then overrides."""
-    from bd.features.extract import FeatureParams
+    from bd.features.params import FeatureParams
     from bd.slides.segment import SegmentParams
     from bd.slides.tiling import TileParams
 
