@@ -27,7 +27,7 @@ made a step's CPU time 1.6x under load). ``run_epoch`` keeps freed heap blocks f
 machine are inflated; the CPU line says which CPU and whether it has native bf16.
 
 ``--backend-rounds`` (default 3) alternates the patch layer's oneDNN product with MKL's in one
-process on every 7th patient (``bd.mil.pooling.linear_relu``); ``--profile TOP`` prints where one
+process on every 7th patient (``bd.mil.kernels.linear_relu``); ``--profile TOP`` prints where one
 epoch's time goes, op by op (torch.profiler).
 
 Prints one JSON object per line: {"metric", "value", "unit", "target", "better", "device"};
@@ -176,24 +176,24 @@ def profile_figures(emit: Recorder, cohort: Cohort, sub: np.ndarray, params: Tra
 
 def backend_figures(emit: Recorder, cohort: Cohort, sub: np.ndarray, params: TrainParams, cpu: torch.device,
                     rounds: int) -> None:
-    """The patch layer's product by oneDNN (bd.mil.pooling.linear_relu, the default where torch
+    """The patch layer's product by oneDNN (bd.mil.kernels.linear_relu, the default where torch
     has it) against MKL's sgemm, epochs on ``sub`` alternated ``rounds`` times in this process
     (same model, same batches' shapes): medians of wall and CPU time, scaled to the epoch."""
-    from bd.mil import pooling
+    from bd.mil import kernels
 
-    if not pooling.onednn_linear():
+    if not kernels.onednn_linear():
         return
     share = float(cohort.lengths()[sub].sum()) / int(cohort.offsets[-1])
     times: dict[str, list[tuple[float, float]]] = {"onednn": [], "mkl": []}
-    original = pooling.onednn_linear
+    original = kernels.onednn_linear
     try:
         for _ in range(rounds):
             for name, use in (("mkl", False), ("onednn", True)):
-                pooling.onednn_linear = lambda use=use: use
+                kernels.onednn_linear = lambda use=use: use
                 wall = epoch_seconds(cohort, sub, params, cpu)
                 times[name].append((wall / share, LAST_CPU_S[0] / share))
     finally:
-        pooling.onednn_linear = original
+        kernels.onednn_linear = original
     med = {k: (float(np.median([w for w, _ in v])), float(np.median([c for _, c in v]))) for k, v in times.items()}
     for name, (wall, cpu_s) in med.items():
         emit(f"bd_epoch_s_cpu_{name}_patch_layer", wall, "s (extrapolated, median)", patients=len(sub), rounds=rounds,

@@ -21,7 +21,7 @@ from bd.mil.base import (
     COMPLETE, DIRECTIONS, NO_CLINICAL, NO_SLIDE, PROJECTION_DIM, MILModel, Prompt, Stage, _dtype, branch_names,
     classifier, clinical_encoder, pick, probs_of, register,
 )
-from bd.mil.pooling import AttentionPool, embed_instances
+from bd.mil.pooling import AttentionPool, attention_pools
 
 log = logging.getLogger(__name__)
 
@@ -92,19 +92,21 @@ class BidirectionalDistillation(MILModel):
 
     def branches(self, batch: Batch, single: bool = True) -> dict[str, torch.Tensor]:
         """Both branches' features and logits (``single=False``: the multi-modal branch only)."""
-        both = single and self.missing == "clinical"  # both slide encoders: one fused patch matmul
-        h_mul, h_sgl = embed_instances((self.pool_mul, self.pool_sgl), batch.features) if both else (None, None)
-        f_wm = self.pool_mul(batch.features, batch.offsets, h_mul)[0]
+        if single and self.missing == "clinical":  # both slide encoders on the same patches at once
+            (f_wm, _), (f_ws, _) = attention_pools((self.pool_mul, self.pool_sgl), batch.features, batch.offsets)
+        else:
+            f_wm, f_ws = self.pool_mul(batch.features, batch.offsets)[0], None
         f_c = self.clin_mul(batch.clinical)
         out = {"f_wm": f_wm, "f_c": f_c, "logits_mul": self.head_mul(torch.cat([f_wm, f_c], 1))}
         if single:
-            out.update(self.single_branch(batch, h_sgl))
+            out.update(self.single_branch(batch, f_ws))
         return out
 
-    def single_branch(self, batch: Batch, instances: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def single_branch(self, batch: Batch, f_ws: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The single-modal branch's features and logits; ``f_ws``: its slide feature when computed already."""
         f_p = self.prompt(batch.size)
         if self.missing == "clinical":
-            f_ws = self.pool_sgl(batch.features, batch.offsets, instances)[0]
+            f_ws = self.pool_sgl(batch.features, batch.offsets)[0] if f_ws is None else f_ws
             return {"kept_sgl": f_ws, "f_p": f_p, "logits_sgl": self.head_sgl(torch.cat([f_ws, f_p], 1))}
         f_cs = self.clin_sgl(batch.clinical)
         return {"kept_sgl": f_cs, "f_p": f_p, "logits_sgl": self.head_sgl(torch.cat([f_p, f_cs], 1))}

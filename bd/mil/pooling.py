@@ -1,17 +1,19 @@
-"""Attention pooling over packed bags (eq. 1): the instance embedding, the segment softmax, the
-fused patch-layer matmul of several pools, and the patch-feature standardisation they share."""
+"""Attention pooling over packed bags (eq. 1): the instance embedding, the segment softmax,
+several pools on the same patches at once (bag by bag on a CPU, :mod:`bd.mil.bagwise`), and the
+patch-feature standardisation they share."""
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from bd.mil.bagwise import bagwise_pools, stackable
+from bd.mil.kernels import _SharedInputLinearReLU
 
 
 log = logging.getLogger(__name__)
@@ -109,106 +111,63 @@ class AttentionPool(nn.Module):
     def forward(self, features: torch.Tensor, offsets: torch.Tensor,
                 instances: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(slide features [B, dim], attention weights [n]); ``instances``: this pool's
-        embeddings of ``features`` when already computed (see :func:`embed_instances`). Under a
+        embeddings of ``features`` when already computed (see :func:`attention_pools`). On a
+        CPU, without them, the pool runs bag by bag (:mod:`bd.mil.bagwise`). Under a
         ``pooled_cache`` a batch whose bags are all cached returns their features and no weights."""
         cache = self.pooled_cache
         if cache is not None:
             hit = cache.lookup(self, offsets)
             if hit is not None:
                 return hit, None
-        h = self.instances(features) if instances is None else instances
-        scores = self.score(h).squeeze(1)
-        pooled, weights = segment_softmax_pool(scores, h, offsets)
+        if instances is None and features.device.type == "cpu":
+            x = self.standardised(features.to(self.compute_dtype or torch.float32))
+            pooled, weights = bagwise_pools([self], x, _lengths(offsets))[0]
+        else:
+            h = self.instances(features) if instances is None else instances
+            pooled, weights = segment_softmax_pool(self.score(h).squeeze(1), h, offsets)
         if cache is not None:
             cache.store(self, offsets, pooled)
         return pooled, weights
 
 
-@functools.cache
-def onednn_linear() -> bool:
-    """Whether this torch runs a fused linear + ReLU through oneDNN on CPU: built with it, and the
-    (private) op answers a 2 x 2 call with the right values; else :func:`linear_relu` uses MKL."""
-    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
-    if op is None:
-        return False
-    x, w, b = torch.tensor([[1.0, -2.0], [3.0, 4.0]]), torch.tensor([[1.0, 0.0], [0.0, -1.0]]), torch.zeros(2)
-    try:
-        return bool(torch.equal(op(x, w, b, "relu", [], ""), torch.tensor([[1.0, 2.0], [3.0, 0.0]])))
-    except RuntimeError:
-        return False
+def _lengths(offsets: torch.Tensor) -> list[int]:
+    bounds = offsets.tolist()
+    return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def linear_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``relu(x @ weight.T + bias)``, on CPU as one oneDNN matmul with the bias and ReLU applied
-    in its epilogue: MKL's sgemm, which ``F.linear`` calls, ran this [~16 k x 1,024] x [1,024 x
-    256] product 1.1-1.3x slower on an AMD EPYC (Zen 3, AVX2), and the ReLU was a second pass
-    over the output (benchmarks/train.py). The same values up to float rounding. fp32 only: bf16
-    already goes through oneDNN in ``F.linear``, and its inner product lacks bf16 on AVX2 CPUs."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] and onednn_linear():
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu", [], "")
-    return F.relu_(F.linear(x, weight, bias))
-
-
-class _SharedInputLinearReLU(torch.autograd.Function):
-    """``relu(x @ w_i.T + b_i)`` (as fp32) for several layers on the same input, one GEMM forward
-    and one for all weight gradients. The ReLU runs in the GEMM's epilogue (:func:`linear_relu`),
-    each layer's output is a column block of its result, and backward
-    writes each layer's masked gradient straight into its columns of the weight-gradient GEMM's
-    input: no concatenation and no extra per-layer tensors. Only the outputs are kept for backward
-    (their sign is the ReLU's mask), and no gradient goes to ``x`` unless it asks for one (patch
-    features are data). An output that gets no gradient gives its layer none (not zeros), so a
-    loss of one branch leaves the other branch's parameters untouched, as separate layers do."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, dtype: torch.dtype, *weights_biases: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        weights, biases = weights_biases[0::2], weights_biases[1::2]
-        xd = x.to(dtype)
-        ctx.sizes, ctx.dtype = [w.shape[0] for w in weights], dtype
-        y = linear_relu(xd, torch.cat(weights).to(dtype), torch.cat(biases).to(dtype))
-        hs = y.split(ctx.sizes, dim=1)  # column blocks of y: views, no copy
-        ctx.save_for_backward(xd, *hs, *weights)
-        ctx.set_materialize_grads(False)
-        return tuple(h.float() for h in hs)
-
-    @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        xd, *saved = ctx.saved_tensors
-        hs, weights = saved[: len(saved) // 2], saved[len(saved) // 2 :]
-        used = [i for i, g in enumerate(grads) if g is not None]
-        out: list[torch.Tensor | None] = [None] * (2 + 2 * len(weights))
-        if not used:
-            return tuple(out)
-        g = xd.new_empty((xd.shape[0], sum(ctx.sizes[i] for i in used)))
-        col = 0
-        for i in used:  # the ReLU's backward, written into this layer's columns of g
-            width = ctx.sizes[i]
-            torch.ops.aten.threshold_backward.grad_input(grads[i].to(ctx.dtype), hs[i], 0,
-                                                         grad_input=g[:, col : col + width])
-            col += width
-        g_w = (g.t() @ xd).split([ctx.sizes[i] for i in used])
-        g_b = g.sum(0).split([ctx.sizes[i] for i in used])
-        for k, i in enumerate(used):
-            out[2 + 2 * i] = g_w[k].to(weights[i].dtype)
-            out[3 + 2 * i] = g_b[k].to(weights[i].dtype)
-        if ctx.needs_input_grad[0]:
-            out[0] = g @ torch.cat([weights[i] for i in used]).to(ctx.dtype)
-        return tuple(out)
-
-
-def embed_instances(pools: tuple[AttentionPool, ...], features: torch.Tensor) -> list[torch.Tensor]:
-    """Each pool's instance embeddings of the same patches, in one matmul each way: the features
-    are converted once and the GEMMs are ``len(pools)`` times wider, which a CPU runs closer to its
-    peak (the patch layer is nearly all of a step's compute). Same values as ``pool.instances``."""
-    dtypes = {pool.compute_dtype for pool in pools}
+def _shared_dtype(pools: Sequence[AttentionPool]) -> torch.dtype | None:
+    """The patch layer's dtype when all ``pools`` share it and their patch-feature statistics
+    (one conversion and standardisation serves them all), else None."""
+    dtypes = {pool.compute_dtype or torch.float32 for pool in pools}
     first = pools[0]
     same_stats = all(torch.equal(p.feature_mean, first.feature_mean) and torch.equal(p.feature_std, first.feature_std)
                      for p in pools[1:])
-    if any(pool.pooled_cache is not None for pool in pools):
-        return [None] * len(pools)  # each pool computes what its cache lacks (bd.mil.runs.PooledCache)
-    if len(pools) == 1 or len(dtypes) > 1 or not same_stats:
+    return dtypes.pop() if len(dtypes) == 1 and same_stats else None
+
+
+def attention_pools(pools: Sequence[AttentionPool], features: torch.Tensor,
+                    offsets: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Each pool's ``(slide features, attention weights)`` of the same packed bags, the features
+    converted and standardised once. On a CPU all pools run bag by bag in one autograd function
+    (:mod:`bd.mil.bagwise`); elsewhere their patch layers share one GEMM each way
+    (:func:`embed_instances`) and each pool pools its own embeddings."""
+    dtype = _shared_dtype(pools)
+    if len(pools) == 1 or dtype is None or any(pool.pooled_cache is not None for pool in pools):
+        return [pool(features, offsets) for pool in pools]  # a cached pool computes only what it lacks
+    if features.device.type == "cpu" and stackable(pools):
+        return bagwise_pools(pools, pools[0].standardised(features.to(dtype)), _lengths(offsets))
+    return [pool(features, offsets, h) for pool, h in zip(pools, embed_instances(pools, features))]
+
+
+def embed_instances(pools: Sequence[AttentionPool], features: torch.Tensor) -> list[torch.Tensor]:
+    """Each pool's instance embeddings of the same patches, in one matmul each way: the features
+    are converted once and the GEMMs are ``len(pools)`` times wider, which runs closer to the
+    device's peak (the patch layer is nearly all of a step's compute). Same values as
+    ``pool.instances``."""
+    dtype = _shared_dtype(pools)
+    if len(pools) == 1 or dtype is None:
         return [pool.instances(features) for pool in pools]
-    dtype = dtypes.pop() or torch.float32
-    x = first.standardised(features.to(dtype))  # the pools share the training patches' statistics
+    x = pools[0].standardised(features.to(dtype))  # the pools share the training patches' statistics
     params = [t for pool in pools for t in (pool.embed.weight, pool.embed.bias)]
     return list(_SharedInputLinearReLU.apply(x, dtype, *params))
 

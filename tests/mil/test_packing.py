@@ -10,7 +10,7 @@ import torch
 
 from bd.synthetic import synthetic_cohort
 from bd.evaluation.evaluate import EvaluationParams, evaluate, run_predictor
-from bd.mil import pooling
+from bd.mil import bagwise, kernels
 from bd.mil.models import AttentionPool, create_model, standardised_inputs
 from bd.mil.packing import Packer, largest_step
 from bd.mil.runs import PooledCache, TrainedRun, predict_patients
@@ -122,8 +122,12 @@ def test_the_fast_bd_step_gives_the_loss_and_gradients_of_a_straightforward_one(
     with Packer(models[0], cohort, "cpu") as packer:
         fast = models[0].losses(packer.batch(idx), "joint")
         fast["loss"].backward()
-    monkeypatch.setattr(distillation, "embed_instances", lambda pools, x: [None] * len(pools))
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+
+    def plain_pools(pools, x, offsets):  # each pool's own nn.Linear + ReLU, then its pooling by plain ops
+        return [p(x, offsets, torch.relu(p.embed(p.standardised(x.to(dtype)).float()))) for p in pools]
+
+    monkeypatch.setattr(distillation, "attention_pools", plain_pools)
     plain = models[1].losses(cohort.batch(idx, dtype=dtype), "joint")
     plain["loss"].backward()
     tol = {"rtol": 2e-2, "atol": 2e-2} if precision == "bf16" else {"rtol": 1e-5, "atol": 1e-6}
@@ -183,13 +187,15 @@ def test_cached_evaluation_equals_uncached_and_pools_each_patient_once(method, m
     kinds = params.kinds(method)
     run = _run(method, cohort)
     patches = {"n": 0}  # patches x pools through the patch layer (fused or not)
-    original = pooling.linear_relu
+    original = kernels.linear_relu
 
     def counting(x, weight, bias):
-        patches["n"] += x.shape[0] * weight.shape[0] // SMALL["hidden_dim"]
+        if x.shape[1] == DIM:  # the patch layer, not the attention-score layers
+            patches["n"] += x.shape[0] * weight.shape[0] // SMALL["hidden_dim"]
         return original(x, weight, bias)
 
-    monkeypatch.setattr(pooling, "linear_relu", counting)
+    monkeypatch.setattr(kernels, "linear_relu", counting)
+    monkeypatch.setattr(bagwise, "linear_relu", counting)
     cached = evaluate(run_predictor(run, cohort), ids, labels, 0.5, kinds, params)
     cached_patches, patches["n"] = patches["n"], 0
     plain = evaluate(run_predictor(run, cohort, cache=False), ids, labels, 0.5, kinds, params)

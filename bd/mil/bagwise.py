@@ -1,0 +1,174 @@
+"""Attention-MIL pooling on a CPU, a few bags at a time: the patch layer, the attention-score
+MLP, the softmax and the weighted sum of several same-shaped pools in one autograd function,
+forward and backward.
+
+Why: after the patch layer's two big products, a step's time went to ~30 small ops per pool over
+``[n, 128]`` tensors of all ~16 k patches (8 MB each): out of this CPU's cache, each ran at memory
+speed (~15 GB/s here against ~50 in cache), and together they took as long as the patch layer's
+forward product. Here the patch layer's forward product runs once over the step; everything after
+it runs on ~4 k rows at a time (a few whole bags, which stay in cache), forward and backward, with
+the pools stacked: each score layer of all pools is one batched matmul over a strided view of the
+patch layer's output (no copies, half the calls), and each chunk's weight-gradient product of the
+patch layer runs while its gradient is still in cache. The maths is that of
+:class:`bd.mil.pooling.AttentionPool` (eq. 1) on each bag: the same values up to float rounding,
+checked against plain autograd ops in tests/mil/test_bagwise.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from bd.mil.kernels import linear_relu
+
+CHUNK_ROWS = 4096  # rows of whole bags the score path works on at once (~4 MB of fp32 activations)
+
+
+def pool_parameters(pool: nn.Module) -> list[torch.Tensor]:
+    """An :class:`bd.mil.pooling.AttentionPool`'s tensors in the order :class:`_BagwiseAttention`
+    takes them: the patch layer's weight and bias, then each score layer's (every one but the last
+    followed by ReLU)."""
+    layers = [m for m in pool.score if isinstance(m, nn.Linear)]
+    return [pool.embed.weight, pool.embed.bias, *(t for layer in layers for t in (layer.weight, layer.bias))]
+
+
+def stackable(pools: Sequence[nn.Module]) -> bool:
+    """Whether ``pools`` have the same layer shapes (then they run as one stack)."""
+    shapes = [[tuple(t.shape) for t in pool_parameters(pool)] for pool in pools]
+    return all(s == shapes[0] for s in shapes[1:])
+
+
+def bagwise_pools(pools: Sequence[nn.Module], x: torch.Tensor,
+                  lengths: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(pooled [B, dim], attention weights [n]) of each of the same-shaped ``pools``
+    (:func:`stackable`) on the packed bags ``x`` (already converted to the pools' dtype and
+    standardised) of ``lengths`` rows each."""
+    dtype = pools[0].compute_dtype or torch.float32
+    params = [t for pool in pools for t in pool_parameters(pool)]
+    out = _BagwiseAttention.apply(x, lengths, dtype, len(pools), *params)
+    return list(zip(out[: len(pools)], out[len(pools) :]))
+
+
+def _chunks(lengths: list[int]) -> Iterator[tuple[int, int, list[tuple[int, int, int]]]]:
+    """(first row, end row, [(bag, its first row, its end row)]) of consecutive whole bags of
+    about :data:`CHUNK_ROWS` rows (a longer bag is a chunk of its own); empty bags are skipped."""
+    start, bags = 0, []
+    for b, n in enumerate(lengths):
+        if bags and bags[-1][2] - bags[0][1] + n > CHUNK_ROWS:
+            yield bags[0][1], bags[-1][2], bags
+            bags = []
+        if n:
+            bags.append((b, start, start + n))
+        start += n
+    if bags:
+        yield bags[0][1], bags[-1][2], bags
+
+
+def _relu_grad_(grad: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """``grad`` zeroed in place where the ReLU's ``output`` is 0."""
+    return torch.ops.aten.threshold_backward.grad_input(grad, output, 0, grad_input=grad)
+
+
+class _BagwiseAttention(torch.autograd.Function):
+    """See the module docstring. Inputs: packed features, bag lengths, the patch layer's dtype,
+    the number of pools, then each pool's :func:`pool_parameters`. Outputs: each pool's pooled
+    features, then each pool's attention weights (no gradient). A pool whose pooled output gets
+    no gradient gives its parameters none (not zeros), as separate pools do."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, lengths: list[int], dtype: torch.dtype, n_pools: int,
+                *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        per = len(params) // n_pools
+        stacked = [torch.stack(params[i::per]) for i in range(per)]  # [pools, ...] per tensor
+        dim = stacked[0].shape[1]
+        xd = x.to(dtype)
+        y = linear_relu(xd, stacked[0].flatten(0, 1).to(dtype), stacked[1].flatten().to(dtype)).float()
+        h_all = y.view(-1, n_pools, dim).transpose(0, 1)  # [pools, n, dim], a strided view
+        pooled = y.new_zeros(n_pools, len(lengths), dim)
+        weights = y.new_empty(n_pools, x.shape[0])
+        hidden = []
+        for first, end, bags in _chunks(lengths):
+            acts, scores = _score(h_all[:, first:end], stacked[2:])
+            hidden.append(acts)
+            for b, lo, hi in bags:
+                w = torch.softmax(scores[:, lo - first : hi - first], dim=1)
+                weights[:, lo:hi] = w
+                pooled[:, b] = torch.bmm(w.unsqueeze(1), h_all[:, lo:hi]).squeeze(1)
+        ctx.lengths, ctx.dtype, ctx.per, ctx.hidden = lengths, dtype, per, hidden
+        ctx.save_for_backward(xd, y, weights, *stacked)
+        ctx.set_materialize_grads(False)
+        weights = weights.unbind(0)
+        ctx.mark_non_differentiable(*weights)
+        return (*pooled.unbind(0), *weights)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        xd, y, weights, *stacked = ctx.saved_tensors
+        n_pools, per = weights.shape[0], ctx.per
+        used = [k for k in range(n_pools) if grads[k] is not None]
+        out: list[torch.Tensor | None] = [None] * (4 + n_pools * per)
+        if not used:
+            return tuple(out)
+        dim = stacked[0].shape[1]
+        everyone = len(used) == n_pools
+        pick = (lambda t: t) if everyone else (lambda t: t[used])
+        layers = [pick(t) for t in stacked]
+        d_pooled = torch.stack([grads[k] for k in used])  # [used, B, dim]
+        h_all = pick(y.view(-1, n_pools, dim).transpose(0, 1))
+        w_all = pick(weights)
+        acc = [torch.zeros_like(t) for t in layers]
+        w_patch = layers[0].flatten(0, 1).to(ctx.dtype)
+        g_x = xd.new_empty(xd.shape) if ctx.needs_input_grad[0] else None
+        for (first, end, bags), hidden in zip(_chunks(ctx.lengths), ctx.hidden):
+            g = y.new_empty(end - first, len(used) * dim)
+            g_view = g.view(-1, len(used), dim).transpose(0, 1)
+            h = h_all[:, first:end]
+            d_s = y.new_empty(len(used), end - first)
+            for b, lo, hi in bags:  # the weighted sum's and the softmax's backward, bag by bag
+                w, dp, rows = w_all[:, lo:hi], d_pooled[:, b], slice(lo - first, hi - first)
+                d_w = torch.bmm(h[:, rows], dp.unsqueeze(2)).squeeze(2)
+                torch.mul(w, d_w - (w * d_w).sum(1, keepdim=True), out=d_s[:, rows])
+                torch.mul(w.unsqueeze(2), dp.unsqueeze(1), out=g_view[:, rows])
+            _score_backward(h, [t if everyone else t[used] for t in hidden], d_s, layers[2:], acc[2:], g_view)
+            _relu_grad_(g_view, h)
+            acc[1] += g.sum(0).view(len(used), dim)
+            gd = g.to(ctx.dtype)
+            if gd.dtype == acc[0].dtype:
+                acc[0].view(-1, acc[0].shape[-1]).addmm_(gd.t(), xd[first:end])
+            else:  # a bf16 product, summed over the chunks in fp32
+                acc[0].view(-1, acc[0].shape[-1]).add_(torch.mm(gd.t(), xd[first:end]))
+            if g_x is not None:
+                torch.mm(gd, w_patch, out=g_x[first:end])
+        for j, k in enumerate(used):
+            for i in range(per):
+                out[4 + k * per + i] = acc[i][j].to(stacked[i].dtype)
+        out[0] = g_x
+        return tuple(out)
+
+
+def _score(h: torch.Tensor, layers: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The stacked score MLPs on one chunk's embeddings ``h`` [pools, n, dim]: (hidden
+    activations, scores [pools, n]); ``layers``: stacked weights [pools, out, in] and biases."""
+    hidden, a = [], h
+    for weight, bias in zip(layers[0:-2:2], layers[1:-2:2]):
+        a = torch.baddbmm(bias.unsqueeze(1), a, weight.transpose(1, 2)).relu_()
+        hidden.append(a)
+    return hidden, torch.baddbmm(layers[-1].unsqueeze(1), a, layers[-2].transpose(1, 2)).squeeze(2)
+
+
+def _score_backward(h: torch.Tensor, hidden: list[torch.Tensor], d_s: torch.Tensor, layers: Sequence[torch.Tensor],
+                    acc: list[torch.Tensor], g: torch.Tensor) -> None:
+    """The stacked score MLPs' backward on one chunk, from the scores' gradient ``d_s`` [pools, n]:
+    the layers' gradients added to ``acc``, the gradient wrt ``h`` added to ``g`` [pools, n, dim]."""
+    grad = d_s.unsqueeze(2)
+    for j in range(len(layers) // 2 - 1, -1, -1):
+        weight, inp = layers[2 * j], (hidden[j - 1] if j else h)
+        acc[2 * j].baddbmm_(grad.transpose(1, 2), inp)
+        acc[2 * j + 1] += grad.sum(1)
+        if j:
+            grad = _relu_grad_(grad * weight if weight.shape[1] == 1 else torch.bmm(grad, weight), hidden[j - 1])
+        else:
+            g.baddbmm_(grad, weight)
