@@ -5,11 +5,12 @@ forward and backward.
 Why: after the patch layer's two big products, a step's time went to ~30 small ops per pool over
 ``[n, 128]`` tensors of all ~16 k patches (8 MB each): out of this CPU's cache, each ran at memory
 speed (~15 GB/s here against ~50 in cache), and together they took as long as the patch layer's
-forward product. Here the patch layer's forward product runs once over the step; everything after
-it runs on ~4 k rows at a time (a few whole bags, which stay in cache), forward and backward, with
-the pools stacked: each score layer of all pools is one batched matmul over a strided view of the
-patch layer's output (no copies, half the calls), and each chunk's weight-gradient product of the
-patch layer runs while its gradient is still in cache. The maths is that of
+forward product. Here the patch layer's two products run once over the whole step (split into
+chunks, they ran slower); everything between them runs on ~4 k rows at a time (a few whole bags),
+forward and backward, with the pools stacked: each score layer of all pools is one batched matmul
+over a strided view of the patch layer's output (no copies, half the calls), and the gradients of
+the score layers, the softmax and the ReLU are written straight into the weight-gradient
+product's input. The maths is that of
 :class:`bd.mil.pooling.AttentionPool` (eq. 1) on each bag: the same values up to float rounding,
 checked against plain autograd ops in tests/mil/test_bagwise.py.
 """
@@ -119,12 +120,10 @@ class _BagwiseAttention(torch.autograd.Function):
         d_pooled = torch.stack([grads[k] for k in used])  # [used, B, dim]
         h_all = pick(y.view(-1, n_pools, dim).transpose(0, 1))
         w_all = pick(weights)
-        acc = [torch.zeros_like(t) for t in layers]
-        w_patch = layers[0].flatten(0, 1).to(ctx.dtype)
-        g_x = xd.new_empty(xd.shape) if ctx.needs_input_grad[0] else None
+        acc = [torch.zeros_like(t) for t in layers[2:]]
+        g_all = y.new_empty(y.shape[0], len(used) * dim)  # the patch layer's pre-ReLU gradient
         for (first, end, bags), hidden in zip(_chunks(ctx.lengths), ctx.hidden):
-            g = y.new_empty(end - first, len(used) * dim)
-            g_view = g.view(-1, len(used), dim).transpose(0, 1)
+            g_view = g_all[first:end].view(-1, len(used), dim).transpose(0, 1)
             h = h_all[:, first:end]
             d_s = y.new_empty(len(used), end - first)
             for b, lo, hi in bags:  # the weighted sum's and the softmax's backward, bag by bag
@@ -132,20 +131,15 @@ class _BagwiseAttention(torch.autograd.Function):
                 d_w = torch.bmm(h[:, rows], dp.unsqueeze(2)).squeeze(2)
                 torch.mul(w, d_w - (w * d_w).sum(1, keepdim=True), out=d_s[:, rows])
                 torch.mul(w.unsqueeze(2), dp.unsqueeze(1), out=g_view[:, rows])
-            _score_backward(h, [t if everyone else t[used] for t in hidden], d_s, layers[2:], acc[2:], g_view)
+            _score_backward(h, [t if everyone else t[used] for t in hidden], d_s, layers[2:], acc, g_view)
             _relu_grad_(g_view, h)
-            acc[1] += g.sum(0).view(len(used), dim)
-            gd = g.to(ctx.dtype)
-            if gd.dtype == acc[0].dtype:
-                acc[0].view(-1, acc[0].shape[-1]).addmm_(gd.t(), xd[first:end])
-            else:  # a bf16 product, summed over the chunks in fp32
-                acc[0].view(-1, acc[0].shape[-1]).add_(torch.mm(gd.t(), xd[first:end]))
-            if g_x is not None:
-                torch.mm(gd, w_patch, out=g_x[first:end])
+        gd = g_all.to(ctx.dtype)
+        acc = [(gd.t() @ xd).view(layers[0].shape), g_all.sum(0).view(len(used), dim), *acc]
+        if ctx.needs_input_grad[0]:
+            out[0] = gd @ layers[0].flatten(0, 1).to(ctx.dtype)
         for j, k in enumerate(used):
             for i in range(per):
                 out[4 + k * per + i] = acc[i][j].to(stacked[i].dtype)
-        out[0] = g_x
         return tuple(out)
 
 
