@@ -26,9 +26,12 @@ made a step's CPU time 1.6x under load). ``run_epoch`` keeps freed heap blocks f
 (``bd.device.retain_freed_memory``), as in ``bd train``. Figures from a shared
 machine are inflated; the CPU line says which CPU and whether it has native bf16.
 
-``--backend-rounds`` (default 3) alternates the patch layer's oneDNN product with MKL's in one
-process on every 7th patient (``bd.mil.kernels.linear_relu``); ``--profile TOP`` prints where one
-epoch's time goes, op by op (torch.profiler).
+Two A/B figures, each alternating two ways of running the step in one process on every 7th
+patient (so that the machine's drift hits both): ``--pooling-rounds`` (default 3), the CPU's
+bag-wise attention pooling (``bd.mil.bagwise``) against the whole-step path that GPUs take, and
+``--backend-rounds`` (default 3), the patch layer's oneDNN product against MKL's
+(``bd.mil.kernels.linear_relu``). ``--profile TOP`` prints where one epoch's time goes, op by op
+(torch.profiler).
 
 Prints one JSON object per line: {"metric", "value", "unit", "target", "better", "device"};
 ``--save`` appends them to benchmarks/results/train-<device>.jsonl.
@@ -41,9 +44,12 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgomp
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -146,6 +152,8 @@ def cpu_figures(emit: Recorder, cohort: Cohort, args: argparse.Namespace) -> Non
         profile_figures(emit, cohort, sub, params, cpu, args.profile)
     if args.backend_rounds:
         backend_figures(emit, cohort, idx[::7], params, cpu, args.backend_rounds)  # ~150 of 1,058 patients
+    if args.pooling_rounds:
+        pooling_figures(emit, cohort, idx[::7], params, cpu, args.pooling_rounds)
     if args.eval_seeds:
         test = cohort.indices("test")
         emit("evaluate_7x3_s_cpu", evaluation_seconds(cohort, params.precision, cpu, args.eval_seeds), "s",
@@ -174,32 +182,72 @@ def profile_figures(emit: Recorder, cohort: Cohort, sub: np.ndarray, params: Tra
         emit("profile_share_cpu", value / whole, "share of self time", op=key, patients=len(sub))
 
 
+def ab_figures(emit: Recorder, cohort: Cohort, sub: np.ndarray, params: TrainParams, cpu: torch.device,
+               rounds: int, name: str, variants: dict[str, Callable[[], contextlib.AbstractContextManager[None]]],
+               note: str) -> None:
+    """Two ways of running the same step (``variants``: name -> a context that switches to it,
+    the first the default), epochs on ``sub`` alternated ``rounds`` times in this process (same
+    model, same batches): medians of wall and CPU time, scaled to the epoch, and their ratio."""
+    share = float(cohort.lengths()[sub].sum()) / int(cohort.offsets[-1])
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
+    for _ in range(rounds):
+        for key in reversed(variants):
+            with variants[key]():
+                wall = epoch_seconds(cohort, sub, params, cpu)
+            times[key].append((wall / share, LAST_CPU_S[0] / share))
+    med = {k: (float(np.median([w for w, _ in v])), float(np.median([c for _, c in v]))) for k, v in times.items()}
+    for key, (wall, cpu_s) in med.items():
+        emit(f"bd_epoch_s_cpu_{key}", wall, "s (extrapolated, median)", patients=len(sub), rounds=rounds,
+             cpu_s=round(cpu_s, 1))
+    new, old = variants
+    emit(name, med[old][0] / med[new][0], "x (wall)", cpu_ratio=round(med[old][1] / med[new][1], 3), note=note)
+
+
 def backend_figures(emit: Recorder, cohort: Cohort, sub: np.ndarray, params: TrainParams, cpu: torch.device,
                     rounds: int) -> None:
     """The patch layer's product by oneDNN (bd.mil.kernels.linear_relu, the default where torch
-    has it) against MKL's sgemm, epochs on ``sub`` alternated ``rounds`` times in this process
-    (same model, same batches' shapes): medians of wall and CPU time, scaled to the epoch."""
+    has it) against MKL's sgemm."""
     from bd.mil import kernels
 
     if not kernels.onednn_linear():
         return
-    share = float(cohort.lengths()[sub].sum()) / int(cohort.offsets[-1])
-    times: dict[str, list[tuple[float, float]]] = {"onednn": [], "mkl": []}
-    original = kernels.onednn_linear
-    try:
-        for _ in range(rounds):
-            for name, use in (("mkl", False), ("onednn", True)):
-                kernels.onednn_linear = lambda use=use: use
-                wall = epoch_seconds(cohort, sub, params, cpu)
-                times[name].append((wall / share, LAST_CPU_S[0] / share))
-    finally:
-        kernels.onednn_linear = original
-    med = {k: (float(np.median([w for w, _ in v])), float(np.median([c for _, c in v]))) for k, v in times.items()}
-    for name, (wall, cpu_s) in med.items():
-        emit(f"bd_epoch_s_cpu_{name}_patch_layer", wall, "s (extrapolated, median)", patients=len(sub), rounds=rounds,
-             cpu_s=round(cpu_s, 1))
-    emit("onednn_vs_mkl_patch_layer_cpu", med["mkl"][0] / med["onednn"][0], "x (wall)",
-         cpu_ratio=round(med["mkl"][1] / med["onednn"][1], 3), note=">1: oneDNN faster; alternated in one process")
+
+    @contextlib.contextmanager
+    def onednn(use: bool) -> Iterator[None]:
+        original = kernels.onednn_linear
+        kernels.onednn_linear = lambda: use
+        try:
+            yield
+        finally:
+            kernels.onednn_linear = original
+
+    ab_figures(emit, cohort, sub, params, cpu, rounds, "onednn_vs_mkl_patch_layer_cpu",
+               {"onednn_patch_layer": lambda: onednn(True), "mkl_patch_layer": lambda: onednn(False)},
+               ">1: oneDNN faster; alternated in one process")
+
+
+def pooling_figures(emit: Recorder, cohort: Cohort, sub: np.ndarray, params: TrainParams, cpu: torch.device,
+                    rounds: int) -> None:
+    """BD's two pools run bag chunk by bag chunk in one function (bd.mil.bagwise, the CPU default)
+    against the path GPUs take: one fused patch-layer GEMM, then each pool's score MLP and
+    softmax over the whole step."""
+    from bd.mil import distillation, pooling
+
+    def whole_step(pools, features, offsets):
+        return [p(features, offsets, h) for p, h in zip(pools, pooling.embed_instances(pools, features))]
+
+    @contextlib.contextmanager
+    def use(path: Callable[..., Any]) -> Iterator[None]:
+        original = distillation.attention_pools
+        distillation.attention_pools = path
+        try:
+            yield
+        finally:
+            distillation.attention_pools = original
+
+    ab_figures(emit, cohort, sub, params, cpu, rounds, "bagwise_vs_whole_step_pooling_cpu",
+               {"bagwise_pooling": lambda: use(pooling.attention_pools), "whole_step_pooling": lambda: use(whole_step)},
+               ">1: bd.mil.bagwise faster; alternated in one process")
 
 
 def gpu_figures(emit: Recorder, cohort: Cohort, args: argparse.Namespace) -> None:
@@ -230,6 +278,8 @@ def main() -> None:
                         help="share of the patients timed for the fp32 reference")
     parser.add_argument("--profile", type=int, default=0, metavar="TOP",
                         help="profile one epoch on the reference subset and print the TOP ops' shares (0: skip)")
+    parser.add_argument("--pooling-rounds", type=int, default=3,
+                        help="rounds of the bag-wise vs whole-step pooling A/B on every 7th patient (0: skip)")
     parser.add_argument("--backend-rounds", type=int, default=3,
                         help="rounds of the oneDNN-vs-MKL patch-layer A/B on every 7th patient (0: skip)")
     parser.add_argument("--eval-seeds", type=int, default=3, help="seeds per method for the evaluation timing (0: skip)")

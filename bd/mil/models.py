@@ -1,15 +1,19 @@
 """BD and the baselines of Table I, behind one registry: ``create_model(method, in_dim, clin_dim)``.
 
-Where they live: the pooling in :mod:`bd.mil.pooling`, the shared interface and blocks in
-:mod:`bd.mil.base`, the baselines in :mod:`bd.mil.baselines`, BD in :mod:`bd.mil.distillation`;
-this module imports them all (which registers every model) and builds them by method name.
+Where they live: the pooling in :mod:`bd.mil.pooling` (on a CPU it runs through
+:mod:`bd.mil.bagwise`; the patch layer's products are in :mod:`bd.mil.kernels`), the shared
+interface and blocks in :mod:`bd.mil.base`, the baselines in :mod:`bd.mil.baselines`, BD in
+:mod:`bd.mil.distillation`; this module imports them all (which registers every model) and builds
+them by method name.
 
 Building blocks (Section III-A: fully connected layers with ReLU):
 
 * :class:`AttentionPool` -- eq. (1): patch features -> FC + ReLU instance embedding -> ``H`` (two
   hidden FC + ReLU layers, one score per patch) -> softmax over each bag's patches -> weighted
   sum: the slide feature. It works on packed bags (all patches of a batch in one tensor plus
-  offsets): one matmul over every patch, and a padded segment softmax, never a loop over patches.
+  offsets): one matmul over every patch, then, on a GPU, a padded segment softmax; on a CPU, the
+  score layers and softmax a few bags at a time with the pools stacked (:mod:`bd.mil.bagwise`).
+  Never a loop over patches.
 * :func:`clinical_encoder` -- the clinical MLP ``f_c``; :class:`Prompt` -- the learnable prompt
   ``x_p`` mapped by layers of 100 and 50 units to ``f_p``; :func:`classifier` -- ``G``.
 
