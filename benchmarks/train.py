@@ -131,6 +131,9 @@ def cpu_figures(emit: Recorder, cohort: Cohort, args: argparse.Namespace) -> Non
     emit("bd_patches_per_s_cpu", n_patches / seconds, "patches/s")
     emit("bd_epoch_cpu_time_s_cpu", LAST_CPU_S[0], "CPU s (all threads)",
          note="wall time on idle cores is about this over the threads when they scale")
+    floor = gemm_floor_figures(emit, n_patches, cohort.feature_dim, 2 * params.hidden_dim, params.precision)
+    emit("bd_epoch_over_patch_layer_floor_cpu", seconds / floor, "x", note="1.0: the epoch would be its patch layer's "
+         "two products alone, at the speed this run measured for them")
 
     sub = idx[:: max(1, round(1 / args.reference_fraction))]
     share = float(cohort.lengths()[sub].sum()) / n_patches
@@ -161,6 +164,32 @@ def cpu_figures(emit: Recorder, cohort: Cohort, args: argparse.Namespace) -> Non
              test_patches=int(cohort.lengths()[test].sum()), threads=threads,
              note="each run pools every test patient's slide once (bd.mil.runs.PooledCache)")
         emit("evaluate_7x3_cpu_time_s_cpu", LAST_CPU_S[0], "CPU s (all threads)")
+
+
+def gemm_floor_figures(emit: Recorder, n_patches: int, in_dim: int, width: int, precision: str,
+                       rows: int = 16384, repeats: int = 5) -> float:
+    """The machine's speed now, in this run: the patch layer's forward (oneDNN, as in training)
+    and weight-gradient products of one ~16 k-patch step, alone (median of ``repeats``), and the
+    epoch they set as a floor (an epoch has ``n_patches / rows`` of each); returns that floor."""
+    from bd.mil.kernels import linear_relu
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    x, g = torch.randn(rows, in_dim).to(dtype), torch.randn(rows, width).relu_().to(dtype)
+    w, b = torch.randn(width, in_dim).to(dtype), torch.randn(width).to(dtype)
+    seconds = {}
+    for name, product in (("forward", lambda: linear_relu(x, w, b)), ("weight_gradient", lambda: g.t() @ x)):
+        product()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            product()
+            times.append(time.perf_counter() - start)
+        seconds[name] = float(np.median(times))
+        emit(f"patch_layer_{name}_gflops_cpu", 2 * rows * in_dim * width / seconds[name] / 1e9, "GFLOP/s",
+             shape=f"{rows} x {in_dim} x {width}", precision=precision)
+    floor = sum(seconds.values()) * n_patches / rows
+    emit("bd_epoch_patch_layer_floor_s_cpu", floor, "s", note="the epoch's patch-layer products at the speed above")
+    return floor
 
 
 def profile_figures(emit: Recorder, cohort: Cohort, sub: np.ndarray, params: TrainParams, cpu: torch.device,
