@@ -1,6 +1,6 @@
 """Attention pooling over packed bags (eq. 1): the instance embedding, the segment softmax,
-several pools on the same patches at once (bag by bag on a CPU, :mod:`bd.mil.bagwise`), and the
-patch-feature standardisation they share."""
+several pools on the same patches at once (a few bags at a time on a CPU,
+:mod:`bd.mil.bagwise`), and the patch-feature standardisation they share."""
 
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ class AttentionPool(nn.Module):
                 instances: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(slide features [B, dim], attention weights [n]); ``instances``: this pool's
         embeddings of ``features`` when already computed (see :func:`attention_pools`). On a
-        CPU, without them, the pool runs bag by bag (:mod:`bd.mil.bagwise`). Under a
+        CPU, without them, the pool runs a few bags at a time (:mod:`bd.mil.bagwise`). Under a
         ``pooled_cache`` a batch whose bags are all cached returns their features and no weights."""
         cache = self.pooled_cache
         if cache is not None:
