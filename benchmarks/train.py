@@ -47,9 +47,10 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
+from unittest.mock import patch  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -212,7 +213,7 @@ def profile_figures(emit: Recorder, cohort: Cohort, sub: np.ndarray, params: Tra
 
 
 def ab_figures(emit: Recorder, cohort: Cohort, sub: np.ndarray, params: TrainParams, cpu: torch.device,
-               rounds: int, name: str, variants: dict[str, Callable[[], contextlib.AbstractContextManager[None]]],
+               rounds: int, name: str, variants: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]],
                note: str) -> None:
     """Two ways of running the same step (``variants``: name -> a context that switches to it,
     the first the default), epochs on ``sub`` alternated ``rounds`` times in this process (same
@@ -241,14 +242,8 @@ def backend_figures(emit: Recorder, cohort: Cohort, sub: np.ndarray, params: Tra
     if not kernels.onednn_linear():
         return
 
-    @contextlib.contextmanager
-    def onednn(use: bool) -> Iterator[None]:
-        original = kernels.onednn_linear
-        kernels.onednn_linear = lambda: use
-        try:
-            yield
-        finally:
-            kernels.onednn_linear = original
+    def onednn(use: bool) -> contextlib.AbstractContextManager[Any]:
+        return patch.object(kernels, "onednn_linear", lambda: use)
 
     ab_figures(emit, cohort, sub, params, cpu, rounds, "onednn_vs_mkl_patch_layer_cpu",
                {"onednn_patch_layer": lambda: onednn(True), "mkl_patch_layer": lambda: onednn(False)},
@@ -265,14 +260,8 @@ def pooling_figures(emit: Recorder, cohort: Cohort, sub: np.ndarray, params: Tra
     def whole_step(pools, features, offsets):
         return [p(features, offsets, h) for p, h in zip(pools, pooling.embed_instances(pools, features))]
 
-    @contextlib.contextmanager
-    def use(path: Callable[..., Any]) -> Iterator[None]:
-        original = distillation.attention_pools
-        distillation.attention_pools = path
-        try:
-            yield
-        finally:
-            distillation.attention_pools = original
+    def use(path: Callable[..., Any]) -> contextlib.AbstractContextManager[Any]:
+        return patch.object(distillation, "attention_pools", path)
 
     ab_figures(emit, cohort, sub, params, cpu, rounds, "bagwise_vs_whole_step_pooling_cpu",
                {"bagwise_pooling": lambda: use(pooling.attention_pools), "whole_step_pooling": lambda: use(whole_step)},

@@ -131,7 +131,7 @@ class _BagwiseAttention(torch.autograd.Function):
                 d_w = torch.bmm(h[:, rows], dp.unsqueeze(2)).squeeze(2)
                 torch.mul(w, d_w - (w * d_w).sum(1, keepdim=True), out=d_s[:, rows])
                 torch.mul(w.unsqueeze(2), dp.unsqueeze(1), out=g_view[:, rows])
-            _score_backward(h, [t if everyone else t[used] for t in hidden], d_s, layers[2:], acc, g_view)
+            _score_backward(h, [pick(t) for t in hidden], d_s, layers[2:], acc, g_view)
             _relu_grad_(g_view, h)
         gd = g_all.to(ctx.dtype)
         acc = [(gd.t() @ xd).view(layers[0].shape), g_all.sum(0).view(len(used), dim), *acc]

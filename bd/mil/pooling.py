@@ -42,7 +42,7 @@ def segment_softmax_pool(
         weights = torch.softmax(scores, dim=0)
         return (weights @ values).unsqueeze(0) if n else values.new_zeros(1, values.shape[1]), weights
     if scores.device.type == "cpu":
-        return _pool_bag_by_bag(scores, values, offsets.tolist())
+        return _pool_bag_by_bag(scores, values, lengths.tolist())
     longest = int(lengths.max()) if n else 0
     if longest == 0:
         return values.new_zeros(n_bags, values.shape[1]), scores
@@ -58,11 +58,10 @@ def segment_softmax_pool(
 
 
 def _pool_bag_by_bag(scores: torch.Tensor, values: torch.Tensor,
-                     offsets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                     lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`segment_softmax_pool` as a loop over the bags' parts: no padded copies, which on a
     CPU cost more than the few small ops per bag. ``split``, not slicing: the backward of a
     split is one concatenation, that of B slices B full-size zero tensors."""
-    lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
     pooled, weights = [], []
     for s, v in zip(scores.split(lengths), values.split(lengths)):
         w = torch.softmax(s, dim=0)
@@ -131,8 +130,7 @@ class AttentionPool(nn.Module):
 
 
 def _lengths(offsets: torch.Tensor) -> list[int]:
-    bounds = offsets.tolist()
-    return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    return (offsets[1:] - offsets[:-1]).tolist()
 
 
 def _shared_dtype(pools: Sequence[AttentionPool]) -> torch.dtype | None:
