@@ -11,9 +11,18 @@ so ``import bd`` stays light.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Any
 
 __version__ = "0.1.0"
+
+# numpy's OpenBLAS, which runs the patch layer's weight-gradient product on AMD CPUs
+# (bd.mil.kernels), keeps its threads spinning for ~0.1 s after each call unless this is set when
+# it loads; spinning, they took the cores that torch's next ops needed (benchmarks/train.py).
+# Whether it was set in time decides whether that product may use OpenBLAS (a user's value wins).
+OPENBLAS_THREADS_SLEEP = "numpy" not in sys.modules or "OPENBLAS_THREAD_TIMEOUT" in os.environ
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 # name -> module that defines it
 _API = {

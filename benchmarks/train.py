@@ -26,11 +26,12 @@ made a step's CPU time 1.6x under load). ``run_epoch`` keeps freed heap blocks f
 (``bd.device.retain_freed_memory``), as in ``bd train``. Figures from a shared
 machine are inflated; the CPU line says which CPU and whether it has native bf16.
 
-Two A/B figures, each alternating two ways of running the step in one process on every 7th
+Three A/B figures, each alternating two ways of running the step in one process on every 7th
 patient (so that the machine's drift hits both): ``--pooling-rounds`` (default 3), the CPU's
-bag-wise attention pooling (``bd.mil.bagwise``) against the whole-step path that GPUs take, and
+bag-wise attention pooling (``bd.mil.bagwise``) against the whole-step path that GPUs take;
 ``--backend-rounds`` (default 3), the patch layer's oneDNN product against MKL's
-(``bd.mil.kernels.linear_relu``). ``--profile TOP`` prints where one epoch's time goes, op by op
+(``bd.mil.kernels.linear_relu``); and ``--blas-rounds`` (default 3, on AMD CPUs), its weight
+gradient through numpy's OpenBLAS against torch's MKL (``bd.mil.kernels.weight_gradient``). ``--profile TOP`` prints where one epoch's time goes, op by op
 (torch.profiler).
 
 Prints one JSON object per line: {"metric", "value", "unit", "target", "better", "device"};
@@ -42,6 +43,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgomp
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # before numpy loads OpenBLAS, as `import bd` sets it
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
@@ -126,6 +128,9 @@ def cpu_figures(emit: Recorder, cohort: Cohort, args: argparse.Namespace) -> Non
     params, resolved = resolve_settings(TrainParams(method="bd"), cohort, cohort.indices("train"), cpu)
     emit("auto_precision_cpu", None, params.precision, reason=resolved["precision_reason"])
     emit("auto_batch_size_cpu", params.batch_size, "bags per step", reason=resolved["batch_size_reason"])
+    from bd.mil.kernels import weight_gradient_blas
+
+    emit("weight_gradient_blas_cpu", None, resolved["weight_gradient_blas"], reason=weight_gradient_blas()[1])
     seconds = epoch_seconds(cohort, idx, params, cpu)
     emit("bd_epoch_s_cpu", seconds, "s", TARGET_EPOCH_S, "lower", precision=params.precision,
          batch_size=params.batch_size, threads=torch.get_num_threads())
@@ -158,6 +163,8 @@ def cpu_figures(emit: Recorder, cohort: Cohort, args: argparse.Namespace) -> Non
         backend_figures(emit, cohort, idx[::7], params, cpu, args.backend_rounds)  # ~150 of 1,058 patients
     if args.pooling_rounds:
         pooling_figures(emit, cohort, idx[::7], params, cpu, args.pooling_rounds)
+    if args.blas_rounds:
+        blas_figures(emit, cohort, idx[::7], params, cpu, args.blas_rounds)
     if args.eval_seeds:
         test = cohort.indices("test")
         emit("evaluate_7x3_s_cpu", evaluation_seconds(cohort, params.precision, cpu, args.eval_seeds), "s",
@@ -172,13 +179,13 @@ def gemm_floor_figures(emit: Recorder, n_patches: int, in_dim: int, width: int, 
     """The machine's speed now, in this run: the patch layer's forward (oneDNN, as in training)
     and weight-gradient products of one ~16 k-patch step, alone (median of ``repeats``), and the
     epoch they set as a floor (an epoch has ``n_patches / rows`` of each); returns that floor."""
-    from bd.mil.kernels import linear_relu
+    from bd.mil.kernels import linear_relu, weight_gradient, weight_gradient_blas
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     x, g = torch.randn(rows, in_dim).to(dtype), torch.randn(rows, width).relu_().to(dtype)
     w, b = torch.randn(width, in_dim).to(dtype), torch.randn(width).to(dtype)
     seconds = {}
-    for name, product in (("forward", lambda: linear_relu(x, w, b)), ("weight_gradient", lambda: g.t() @ x)):
+    for name, product in (("forward", lambda: linear_relu(x, w, b)), ("weight_gradient", lambda: weight_gradient(g, x))):
         product()
         times = []
         for _ in range(repeats):
@@ -187,7 +194,8 @@ def gemm_floor_figures(emit: Recorder, n_patches: int, in_dim: int, width: int, 
             times.append(time.perf_counter() - start)
         seconds[name] = float(np.median(times))
         emit(f"patch_layer_{name}_gflops_cpu", 2 * rows * in_dim * width / seconds[name] / 1e9, "GFLOP/s",
-             shape=f"{rows} x {in_dim} x {width}", precision=precision)
+             shape=f"{rows} x {in_dim} x {width}", precision=precision,
+             **({"blas": weight_gradient_blas()[0]} if name == "weight_gradient" else {}))
     floor = sum(seconds.values()) * n_patches / rows
     emit("bd_epoch_patch_layer_floor_s_cpu", floor, "s", note="the epoch's patch-layer products at the speed above")
     return floor
@@ -250,6 +258,23 @@ def backend_figures(emit: Recorder, cohort: Cohort, sub: np.ndarray, params: Tra
                ">1: oneDNN faster; alternated in one process")
 
 
+def blas_figures(emit: Recorder, cohort: Cohort, sub: np.ndarray, params: TrainParams, cpu: torch.device,
+                 rounds: int) -> None:
+    """The patch layer's weight gradient through numpy's OpenBLAS (bd.mil.kernels.weight_gradient,
+    the default on AMD CPUs) against torch's MKL; skipped where OpenBLAS is not the default."""
+    from bd.mil import kernels
+
+    if kernels.weight_gradient_blas()[0] != "openblas":
+        return
+
+    def blas(name: str) -> contextlib.AbstractContextManager[Any]:
+        return patch.object(kernels, "weight_gradient_blas", lambda: (name, ""))
+
+    ab_figures(emit, cohort, sub, params, cpu, rounds, "openblas_vs_mkl_weight_gradient_cpu",
+               {"openblas_weight_gradient": lambda: blas("openblas"), "mkl_weight_gradient": lambda: blas("mkl")},
+               ">1: OpenBLAS faster; alternated in one process")
+
+
 def pooling_figures(emit: Recorder, cohort: Cohort, sub: np.ndarray, params: TrainParams, cpu: torch.device,
                     rounds: int) -> None:
     """BD's two pools run bag chunk by bag chunk in one function (bd.mil.bagwise, the CPU default)
@@ -300,6 +325,8 @@ def main() -> None:
                         help="rounds of the bag-wise vs whole-step pooling A/B on every 7th patient (0: skip)")
     parser.add_argument("--backend-rounds", type=int, default=3,
                         help="rounds of the oneDNN-vs-MKL patch-layer A/B on every 7th patient (0: skip)")
+    parser.add_argument("--blas-rounds", type=int, default=3,
+                        help="rounds of the OpenBLAS-vs-MKL weight-gradient A/B on every 7th patient (0: skip)")
     parser.add_argument("--eval-seeds", type=int, default=3, help="seeds per method for the evaluation timing (0: skip)")
     parser.add_argument("--skip-cpu", action="store_true", help="GPU figures only")
     parser.add_argument("--save", action="store_true", help="append the rows to benchmarks/results/")

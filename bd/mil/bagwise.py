@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bd.mil.kernels import linear_relu
+from bd.mil.kernels import linear_relu, weight_gradient
 
 CHUNK_ROWS = 4096  # rows of whole bags the score path works on at once (~4 MB of fp32 activations)
 
@@ -120,7 +120,7 @@ class _BagwiseAttention(torch.autograd.Function):
         d_pooled = torch.stack([grads[k] for k in used])  # [used, B, dim]
         h_all = pick(y.view(-1, n_pools, dim).transpose(0, 1))
         w_all = pick(weights)
-        acc = [torch.zeros_like(t) for t in layers[2:]]
+        acc = [torch.zeros_like(t) for t in layers[1:]]  # the patch layer's bias, then the score layers'
         g_all = y.new_empty(y.shape[0], len(used) * dim)  # the patch layer's pre-ReLU gradient
         for (first, end, bags), hidden in zip(_chunks(ctx.lengths), ctx.hidden):
             g_view = g_all[first:end].view(-1, len(used), dim).transpose(0, 1)
@@ -128,15 +128,17 @@ class _BagwiseAttention(torch.autograd.Function):
             d_s = y.new_empty(len(used), end - first)
             for b, lo, hi in bags:  # the weighted sum's and the softmax's backward, bag by bag
                 w, dp, rows = w_all[:, lo:hi], d_pooled[:, b], slice(lo - first, hi - first)
-                d_w = torch.bmm(h[:, rows], dp.unsqueeze(2)).squeeze(2)
-                torch.mul(w, d_w - (w * d_w).sum(1, keepdim=True), out=d_s[:, rows])
+                d_w = d_s[:, rows]  # first the attention weights' gradient, then the scores' in place
+                for k in range(len(used)):  # a matrix-vector product each: 3-4x faster than bmm here
+                    torch.mv(h[k, rows], dp[k], out=d_w[k])
+                d_w.sub_((w * d_w).sum(1, keepdim=True)).mul_(w)
                 torch.mul(w.unsqueeze(2), dp.unsqueeze(1), out=g_view[:, rows])
-            _score_backward(h, [pick(t) for t in hidden], d_s, layers[2:], acc, g_view)
+            _score_backward(h, [pick(t) for t in hidden], d_s, layers[2:], acc[1:], g_view)
             _relu_grad_(g_view, h)
-        gd = g_all.to(ctx.dtype)
-        acc = [(gd.t() @ xd).view(layers[0].shape), g_all.sum(0).view(len(used), dim), *acc]
+            acc[0] += g_view.sum(1)  # while the chunk is in cache
+        acc.insert(0, weight_gradient(g_all.to(ctx.dtype), xd).view(layers[0].shape))
         if ctx.needs_input_grad[0]:
-            out[0] = gd @ layers[0].flatten(0, 1).to(ctx.dtype)
+            out[0] = g_all.to(ctx.dtype) @ layers[0].flatten(0, 1).to(ctx.dtype)
         for j, k in enumerate(used):
             for i in range(per):
                 out[4 + k * per + i] = acc[i][j].to(stacked[i].dtype)

@@ -71,6 +71,7 @@ from bd.mil.bags import Batch, Cohort
 from bd.device import PRECISION_CHOICES, cpu_summary, resolve_device, resolve_precision, retain_freed_memory
 from bd.errors import BDError, ConfigError
 from bd.io import atomic_path, file_sha256
+from bd.mil.kernels import weight_gradient_blas
 from bd.mil.models import (
     DIRECTIONS,
     MILModel,
@@ -256,11 +257,13 @@ def resolve_settings(params: TrainParams, cohort: Cohort, train_idx: np.ndarray,
     else:
         batch_size, why_batch = int(params.batch_size), f"training.batch_size: {params.batch_size} asked for"
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_summary()
-    for line in (why_precision, why_batch):
-        log.info("%s", line)
+    blas, why_blas = weight_gradient_blas() if device.type == "cpu" else ("cublas", "")
+    for line in (why_precision, why_batch, why_blas):
+        if line:
+            log.info("%s", line)
     resolved = {"precision": precision, "precision_reason": why_precision, "batch_size": batch_size,
                 "batch_size_reason": why_batch, "device": str(device), "hardware": hardware,
-                "threads": torch.get_num_threads()}
+                "threads": torch.get_num_threads(), "weight_gradient_blas": blas}
     return replace(params, precision=precision, batch_size=batch_size), resolved
 
 

@@ -339,26 +339,6 @@ def _plain_instances(pool, x: torch.Tensor) -> torch.Tensor:
     return torch.relu(torch.nn.functional.linear(pool.standardised(x.to(dtype)), w, b)).float()
 
 
-@pytest.mark.parametrize("onednn", [True, False])
-def test_linear_relu_by_onednn_or_mkl_and_its_input_gradient(onednn, monkeypatch):
-    """The patch layer's product gives F.linear + ReLU's values either way (oneDNN where this
-    torch has it, MKL where not), and its gradients, the input's too when the input asks."""
-    from bd.mil import kernels
-
-    if onednn and not kernels.onednn_linear():
-        pytest.skip("this torch has no oneDNN linear")
-    monkeypatch.setattr(kernels, "onednn_linear", lambda: onednn)
-    torch.manual_seed(1)
-    x, w, b = torch.randn(300, DIM), torch.randn(7, DIM), torch.randn(7)
-    torch.testing.assert_close(kernels.linear_relu(x, w, b), torch.relu(x @ w.T + b), rtol=1e-5, atol=1e-5)
-    leaves = [t.clone().requires_grad_(True) for t in (x, w, b)]
-    (kernels._SharedInputLinearReLU.apply(leaves[0], torch.float32, leaves[1], leaves[2])[0] ** 2).sum().backward()
-    plain = [t.clone().requires_grad_(True) for t in (x, w, b)]
-    (torch.relu(plain[0] @ plain[1].T + plain[2]) ** 2).sum().backward()
-    for fused, ref in zip(leaves, plain):
-        torch.testing.assert_close(fused.grad, ref.grad, rtol=1e-4, atol=1e-4)
-
-
 def test_packed_step_converts_while_packing():
     cohort = synthetic_cohort(6, 10, DIM, CLIN, seed=1, dtype=torch.bfloat16)
     idx = np.array([4, 0, 2])
