@@ -50,6 +50,8 @@ import json
 import math
 import multiprocessing as mp
 import os
+
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # before numpy loads OpenBLAS, as `import bd` sets it for `bd train`
 import sys
 import tempfile
 import time
