@@ -48,13 +48,19 @@ def weight_gradient_blas() -> tuple[str, str]:
 
 
 def _numpy_blas() -> str | None:
-    """'OpenBLAS <version> (<kernel> kernels)' when numpy's BLAS is OpenBLAS, else None."""
+    """'OpenBLAS <version> (<kernel> kernels)' when numpy was built against OpenBLAS (pip's
+    wheels bundle it; conda's may link it or MKL), else None."""
+    import numpy as np
     from threadpoolctl import threadpool_info
 
-    for lib in threadpool_info():
-        if lib.get("internal_api") == "openblas" and "numpy" in str(lib.get("filepath", "")):
-            return f"OpenBLAS {lib.get('version')} ({lib.get('architecture')} kernels)"
-    return None
+    try:
+        name = str(np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    libs = [lib for lib in threadpool_info() if lib.get("internal_api") == "openblas"]
+    if "openblas" not in name.lower() or not libs:
+        return None
+    return f"OpenBLAS {libs[0].get('version')} ({libs[0].get('architecture')} kernels)"
 
 
 @functools.cache
