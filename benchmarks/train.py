@@ -31,8 +31,8 @@ patient (so that the machine's drift hits both): ``--pooling-rounds`` (default 3
 bag-wise attention pooling (``bd.mil.bagwise``) against the whole-step path that GPUs take;
 ``--backend-rounds`` (default 3), the patch layer's oneDNN product against MKL's
 (``bd.mil.kernels.linear_relu``); and ``--blas-rounds`` (default 3, on AMD CPUs), its weight
-gradient through numpy's OpenBLAS against torch's MKL (``bd.mil.kernels.weight_gradient``). ``--profile TOP`` prints where one epoch's time goes, op by op
-(torch.profiler).
+gradient through numpy's OpenBLAS against torch's MKL (``bd.mil.kernels.weight_gradient``).
+``--profile TOP`` prints where one epoch's time goes, op by op (torch.profiler).
 
 Prints one JSON object per line: {"metric", "value", "unit", "target", "better", "device"};
 ``--save`` appends them to benchmarks/results/train-<device>.jsonl.
@@ -128,9 +128,8 @@ def cpu_figures(emit: Recorder, cohort: Cohort, args: argparse.Namespace) -> Non
     params, resolved = resolve_settings(TrainParams(method="bd"), cohort, cohort.indices("train"), cpu)
     emit("auto_precision_cpu", None, params.precision, reason=resolved["precision_reason"])
     emit("auto_batch_size_cpu", params.batch_size, "bags per step", reason=resolved["batch_size_reason"])
-    from bd.mil.kernels import weight_gradient_blas
-
-    emit("weight_gradient_blas_cpu", None, resolved["weight_gradient_blas"], reason=weight_gradient_blas()[1])
+    emit("weight_gradient_blas_cpu", None, resolved["weight_gradient_blas"],
+         reason=resolved["weight_gradient_blas_reason"])
     seconds = epoch_seconds(cohort, idx, params, cpu)
     emit("bd_epoch_s_cpu", seconds, "s", TARGET_EPOCH_S, "lower", precision=params.precision,
          batch_size=params.batch_size, threads=torch.get_num_threads())

@@ -136,9 +136,10 @@ class _BagwiseAttention(torch.autograd.Function):
             _score_backward(h, [pick(t) for t in hidden], d_s, layers[2:], acc[1:], g_view)
             _relu_grad_(g_view, h)
             acc[0] += g_view.sum(1)  # while the chunk is in cache
-        acc.insert(0, weight_gradient(g_all.to(ctx.dtype), xd).view(layers[0].shape))
+        gd = g_all.to(ctx.dtype)  # converted once, for both products (a no-op in fp32)
+        acc.insert(0, weight_gradient(gd, xd).view(layers[0].shape))
         if ctx.needs_input_grad[0]:
-            out[0] = g_all.to(ctx.dtype) @ layers[0].flatten(0, 1).to(ctx.dtype)
+            out[0] = gd @ layers[0].flatten(0, 1).to(ctx.dtype)
         for j, k in enumerate(used):
             for i in range(per):
                 out[4 + k * per + i] = acc[i][j].to(stacked[i].dtype)

@@ -263,7 +263,8 @@ def resolve_settings(params: TrainParams, cohort: Cohort, train_idx: np.ndarray,
             log.info("%s", line)
     resolved = {"precision": precision, "precision_reason": why_precision, "batch_size": batch_size,
                 "batch_size_reason": why_batch, "device": str(device), "hardware": hardware,
-                "threads": torch.get_num_threads(), "weight_gradient_blas": blas}
+                "threads": torch.get_num_threads(), "weight_gradient_blas": blas,
+                "weight_gradient_blas_reason": why_blas}
     return replace(params, precision=precision, batch_size=batch_size), resolved
 
 
