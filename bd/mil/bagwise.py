@@ -13,6 +13,12 @@ the score layers, the softmax and the ReLU are written straight into the weight-
 product's input. The maths is that of
 :class:`bd.mil.pooling.AttentionPool` (eq. 1) on each bag: the same values up to float rounding,
 checked against plain autograd ops in tests/mil/test_bagwise.py.
+
+The z-scoring of the patch features, ``(x - mean) * scale``, can be folded into the patch layer
+(``standardise``): its weights become ``W * scale`` and its bias ``b - (W * scale) @ mean``, and
+the weight gradient ``(g.T @ x - g.sum(0) ⊗ mean) * scale``. The step then packs its bags with
+one conversion pass instead of three passes (bd.mil.packing; measured ~4.5 ms of a ~200 ms step
+of 16 k patches on a 2-core AMD EPYC).
 """
 
 from __future__ import annotations
@@ -42,14 +48,16 @@ def stackable(pools: Sequence[nn.Module]) -> bool:
     return all(s == shapes[0] for s in shapes[1:])
 
 
-def bagwise_pools(pools: Sequence[nn.Module], x: torch.Tensor,
-                  lengths: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def bagwise_pools(pools: Sequence[nn.Module], x: torch.Tensor, lengths: list[int],
+                  standardise: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(pooled [B, dim], attention weights [n]) of each of the same-shaped ``pools``
-    (:func:`stackable`) on the packed bags ``x`` (already converted to the pools' dtype and
-    standardised) of ``lengths`` rows each."""
+    (:func:`stackable`) on the packed bags ``x`` (already converted to the pools' dtype) of
+    ``lengths`` rows each; ``x`` is z-scored already, or by ``standardise`` = (mean, scale)
+    folded into the patch layer (see the module docstring)."""
     dtype = pools[0].compute_dtype or torch.float32
     params = [t for pool in pools for t in pool_parameters(pool)]
-    out = _BagwiseAttention.apply(x, lengths, dtype, len(pools), *params)
+    out = _BagwiseAttention.apply(x, lengths, dtype, len(pools), standardise, *params)
     return list(zip(out[: len(pools)], out[len(pools) :]))
 
 
@@ -75,18 +83,23 @@ def _relu_grad_(grad: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
 
 class _BagwiseAttention(torch.autograd.Function):
     """See the module docstring. Inputs: packed features, bag lengths, the patch layer's dtype,
-    the number of pools, then each pool's :func:`pool_parameters`. Outputs: each pool's pooled
+    the number of pools, the (mean, scale) to fold in or None, then each pool's
+    :func:`pool_parameters`. Outputs: each pool's pooled
     features, then each pool's attention weights (no gradient). A pool whose pooled output gets
     no gradient gives its parameters none (not zeros), as separate pools do."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, lengths: list[int], dtype: torch.dtype, n_pools: int,
-                *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                standardise: tuple[torch.Tensor, torch.Tensor] | None, *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
         per = len(params) // n_pools
         stacked = [torch.stack(params[i::per]) for i in range(per)]  # [pools, ...] per tensor
         dim = stacked[0].shape[1]
         xd = x.to(dtype)
-        y = linear_relu(xd, stacked[0].flatten(0, 1).to(dtype), stacked[1].flatten().to(dtype)).float()
+        weight, bias = stacked[0].flatten(0, 1), stacked[1].flatten()
+        if standardise is not None:  # relu(((x - mean) * scale) @ W.T + b) = relu(x @ (W * scale).T + b')
+            weight = weight * standardise[1]
+            bias = torch.addmv(bias, weight, standardise[0], alpha=-1)
+        y = linear_relu(xd, weight.to(dtype), bias.to(dtype)).float()
         h_all = y.view(-1, n_pools, dim).transpose(0, 1)  # [pools, n, dim], a strided view
         pooled = y.new_zeros(n_pools, len(lengths), dim)
         weights = y.new_empty(n_pools, x.shape[0])
@@ -98,7 +111,7 @@ class _BagwiseAttention(torch.autograd.Function):
                 w = torch.softmax(scores[:, lo - first : hi - first], dim=1)
                 weights[:, lo:hi] = w
                 pooled[:, b] = torch.bmm(w.unsqueeze(1), h_all[:, lo:hi]).squeeze(1)
-        ctx.lengths, ctx.dtype, ctx.per, ctx.hidden = lengths, dtype, per, hidden
+        ctx.lengths, ctx.dtype, ctx.per, ctx.hidden, ctx.standardise = lengths, dtype, per, hidden, standardise
         ctx.save_for_backward(xd, y, weights, *stacked)
         ctx.set_materialize_grads(False)
         weights = weights.unbind(0)
@@ -110,7 +123,7 @@ class _BagwiseAttention(torch.autograd.Function):
         xd, y, weights, *stacked = ctx.saved_tensors
         n_pools, per = weights.shape[0], ctx.per
         used = [k for k in range(n_pools) if grads[k] is not None]
-        out: list[torch.Tensor | None] = [None] * (4 + n_pools * per)
+        out: list[torch.Tensor | None] = [None] * (5 + n_pools * per)
         if not used:
             return tuple(out)
         dim = stacked[0].shape[1]
@@ -137,12 +150,18 @@ class _BagwiseAttention(torch.autograd.Function):
             _relu_grad_(g_view, h)
             acc[0] += g_view.sum(1)  # while the chunk is in cache
         gd = g_all.to(ctx.dtype)  # converted once, for both products (a no-op in fp32)
-        acc.insert(0, weight_gradient(gd, xd).view(layers[0].shape))
+        weight = layers[0].flatten(0, 1)
+        g_weight = weight_gradient(gd, xd)
+        if ctx.standardise is not None:  # the folded weights' gradient, then the chain rule through them
+            mean, scale = ctx.standardise
+            g_weight = g_weight.addr_(acc[0].flatten(), mean, alpha=-1).mul_(scale)
+            weight = weight * scale
+        acc.insert(0, g_weight.view(layers[0].shape))
         if ctx.needs_input_grad[0]:
-            out[0] = gd @ layers[0].flatten(0, 1).to(ctx.dtype)
+            out[0] = gd @ weight.to(ctx.dtype)
         for j, k in enumerate(used):
             for i in range(per):
-                out[4 + k * per + i] = acc[i][j].to(stacked[i].dtype)
+                out[5 + k * per + i] = acc[i][j].to(stacked[i].dtype)
         return tuple(out)
 
 

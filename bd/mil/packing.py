@@ -7,7 +7,8 @@ standardising it (two more full-size tensors) made three passes over ~16 k x 1,0
 each into newly mapped memory whose page faults cost as much as the copy. The packer makes one
 pass, chunk by chunk, into a buffer allocated once; the model's pools then skip their own
 standardisation (:func:`bd.mil.pooling.standardised_inputs`). The values are those the pools compute
-(the same ops in the same order). A batch's features are a view of the buffer: the next
+(the same ops in the same order). On a CPU in fp32 the pools fold the z-scoring into their patch
+layer (:func:`bd.mil.pooling.folds_standardisation`), and the packer only converts. A batch's features are a view of the buffer: the next
 :meth:`Packer.batch` overwrites them, so use one batch at a time (a training step's backward
 pass, or an inference batch read out, comes before the next).
 """
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from bd.mil.bags import Batch, Cohort
-from bd.mil.models import MILModel, input_dtype, input_standardisation, standardised_inputs
+from bd.mil.models import MILModel, folds_standardisation, input_dtype, input_standardisation, standardised_inputs
 
 
 def largest_step(cohort: Cohort, indices: np.ndarray, batch_size: int) -> int:
@@ -42,6 +43,8 @@ class Packer:
         where = cohort.features.device  # packing happens where the features are
         self.transform = (transform[0], transform[1].to(where), transform[2].to(where)) if transform else None
         self.dtype = self.transform[0] if self.transform else input_dtype(model)
+        self.standardise = None if self.transform is None or folds_standardisation(model, self.device) \
+            else self.transform[1:]  # (mean, scale) applied while packing, else left to the patch layer
         self.buffer: torch.Tensor | None = None
         self._context: contextlib.AbstractContextManager[None] | None = None
         if self.transform and capacity:
@@ -61,12 +64,11 @@ class Packer:
             return self.cohort.batch(indices, clinical_present, slide_present, device=self.device, dtype=self.dtype)
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         rows = int(self.cohort.lengths()[idx].sum())
-        _, mean, scale = self.transform
         return self.cohort.batch(idx, clinical_present, slide_present, device=self.device, dtype=self.dtype,
-                                 out=self._grow(max(rows, 1)), standardise=(mean, scale))
+                                 out=self._grow(max(rows, 1)), standardise=self.standardise)
 
     def __enter__(self) -> Packer:
-        if self.transform is not None:
+        if self.standardise is not None:
             self._context = standardised_inputs(self.model)
             self._context.__enter__()
         return self

@@ -18,6 +18,12 @@ from bd.mil.kernels import _SharedInputLinearReLU
 
 log = logging.getLogger(__name__)
 
+# Largest |mean| / std of a feature dimension for which a CPU fp32 patch layer absorbs the
+# z-scoring (AttentionPool.folded_standardisation): it then computes on the raw features, whose
+# products carry up to log2 of that ratio more rounding than the z-scored ones'; at 256 at least
+# 16 of fp32's 24 bits stay, more than bf16 has at all.
+FOLD_MAX_RATIO = 256.0
+
 
 def mlp(sizes: list[int]) -> nn.Sequential:
     """Fully connected layers, each followed by ReLU."""
@@ -107,6 +113,18 @@ class AttentionPool(nn.Module):
         dtype = features.dtype
         return (features - self.feature_mean.to(dtype)) * (1.0 / self.feature_std).to(dtype)
 
+    def folded_standardisation(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(mean, scale) for the CPU patch layer to fold into its weights (:mod:`bd.mil.bagwise`),
+        so the features need no z-scoring pass of their own; None when they come z-scored
+        already, compute in another dtype than fp32, or have a mean beyond
+        :data:`FOLD_MAX_RATIO` standard deviations."""
+        if self.inputs_standardised or dtype != torch.float32:
+            return None
+        scale = 1.0 / self.feature_std
+        if self.feature_mean.numel() and float((self.feature_mean.abs() * scale).max()) > FOLD_MAX_RATIO:
+            return None
+        return self.feature_mean, scale
+
     def forward(self, features: torch.Tensor, offsets: torch.Tensor,
                 instances: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(slide features [B, dim], attention weights [n]); ``instances``: this pool's
@@ -119,8 +137,7 @@ class AttentionPool(nn.Module):
             if hit is not None:
                 return hit, None
         if instances is None and features.device.type == "cpu":
-            x = self.standardised(features.to(self.compute_dtype or torch.float32))
-            pooled, weights = bagwise_pools([self], x, _lengths(offsets))[0]
+            pooled, weights = _bagwise([self], features, offsets)[0]
         else:
             h = self.instances(features) if instances is None else instances
             pooled, weights = segment_softmax_pool(self.score(h).squeeze(1), h, offsets)
@@ -131,6 +148,16 @@ class AttentionPool(nn.Module):
 
 def _lengths(offsets: torch.Tensor) -> list[int]:
     return (offsets[1:] - offsets[:-1]).tolist()
+
+
+def _bagwise(pools: Sequence[AttentionPool], features: torch.Tensor,
+             offsets: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`bd.mil.bagwise.bagwise_pools` of pools that share their dtype and statistics, the
+    z-scoring folded into the patch layer where it can be (:meth:`AttentionPool.folded_standardisation`)."""
+    dtype = pools[0].compute_dtype or torch.float32
+    x = features.to(dtype)
+    fold = pools[0].folded_standardisation(dtype)
+    return bagwise_pools(pools, x if fold else pools[0].standardised(x), _lengths(offsets), fold)
 
 
 def _shared_dtype(pools: Sequence[AttentionPool]) -> torch.dtype | None:
@@ -153,7 +180,7 @@ def attention_pools(pools: Sequence[AttentionPool], features: torch.Tensor,
     if len(pools) == 1 or dtype is None or any(pool.pooled_cache is not None for pool in pools):
         return [pool(features, offsets) for pool in pools]  # a cached pool computes only what it lacks
     if features.device.type == "cpu" and stackable(pools):
-        return bagwise_pools(pools, pools[0].standardised(features.to(dtype)), _lengths(offsets))
+        return _bagwise(pools, features, offsets)
     return [pool(features, offsets, h) for pool, h in zip(pools, embed_instances(pools, features))]
 
 
@@ -191,6 +218,14 @@ def input_standardisation(model: nn.Module) -> tuple[torch.dtype, torch.Tensor, 
         return None
     dtype = dtypes.pop()
     return dtype, first.feature_mean.to(dtype), (1.0 / first.feature_std).to(dtype)
+
+
+def folds_standardisation(model: nn.Module, device: torch.device) -> bool:
+    """Whether ``model``'s attention pools on ``device`` fold the z-scoring into their patch
+    layers (:meth:`AttentionPool.folded_standardisation`; CPU only): a packer then only converts."""
+    pools = [m for m in model.modules() if isinstance(m, AttentionPool)]
+    return device.type == "cpu" and bool(pools) and all(
+        pool.folded_standardisation(pool.compute_dtype or torch.float32) is not None for pool in pools)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """The CPU's bag-wise attention pooling (bd.mil.bagwise) against plain autograd ops: values,
 attention weights and every gradient, for chunks of several bags, bags split from their
-neighbours, empty bags, one pool or a stack, fp32 or bf16, and pools whose output is unused."""
+neighbours, empty bags, one pool or a stack, fp32 or bf16, pools whose output is unused, and the
+z-scoring folded into the patch layer."""
 
 from __future__ import annotations
 
@@ -94,6 +95,57 @@ def test_attention_pools_stacks_only_same_shaped_pools():
         b, wb = pool(x, offsets)
         torch.testing.assert_close(a, b)
         torch.testing.assert_close(wa, wb)
+
+
+def _fitted(pools: list[AttentionPool], mean: torch.Tensor, std: torch.Tensor) -> list[AttentionPool]:
+    for pool in pools:
+        pool.feature_mean.copy_(mean)
+        pool.feature_std.copy_(std)
+    return pools
+
+
+@pytest.mark.parametrize("n_pools", [1, 2])
+def test_folded_standardisation_gives_the_values_and_gradients_of_z_scored_inputs(n_pools):
+    """The z-scoring folded into the patch layer: the outputs, attention weights and every
+    gradient (the input's too, wrt the raw features) of plain autograd ops on z-scored features."""
+    torch.manual_seed(5)
+    mean, std = torch.linspace(-3, 5, DIM), torch.linspace(0.2, 4, DIM)
+    pools = _fitted(_pools(n_pools), mean, std)
+    fold = pools[0].folded_standardisation(torch.float32)
+    assert fold is not None
+    x = (mean + std * torch.randn(sum(LENGTHS), DIM)).requires_grad_()
+    targets = torch.randn(n_pools, len(LENGTHS), HIDDEN)
+    fast = bagwise.bagwise_pools(pools, x, LENGTHS, fold)
+    sum(((p * t) ** 2).sum() for (p, _), t in zip(fast, targets)).backward()
+    fast_grads = _grads(pools, x)
+    plain = [_plain(pool, (x - mean) / std, LENGTHS) for pool in pools]
+    sum(((p * t) ** 2).sum() for (p, _), t in zip(plain, targets)).backward()
+    for (a, wa), (b, wb) in zip(fast, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(wa, wb, rtol=1e-5, atol=1e-6)
+    plain_grads = _grads(pools, x)
+    assert all(g is not None for g in fast_grads)
+    for a, b in zip(fast_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_the_pools_fold_only_fp32_features_of_a_moderate_mean():
+    """Folded where rounding allows (fp32, |mean| / std <= FOLD_MAX_RATIO), else z-scored first:
+    either way the outputs of the z-scored features."""
+    from bd.mil import pooling
+
+    torch.manual_seed(6)
+    std = torch.full((DIM,), 0.5)
+    for mean, folds in ((torch.full((DIM,), 2.0), True), (torch.full((DIM,), 0.5 * pooling.FOLD_MAX_RATIO + 1), False)):
+        pool = _fitted(_pools(1), mean, std)[0]
+        assert (pool.folded_standardisation(torch.float32) is not None) == folds
+        assert pool.folded_standardisation(torch.bfloat16) is None
+        x = mean + std * torch.randn(sum(LENGTHS), DIM)
+        offsets = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()])
+        got, want = pool(x, offsets)[0], _plain(pool, (x - mean) / std, LENGTHS)[0]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        pool.inputs_standardised = True  # features that come z-scored are never folded again
+        assert pool.folded_standardisation(torch.float32) is None
 
 
 def test_chunks_hold_whole_bags():
