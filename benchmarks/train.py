@@ -26,12 +26,14 @@ made a step's CPU time 1.6x under load). ``run_epoch`` keeps freed heap blocks f
 (``bd.device.retain_freed_memory``), as in ``bd train``. Figures from a shared
 machine are inflated; the CPU line says which CPU and whether it has native bf16.
 
-Three A/B figures, each alternating two ways of running the step in one process on every 7th
+Four A/B figures, each alternating two ways of running the step in one process on every 7th
 patient (so that the machine's drift hits both): ``--pooling-rounds`` (default 3), the CPU's
 bag-wise attention pooling (``bd.mil.bagwise``) against the whole-step path that GPUs take;
 ``--backend-rounds`` (default 3), the patch layer's oneDNN product against MKL's
-(``bd.mil.kernels.linear_relu``); and ``--blas-rounds`` (default 3, on AMD CPUs), its weight
-gradient through numpy's OpenBLAS against torch's MKL (``bd.mil.kernels.weight_gradient``).
+(``bd.mil.kernels.linear_relu``); ``--blas-rounds`` (default 3, on AMD CPUs), its weight
+gradient through numpy's OpenBLAS against torch's MKL (``bd.mil.kernels.weight_gradient``); and
+``--fold-rounds`` (default 3, where the fp32 patch layer folds the z-scoring in), the packer
+converting only against converting and z-scoring (``bd.mil.pooling.FOLD_MAX_RATIO``).
 ``--profile TOP`` prints where one epoch's time goes, op by op (torch.profiler).
 
 Prints one JSON object per line: {"metric", "value", "unit", "target", "better", "device"};
@@ -164,6 +166,8 @@ def cpu_figures(emit: Recorder, cohort: Cohort, args: argparse.Namespace) -> Non
         pooling_figures(emit, cohort, idx[::7], params, cpu, args.pooling_rounds)
     if args.blas_rounds:
         blas_figures(emit, cohort, idx[::7], params, cpu, args.blas_rounds)
+    if args.fold_rounds:
+        fold_figures(emit, cohort, idx[::7], params, cpu, args.fold_rounds)
     if args.eval_seeds:
         test = cohort.indices("test")
         emit("evaluate_7x3_s_cpu", evaluation_seconds(cohort, params.precision, cpu, args.eval_seeds), "s",
@@ -274,6 +278,23 @@ def blas_figures(emit: Recorder, cohort: Cohort, sub: np.ndarray, params: TrainP
                ">1: OpenBLAS faster; alternated in one process")
 
 
+def fold_figures(emit: Recorder, cohort: Cohort, sub: np.ndarray, params: TrainParams, cpu: torch.device,
+                 rounds: int) -> None:
+    """The patch-feature z-scoring folded into the fp32 patch layer (the packer only converts; the
+    CPU default) against z-scoring while packing; skipped where the default does not fold."""
+    from bd.mil import pooling
+
+    if params.precision != "fp32":
+        return
+
+    def fold(use: bool) -> contextlib.AbstractContextManager[Any]:
+        return patch.object(pooling, "FOLD_MAX_RATIO", pooling.FOLD_MAX_RATIO if use else -1.0)
+
+    ab_figures(emit, cohort, sub, params, cpu, rounds, "folded_vs_packed_standardisation_cpu",
+               {"folded_standardisation": lambda: fold(True), "packed_standardisation": lambda: fold(False)},
+               ">1: folding the z-scoring into the patch layer faster; alternated in one process")
+
+
 def pooling_figures(emit: Recorder, cohort: Cohort, sub: np.ndarray, params: TrainParams, cpu: torch.device,
                     rounds: int) -> None:
     """BD's two pools run bag chunk by bag chunk in one function (bd.mil.bagwise, the CPU default)
@@ -326,6 +347,8 @@ def main() -> None:
                         help="rounds of the oneDNN-vs-MKL patch-layer A/B on every 7th patient (0: skip)")
     parser.add_argument("--blas-rounds", type=int, default=3,
                         help="rounds of the OpenBLAS-vs-MKL weight-gradient A/B on every 7th patient (0: skip)")
+    parser.add_argument("--fold-rounds", type=int, default=3,
+                        help="rounds of the folded-vs-packed z-scoring A/B on every 7th patient (0: skip)")
     parser.add_argument("--eval-seeds", type=int, default=3, help="seeds per method for the evaluation timing (0: skip)")
     parser.add_argument("--skip-cpu", action="store_true", help="GPU figures only")
     parser.add_argument("--save", action="store_true", help="append the rows to benchmarks/results/")
