@@ -23,7 +23,8 @@ of 16 k patches on a 2-core AMD EPYC).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import concurrent.futures
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -76,6 +77,41 @@ def _chunks(lengths: list[int]) -> Iterator[tuple[int, int, list[tuple[int, int,
         yield bags[0][1], bags[-1][2], bags
 
 
+PARALLEL_CHUNKS = True  # run the chunks on one thread per core (see _map_chunks)
+_EXECUTORS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+
+
+def _map_chunks(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+    """``[fn(item) for item in items]``, the chunks' work; with several torch threads, on that many
+    Python threads (a chunk at a time each; fewer if the chunks are fewer, with the cores shared
+    out), every op of a chunk on its thread's core: the score path's ops are too
+    small for torch to split well across cores (on 2 cores they ran only 1.3-1.5x faster than on
+    one). Each chunk writes only its own rows and returns its own sums, so the results do not
+    depend on which thread ran what. Not for concurrent training in several threads of one
+    process: torch's thread count is process-wide."""
+    threads = torch.get_num_threads()
+    workers = min(threads, len(items))
+    if not PARALLEL_CHUNKS or workers < 2:
+        return [fn(item) for item in items]
+    pool = _EXECUTORS.get(workers)
+    if pool is None:
+        pool = _EXECUTORS[workers] = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="bd-chunk")
+
+    each = max(1, threads // workers)  # torch threads per worker: 1 unless chunks are fewer than cores
+
+    def run(item: Any) -> Any:
+        if torch.get_num_threads() != each:  # a worker's OpenMP thread count is its own
+            torch.set_num_threads(each)
+        with torch.no_grad():  # so is grad mode
+            return fn(item)
+
+    torch.set_num_threads(each)  # MKL's count is process-wide (restored below)
+    try:
+        return list(pool.map(run, items))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _relu_grad_(grad: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     """``grad`` zeroed in place where the ReLU's ``output`` is 0."""
     return torch.ops.aten.threshold_backward.grad_input(grad, output, 0, grad_input=grad)
@@ -103,14 +139,16 @@ class _BagwiseAttention(torch.autograd.Function):
         h_all = y.view(-1, n_pools, dim).transpose(0, 1)  # [pools, n, dim], a strided view
         pooled = y.new_zeros(n_pools, len(lengths), dim)
         weights = y.new_empty(n_pools, x.shape[0])
-        hidden = []
-        for first, end, bags in _chunks(lengths):
+
+        def chunk(first: int, end: int, bags: list[tuple[int, int, int]]) -> list[torch.Tensor]:
             acts, scores = _score(h_all[:, first:end], stacked[2:])
-            hidden.append(acts)
-            for b, lo, hi in bags:
+            for b, lo, hi in bags:  # each chunk writes only its own bags' rows
                 w = torch.softmax(scores[:, lo - first : hi - first], dim=1)
                 weights[:, lo:hi] = w
                 pooled[:, b] = torch.bmm(w.unsqueeze(1), h_all[:, lo:hi]).squeeze(1)
+            return acts
+
+        hidden = _map_chunks(lambda c: chunk(*c), list(_chunks(lengths)))
         ctx.lengths, ctx.dtype, ctx.per, ctx.hidden, ctx.standardise = lengths, dtype, per, hidden, standardise
         ctx.save_for_backward(xd, y, weights, *stacked)
         ctx.set_materialize_grads(False)
@@ -133,9 +171,12 @@ class _BagwiseAttention(torch.autograd.Function):
         d_pooled = torch.stack([grads[k] for k in used])  # [used, B, dim]
         h_all = pick(y.view(-1, n_pools, dim).transpose(0, 1))
         w_all = pick(weights)
-        acc = [torch.zeros_like(t) for t in layers[1:]]  # the patch layer's bias, then the score layers'
         g_all = y.new_empty(y.shape[0], len(used) * dim)  # the patch layer's pre-ReLU gradient
-        for (first, end, bags), hidden in zip(_chunks(ctx.lengths), ctx.hidden):
+
+        def chunk(first: int, end: int, bags: list[tuple[int, int, int]], hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+            """This chunk's gradients of the patch layer's bias and the score layers (its rows of
+            ``g_all`` written in place)."""
+            acc = [torch.zeros_like(t) for t in layers[1:]]
             g_view = g_all[first:end].view(-1, len(used), dim).transpose(0, 1)
             h = h_all[:, first:end]
             d_s = y.new_empty(len(used), end - first)
@@ -149,6 +190,10 @@ class _BagwiseAttention(torch.autograd.Function):
             _score_backward(h, [pick(t) for t in hidden], d_s, layers[2:], acc[1:], g_view)
             _relu_grad_(g_view, h)
             acc[0] += g_view.sum(1)  # while the chunk is in cache
+            return acc
+
+        parts = _map_chunks(lambda c: chunk(*c[0], c[1]), list(zip(_chunks(ctx.lengths), ctx.hidden)))
+        acc = [sum(terms[1:], terms[0]) for terms in zip(*parts)]  # in chunk order, however they ran
         gd = g_all.to(ctx.dtype)  # converted once, for both products (a no-op in fp32)
         weight = layers[0].flatten(0, 1)
         g_weight = weight_gradient(gd, xd)

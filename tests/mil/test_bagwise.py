@@ -148,6 +148,35 @@ def test_the_pools_fold_only_fp32_features_of_a_moderate_mean():
         assert pool.folded_standardisation(torch.float32) is None
 
 
+def test_chunks_on_several_threads_give_bit_for_bit_the_sequential_results(monkeypatch):
+    """The chunks run on one Python thread per torch thread (bagwise._map_chunks): outputs and
+    every gradient are bit for bit those of one thread running them in order."""
+    pools = _pools(2, seed=7)
+    x = torch.randn(sum(LENGTHS) * 3, DIM, requires_grad=True)
+    lengths = LENGTHS * 3
+    targets = torch.randn(2, len(lengths), HIDDEN)
+
+    def run(parallel: bool) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        monkeypatch.setattr(bagwise, "PARALLEL_CHUNKS", parallel)
+        out = bagwise.bagwise_pools(pools, x, lengths)
+        sum(((p * t) ** 2).sum() for (p, _), t in zip(out, targets)).backward()
+        return [t.detach() for pair in out for t in pair], _grads(pools, x)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ran: list[int] = []
+        original = bagwise._map_chunks
+        monkeypatch.setattr(bagwise, "_map_chunks", lambda fn, items: ran.append(len(items)) or original(fn, items))
+        parallel, sequential = run(True), run(False)
+        assert torch.get_num_threads() == 2  # restored after each parallel map
+    finally:
+        torch.set_num_threads(threads)
+    assert ran and min(ran) >= 2
+    for a, b in zip(parallel[0] + parallel[1], sequential[0] + sequential[1]):
+        assert a is not None and torch.equal(a, b)
+
+
 def test_chunks_hold_whole_bags():
     chunks = list(bagwise._chunks(LENGTHS))
     assert [bags for *_, bags in chunks] == [[(0, 0, 3)], [(2, 3, 8)], [(3, 8, 17)], [(4, 17, 19), (5, 19, 23)]]
