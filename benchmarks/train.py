@@ -26,14 +26,16 @@ made a step's CPU time 1.6x under load). ``run_epoch`` keeps freed heap blocks f
 (``bd.device.retain_freed_memory``), as in ``bd train``. Figures from a shared
 machine are inflated; the CPU line says which CPU and whether it has native bf16.
 
-Four A/B figures, each alternating two ways of running the step in one process on every 7th
+Five A/B figures, each alternating two ways of running the step in one process on every 7th
 patient (so that the machine's drift hits both): ``--pooling-rounds`` (default 3), the CPU's
 bag-wise attention pooling (``bd.mil.bagwise``) against the whole-step path that GPUs take;
 ``--backend-rounds`` (default 3), the patch layer's oneDNN product against MKL's
 (``bd.mil.kernels.linear_relu``); ``--blas-rounds`` (default 3, on AMD CPUs), its weight
 gradient through numpy's OpenBLAS against torch's MKL (``bd.mil.kernels.weight_gradient``); and
 ``--fold-rounds`` (default 3, where the fp32 patch layer folds the z-scoring in), the packer
-converting only against converting and z-scoring (``bd.mil.pooling.FOLD_MAX_RATIO``).
+converting only against converting and z-scoring (``bd.mil.pooling.FOLD_MAX_RATIO``); and
+``--chunk-thread-rounds`` (default 3, with 2+ threads), the bag-wise score path's chunks on one
+Python thread per core against one chunk after another (``bd.mil.bagwise.PARALLEL_CHUNKS``).
 ``--profile TOP`` prints where one epoch's time goes, op by op (torch.profiler).
 
 Prints one JSON object per line: {"metric", "value", "unit", "target", "better", "device"};
@@ -64,6 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from record import Recorder, device_slug  # noqa: E402
 
+from bd.mil import bagwise  # noqa: E402
 from bd.mil.bags import Cohort  # noqa: E402
 from bd.synthetic import synthetic_cohort  # noqa: E402
 from bd.device import cpu_info, cpu_summary  # noqa: E402
@@ -168,6 +171,11 @@ def cpu_figures(emit: Recorder, cohort: Cohort, args: argparse.Namespace) -> Non
         blas_figures(emit, cohort, idx[::7], params, cpu, args.blas_rounds)
     if args.fold_rounds:
         fold_figures(emit, cohort, idx[::7], params, cpu, args.fold_rounds)
+    if args.chunk_thread_rounds and torch.get_num_threads() > 1:
+        ab_figures(emit, cohort, idx[::7], params, cpu, args.chunk_thread_rounds, "chunk_threads_vs_in_order_cpu",
+                   {"chunk_threads": lambda: patch.object(bagwise, "PARALLEL_CHUNKS", True),
+                    "chunks_in_order": lambda: patch.object(bagwise, "PARALLEL_CHUNKS", False)},
+                   ">1: the score path's chunks on one thread per core faster; alternated in one process")
     if args.eval_seeds:
         test = cohort.indices("test")
         emit("evaluate_7x3_s_cpu", evaluation_seconds(cohort, params.precision, cpu, args.eval_seeds), "s",
@@ -349,6 +357,8 @@ def main() -> None:
                         help="rounds of the OpenBLAS-vs-MKL weight-gradient A/B on every 7th patient (0: skip)")
     parser.add_argument("--fold-rounds", type=int, default=3,
                         help="rounds of the folded-vs-packed z-scoring A/B on every 7th patient (0: skip)")
+    parser.add_argument("--chunk-thread-rounds", type=int, default=3,
+                        help="rounds of the chunks-on-threads vs in-order bag-wise A/B on every 7th patient (0: skip)")
     parser.add_argument("--eval-seeds", type=int, default=3, help="seeds per method for the evaluation timing (0: skip)")
     parser.add_argument("--skip-cpu", action="store_true", help="GPU figures only")
     parser.add_argument("--save", action="store_true", help="append the rows to benchmarks/results/")
