@@ -126,7 +126,8 @@ class _BagwiseAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, lengths: list[int], dtype: torch.dtype, n_pools: int,
-                standardise: tuple[torch.Tensor, torch.Tensor] | None, *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                standardise: tuple[torch.Tensor, torch.Tensor] | None,
+                *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
         per = len(params) // n_pools
         stacked = [torch.stack(params[i::per]) for i in range(per)]  # [pools, ...] per tensor
         dim = stacked[0].shape[1]
@@ -173,7 +174,8 @@ class _BagwiseAttention(torch.autograd.Function):
         w_all = pick(weights)
         g_all = y.new_empty(y.shape[0], len(used) * dim)  # the patch layer's pre-ReLU gradient
 
-        def chunk(first: int, end: int, bags: list[tuple[int, int, int]], hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        def chunk(first: int, end: int, bags: list[tuple[int, int, int]],
+                  hidden: list[torch.Tensor]) -> list[torch.Tensor]:
             """This chunk's gradients of the patch layer's bias and the score layers (its rows of
             ``g_all`` written in place)."""
             acc = [torch.zeros_like(t) for t in layers[1:]]

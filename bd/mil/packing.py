@@ -7,10 +7,11 @@ standardising it (two more full-size tensors) made three passes over ~16 k x 1,0
 each into newly mapped memory whose page faults cost as much as the copy. The packer makes one
 pass, chunk by chunk, into a buffer allocated once; the model's pools then skip their own
 standardisation (:func:`bd.mil.pooling.standardised_inputs`). The values are those the pools compute
-(the same ops in the same order). On a CPU in fp32 the pools fold the z-scoring into their patch
-layer (:func:`bd.mil.pooling.folds_standardisation`), and the packer only converts. A batch's features are a view of the buffer: the next
-:meth:`Packer.batch` overwrites them, so use one batch at a time (a training step's backward
-pass, or an inference batch read out, comes before the next).
+(the same ops in the same order). On a CPU in fp32 the pools fold the z-scoring into their
+patch layer (:func:`bd.mil.pooling.folds_standardisation`), and the packer only converts. A
+batch's features are a view of the buffer: the next :meth:`Packer.batch` overwrites them, so use
+one batch at a time (a training step's backward pass, or an inference batch read out, comes
+before the next).
 """
 
 from __future__ import annotations
