@@ -31,7 +31,7 @@ patient (so that the machine's drift hits both): ``--pooling-rounds`` (default 3
 bag-wise attention pooling (``bd.mil.bagwise``) against the whole-step path that GPUs take;
 ``--backend-rounds`` (default 3), the patch layer's oneDNN product against MKL's
 (``bd.mil.kernels.linear_relu``); ``--blas-rounds`` (default 3, on AMD CPUs), its weight
-gradient through numpy's OpenBLAS against torch's MKL (``bd.mil.kernels.weight_gradient``); and
+gradient through numpy's OpenBLAS against torch's MKL (``bd.mil.kernels.weight_gradient``);
 ``--fold-rounds`` (default 3, where the fp32 patch layer folds the z-scoring in), the packer
 converting only against converting and z-scoring (``bd.mil.pooling.FOLD_MAX_RATIO``); and
 ``--chunk-thread-rounds`` (default 3, with 2+ threads), the bag-wise score path's chunks on one
@@ -171,11 +171,8 @@ def cpu_figures(emit: Recorder, cohort: Cohort, args: argparse.Namespace) -> Non
         blas_figures(emit, cohort, idx[::7], params, cpu, args.blas_rounds)
     if args.fold_rounds:
         fold_figures(emit, cohort, idx[::7], params, cpu, args.fold_rounds)
-    if args.chunk_thread_rounds and torch.get_num_threads() > 1:
-        ab_figures(emit, cohort, idx[::7], params, cpu, args.chunk_thread_rounds, "chunk_threads_vs_in_order_cpu",
-                   {"chunk_threads": lambda: patch.object(bagwise, "PARALLEL_CHUNKS", True),
-                    "chunks_in_order": lambda: patch.object(bagwise, "PARALLEL_CHUNKS", False)},
-                   ">1: the score path's chunks on one thread per core faster; alternated in one process")
+    if args.chunk_thread_rounds:
+        chunk_thread_figures(emit, cohort, idx[::7], params, cpu, args.chunk_thread_rounds)
     if args.eval_seeds:
         test = cohort.indices("test")
         emit("evaluate_7x3_s_cpu", evaluation_seconds(cohort, params.precision, cpu, args.eval_seeds), "s",
@@ -301,6 +298,21 @@ def fold_figures(emit: Recorder, cohort: Cohort, sub: np.ndarray, params: TrainP
     ab_figures(emit, cohort, sub, params, cpu, rounds, "folded_vs_packed_standardisation_cpu",
                {"folded_standardisation": lambda: fold(True), "packed_standardisation": lambda: fold(False)},
                ">1: folding the z-scoring into the patch layer faster; alternated in one process")
+
+
+def chunk_thread_figures(emit: Recorder, cohort: Cohort, sub: np.ndarray, params: TrainParams, cpu: torch.device,
+                         rounds: int) -> None:
+    """The bag-wise score path's chunks on one Python thread per core (bd.mil.bagwise._map_chunks,
+    the CPU default) against one chunk after another; skipped on one thread."""
+    if torch.get_num_threads() < 2:
+        return
+
+    def threads(use: bool) -> contextlib.AbstractContextManager[Any]:
+        return patch.object(bagwise, "PARALLEL_CHUNKS", use)
+
+    ab_figures(emit, cohort, sub, params, cpu, rounds, "chunk_threads_vs_in_order_cpu",
+               {"chunk_threads": lambda: threads(True), "chunks_in_order": lambda: threads(False)},
+               ">1: the score path's chunks on one thread per core faster; alternated in one process")
 
 
 def pooling_figures(emit: Recorder, cohort: Cohort, sub: np.ndarray, params: TrainParams, cpu: torch.device,

@@ -113,12 +113,12 @@ class AttentionPool(nn.Module):
         dtype = features.dtype
         return (features - self.feature_mean.to(dtype)) * (1.0 / self.feature_std).to(dtype)
 
-    def folded_standardisation(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def folded_standardisation(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(mean, scale) for the CPU patch layer to fold into its weights (:mod:`bd.mil.bagwise`),
         so the features need no z-scoring pass of their own; None when they come z-scored
-        already, compute in another dtype than fp32, or have a mean beyond
+        already, the layer computes in another dtype than fp32, or a mean lies beyond
         :data:`FOLD_MAX_RATIO` standard deviations."""
-        if self.inputs_standardised or dtype != torch.float32:
+        if self.inputs_standardised or (self.compute_dtype or torch.float32) != torch.float32:
             return None
         scale = 1.0 / self.feature_std
         if self.feature_mean.numel() and float((self.feature_mean.abs() * scale).max()) > FOLD_MAX_RATIO:
@@ -156,7 +156,7 @@ def _bagwise(pools: Sequence[AttentionPool], features: torch.Tensor,
     z-scoring folded into the patch layer where it can be (:meth:`AttentionPool.folded_standardisation`)."""
     dtype = pools[0].compute_dtype or torch.float32
     x = features.to(dtype)
-    fold = pools[0].folded_standardisation(dtype)
+    fold = pools[0].folded_standardisation()
     return bagwise_pools(pools, x if fold else pools[0].standardised(x), _lengths(offsets), fold)
 
 
@@ -225,7 +225,7 @@ def folds_standardisation(model: nn.Module, device: torch.device) -> bool:
     layers (:meth:`AttentionPool.folded_standardisation`; CPU only): a packer then only converts."""
     pools = [m for m in model.modules() if isinstance(m, AttentionPool)]
     return device.type == "cpu" and bool(pools) and all(
-        pool.folded_standardisation(pool.compute_dtype or torch.float32) is not None for pool in pools)
+        pool.folded_standardisation() is not None for pool in pools)
 
 
 @contextlib.contextmanager

@@ -111,7 +111,7 @@ def test_folded_standardisation_gives_the_values_and_gradients_of_z_scored_input
     torch.manual_seed(5)
     mean, std = torch.linspace(-3, 5, DIM), torch.linspace(0.2, 4, DIM)
     pools = _fitted(_pools(n_pools), mean, std)
-    fold = pools[0].folded_standardisation(torch.float32)
+    fold = pools[0].folded_standardisation()
     assert fold is not None
     x = (mean + std * torch.randn(sum(LENGTHS), DIM)).requires_grad_()
     targets = torch.randn(n_pools, len(LENGTHS), HIDDEN)
@@ -138,14 +138,14 @@ def test_the_pools_fold_only_fp32_features_of_a_moderate_mean():
     std = torch.full((DIM,), 0.5)
     for mean, folds in ((torch.full((DIM,), 2.0), True), (torch.full((DIM,), 0.5 * pooling.FOLD_MAX_RATIO + 1), False)):
         pool = _fitted(_pools(1), mean, std)[0]
-        assert (pool.folded_standardisation(torch.float32) is not None) == folds
-        assert pool.folded_standardisation(torch.bfloat16) is None
+        assert (pool.folded_standardisation() is not None) == folds
+        assert _fitted(_pools(1, torch.bfloat16), mean, std)[0].folded_standardisation() is None
         x = mean + std * torch.randn(sum(LENGTHS), DIM)
         offsets = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()])
         got, want = pool(x, offsets)[0], _plain(pool, (x - mean) / std, LENGTHS)[0]
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         pool.inputs_standardised = True  # features that come z-scored are never folded again
-        assert pool.folded_standardisation(torch.float32) is None
+        assert pool.folded_standardisation() is None
 
 
 def test_chunks_on_several_threads_give_bit_for_bit_the_sequential_results(monkeypatch):
