@@ -26,7 +26,7 @@ made a step's CPU time 1.6x under load). ``run_epoch`` keeps freed heap blocks f
 (``bd.device.retain_freed_memory``), as in ``bd train``. Figures from a shared
 machine are inflated; the CPU line says which CPU and whether it has native bf16.
 
-Five A/B figures, each alternating two ways of running the step in one process on every 7th
+Six A/B figures, each alternating two ways of running the step in one process on every 7th
 patient (so that the machine's drift hits both): ``--pooling-rounds`` (default 3), the CPU's
 bag-wise attention pooling (``bd.mil.bagwise``) against the whole-step path that GPUs take;
 ``--backend-rounds`` (default 3), the patch layer's oneDNN product against MKL's
@@ -35,7 +35,10 @@ gradient through numpy's OpenBLAS against torch's MKL (``bd.mil.kernels.weight_g
 ``--fold-rounds`` (default 3, where the fp32 patch layer folds the z-scoring in), the packer
 converting only against converting and z-scoring (``bd.mil.pooling.FOLD_MAX_RATIO``); and
 ``--chunk-thread-rounds`` (default 3, with 2+ threads), the bag-wise score path's chunks on one
-Python thread per core against one chunk after another (``bd.mil.bagwise.PARALLEL_CHUNKS``).
+Python thread per core against one chunk after another (``bd.mil.bagwise.PARALLEL_CHUNKS``); and
+``--background-rounds`` (default 3), the next step's bags packed on an idle-priority thread while
+this step runs against packing them at the start of the step
+(``bd.mil.packing.BACKGROUND_PACKING``).
 ``--profile TOP`` prints where one epoch's time goes, op by op (torch.profiler).
 
 Prints one JSON object per line: {"metric", "value", "unit", "target", "better", "device"};
@@ -173,6 +176,8 @@ def cpu_figures(emit: Recorder, cohort: Cohort, args: argparse.Namespace) -> Non
         fold_figures(emit, cohort, idx[::7], params, cpu, args.fold_rounds)
     if args.chunk_thread_rounds:
         chunk_thread_figures(emit, cohort, idx[::7], params, cpu, args.chunk_thread_rounds)
+    if args.background_rounds:
+        background_figures(emit, cohort, idx[::7], params, cpu, args.background_rounds)
     if args.eval_seeds:
         test = cohort.indices("test")
         emit("evaluate_7x3_s_cpu", evaluation_seconds(cohort, params.precision, cpu, args.eval_seeds), "s",
@@ -315,6 +320,20 @@ def chunk_thread_figures(emit: Recorder, cohort: Cohort, sub: np.ndarray, params
                ">1: the score path's chunks on one thread per core faster; alternated in one process")
 
 
+def background_figures(emit: Recorder, cohort: Cohort, sub: np.ndarray, params: TrainParams, cpu: torch.device,
+                       rounds: int) -> None:
+    """The next step's bags packed on an idle-priority thread during this step
+    (bd.mil.packing.Packer.batches, the default) against packing them at the start of each step."""
+    from bd.mil import packing
+
+    def background(use: bool) -> contextlib.AbstractContextManager[Any]:
+        return patch.object(packing, "BACKGROUND_PACKING", use)
+
+    ab_figures(emit, cohort, sub, params, cpu, rounds, "background_vs_inline_packing_cpu",
+               {"background_packing": lambda: background(True), "inline_packing": lambda: background(False)},
+               ">1: packing the next step in the background faster; alternated in one process")
+
+
 def pooling_figures(emit: Recorder, cohort: Cohort, sub: np.ndarray, params: TrainParams, cpu: torch.device,
                     rounds: int) -> None:
     """BD's two pools run bag chunk by bag chunk in one function (bd.mil.bagwise, the CPU default)
@@ -371,6 +390,8 @@ def main() -> None:
                         help="rounds of the folded-vs-packed z-scoring A/B on every 7th patient (0: skip)")
     parser.add_argument("--chunk-thread-rounds", type=int, default=3,
                         help="rounds of the chunks-on-threads vs in-order bag-wise A/B on every 7th patient (0: skip)")
+    parser.add_argument("--background-rounds", type=int, default=3,
+                        help="rounds of the background-vs-inline packing A/B on every 7th patient (0: skip)")
     parser.add_argument("--eval-seeds", type=int, default=3, help="seeds per method for the evaluation timing (0: skip)")
     parser.add_argument("--skip-cpu", action="store_true", help="GPU figures only")
     parser.add_argument("--save", action="store_true", help="append the rows to benchmarks/results/")

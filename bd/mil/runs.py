@@ -131,9 +131,10 @@ def predict_patients(
     model.eval()
     probs = np.zeros(len(indices), dtype=np.float64)
     branches = np.empty(len(indices), dtype=object)
+    parts = list(patient_chunks(cohort, indices, slide))
     with Packer(model, cohort, device) as packer:
-        for part in patient_chunks(cohort, indices, slide):
-            batch = packer.batch(indices[part], clin[part], slide[part])
+        batches = packer.batches([indices[p] for p in parts], [clin[p] for p in parts], [slide[p] for p in parts])
+        for part, batch in zip(parts, batches):
             with cache.serving(model, indices[part]) if cache is not None else contextlib.nullcontext():
                 p, b = model.predict(batch)
             probs[part] = p.float().cpu().numpy()

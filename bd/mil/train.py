@@ -220,9 +220,9 @@ def run_epoch(model: MILModel, cohort: Cohort, idx: np.ndarray, stage: Stage, op
     model.train()
     order = rng.permutation(idx)
     sums: dict[str, float] = {}
+    parts = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     with Packer(model, cohort, device, largest_step(cohort, idx, batch_size)) as packer:
-        for start in range(0, len(order), batch_size):
-            batch = packer.batch(order[start : start + batch_size])
+        for batch in packer.batches(parts):
             losses = model.losses(batch, stage.name)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()

@@ -4,13 +4,15 @@ cache gives the uncached figures while running the patch layer once per patient.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
 from bd.synthetic import synthetic_cohort
 from bd.evaluation.evaluate import EvaluationParams, evaluate, run_predictor
-from bd.mil import bagwise, kernels
+from bd.mil import bagwise, kernels, packing
 from bd.mil.models import AttentionPool, create_model, standardised_inputs
 from bd.mil.packing import Packer, largest_step
 from bd.mil.runs import PooledCache, TrainedRun, predict_patients
@@ -79,6 +81,41 @@ def test_the_buffer_is_reused_and_sized_for_the_largest_step():
         assert batch.features.data_ptr() == buffer.data_ptr()
         assert batch.features.shape[0] == cohort.lengths()[part].sum()
 
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_batches_packs_ahead_into_two_alternating_buffers_with_the_values_of_batch(background, monkeypatch):
+    monkeypatch.setattr(packing, "BACKGROUND_PACKING", background)
+    cohort = synthetic_cohort(10, 20, DIM, CLIN, seed=2, dtype=torch.float16)
+    model = _model("bd")
+    parts = [np.array([0, 1, 2]), np.array([3, 4]), np.array([9, 1, 4]), np.array([5])]
+    clin = [np.array([True, False, True]), None, None, np.array([False])]
+    reference = Packer(model, cohort, "cpu")
+    packer = Packer(model, cohort, "cpu", largest_step(cohort, np.arange(10), 3))
+    pointers = []
+    for k, batch in enumerate(packer.batches(parts, clin)):
+        want = reference.batch(parts[k], clin[k])
+        for field in ("features", "offsets", "clinical", "clinical_present", "slide_present", "labels"):
+            assert torch.equal(getattr(batch, field), getattr(want, field)), field
+        pointers.append(batch.features.data_ptr())
+    if background:  # batch k+1 is packed while batch k is in use: never into the same buffer
+        assert pointers[0] == pointers[2] != pointers[1] == pointers[3]
+    else:
+        assert len(set(pointers)) == 1
+
+
+def test_batches_runs_on_an_idle_priority_thread_and_raises_its_errors_in_the_caller():
+    cohort = synthetic_cohort(6, 20, DIM, CLIN, seed=2, dtype=torch.float16)
+    packer = Packer(_model("bd"), cohort, "cpu")
+    if hasattr(os, "SCHED_IDLE"):
+        assert packing._background_thread().submit(os.sched_getscheduler, 0).result() == os.SCHED_IDLE
+    batches = packer.batches([np.array([0, 1]), np.array([2, 99])])  # patient 99 does not exist
+    assert next(batches).size == 2
+    with pytest.raises(IndexError):
+        next(batches)
+    early = packer.batches([np.array([0]), np.array([1]), np.array([2])])
+    next(early)
+    early.close()  # stopping early waits for the batch in flight
 
 def test_packed_bags_get_the_outputs_and_gradients_of_one_bag_steps():
     """BD on 3 packed bags: per-bag features and logits, and the gradient of the per-bag
