@@ -121,12 +121,15 @@ class Cohort:
         dtype: torch.dtype | None = None,
         out: torch.Tensor | None = None,
         standardise: tuple[torch.Tensor, torch.Tensor] | None = None,
+        with_features: bool = True,
     ) -> Batch:
         """Pack the patients at ``indices``. Absent clinical data is zeroed and absent slides give
         empty bags, so no model can read a modality it is told is missing; a patient without any
         clinical value or without a stored slide never has that modality. ``out``: a buffer to
         pack the features into (its dtype; reused across steps, see :mod:`bd.mil.packing`), with
-        ``standardise`` = (mean, scale) applied while packing."""
+        ``standardise`` = (mean, scale) applied while packing. Without ``with_features`` the
+        features are a zero view of the right shape that costs no memory (for bags whose pooled
+        features are cached, :class:`bd.mil.runs.PooledCache`)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         clin_on = np.ones(len(idx), bool) if clinical_present is None else np.asarray(clinical_present, bool)
         clin_on = clin_on & self.has_clinical[idx]
@@ -134,7 +137,9 @@ class Cohort:
         starts = self.offsets[idx].numpy()
         stops = self.offsets[idx + 1].numpy()
         lengths = np.where(slide_on, stops - starts, 0)
-        if out is not None:
+        if not with_features:
+            feats = torch.zeros((), dtype=dtype or self.features.dtype).expand(int(lengths.sum()), self.feature_dim)
+        elif out is not None:
             feats = self.pack_into(out, starts.tolist(), lengths.tolist(), standardise)
         elif len(idx) == 1 or not slide_on.any():
             feats = self.features[int(starts[0]) : int(starts[0] + lengths[0])] if len(idx) else self.features[:0]

@@ -91,11 +91,12 @@ class Packer:
         return buffer
 
     def batch(self, indices: Sequence[int] | np.ndarray, clinical_present: np.ndarray | None = None,
-              slide_present: np.ndarray | None = None, slot: int = 0) -> Batch:
+              slide_present: np.ndarray | None = None, slot: int = 0, with_features: bool = True) -> Batch:
         """:meth:`Cohort.batch` of the patients at ``indices``, packed into the buffer (``slot``
-        1: the second one, see :meth:`batches`)."""
-        if self.transform is None:  # pools that differ in dtype or statistics each do their own
-            return self.cohort.batch(indices, clinical_present, slide_present, device=self.device, dtype=self.dtype)
+        1: the second one, see :meth:`batches`; ``with_features`` as there)."""
+        if self.transform is None or not with_features:  # pools that differ each do their own
+            return self.cohort.batch(indices, clinical_present, slide_present, device=self.device, dtype=self.dtype,
+                                     with_features=with_features)
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         rows = int(self.cohort.lengths()[idx].sum())
         return self.cohort.batch(idx, clinical_present, slide_present, device=self.device, dtype=self.dtype,
@@ -103,24 +104,30 @@ class Packer:
 
     def batches(self, parts: Sequence[Sequence[int] | np.ndarray],
                 clinical_present: Sequence[np.ndarray | None] | None = None,
-                slide_present: Sequence[np.ndarray | None] | None = None) -> Iterator[Batch]:
-        """:meth:`batch` of each of ``parts`` (with its presence arrays) in turn; while the caller
-        works on one, the next is packed in the background into the other buffer (see the module
-        docstring). As with :meth:`batch`, a batch is valid until the next one is asked for."""
-        clin = list(clinical_present) if clinical_present is not None else [None] * len(parts)
-        slide = list(slide_present) if slide_present is not None else [None] * len(parts)
-        if not BACKGROUND_PACKING or len(parts) < 2 or self.cohort.features.device.type != "cpu":
-            for part, c, s in zip(parts, clin, slide):
-                yield self.batch(part, c, s)
+                slide_present: Sequence[np.ndarray | None] | None = None,
+                with_features: Sequence[bool] | None = None) -> Iterator[Batch]:
+        """:meth:`batch` of each of ``parts`` (with its presence arrays and ``with_features``) in
+        turn; while the caller works on one, the next is packed in the background into the other
+        buffer (see the module docstring). As with :meth:`batch`, a batch is valid until the next
+        one is asked for."""
+        n = len(parts)
+        args = list(zip(parts, clinical_present or [None] * n, slide_present or [None] * n,
+                        with_features or [True] * n))
+        if not BACKGROUND_PACKING or n < 2 or self.cohort.features.device.type != "cpu":
+            for part, clin, slide, feats in args:
+                yield self.batch(part, clin, slide, with_features=feats)
             return
         packer = _background_thread()
-        pending = packer.submit(self.batch, parts[0], clin[0], slide[0], 0)
+
+        def pack(k: int) -> concurrent.futures.Future[Batch]:
+            part, clin, slide, feats = args[k]
+            return packer.submit(self.batch, part, clin, slide, k % 2, feats)
+
+        pending: concurrent.futures.Future[Batch] | None = pack(0)
         try:
-            for k in range(len(parts)):
+            for k in range(n):
                 batch = pending.result()
-                pending = None
-                if k + 1 < len(parts):
-                    pending = packer.submit(self.batch, parts[k + 1], clin[k + 1], slide[k + 1], (k + 1) % 2)
+                pending = pack(k + 1) if k + 1 < n else None
                 yield batch
         finally:  # the caller stopped early: let the packing in flight finish before the buffers go
             if pending is not None:

@@ -90,6 +90,13 @@ class PooledCache:
         filled = np.flatnonzero((offsets[1:] - offsets[:-1]).cpu().numpy() > 0)
         return filled, self.rows[filled]
 
+    def covers(self, model: MILModel, rows: np.ndarray) -> bool:
+        """Whether every attention pool of ``model`` (if any: a clinical-only model reads no
+        patches) has the slide features of the patients at ``rows``: then their batch needs no
+        patch features."""
+        pools = [m for m in model.modules() if isinstance(m, AttentionPool)]
+        return all(id(p) in self.tables and self.tables[id(p)][1][rows].all() for p in pools)
+
     def lookup(self, pool: AttentionPool, offsets: torch.Tensor) -> torch.Tensor | None:
         """The batch's pooled features [B, d] if every non-empty bag is cached (empty bags: zeros)."""
         filled, rows = self._bags(offsets)
@@ -133,7 +140,9 @@ def predict_patients(
     branches = np.empty(len(indices), dtype=object)
     parts = list(patient_chunks(cohort, indices, slide))
     with Packer(model, cohort, device) as packer:
-        batches = packer.batches([indices[p] for p in parts], [clin[p] for p in parts], [slide[p] for p in parts])
+        served = [cache is not None and cache.covers(model, indices[p][slide[p]]) for p in parts]
+        batches = packer.batches([indices[p] for p in parts], [clin[p] for p in parts], [slide[p] for p in parts],
+                                 [not hit for hit in served])  # pooled features from the cache need no patches
         for part, batch in zip(parts, batches):
             with cache.serving(model, indices[part]) if cache is not None else contextlib.nullcontext():
                 p, b = model.predict(batch)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from bd.mil.bags import Cohort
 from bd.synthetic import synthetic_cohort
 from bd.evaluation.evaluate import EvaluationParams, evaluate, run_predictor
 from bd.mil import bagwise, kernels, packing
@@ -250,6 +251,25 @@ def test_cached_evaluation_equals_uncached_and_pools_each_patient_once(method, m
     assert cached_patches <= n_pools * cohort.lengths().sum()  # each pool embeds each patch at most once
     if n_pools:
         assert patches["n"] > cached_patches  # uncached: every prediction runs the patch layer again
+
+
+@pytest.mark.parametrize("method", ["bd", "image_only", "clinical_only"])
+def test_batches_the_cache_serves_are_predicted_without_packing_their_patches(method, monkeypatch):
+    cohort = synthetic_cohort(10, 15, DIM, CLIN, seed=8)
+    model = _model(method).eval()
+    idx, mask = np.arange(10), np.arange(10) % 3 != 0
+    packed = []
+    original = Cohort.pack_into
+    monkeypatch.setattr(Cohort, "pack_into", lambda self, out, starts, lengths, standardise=None:
+                        packed.append(sum(lengths)) or original(self, out, starts, lengths, standardise))
+    cache = PooledCache(10)
+    first, _ = predict_patients(model, cohort, idx, clinical_present=mask, cache=cache)
+    assert sum(packed) == (0 if method == "clinical_only" else cohort.lengths().sum())
+    packed.clear()
+    again, _ = predict_patients(model, cohort, idx, clinical_present=~mask, slide_present=mask, cache=cache)
+    assert packed == []  # every slide pooled already: no patch is packed again
+    want, _ = predict_patients(model, cohort, idx, clinical_present=~mask, slide_present=mask)
+    np.testing.assert_allclose(again, want, rtol=1e-6, atol=1e-7)
 
 
 def test_cache_serves_mixed_presence_and_leaves_the_pools_clean():
