@@ -24,6 +24,7 @@ of 16 k patches on a 2-core AMD EPYC).
 from __future__ import annotations
 
 import concurrent.futures
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -79,6 +80,7 @@ def _chunks(lengths: list[int]) -> Iterator[tuple[int, int, list[tuple[int, int,
 
 PARALLEL_CHUNKS = True  # run the chunks on one thread per core (see _map_chunks)
 _EXECUTORS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+os.register_at_fork(after_in_child=_EXECUTORS.clear)  # a forked child has none of the parent's threads
 
 
 def _map_chunks(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:

@@ -37,6 +37,7 @@ from bd.mil.models import MILModel, folds_standardisation, input_dtype, input_st
 
 BACKGROUND_PACKING = True  # Packer.batches packs the next batch on an idle-priority thread
 _BACKGROUND: list[concurrent.futures.ThreadPoolExecutor] = []
+os.register_at_fork(after_in_child=_BACKGROUND.clear)  # a forked child has none of the parent's threads
 
 
 def _idle_priority() -> None:

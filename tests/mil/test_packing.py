@@ -286,3 +286,22 @@ def test_cache_serves_mixed_presence_and_leaves_the_pools_clean():
     assert model.pool_img.pooled_cache is None
     with pytest.raises(RuntimeError, match="serving"):
         cache.lookup(model.pool_img, torch.tensor([0, 3]))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_packs_in_the_background_on_its_own_thread():
+    """After a fork the parent's packing thread is gone: the child starts its own instead of
+    queueing work for a thread that does not exist (which would hang)."""
+    cohort = synthetic_cohort(6, 20, DIM, CLIN, seed=2, dtype=torch.float16)
+    packer = Packer(_model("bd"), cohort, "cpu")
+    assert len(list(packer.batches([np.array([0]), np.array([1])]))) == 2  # the parent's thread exists
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if two batches come back within the alarm
+        import signal
+        signal.alarm(20)
+        try:
+            os._exit(0 if len(list(packer.batches([np.array([2]), np.array([3])]))) == 2 else 1)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
