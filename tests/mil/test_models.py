@@ -317,7 +317,7 @@ def test_s2m_teacher_statistics_update_only_in_training_steps(cohort):
 
 def test_loss_shares_add_up_per_branch(cohort):
     model = _fitted_bd(cohort)
-    out = {k: float(v) for k, v in model.losses(cohort.batch(np.arange(6)), "joint").items()}
+    out = {k: float(v.detach()) for k, v in model.losses(cohort.batch(np.arange(6)), "joint").items()}
     shares = model.loss_shares(out)
     assert shares["share_mul_ce"] + shares["share_mul_distill"] == pytest.approx(1.0)
     assert shares["share_sgl_ce"] + shares["share_sgl_mse"] + shares["share_sgl_kl"] == pytest.approx(1.0)
