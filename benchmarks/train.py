@@ -18,7 +18,8 @@ Evaluation: ``bd evaluate``'s work (``bd.evaluation.evaluate.evaluate`` with the
 per rate, 1,000 bootstrap resamples) for each of the seven methods x 3 seeds on the test split
 (~210 patients x 2,000 patches), untrained models (the cost does not depend on the weights). A
 run pools each test patient's slide once for all its masks (``bd.mil.runs.PooledCache``: the masks
-change only what the clinical side sees), so the patch layer runs once per run.
+change only what the clinical side sees), so the patch layer runs, and its patches are packed, once per
+run.
 
 OpenMP threads sleep when they wait (``OMP_WAIT_POLICY=PASSIVE``, as ``bd train`` sets it): on a
 busy machine spinning threads steal the time slice their partner needs (measured: GOMP_SPINCOUNT=1e5
