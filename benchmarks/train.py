@@ -15,7 +15,7 @@ scaled to the whole epoch by patch count. Also on that subset: the epoch in bf16
 packing, which shows what ``auto`` avoids on a CPU without native bf16.
 
 Evaluation: ``bd evaluate``'s work (``bd.evaluation.evaluate.evaluate`` with the default settings: 10 masks
-per rate, 1,000 bootstrap resamples) for each of the seven methods x 3 seeds on the test split
+per rate, 1,000 bootstrap resamples) for each default method (the seven and modality dropout) x 3 seeds on the test split
 (~210 patients x 2,000 patches), untrained models (the cost does not depend on the weights). A
 run pools each test patient's slide once for all its masks (``bd.mil.runs.PooledCache``: the masks
 change only what the clinical side sees), so the patch layer runs, and its patches are packed, once per
