@@ -15,7 +15,7 @@ from bd.mil.bags import Batch
 from bd.errors import ConfigError
 from bd.methods import DIRECTIONS  # noqa: F401  (re-exported: the models' directions, declared beside the methods)
 
-from bd.mil.pooling import AttentionPool, mlp
+from bd.mil.pooling import AttentionPool, mlp, model_pools
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +123,9 @@ class MILModel(nn.Module):
 
     def standardise(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Set every slide pooling's patch-feature standardisation (see :class:`AttentionPool`)."""
-        for module in self.modules():
-            if isinstance(module, AttentionPool):
-                module.feature_mean.copy_(mean)
-                module.feature_std.copy_(std)
+        for pool in model_pools(self):
+            pool.feature_mean.copy_(mean)
+            pool.feature_std.copy_(std)
 
     def losses(self, batch: Batch, stage: str) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -41,7 +41,7 @@ from bd.mil.baselines import (  # noqa: F401
 from bd.mil.distillation import BidirectionalDistillation, BidirectionalDistillationSlideMissing  # noqa: F401
 from bd.mil.pooling import (  # noqa: F401
     AttentionPool, attention_pools, embed_instances, folds_standardisation, input_dtype, input_standardisation,
-    segment_softmax_pool, standardised_inputs,
+    model_pools, segment_softmax_pool, standardised_inputs,
 )
 
 

@@ -197,10 +197,15 @@ def embed_instances(pools: Sequence[AttentionPool], features: torch.Tensor) -> l
     return list(_SharedInputLinearReLU.apply(x, dtype, *params))
 
 
+def model_pools(model: nn.Module) -> list[AttentionPool]:
+    """Every attention pool of ``model``, in module order."""
+    return [m for m in model.modules() if isinstance(m, AttentionPool)]
+
+
 def input_dtype(model: nn.Module) -> torch.dtype:
     """The dtype a model's patch layer computes in (fp32 unless all its pools use another):
     packing a step's bags straight into it saves one conversion pass over the features."""
-    dtypes = {m.compute_dtype or torch.float32 for m in model.modules() if isinstance(m, AttentionPool)}
+    dtypes = {m.compute_dtype or torch.float32 for m in model_pools(model)}
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
@@ -208,7 +213,7 @@ def input_standardisation(model: nn.Module) -> tuple[torch.dtype, torch.Tensor, 
     """(dtype, mean, scale) with which every attention pool of ``model`` converts and z-scores
     its patch features, so that a batch can be packed already transformed (:mod:`bd.mil.packing`);
     None when the pools differ in either (each then does its own)."""
-    pools = [m for m in model.modules() if isinstance(m, AttentionPool)]
+    pools = model_pools(model)
     if not pools:
         return None
     first, dtypes = pools[0], {p.compute_dtype or torch.float32 for p in pools}
@@ -223,7 +228,7 @@ def input_standardisation(model: nn.Module) -> tuple[torch.dtype, torch.Tensor, 
 def folds_standardisation(model: nn.Module, device: torch.device) -> bool:
     """Whether ``model``'s attention pools on ``device`` fold the z-scoring into their patch
     layers (:meth:`AttentionPool.folded_standardisation`; CPU only): a packer then only converts."""
-    pools = [m for m in model.modules() if isinstance(m, AttentionPool)]
+    pools = model_pools(model)
     return device.type == "cpu" and bool(pools) and all(
         pool.folded_standardisation() is not None for pool in pools)
 
@@ -232,7 +237,7 @@ def folds_standardisation(model: nn.Module, device: torch.device) -> bool:
 def standardised_inputs(model: nn.Module) -> Iterator[None]:
     """Within: ``model``'s attention pools take features that are already converted and z-scored
     (packed so by :class:`bd.mil.packing.Packer`) and skip that pass over the patches."""
-    pools = [m for m in model.modules() if isinstance(m, AttentionPool)]
+    pools = model_pools(model)
     before = [pool.inputs_standardised for pool in pools]
     for pool in pools:
         pool.inputs_standardised = True

@@ -24,7 +24,7 @@ import torch
 from bd.mil.bags import Cohort
 from bd.device import resolve_device
 from bd.errors import ConfigError, StoreError, TableError
-from bd.mil.models import AttentionPool, MILModel, create_model
+from bd.mil.models import AttentionPool, MILModel, create_model, model_pools
 from bd.mil.packing import Packer
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class PooledCache:
     def serving(self, model: MILModel, rows: np.ndarray) -> Iterator[None]:
         """Within: ``model``'s pools look up and store the slide features of the patients at
         ``rows`` (the batch's bags, in order)."""
-        pools = [m for m in model.modules() if isinstance(m, AttentionPool)]
+        pools = model_pools(model)
         self.rows = np.asarray(rows, np.int64)
         for pool in pools:
             pool.pooled_cache = self
@@ -94,7 +94,7 @@ class PooledCache:
         """Whether every attention pool of ``model`` (if any: a clinical-only model reads no
         patches) has the slide features of the patients at ``rows``: then their batch needs no
         patch features."""
-        pools = [m for m in model.modules() if isinstance(m, AttentionPool)]
+        pools = model_pools(model)
         return all(id(p) in self.tables and self.tables[id(p)][1][rows].all() for p in pools)
 
     def lookup(self, pool: AttentionPool, offsets: torch.Tensor) -> torch.Tensor | None:
@@ -140,9 +140,9 @@ def predict_patients(
     branches = np.empty(len(indices), dtype=object)
     parts = list(patient_chunks(cohort, indices, slide))
     with Packer(model, cohort, device) as packer:
-        served = [cache is not None and cache.covers(model, indices[p][slide[p]]) for p in parts]
+        needed = [cache is None or not cache.covers(model, indices[p][slide[p]]) for p in parts]  # cached: none
         batches = packer.batches([indices[p] for p in parts], [clin[p] for p in parts], [slide[p] for p in parts],
-                                 [not hit for hit in served])  # pooled features from the cache need no patches
+                                 needed)
         for part, batch in zip(parts, batches):
             with cache.serving(model, indices[part]) if cache is not None else contextlib.nullcontext():
                 p, b = model.predict(batch)
