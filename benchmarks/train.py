@@ -312,13 +312,9 @@ def chunk_thread_figures(emit: Recorder, cohort: Cohort, sub: np.ndarray, params
     the CPU default) against one chunk after another; skipped on one thread."""
     if torch.get_num_threads() < 2:
         return
-
-    def threads(use: bool) -> contextlib.AbstractContextManager[Any]:
-        return patch.object(bagwise, "PARALLEL_CHUNKS", use)
-
-    ab_figures(emit, cohort, sub, params, cpu, rounds, "chunk_threads_vs_in_order_cpu",
-               {"chunk_threads": lambda: threads(True), "chunks_in_order": lambda: threads(False)},
-               ">1: the score path's chunks on one thread per core faster; alternated in one process")
+    switch_figures(emit, cohort, sub, params, cpu, rounds, bagwise, "PARALLEL_CHUNKS", "chunk_threads_vs_in_order_cpu",
+                   ("chunk_threads", "chunks_in_order"),
+                   ">1: the score path's chunks on one thread per core faster; alternated in one process")
 
 
 def background_figures(emit: Recorder, cohort: Cohort, sub: np.ndarray, params: TrainParams, cpu: torch.device,
@@ -327,12 +323,20 @@ def background_figures(emit: Recorder, cohort: Cohort, sub: np.ndarray, params: 
     (bd.mil.packing.Packer.batches, the default) against packing them at the start of each step."""
     from bd.mil import packing
 
-    def background(use: bool) -> contextlib.AbstractContextManager[Any]:
-        return patch.object(packing, "BACKGROUND_PACKING", use)
+    switch_figures(emit, cohort, sub, params, cpu, rounds, packing, "BACKGROUND_PACKING",
+                   "background_vs_inline_packing_cpu", ("background_packing", "inline_packing"),
+                   ">1: packing the next step in the background faster; alternated in one process")
 
-    ab_figures(emit, cohort, sub, params, cpu, rounds, "background_vs_inline_packing_cpu",
-               {"background_packing": lambda: background(True), "inline_packing": lambda: background(False)},
-               ">1: packing the next step in the background faster; alternated in one process")
+
+def switch_figures(emit: Recorder, cohort: Cohort, sub: np.ndarray, params: TrainParams, cpu: torch.device,
+                   rounds: int, module: Any, flag: str, name: str, variants: tuple[str, str], note: str) -> None:
+    """:func:`ab_figures` of a module's boolean switch: ``variants`` names it on (the default), then off."""
+    def switched(use: bool) -> contextlib.AbstractContextManager[Any]:
+        return patch.object(module, flag, use)
+
+    on, off = variants
+    ab_figures(emit, cohort, sub, params, cpu, rounds, name, {on: lambda: switched(True), off: lambda: switched(False)},
+               note)
 
 
 def pooling_figures(emit: Recorder, cohort: Cohort, sub: np.ndarray, params: TrainParams, cpu: torch.device,
